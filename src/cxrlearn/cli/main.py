@@ -1,0 +1,166 @@
+"""The ``cxrlearn`` command: a thin layer that parses arguments and calls the library.
+
+Each subcommand lives in a ``_cmd_*`` function that does no work of its own beyond
+reading inputs, calling library functions (the same ones the tests call) and
+printing or saving what they return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from cxrlearn import __version__
+from cxrlearn.errors import CxrlearnError
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_table(csv: Path, images: Path | None):
+    """The label table, restricted to the images present when a folder is given."""
+    from cxrlearn.data.images import attach_images
+    from cxrlearn.data.nih import read_label_table
+
+    table = read_label_table(csv)
+    print(f"{csv.name}: {len(table):,} images of {table['patient_id'].nunique():,} patients", file=sys.stderr)
+    if images is None:
+        return table
+    presence = attach_images(table, images)
+    print(presence.summary(), file=sys.stderr)
+    return presence.table
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from cxrlearn.data.nih import read_image_list
+    from cxrlearn.data.split import format_split_report, make_split, report_path, split_report, write_split
+
+    table = _load_table(args.csv, args.images)
+    official = read_image_list(args.official_test) if args.official_test else None
+    split = make_split(table, ratios=args.ratios, seed=args.seed, official_test=official, method=args.method)
+    about = {
+        "cxrlearn": __version__,
+        "method": args.method,
+        "seed": args.seed,
+        "label_table": {"file": args.csv.name, "sha256": _sha256(args.csv)},
+    }
+    if args.official_test:
+        about["official_test_list"] = {"file": args.official_test.name, "sha256": _sha256(args.official_test)}
+    report = split_report(table, split, ratios=args.ratios, official_test=official is not None, **about)
+    digest = write_split(split, args.out, report)
+    print(format_split_report(report))
+    print(f"wrote {args.out} (sha256 {digest[:12]}…) and {report_path(args.out)}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from cxrlearn.data.split import SPLITS, apply_split, read_split_file
+    from cxrlearn.data.stats import format_stats, table_stats
+
+    table = _load_table(args.csv, args.images)
+    result: dict = {"all": table_stats(table)}
+    if args.split:
+        table = apply_split(table, read_split_file(args.split), source=str(args.split))
+        for name in SPLITS:
+            part = table[table["split"] == name]
+            if len(part):
+                result[name] = table_stats(part)
+    for name, stats in result.items():
+        print(format_stats(stats, title=name if args.split else args.csv.name))
+        print()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cxrlearn.data.images import check_images
+
+    table = _load_table(args.csv, args.images)
+    failures = check_images(list(table["path"]))
+    for path, message in failures:
+        print(message, file=sys.stderr)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(
+            "".join(f"{Path(p).name}\t{m}\n" for p, m in failures), encoding="utf-8"
+        )
+    print(f"{len(table) - len(failures):,} images decode; {len(failures):,} cannot be used")
+    return 1 if failures else 0
+
+
+def _ratios(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cxrlearn.data.split import DEFAULT_RATIOS, DEFAULT_SEED, METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="cxrlearn",
+        description="Train, evaluate and serve chest X-ray classifiers for the 14 findings of NIH ChestX-ray14.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxrlearn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    table_args = argparse.ArgumentParser(add_help=False)
+    table_args.add_argument("--csv", type=Path, required=True, help="NIH label table (Data_Entry_2017*.csv[.gz])")
+
+    split = commands.add_parser(
+        "split",
+        parents=[table_args],
+        help="make a fair patient-wise train/val/test split",
+        description="Patient-wise train/val/test split, stratified on every finding and on No Finding. "
+        "Writes FILE (image,patient_id,split) and FILE's report as NAME.report.json beside it.",
+    )
+    split.add_argument("--out", type=Path, required=True, help="split file to write (CSV)")
+    split.add_argument("--ratios", type=_ratios, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"))
+    split.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s, as Kufel et al. 2023)")
+    split.add_argument("--official-test", type=Path, help="NIH's test_list.txt: use it as the test set")
+    split.add_argument("--images", type=Path, help="split only the images present in this folder")
+    split.add_argument("--method", choices=METHODS, default="stratified", help="'random' is a baseline for comparison")
+    split.set_defaults(run=_cmd_split)
+
+    stats = commands.add_parser(
+        "stats", parents=[table_args], help="counts per finding, co-occurrence, patients, views, age and sex"
+    )
+    stats.add_argument("--split", type=Path, help="split file: give the statistics of each split")
+    stats.add_argument("--images", type=Path, help="only the images present in this folder")
+    stats.add_argument("--json", type=Path, help="also save the statistics as JSON")
+    stats.set_defaults(run=_cmd_stats)
+
+    check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
+    check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
+    check.add_argument("--report", type=Path, help="write the failures here (image<TAB>reason)")
+    check.set_defaults(run=_cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CxrlearnError as err:
+        print(f"cxrlearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxrlearn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

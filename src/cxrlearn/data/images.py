@@ -1,0 +1,169 @@
+"""Finding ChestX-ray14 image files on disk and decoding them to grayscale.
+
+Two layouts are understood, and may be mixed:
+
+* a flat folder of PNGs (``DIR/00000001_000.png``), or ``DIR/images/…``;
+* the layout NIH's twelve archives unpack to: ``DIR/images_001/images/…`` to
+  ``DIR/images_012/images/…`` (and the same without the inner ``images/``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from cxrlearn.errors import DataError
+from cxrlearn.data.nih import IMAGE
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_ARCHIVE_FOLDER = re.compile(r"images_\d{3}")
+
+
+def _image_folders(root: Path) -> list[Path]:
+    """The folders under ``root`` that may hold images, in a fixed order."""
+    folders = [root, root / "images"]
+    with os.scandir(root) as entries:
+        archives = sorted(e.name for e in entries if e.is_dir() and _ARCHIVE_FOLDER.fullmatch(e.name))
+    for name in archives:
+        folders += [root / name, root / name / "images"]
+    return [f for f in folders if f.is_dir()]
+
+
+def find_images(root: str | os.PathLike) -> dict[str, Path]:
+    """Map every image file name found under ``root`` to its path.
+
+    Raises :class:`DataError` when ``root`` is not a folder, or when one name is
+    found in two places (which copy is right cannot be guessed).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    for folder in _image_folders(root):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file():
+                    continue
+                if entry.name in found:
+                    raise DataError(
+                        f"image {entry.name!r} is in two places: {found[entry.name]} and "
+                        f"{entry.path}; remove one copy"
+                    )
+                found[entry.name] = Path(entry.path)
+    return found
+
+
+@dataclass(frozen=True)
+class ImagePresence:
+    """Which of a table's images were found on disk."""
+
+    table: pd.DataFrame  # the rows whose image is present, with a ``path`` column
+    n_listed: int
+    n_present: int
+    n_unlisted_files: int  # image files on disk that the table does not list
+
+    def summary(self) -> str:
+        share = self.n_present / self.n_listed if self.n_listed else 0.0
+        text = f"{self.n_present:,} of the table's {self.n_listed:,} images are present ({share:.1%})"
+        if self.n_unlisted_files:
+            text += f"; {self.n_unlisted_files:,} image files are not in the table and are ignored"
+        return text
+
+
+def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence:
+    """Keep the rows of ``table`` whose image is under ``root``, adding a ``path`` column.
+
+    Raises :class:`DataError` when none of the table's images is there, saying
+    where it looked, so a wrong folder is caught before any work starts.
+    """
+    root = Path(root)
+    files = find_images(root)
+    present = table[IMAGE].isin(files.keys())
+    if not present.any():
+        looked = ", ".join(str(f) for f in _image_folders(root))
+        raise DataError(
+            f"none of the table's {len(table):,} images is in {root} "
+            f"(looked in {looked}; found {len(files):,} image files with other names). "
+            "Expected NIH file names such as 00000001_000.png, in a flat folder or in "
+            "images_001/images/ … images_012/images/ as the archives unpack."
+        )
+    kept = table.loc[present].copy()
+    kept["path"] = [str(files[name]) for name in kept[IMAGE]]
+    listed = set(table[IMAGE])
+    unlisted = sum(1 for name in files if name not in listed)
+    return ImagePresence(kept.reset_index(drop=True), len(table), int(present.sum()), unlisted)
+
+
+def load_grayscale(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to a 2-D uint8 grayscale array.
+
+    Conversions, all documented here so none is a surprise:
+
+    * 8-bit grayscale (NIH's own format) is returned as is;
+    * 16-bit grayscale is scaled to 8 bits over the full 16-bit range
+      (``round(v / 257)``, so 65535 -> 255);
+    * RGB is converted to luminance (ITU-R 601-2, Pillow's ``L``);
+    * an alpha channel is composited onto black first, so transparent pixels
+      become black rather than revealing whatever colour they hold.
+
+    Raises :class:`DataError` naming the file when it is missing, not an image,
+    truncated, or of an unsupported mode.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # A decompression bomb warning becomes an error rather than a hang.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_grayscale(path, image)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: image is implausibly large ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow reports truncated and corrupt data as OSError ("image file is
+        # truncated", "broken data stream") or SyntaxError (bad PNG chunks).
+        raise DataError(f"{path}: cannot decode image: {err}") from None
+
+
+def _to_grayscale(path: Path, image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "L":
+        return np.asarray(image, dtype=np.uint8).copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image).astype(np.float64)
+        if mode == "I" and values.max(initial=0) > 65535:
+            raise DataError(f"{path}: 32-bit integer pixels are not supported")
+        return np.rint(values / 257.0).astype(np.uint8)
+    if mode == "1":
+        return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    if mode in ("LA", "RGBA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(black, rgba).convert("L"), dtype=np.uint8).copy()
+    if mode in ("RGB", "P", "CMYK", "YCbCr"):
+        return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    raise DataError(f"{path}: unsupported image mode {mode!r}")
+
+
+def check_images(paths: list[str | os.PathLike], progress: bool = True) -> list[tuple[str, str]]:
+    """Decode every image; return ``(path, error message)`` for each that fails."""
+    from tqdm.auto import tqdm
+
+    failures = []
+    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):
+        try:
+            load_grayscale(path)
+        except DataError as err:
+            failures.append((str(path), str(err)))
+    return failures

@@ -1,0 +1,112 @@
+"""Descriptive statistics of a label table, or of each split of a split file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cxrlearn.data.nih import AGE, PATIENT_ID, SEX, VIEW, label_matrix
+from cxrlearn.findings import FINDINGS, NO_FINDING
+
+#: Age bands for reports (years, inclusive lower bound).
+AGE_BANDS: tuple[tuple[str, int, int], ...] = (
+    ("0-17", 0, 17),
+    ("18-39", 18, 39),
+    ("40-59", 40, 59),
+    ("60-79", 60, 79),
+    ("80+", 80, 10_000),
+)
+
+
+def age_band(age: pd.Series | np.ndarray) -> np.ndarray:
+    """The :data:`AGE_BANDS` name of each age."""
+    age = np.asarray(age)
+    names = np.full(age.shape, "", dtype=object)
+    for name, low, high in AGE_BANDS:
+        names[(age >= low) & (age <= high)] = name
+    return names
+
+
+def table_stats(table: pd.DataFrame) -> dict:
+    """Counts per finding, co-occurrence, patients, views, age and sex of a table."""
+    labels = label_matrix(table).astype(np.int64)
+    n = len(table)
+    positives = labels.sum(axis=0)
+    per_image = labels.sum(axis=1)
+    co_occurrence = labels.T @ labels
+    age = table[AGE].to_numpy()
+    bands = age_band(age)
+    images_per_patient = table.groupby(PATIENT_ID).size().to_numpy()
+    first_image = table.drop_duplicates(PATIENT_ID)
+    return {
+        "images": n,
+        "patients": int(table[PATIENT_ID].nunique()),
+        "images_per_patient": {
+            "median": float(np.median(images_per_patient)),
+            "mean": round(float(images_per_patient.mean()), 3),
+            "max": int(images_per_patient.max()),
+        },
+        "findings": {
+            name: {"positives": int(p), "prevalence": round(float(p) / n, 6)}
+            for name, p in zip(FINDINGS, positives)
+        },
+        NO_FINDING: {"images": int((per_image == 0).sum()), "share": round(float((per_image == 0).mean()), 6)},
+        "findings_per_image": {
+            str(k) if k < 4 else "4+": int(((per_image == k) if k < 4 else (per_image >= 4)).sum())
+            for k in range(5)
+        },
+        "co_occurrence": {
+            a: {b: int(co_occurrence[i, j]) for j, b in enumerate(FINDINGS)} for i, a in enumerate(FINDINGS)
+        },
+        "views": {k: int(v) for k, v in table[VIEW].value_counts().sort_index().items()},
+        "sex": {
+            "images": {k: int(v) for k, v in table[SEX].value_counts().sort_index().items()},
+            "patients": {k: int(v) for k, v in first_image[SEX].value_counts().sort_index().items()},
+        },
+        "age": {
+            "mean": round(float(age.mean()), 2),
+            "sd": round(float(age.std()), 2),
+            "median": float(np.median(age)),
+            "q1": float(np.percentile(age, 25)),
+            "q3": float(np.percentile(age, 75)),
+            "min": int(age.min()),
+            "max": int(age.max()),
+            "bands": {name: int((bands == name).sum()) for name, _, _ in AGE_BANDS},
+        },
+    }
+
+
+def format_stats(stats: dict, title: str = "table") -> str:
+    """A readable summary of :func:`table_stats` for the terminal."""
+    n = stats["images"]
+    ipp = stats["images_per_patient"]
+    lines = [
+        f"== {title}: {n:,} images of {stats['patients']:,} patients "
+        f"(images per patient: median {ipp['median']:g}, mean {ipp['mean']:.2f}, max {ipp['max']})",
+        f"{'finding':<20}{'positives':>10}{'prevalence':>12}",
+    ]
+    for name, entry in stats["findings"].items():
+        lines.append(f"{name:<20}{entry['positives']:>10,}{entry['prevalence']:>12.3%}")
+    nf = stats[NO_FINDING]
+    lines.append(f"{NO_FINDING:<20}{nf['images']:>10,}{nf['share']:>12.3%}")
+    lines.append(
+        "findings per image: " + ", ".join(f"{k}: {v:,}" for k, v in stats["findings_per_image"].items())
+    )
+    lines.append("co-occurrence (images with both; diagonal = positives):")
+    short = [name[:5] for name in FINDINGS]
+    lines.append(f"{'':<20}" + "".join(f"{s:>7}" for s in short))
+    for a, row in stats["co_occurrence"].items():
+        lines.append(f"{a:<20}" + "".join(f"{v:>7,}" for v in row.values()))
+    lines.append("views: " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in stats["views"].items()))
+    sex = stats["sex"]
+    lines.append(
+        "sex (images): " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in sex["images"].items())
+        + "; (patients): " + ", ".join(f"{k} {v:,}" for k, v in sex["patients"].items())
+    )
+    age = stats["age"]
+    lines.append(
+        f"age: mean {age['mean']:.1f} (sd {age['sd']:.1f}), median {age['median']:g} "
+        f"[{age['q1']:g}-{age['q3']:g}], range {age['min']}-{age['max']}; bands: "
+        + ", ".join(f"{k} {v:,}" for k, v in age["bands"].items())
+    )
+    return "\n".join(lines)

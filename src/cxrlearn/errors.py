@@ -1,0 +1,14 @@
+"""Exceptions raised by cxrlearn.
+
+Every error a user can cause with bad input is a :class:`CxrlearnError`; the CLI
+prints its message (which names the file, row or field at fault) and exits with
+status 2 instead of showing a traceback.
+"""
+
+
+class CxrlearnError(Exception):
+    """Base class for errors caused by input the user gave cxrlearn."""
+
+
+class DataError(CxrlearnError):
+    """A label table, split file, image or image folder cannot be used as given."""

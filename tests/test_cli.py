@@ -1,0 +1,58 @@
+"""The command line, run in-process on the real table and sample images."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from cxrlearn.cli.main import main
+
+
+def test_split_and_stats_commands(tmp_path, table_path, test_list_path, capsys):
+    out = tmp_path / "split.csv"
+    assert main(["split", "--csv", str(table_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "largest relative prevalence deviation" in printed and "patients in more than one split: 0" in printed
+    report = json.loads((tmp_path / "split.report.json").read_text())
+    assert report["seed"] == 2137 and report["ratios"] == {"train": 0.7, "val": 0.1, "test": 0.2}
+    assert report["label_table"]["file"] == table_path.name
+    assert str(tmp_path) not in json.dumps(report)  # no machine paths in saved results
+
+    official = tmp_path / "official.csv"
+    assert main(["split", "--csv", str(table_path), "--out", str(official), "--official-test", str(test_list_path)]) == 0
+    assert (pd.read_csv(official)["split"] == "test").sum() == 25_596
+
+    stats_json = tmp_path / "stats.json"
+    assert main(["stats", "--csv", str(table_path), "--split", str(out), "--json", str(stats_json)]) == 0
+    stats = json.loads(stats_json.read_text())
+    assert sum(stats[s]["images"] for s in ("train", "val", "test")) == stats["all"]["images"] == 112_120
+
+
+def test_split_of_present_images(tmp_path, table_path, sample_images, capsys):
+    out = tmp_path / "sample-split.csv"
+    assert main(["split", "--csv", str(table_path), "--images", str(sample_images), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == 1_115
+    assert "1,115 of the table's 112,120 images are present" in capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_the_file_named(tmp_path, capsys):
+    table = tmp_path / "labels.csv"
+    table.write_text("Image Index,Finding Labels\nx.png,Mass\n")
+    assert main(["split", "--csv", str(table), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxrlearn split: error:") and "labels.csv: missing column(s)" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_check_reports_a_corrupt_image(tmp_path, table_path, sample_images, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = sorted(p.name for p in sample_images.glob("*.png"))[:4]
+    for name in names[:3]:
+        (folder / name).write_bytes((sample_images / name).read_bytes())
+    (folder / names[3]).write_bytes((sample_images / names[3]).read_bytes()[:200])
+    report = tmp_path / "bad.tsv"
+    assert main(["check", "--csv", str(table_path), "--images", str(folder), "--report", str(report)]) == 1
+    assert report.read_text().startswith(names[3] + "\t")
+    assert "3 images decode; 1 cannot be used" in capsys.readouterr().out
