@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CXRLEARN_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("CXRLEARN_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
 def _require(path: Path) -> Path:

@@ -1,0 +1,295 @@
+"""The preprocessing cache: every image decoded and resized once, then memory-mapped.
+
+Decoding a 1024×1024 PNG and resizing it costs tens of milliseconds; doing it at
+every step (as the loaders of torchxrayvision and the CheXNet re-implementations
+do) makes training data-bound. ``cxrlearn prepare`` does it once, in parallel,
+and stores the result as one uint8 array ``pixels.u8`` of shape (rows, S, S),
+which the loader memory-maps: a sample is then a 64 KiB read (at S=256) that the
+page cache serves, and resident memory does not grow with the cache size.
+
+Layout of a cache folder::
+
+    meta.json     size, source folder, label table fingerprint, format version
+    pixels.u8     raw uint8 rows of S*S pixels
+    index.tsv     "image<TAB>row" lines, appended only after their rows are on disk
+    failed.tsv    images that could not be decoded, with the reason (rewritten each run)
+
+Resumable: rows are appended, and a row counts only once its index line is
+written (after the pixels are flushed). An interrupted run leaves at most some
+unindexed rows and a torn last index line; the next run drops both and goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from cxrlearn.data.images import load_grayscale
+from cxrlearn.data.nih import IMAGE
+from cxrlearn.errors import DataError
+
+CACHE_FORMAT = 1
+DEFAULT_IMAGE_SIZE = 256
+#: Resampling used for the resize. Lanczos is antialiased when shrinking (its
+#: support widens with the scale factor), which plain strided resizing is not.
+RESAMPLING = Image.Resampling.LANCZOS
+META, PIXELS, INDEX, FAILED = "meta.json", "pixels.u8", "index.tsv", "failed.tsv"
+
+
+def table_fingerprint(table: pd.DataFrame) -> str:
+    """SHA-256 over the table's image names, patients and labels: what a cache serves.
+
+    The pixels themselves do not depend on labels, but a cache built for one table
+    and read with another would silently pair images with the wrong rows of
+    metadata when names are reused, so the two must agree.
+    """
+    from cxrlearn.findings import FINDINGS
+
+    columns = [IMAGE, "patient_id", *FINDINGS]
+    ordered = table[columns].sort_values(IMAGE, kind="stable")
+    text = ordered.to_csv(index=False, lineterminator="\n")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def decode_and_resize(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One image as an (S, S) uint8 array: decoded to grayscale, then resized with antialiasing.
+
+    Non-square images are resized to a square without padding (NIH's are all
+    1024×1024).
+    """
+    pixels = load_grayscale(path)
+    if pixels.shape != (size, size):
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING), dtype=np.uint8)
+    return pixels
+
+
+def _work(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str | None]:
+    """Worker body: (name, pixels or None, error or None). Errors never escape."""
+    name, path, size = job
+    try:
+        return name, decode_and_resize(path, size), None
+    except DataError as err:
+        return name, None, str(err)
+    except Exception as err:  # noqa: BLE001 - a worker must report, not die, on any bad file
+        return name, None, f"{path}: {type(err).__name__}: {err}"
+
+
+@dataclass
+class PrepareSummary:
+    cached_before: int
+    added: int
+    failed: list[tuple[str, str]]
+    seconds: float
+    total: int
+
+    def text(self) -> str:
+        rate = self.added / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"cache holds {self.total:,} images: {self.added:,} added in {self.seconds:.1f} s "
+            f"({rate:.1f} images/s), {self.cached_before:,} were already cached, "
+            f"{len(self.failed):,} could not be used"
+        )
+
+
+class ImageCache:
+    """A prepared cache, opened read-only and memory-mapped."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        meta_path = self.folder / META
+        if not meta_path.is_file():
+            raise DataError(f"{self.folder}: not a cxrlearn image cache (no {META}); build one with `cxrlearn prepare`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != CACHE_FORMAT:
+            raise DataError(f"{self.folder}: cache format {self.meta.get('format')} is not {CACHE_FORMAT}; rebuild it")
+        self.size = int(self.meta["size"])
+        self.rows = _read_index(self.folder / INDEX)
+        count = len(self.rows)
+        if count == 0:
+            raise DataError(f"{self.folder}: the cache is empty")
+        available = (self.folder / PIXELS).stat().st_size // (self.size * self.size)
+        if available < count:
+            raise DataError(f"{self.folder}: {PIXELS} holds {available} rows but the index lists {count}; rebuild it")
+        self.pixels = np.memmap(self.folder / PIXELS, dtype=np.uint8, mode="r", shape=(count, self.size, self.size))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.rows
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.pixels[self.rows[name]]
+
+    def row_of(self, names: Iterable[str]) -> np.ndarray:
+        """Rows of the named images; raises naming the first image not in the cache."""
+        rows = []
+        for name in names:
+            row = self.rows.get(name)
+            if row is None:
+                raise DataError(f"{self.folder}: image {name} is not in the cache; run `cxrlearn prepare` again")
+            rows.append(row)
+        return np.asarray(rows, dtype=np.int64)
+
+    def check_compatible(self, fingerprint: str, size: int | None = None) -> None:
+        """Refuse a cache of another size, or one built for another label table.
+
+        ``fingerprint``: :func:`table_fingerprint` of the whole label table as read.
+        """
+        if size is not None and size != self.size:
+            raise DataError(
+                f"{self.folder}: the cache holds {self.size}×{self.size} images, not {size}×{size}; "
+                f"prepare a cache of that size in another folder"
+            )
+        if fingerprint != self.meta.get("table_fingerprint"):
+            raise DataError(
+                f"{self.folder}: the cache was built for another label table "
+                f"({self.meta.get('label_table', 'unknown')}); prepare a cache for this table in another folder"
+            )
+
+
+def _read_index(path: Path) -> dict[str, int]:
+    """Committed index entries; a torn last line (no newline) is ignored."""
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is torn or empty
+    rows: dict[str, int] = {}
+    for number, line in enumerate(complete, start=1):
+        name, _, row = line.partition("\t")
+        if not row.isdigit() or int(row) != len(rows):
+            raise DataError(f"{path}: line {number} is damaged ({line!r}); delete the cache folder and prepare again")
+        rows[name] = int(row)
+    return rows
+
+
+def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, label_table: str) -> dict[str, int]:
+    """Check or write meta.json; return the committed index, with any torn tail cut off."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / META
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            raise DataError(f"{out}: cache format {meta.get('format')} is not {CACHE_FORMAT}; use a new folder")
+        if int(meta["size"]) != size:
+            raise DataError(
+                f"{out}: this cache holds {meta['size']}×{meta['size']} images; it cannot take "
+                f"{size}×{size} ones. Use another --out for --size {size}"
+            )
+        if meta.get("table_fingerprint") != fingerprint:
+            raise DataError(
+                f"{out}: this cache was built for another label table ({meta.get('label_table')}); "
+                "use another --out for this table"
+            )
+    else:
+        meta = {
+            "format": CACHE_FORMAT,
+            "size": size,
+            "dtype": "uint8",
+            "resampling": "lanczos",
+            "source": images_dir,
+            "label_table": label_table,
+            "table_fingerprint": fingerprint,
+        }
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    rows = _read_index(out / INDEX)
+    index_path = out / INDEX
+    if index_path.exists():
+        # Drop a torn last line so that appends start on a fresh line.
+        with open(index_path, "r+b") as handle:
+            data = handle.read()
+            cut = data.rfind(b"\n") + 1
+            handle.truncate(cut)
+    pixels_path = out / PIXELS
+    row_bytes = size * size
+    if pixels_path.exists() and pixels_path.stat().st_size > len(rows) * row_bytes:
+        with open(pixels_path, "r+b") as handle:  # rows written but never indexed
+            handle.truncate(len(rows) * row_bytes)
+    return rows
+
+
+def prepare_cache(
+    table: pd.DataFrame,
+    out: str | os.PathLike,
+    fingerprint: str,
+    size: int = DEFAULT_IMAGE_SIZE,
+    workers: int | None = None,
+    images_dir: str = "",
+    label_table: str = "",
+    progress: bool = True,
+    flush_every: int = 256,
+    limit: int | None = None,
+) -> PrepareSummary:
+    """Decode and resize the table's present images (column ``path``) into a cache.
+
+    ``fingerprint``: :func:`table_fingerprint` of the whole label table as read
+    (before restricting it to the images present), recorded in the cache so that
+    a cache is never read with another table.
+
+    Images already cached are skipped. Undecodable ones are listed in
+    ``failed.tsv`` and left out. ``limit`` stops after that many new images (used
+    to test resuming). Returns a summary; raises :class:`DataError` for a cache of
+    another size or table.
+    """
+    from tqdm.auto import tqdm
+
+    if size < 32 or size > 2048:
+        raise DataError(f"--size must be between 32 and 2048 pixels, not {size}")
+    out = Path(out)
+    started = time.perf_counter()
+    rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
+    cached_before = len(rows)
+    todo = [(name, path) for name, path in zip(table[IMAGE], table["path"]) if name not in rows]
+    if limit is not None:
+        todo = todo[:limit]
+    workers = max(1, workers or (os.cpu_count() or 1))
+    failed: list[tuple[str, str]] = []
+    row_bytes = size * size
+    pending_names: list[str] = []
+
+    with open(out / PIXELS, "ab") as pixel_file, open(out / INDEX, "a", encoding="utf-8") as index_file:
+
+        def commit() -> None:
+            # Pixels reach the disk before the index lines that point at them.
+            pixel_file.flush()
+            os.fsync(pixel_file.fileno())
+            index_file.write("".join(f"{n}\t{rows[n]}\n" for n in pending_names))
+            index_file.flush()
+            os.fsync(index_file.fileno())
+            pending_names.clear()
+
+        jobs = ((name, str(path), size) for name, path in todo)
+        bar = tqdm(total=len(todo), desc=f"prepare {size}px", unit="img", disable=not progress, file=sys.stderr)
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+        try:
+            results = pool.map(_work, jobs, chunksize=8) if pool else map(_work, jobs)
+            for name, pixels, error in results:
+                bar.update(1)
+                if error is not None:
+                    failed.append((name, error))
+                    continue
+                assert pixels.nbytes == row_bytes
+                pixel_file.write(pixels.tobytes())
+                rows[name] = len(rows)
+                pending_names.append(name)
+                if len(pending_names) >= flush_every:
+                    commit()
+        finally:
+            commit()
+            bar.close()
+            if pool:
+                pool.shutdown(cancel_futures=True)
+    (out / FAILED).write_text("".join(f"{n}\t{m}\n" for n, m in failed), encoding="utf-8")
+    return PrepareSummary(cached_before, len(rows) - cached_before, failed, time.perf_counter() - started, len(rows))
