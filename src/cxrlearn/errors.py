@@ -12,3 +12,7 @@ class CxrlearnError(Exception):
 
 class DataError(CxrlearnError):
     """A label table, split file, image or image folder cannot be used as given."""
+
+
+class ConfigError(CxrlearnError):
+    """A setting (backbone name, image size, configuration file) cannot be used."""

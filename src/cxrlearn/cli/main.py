@@ -99,6 +99,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from cxrlearn.data.cache import prepare_cache, table_fingerprint
+    from cxrlearn.data.images import attach_images
+    from cxrlearn.data.nih import read_label_table
+
+    table = read_label_table(args.csv)
+    presence = attach_images(table, args.images)
+    print(presence.summary(), file=sys.stderr)
+    summary = prepare_cache(
+        presence.table,
+        args.out,
+        table_fingerprint(table),
+        size=args.size,
+        workers=args.workers,
+        images_dir=str(args.images),
+        label_table=args.csv.name,
+    )
+    print(summary.text())
+    if summary.failed:
+        print(f"the images that could not be used are listed in {args.out / 'failed.tsv'}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from cxrlearn.data.download import download_nih, parse_parts, read_archives
+
+    archives = read_archives(args.archives)
+    parts = parse_parts(args.parts, len(archives))
+    extracted = download_nih(
+        args.to, parts, archives, keep_archives=args.keep_archives, retries=args.retries, timeout=args.timeout
+    )
+    print(f"{sum(extracted.values()):,} files from {len(extracted)} archive(s) are in {args.to}")
+    return 0
+
+
 def _ratios(text: str) -> float:
     try:
         return float(text)
@@ -107,6 +142,7 @@ def _ratios(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cxrlearn.data.cache import DEFAULT_IMAGE_SIZE
     from cxrlearn.data.split import DEFAULT_RATIOS, DEFAULT_SEED, METHODS
 
     parser = argparse.ArgumentParser(
@@ -141,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--images", type=Path, help="only the images present in this folder")
     stats.add_argument("--json", type=Path, help="also save the statistics as JSON")
     stats.set_defaults(run=_cmd_stats)
+
+    prepare = commands.add_parser(
+        "prepare",
+        parents=[table_args],
+        help="decode and resize every present image once into a memory-mapped cache",
+    )
+    prepare.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
+    prepare.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="side of the square images (default %(default)s)")
+    prepare.add_argument("--out", type=Path, required=True, help="cache folder (created, or resumed)")
+    prepare.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
+    prepare.set_defaults(run=_cmd_prepare)
+
+    download = commands.add_parser("download", help="download and unpack the NIH ChestX-ray14 images")
+    download.add_argument("dataset", choices=["nih"], help="which dataset (nih: the 12 official archives)")
+    download.add_argument("--to", type=Path, required=True, help="folder to unpack images_001/images/… into")
+    download.add_argument("--parts", default="1-12", help="archives to fetch, e.g. 1 or 1-3,7 (default %(default)s)")
+    download.add_argument("--archives", type=Path, help="archive list (archive, url, md5); default: cxrlearn's copy of NIH's")
+    download.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files after unpacking")
+    download.add_argument("--retries", type=int, default=5, help="tries per archive after a failure (default %(default)s)")
+    download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+    download.set_defaults(run=_cmd_download)
 
     check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
     check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")

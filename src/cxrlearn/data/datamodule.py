@@ -1,0 +1,180 @@
+"""Training data: a map-style dataset over the preprocessing cache, and a Lightning DataModule.
+
+The dataset yields ``(uint8 image (1, S, S), 14-float labels, image name,
+augmentation parameters)``; the DataModule's ``on_after_batch_transfer`` turns
+each batch into ``(normalised float images (B, C, H, H), labels, names)`` on the
+training device (see :mod:`cxrlearn.data.augment` for why).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cxrlearn.data.augment import IDENTITY, Augmentation, BatchTransform
+from cxrlearn.data.cache import ImageCache, table_fingerprint
+from cxrlearn.data.nih import IMAGE, label_matrix
+from cxrlearn.data.split import SPLIT, SPLITS, apply_split
+from cxrlearn.errors import DataError
+
+
+class CachedXrayDataset(Dataset):
+    """Images of one split, read from a memory-mapped cache.
+
+    The memory map is opened lazily in each process, so the dataset pickles as a
+    few arrays (for ``spawn`` workers) rather than as the whole cache.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        names: Sequence[str],
+        labels: np.ndarray,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+    ):
+        cache = ImageCache(cache_dir)
+        self.cache_dir = str(cache_dir)
+        self.names = list(names)
+        self.rows = cache.row_of(self.names)
+        self.labels = np.ascontiguousarray(labels, dtype=np.float32)
+        if len(self.labels) != len(self.names):
+            raise ValueError("one label row per image is needed")
+        self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0
+        self._pixels: np.ndarray | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on the epoch: call before each epoch's iterator is made."""
+        self.epoch = int(epoch)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = ImageCache(self.cache_dir).pixels
+        return self._pixels
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pixels"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(np.array(self.pixels[self.rows[i]]))[None]
+        params = self.augmentation.parameters(self.seed, self.epoch, i) if self.augmentation else IDENTITY
+        return image, torch.from_numpy(self.labels[i]), self.names[i], torch.from_numpy(params)
+
+
+class ChestXrayDataModule(L.LightningDataModule):
+    """Split-aware loaders over a preprocessing cache.
+
+    ``table``: the whole label table as read (its fingerprint must match the
+    cache's); ``split``: a frame ``image, patient_id, split`` from
+    :func:`~cxrlearn.data.split.make_split` or a split file. ``mean``/``std``:
+    the backbone's (:func:`cxrlearn.model.backbones.backbone_config`).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        table: pd.DataFrame,
+        split: pd.DataFrame,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int | None = None,
+        channels: int = 3,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        seed: int = 2137,
+        augmentation: Augmentation | None = Augmentation(),
+        fingerprint: str | None = None,
+    ):
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.table = table
+        self.split = split
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.augmentation = augmentation
+        self.transform = BatchTransform(mean, std, channels=channels, output_size=image_size)
+        self.fingerprint = fingerprint
+        self.datasets: dict[str, CachedXrayDataset] = {}
+        self.missing: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        cache = ImageCache(self.cache_dir)
+        cache.check_compatible(self.fingerprint or table_fingerprint(self.table))
+        rows = apply_split(self.table, self.split)
+        for name in SPLITS:
+            part = rows[rows[SPLIT] == name]
+            cached = part[IMAGE].isin(cache.rows.keys()).to_numpy()
+            self.missing[name] = int((~cached).sum())
+            if self.missing[name]:
+                print(
+                    f"warning: {self.missing[name]:,} {name} images of the split are not in the cache "
+                    f"{self.cache_dir} (not present or not decodable) and are left out",
+                    file=sys.stderr,
+                )
+            part = part[cached]
+            if part.empty:
+                continue
+            self.datasets[name] = CachedXrayDataset(
+                self.cache_dir,
+                part[IMAGE].tolist(),
+                label_matrix(part),
+                augmentation=self.augmentation if name == "train" else None,
+                seed=self.seed,
+            )
+        if "train" not in self.datasets:
+            raise DataError(f"no training images of the split are in the cache {self.cache_dir}")
+
+    def set_epoch(self, epoch: int) -> None:
+        if "train" in self.datasets:
+            self.datasets["train"].set_epoch(epoch)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise DataError(f"the split has no {name} images in the cache")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            generator=generator,
+            # Workers are re-made each epoch so that they see the epoch set by set_epoch.
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        images, labels, names, params = batch
+        self.transform.to(images.device)
+        return self.transform(images, params), labels, names

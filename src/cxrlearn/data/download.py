@@ -1,0 +1,274 @@
+"""Downloading NIH ChestX-ray14's 12 official image archives.
+
+Each archive (``images_001.tar.gz`` … ``images_012.tar.gz``, about 42 GB in all)
+is fetched with resume of partial files (HTTP Range), retries with exponential
+backoff, MD5 verification against NIH's published sums, and safe extraction into
+``DIR/images_NNN/images/*.png``, the layout :func:`cxrlearn.data.images.find_images`
+reads. ``--parts 1`` gives the first archive's 4,999 images: a real small dataset.
+
+The addresses and sums ship with cxrlearn (``nih_archives.tsv``, from NIH's
+download script). Only the standard library is used: a download needs nothing
+beyond ``urllib``, and each step is short enough to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+from cxrlearn.errors import DataError
+
+CHUNK = 1 << 20
+COMPLETE = ".complete"
+
+
+@dataclass(frozen=True)
+class Archive:
+    name: str  # images_001.tar.gz
+    url: str
+    md5: str
+
+    @property
+    def folder(self) -> str:
+        """The folder it is extracted into: images_001."""
+        return self.name.split(".", 1)[0]
+
+
+def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
+    """The archive list (``archive, url, md5`` tab-separated); cxrlearn's own copy by default."""
+    if path is None:
+        text = resources.files("cxrlearn.data").joinpath("nih_archives.tsv").read_text(encoding="utf-8")
+        source = "nih_archives.tsv"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise DataError(f"{path}: cannot read the archive list: {err.strerror or err}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or lines[0].split("\t")[:3] != ["archive", "url", "md5"]:
+        raise DataError(f"{source}: an archive list starts with the header archive<TAB>url<TAB>md5")
+    archives = []
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split("\t")
+        if len(cells) < 3 or len(cells[2]) != 32:
+            raise DataError(f"{source}: line {number} is not archive<TAB>url<TAB>md5 (32 hex digits)")
+        archives.append(Archive(cells[0].strip(), cells[1].strip(), cells[2].strip().lower()))
+    return archives
+
+
+def parse_parts(text: str, count: int) -> list[int]:
+    """``"1-12"``, ``"1,3,5-7"`` -> sorted 1-based archive numbers, each within 1..count."""
+    parts: set[int] = set()
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            if "-" in piece:
+                low, high = (int(v) for v in piece.split("-", 1))
+            else:
+                low = high = int(piece)
+        except ValueError:
+            raise DataError(f"--parts: {piece!r} is not a number or a range like 1-12") from None
+        if not 1 <= low <= high <= count:
+            raise DataError(f"--parts: {piece!r} is outside 1-{count}")
+        parts.update(range(low, high + 1))
+    return sorted(parts)
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Retry(Exception):
+    """A transient failure: worth another try."""
+
+
+def _fetch_into(url: str, part: Path, timeout: float, progress: bool, label: str) -> None:
+    """One attempt: continue ``part`` from its current size. Raises _Retry on transient faults."""
+    from tqdm.auto import tqdm
+
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # nothing left to send: the file is whole
+            return
+        if err.code in (408, 429) or err.code >= 500:
+            raise _Retry(f"HTTP {err.code}") from None
+        raise DataError(f"{label}: the server answered HTTP {err.code} ({err.reason}) for {url}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+        raise _Retry(str(getattr(err, "reason", err))) from None
+    with response:
+        if offset and response.status == 206:
+            mode = "ab"
+        else:  # the server ignored the range (or there was none): start again
+            mode, offset = "wb", 0
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length is not None else None
+        written = offset
+        bar = tqdm(
+            total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=label, disable=not progress, file=sys.stderr,
+        )
+        try:
+            with open(part, mode) as handle:
+                while True:
+                    try:
+                        block = response.read(CHUNK)
+                    except (http.client.IncompleteRead, TimeoutError, ConnectionError, OSError) as err:
+                        raise _Retry(f"transfer cut off after {written:,} bytes ({type(err).__name__})") from None
+                    if not block:
+                        break
+                    handle.write(block)
+                    written += len(block)
+                    bar.update(len(block))
+        finally:
+            bar.close()
+    if expected is not None and written < expected:
+        raise _Retry(f"transfer cut off after {written:,} of {expected:,} bytes")
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    md5: str,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming ``dest.part``, and verify its MD5.
+
+    Transient failures (cut connections, timeouts, 5xx) are retried up to
+    ``retries`` times, waiting ``backoff``, 2×``backoff``, 4×… seconds. A file
+    whose MD5 is wrong is downloaded once more from scratch; if it is wrong
+    again the download is kept as ``dest.md5-mismatch`` (nothing is thrown away)
+    and a :class:`DataError` says so.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    if dest.exists():
+        if md5_of(dest) == md5:
+            return dest
+        dest.replace(part)  # a damaged earlier download: verify again after resuming
+    label = dest.name
+    for fresh_start in (False, True):
+        failures = 0
+        while True:
+            try:
+                _fetch_into(url, part, timeout, progress, label)
+                break
+            except _Retry as err:
+                failures += 1
+                if failures > retries:
+                    raise DataError(
+                        f"{label}: giving up after {failures} tries ({err}); run the same command again "
+                        f"to resume from {part.stat().st_size if part.exists() else 0:,} bytes"
+                    ) from None
+                wait = backoff * 2 ** (failures - 1)
+                print(f"{label}: {err}; retrying in {wait:g} s ({failures}/{retries})", file=sys.stderr)
+                time.sleep(wait)
+        got = md5_of(part)
+        if got == md5:
+            part.replace(dest)
+            return dest
+        bad = dest.with_name(dest.name + ".md5-mismatch")
+        part.replace(bad)
+        if not fresh_start:
+            print(f"{label}: MD5 {got} is not NIH's {md5}; downloading it again from the start", file=sys.stderr)
+            continue
+        raise DataError(
+            f"{label}: MD5 {got} does not match the expected {md5}, twice; the download is kept as {bad}"
+        )
+    raise AssertionError("unreachable")
+
+
+def _safe_members(archive: Path, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Regular files and folders that stay inside the target; anything else is refused."""
+    members = []
+    for member in tar.getmembers():
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts:
+            raise DataError(f"{archive}: refusing member {member.name!r}: it would be written outside the folder")
+        if not (member.isfile() or member.isdir()):
+            raise DataError(f"{archive}: refusing member {member.name!r}: only files and folders are extracted")
+        members.append(member)
+    return members
+
+
+def _extracted_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> int:
+    """Extract a tar(.gz) into ``folder`` safely and atomically; return the file count.
+
+    Extraction goes to a temporary sibling folder that is renamed when complete,
+    so an interrupted run never leaves a half-filled folder behind.
+    """
+    archive, folder = Path(archive), Path(folder)
+    if (folder / COMPLETE).exists():
+        return _extracted_files(folder)
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = _safe_members(archive, tar)
+            tar.extractall(staging, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{archive}: cannot extract: {err}") from None
+    except DataError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    count = sum(1 for m in members if m.isfile())
+    (staging / COMPLETE).write_text(f"{archive.name}\t{count}\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return count
+
+
+def download_nih(
+    to: str | os.PathLike,
+    parts: list[int],
+    archives: list[Archive] | None = None,
+    keep_archives: bool = False,
+    progress: bool = True,
+    **download_options,
+) -> dict[str, int]:
+    """Fetch, verify and extract the chosen archives into ``to``; return files per archive."""
+    to = Path(to)
+    archives = archives if archives is not None else read_archives()
+    extracted = {}
+    for number in parts:
+        archive = archives[number - 1]
+        folder = to / archive.folder
+        if (folder / COMPLETE).exists():
+            count = _extracted_files(folder)
+            print(f"{archive.name}: already extracted in {folder} ({count:,} files)", file=sys.stderr)
+        else:
+            path = download_file(archive.url, to / archive.name, archive.md5, progress=progress, **download_options)
+            count = extract_archive(path, folder)
+            print(f"{archive.name}: {count:,} files extracted into {folder}", file=sys.stderr)
+            if not keep_archives:
+                path.unlink()
+        extracted[archive.name] = count
+    return extracted

@@ -1,0 +1,1 @@
+"""Models: timm EfficientNet backbones with the paper's head, and their metadata."""

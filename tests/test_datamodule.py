@@ -1,0 +1,130 @@
+"""Loaders over the cache: shapes, label alignment, seeded augmentation, eval without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from cxrlearn.data.augment import Augmentation, BatchTransform
+from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.datamodule import ChestXrayDataModule
+from cxrlearn.data.images import attach_images
+from cxrlearn.data.split import make_split
+from cxrlearn.findings import FINDINGS
+from cxrlearn.model.backbones import backbone_config
+
+B0 = backbone_config("efficientnet_b0")
+
+
+@pytest.fixture(scope="module")
+def sample(nih_table, sample_images, tmp_path_factory):
+    fingerprint = table_fingerprint(nih_table)
+    present = attach_images(nih_table, sample_images).table
+    out = tmp_path_factory.mktemp("cache") / "c256"
+    prepare_cache(present, out, fingerprint, size=256, workers=2, progress=False)
+    return out, fingerprint, make_split(present)
+
+
+def module(nih_table, sample, **options):
+    cache, fingerprint, split = sample
+    settings = dict(batch_size=16, num_workers=0, seed=2137, fingerprint=fingerprint)
+    settings.update(options)
+    dm = ChestXrayDataModule(cache, nih_table, split, B0.mean, B0.std, **settings)
+    dm.setup("fit")
+    return dm
+
+
+def first_batch(dm, loader="train"):
+    batch = next(iter(getattr(dm, f"{loader}_dataloader")()))
+    return dm.on_after_batch_transfer(batch)
+
+
+def test_normalisation_comes_from_timm():
+    assert B0.mean == (0.485, 0.456, 0.406) and B0.std == (0.229, 0.224, 0.225)
+    lite = backbone_config("tf_efficientnet_lite0")
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.native_size == 224
+    assert backbone_config("efficientnet_b1").native_size == 240
+
+
+def test_eval_batches_are_the_cached_pixels_with_the_table_labels(nih_table, sample):
+    dm = module(nih_table, sample)
+    cache = ImageCache(sample[0])
+    labels = nih_table.set_index("image")[list(FINDINGS)]
+    seen = 0
+    for batch in dm.val_dataloader():
+        images, y, names = dm.on_after_batch_transfer(batch)
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 256, 256)
+        assert y.dtype == torch.float32 and y.shape == (len(names), 14)
+        np.testing.assert_array_equal(y.numpy(), labels.loc[list(names)].to_numpy(dtype=np.float32))
+        # No augmentation in eval: undoing the normalisation gives back the cache's pixels.
+        mean = torch.tensor(B0.mean).reshape(1, 3, 1, 1)
+        std = torch.tensor(B0.std).reshape(1, 3, 1, 1)
+        restored = (images * std + mean) * 255.0
+        expected = torch.stack([torch.from_numpy(np.array(cache[n])) for n in names]).float()[:, None]
+        assert (restored - expected).abs().max() < 1e-3
+        seen += len(names)
+    assert seen == (sample[2]["split"] == "val").sum() == len(dm.datasets["val"])
+
+
+def test_augmentation_is_seeded_and_worker_independent(nih_table, sample):
+    a = first_batch(module(nih_table, sample, num_workers=0))
+    b = first_batch(module(nih_table, sample, num_workers=2))
+    assert a[2] == b[2]
+    assert torch.equal(a[0], b[0])
+    other = first_batch(module(nih_table, sample, seed=1))
+    assert other[2] != a[2]
+    dm = module(nih_table, sample)
+    dm.set_epoch(1)
+    next_epoch = first_batch(dm)
+    assert not torch.equal(next_epoch[0], a[0])
+
+
+def test_augmentation_changes_training_images(nih_table, sample):
+    plain = module(nih_table, sample, augmentation=None)
+    augmented = module(nih_table, sample)
+    x_plain, _, names_plain = first_batch(plain)
+    x_aug, _, names_aug = first_batch(augmented)
+    assert names_plain == names_aug
+    differs = (x_plain - x_aug).abs().flatten(1).mean(1) > 1e-3
+    assert differs.float().mean() > 0.9
+
+
+def test_augmentation_parameters_stay_in_the_papers_ranges():
+    aug = Augmentation()
+    params = np.stack([aug.parameters(2137, 0, i) for i in range(4000)])
+    assert 0.27 < params[:, 0].mean() < 0.33  # flip p=0.3
+    assert np.abs(params[:, 1]).max() <= 5.0 and np.abs(params[:, 1]).max() > 4.9
+    assert params[:, 2].min() >= 0.8 and params[:, 2].max() <= 1.2
+    np.testing.assert_array_equal(aug.parameters(7, 3, 11), aug.parameters(7, 3, 11))
+
+
+def test_flip_and_one_channel_transform(nih_table, sample):
+    cache = ImageCache(sample[0])
+    image = torch.from_numpy(np.array(cache.pixels[0]))[None, None]
+    flip = torch.tensor([[1.0, 0.0, 1.0]])
+    three = BatchTransform(B0.mean, B0.std, channels=3)
+    one = BatchTransform(B0.mean, B0.std, channels=1, output_size=224)
+    flipped = three(image, flip)
+    plain = three(image, None)
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-4)
+    assert one(image, None).shape == (1, 1, 224, 224)
+
+
+def test_distributed_sampler_shards_the_training_set(nih_table, sample):
+    dm = module(nih_table, sample)
+    dataset = dm.datasets["train"]
+    shards = [list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=2137)) for r in (0, 1)]
+    assert set(shards[0]).isdisjoint(shards[1]) or len(dataset) % 2  # padding repeats one sample when odd
+    assert set(shards[0]) | set(shards[1]) == set(range(len(dataset)))
+
+
+def test_split_images_missing_from_the_cache_are_reported(nih_table, sample, capsys):
+    cache, fingerprint, split = sample
+    extra = split.copy()
+    extra.loc[len(extra)] = ["00030805_000.png", 30805, "test"]
+    dm = ChestXrayDataModule(cache, nih_table, extra, B0.mean, B0.std, num_workers=0, fingerprint=fingerprint)
+    dm.setup()
+    assert dm.missing["test"] == 1
+    assert "1 test images of the split are not in the cache" in capsys.readouterr().err
