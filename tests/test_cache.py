@@ -38,7 +38,8 @@ def test_cache_matches_an_independent_resize(built, full_size, sample_images):
     out, summary = built
     assert (summary.added, summary.cached_before, summary.failed) == (48, 0, [])
     cache = ImageCache(out)
-    assert isinstance(cache.pixels, np.memmap) and cache.pixels.shape == (48, 256, 256)
+    assert cache.pixels.shape == (48, 256, 256) and not cache.pixels.flags.writeable
+    np.testing.assert_array_equal(cache.read(5), cache.pixels[5])
     for name, path in zip(full_size["image"], full_size["path"]):
         original = torch.from_numpy(np.array(Image.open(path)))[None].float()
         assert original.shape[-1] == 1024

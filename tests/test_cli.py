@@ -56,3 +56,15 @@ def test_check_reports_a_corrupt_image(tmp_path, table_path, sample_images, caps
     assert main(["check", "--csv", str(table_path), "--images", str(folder), "--report", str(report)]) == 1
     assert report.read_text().startswith(names[3] + "\t")
     assert "3 images decode; 1 cannot be used" in capsys.readouterr().out
+
+
+def test_prepare_command(tmp_path, table_path, data_dir, capsys):
+    images = data_dir / "nih-sample" / "images-1024"
+    out = tmp_path / "cache"
+    args = ["prepare", "--csv", str(table_path), "--images", str(images), "--size", "128", "--out", str(out), "--workers", "2"]
+    assert main(args) == 0
+    assert "cache holds 48 images: 48 added" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "48 were already cached" in capsys.readouterr().out
+    assert main(args[:5] + ["--size", "64"] + args[7:]) == 2
+    assert "cannot take 64×64" in capsys.readouterr().err

@@ -93,23 +93,48 @@ def test_augmentation_changes_training_images(nih_table, sample):
 
 def test_augmentation_parameters_stay_in_the_papers_ranges():
     aug = Augmentation()
-    params = np.stack([aug.parameters(2137, 0, i) for i in range(4000)])
+    params = np.array([aug.parameters(2137, 0, i) for i in range(4000)])
     assert 0.27 < params[:, 0].mean() < 0.33  # flip p=0.3
     assert np.abs(params[:, 1]).max() <= 5.0 and np.abs(params[:, 1]).max() > 4.9
     assert params[:, 2].min() >= 0.8 and params[:, 2].max() <= 1.2
-    np.testing.assert_array_equal(aug.parameters(7, 3, 11), aug.parameters(7, 3, 11))
+    assert aug.parameters(7, 3, 11) == aug.parameters(7, 3, 11)
 
 
-def test_flip_and_one_channel_transform(nih_table, sample):
+def test_warp_geometry_on_a_real_image(sample):
     cache = ImageCache(sample[0])
-    image = torch.from_numpy(np.array(cache.pixels[0]))[None, None]
-    flip = torch.tensor([[1.0, 0.0, 1.0]])
-    three = BatchTransform(B0.mean, B0.std, channels=3)
-    one = BatchTransform(B0.mean, B0.std, channels=1, output_size=224)
-    flipped = three(image, flip)
-    plain = three(image, None)
-    assert torch.allclose(flipped, plain.flip(-1), atol=1e-4)
-    assert one(image, None).shape == (1, 1, 224, 224)
+    pixels = np.array(cache.pixels[0])
+    aug = Augmentation()
+    np.testing.assert_array_equal(aug.apply(pixels, (False, 0.0, 1.0), 256), pixels)
+    np.testing.assert_array_equal(aug.apply(pixels, (True, 0.0, 1.0), 256), pixels[:, ::-1])
+    # A 90° turn (beyond the paper's range, but exact) shows the rotation's centre and
+    # sense: positive angles turn the image counter-clockwise, as in torchvision.
+    # (cos 90° is 6e-17 in floating point, so bilinear sampling may round a level off.)
+    turned = aug.apply(pixels, (False, 90.0, 1.0), 256).astype(int) - np.rot90(pixels, k=1)
+    assert np.abs(turned).max() <= 1 and np.abs(turned).mean() < 0.2
+    brighter = aug.apply(pixels, (False, 0.0, 1.2), 256).astype(int)
+    np.testing.assert_array_equal(brighter, np.minimum(255, np.round(pixels * 1.2)).astype(int))
+    small = aug.apply(pixels, (False, 5.0, 1.0), 224)
+    assert small.shape == (224, 224) and small.dtype == np.uint8
+
+
+def test_one_and_three_channel_normalisation(sample):
+    cache = ImageCache(sample[0])
+    image = torch.from_numpy(np.array(cache.pixels[:2]))[:, None]
+    three = BatchTransform(B0.mean, B0.std, channels=3)(image)
+    one = BatchTransform(B0.mean, B0.std, channels=1)(image)
+    assert three.shape == (2, 3, 256, 256) and one.shape == (2, 1, 256, 256)
+    for c in range(3):
+        expected = (image[:, 0].float() / 255 - B0.mean[c]) / B0.std[c]
+        assert torch.allclose(three[:, c], expected, atol=1e-5)
+    expected = (image[:, 0].float() / 255 - np.mean(B0.mean)) / np.mean(B0.std)
+    assert torch.allclose(one[:, 0], expected, atol=1e-5)
+
+
+def test_image_size_differs_from_the_cache(nih_table, sample):
+    x, _, _ = first_batch(module(nih_table, sample, image_size=224))
+    assert x.shape[1:] == (3, 224, 224)
+    x, _, _ = first_batch(module(nih_table, sample, image_size=224), loader="val")
+    assert x.shape[1:] == (3, 224, 224)
 
 
 def test_distributed_sampler_shards_the_training_set(nih_table, sample):

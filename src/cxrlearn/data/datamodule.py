@@ -1,8 +1,8 @@
 """Training data: a map-style dataset over the preprocessing cache, and a Lightning DataModule.
 
-The dataset yields ``(uint8 image (1, S, S), 14-float labels, image name,
-augmentation parameters)``; the DataModule's ``on_after_batch_transfer`` turns
-each batch into ``(normalised float images (B, C, H, H), labels, names)`` on the
+The dataset yields ``(uint8 image (1, H, H), 14-float labels, image name)``,
+augmented for training; the DataModule's ``on_after_batch_transfer`` turns each
+batch into ``(normalised float images (B, C, H, H), labels, names)`` on the
 training device (see :mod:`cxrlearn.data.augment` for why).
 """
 
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrlearn.data.augment import IDENTITY, Augmentation, BatchTransform
+from cxrlearn.data.augment import Augmentation, BatchTransform, resize
 from cxrlearn.data.cache import ImageCache, table_fingerprint
 from cxrlearn.data.nih import IMAGE, label_matrix
 from cxrlearn.data.split import SPLIT, SPLITS, apply_split
@@ -40,8 +40,10 @@ class CachedXrayDataset(Dataset):
         labels: np.ndarray,
         augmentation: Augmentation | None = None,
         seed: int = 0,
+        image_size: int | None = None,
     ):
         cache = ImageCache(cache_dir)
+        self.image_size = image_size or cache.size
         self.cache_dir = str(cache_dir)
         self.names = list(names)
         self.rows = cache.row_of(self.names)
@@ -51,30 +53,34 @@ class CachedXrayDataset(Dataset):
         self.augmentation = augmentation
         self.seed = seed
         self.epoch = 0
-        self._pixels: np.ndarray | None = None
+        self._cache: ImageCache | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation draws depend on the epoch: call before each epoch's iterator is made."""
         self.epoch = int(epoch)
 
     @property
-    def pixels(self) -> np.ndarray:
-        if self._pixels is None:
-            self._pixels = ImageCache(self.cache_dir).pixels
-        return self._pixels
+    def cache(self) -> ImageCache:
+        if self._cache is None:
+            self._cache = ImageCache(self.cache_dir)
+        return self._cache
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_pixels"] = None
+        state["_cache"] = None
         return state
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int):
-        image = torch.from_numpy(np.array(self.pixels[self.rows[i]]))[None]
-        params = self.augmentation.parameters(self.seed, self.epoch, i) if self.augmentation else IDENTITY
-        return image, torch.from_numpy(self.labels[i]), self.names[i], torch.from_numpy(params)
+        pixels = self.cache.read(self.rows[i])
+        if self.augmentation is not None:
+            params = self.augmentation.parameters(self.seed, self.epoch, i)
+            pixels = self.augmentation.apply(pixels, params, self.image_size)
+        else:
+            pixels = resize(pixels, self.image_size)
+        return torch.from_numpy(pixels)[None], torch.from_numpy(self.labels[i]), self.names[i]
 
 
 class ChestXrayDataModule(L.LightningDataModule):
@@ -111,7 +117,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.augmentation = augmentation
-        self.transform = BatchTransform(mean, std, channels=channels, output_size=image_size)
+        self.image_size = image_size
+        self.transform = BatchTransform(mean, std, channels=channels)
         self.fingerprint = fingerprint
         self.datasets: dict[str, CachedXrayDataset] = {}
         self.missing: dict[str, int] = {}
@@ -141,6 +148,7 @@ class ChestXrayDataModule(L.LightningDataModule):
                 label_matrix(part),
                 augmentation=self.augmentation if name == "train" else None,
                 seed=self.seed,
+                image_size=self.image_size,
             )
         if "train" not in self.datasets:
             raise DataError(f"no training images of the split are in the cache {self.cache_dir}")
@@ -175,6 +183,6 @@ class ChestXrayDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        images, labels, names, params = batch
+        images, labels, names = batch
         self.transform.to(images.device)
-        return self.transform(images, params), labels, names
+        return self.transform(images), labels, names
