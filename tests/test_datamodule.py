@@ -76,8 +76,9 @@ def test_augmentation_is_seeded_and_worker_independent(nih_table, sample):
     other = first_batch(module(nih_table, sample, seed=1))
     assert other[2] != a[2]
     dm = module(nih_table, sample)
-    dm.set_epoch(1)
-    next_epoch = first_batch(dm)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    next_epoch = dm.on_after_batch_transfer(next(iter(loader)))
     assert not torch.equal(next_epoch[0], a[0])
 
 

@@ -134,6 +134,26 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cxrlearn.training.config import load_config
+    from cxrlearn.training.run import train
+
+    overrides: dict = {"data": {}, "model": {}, "train": {}}
+    for key, section, name in [
+        ("images", "data", "images"), ("csv", "data", "csv"), ("split", "data", "split"),
+        ("image_size", "data", "image_size"), ("batch_size", "data", "batch_size"),
+        ("backbone", "model", "backbone"), ("epochs", "train", "epochs"), ("devices", "train", "devices"),
+        ("accelerator", "train", "accelerator"), ("num_nodes", "train", "num_nodes"),
+        ("precision", "train", "precision"),
+    ]:
+        value = getattr(args, key)
+        if value is not None:
+            overrides[section][name] = str(value) if isinstance(value, Path) else value
+    config = load_config(args.config, overrides, args.set)
+    train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
 def _ratios(text: str) -> float:
     try:
         return float(text)
@@ -198,6 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--retries", type=int, default=5, help="tries per archive after a failure (default %(default)s)")
     download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
     download.set_defaults(run=_cmd_download)
+
+    train = commands.add_parser(
+        "train",
+        help="train a classifier: split, cache, fine-tune, and write the model bundle",
+        description="Train from a YAML config (configs/*.yaml); options override the config.",
+    )
+    train.add_argument("--config", type=Path, help="YAML config (e.g. configs/kufel2023.yaml)")
+    train.add_argument("--images", type=Path, help="image folder")
+    train.add_argument("--csv", type=Path, help="NIH label table")
+    train.add_argument("--split", type=Path, help="split file; default: the custom split of the images present")
+    train.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--devices", help="devices per node (e.g. 1, 2 or auto)")
+    train.add_argument("--num-nodes", type=int)
+    train.add_argument("--accelerator", help="auto, cpu or gpu")
+    train.add_argument("--precision", help="32-true, bf16-mixed or 16-mixed")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")
+    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs and the model bundle")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.set_defaults(run=_cmd_train)
 
     check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
     check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")

@@ -17,7 +17,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cxrlearn.data.augment import Augmentation, BatchTransform, resize
 from cxrlearn.data.cache import ImageCache, table_fingerprint
@@ -81,6 +82,20 @@ class CachedXrayDataset(Dataset):
         else:
             pixels = resize(pixels, self.image_size)
         return torch.from_numpy(pixels)[None], torch.from_numpy(self.labels[i]), self.names[i]
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffles by (seed, epoch), shards across processes, and tells the dataset the epoch.
+
+    Lightning calls ``set_epoch`` at each epoch's start; passing it on to the
+    dataset makes augmentation depend on the epoch too. Because the order is a
+    function of (seed, epoch) alone, a resumed run sees the same order as an
+    uninterrupted one.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
 
 
 class ChestXrayDataModule(L.LightningDataModule):
@@ -153,24 +168,44 @@ class ChestXrayDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise DataError(f"no training images of the split are in the cache {self.cache_dir}")
 
-    def set_epoch(self, epoch: int) -> None:
-        if "train" in self.datasets:
-            self.datasets["train"].set_epoch(epoch)
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def eval_loader(self, name: str) -> DataLoader:
+        """All of one split's images in order, in this process alone (for summaries and tests)."""
         if name not in self.datasets:
             raise DataError(f"the split has no {name} images in the cache")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        """Samplers are made here, not by Lightning (use_distributed_sampler=False):
+        training shards with :class:`EpochShuffleSampler`; evaluation shards without
+        padding, so that AUC under DDP is over exactly the split's images."""
+        if name not in self.datasets:
+            raise DataError(f"the split has no {name} images in the cache")
+        dataset = self.datasets[name]
+        world, rank = self._world()
+        if shuffle:
+            sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        elif world > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        else:
+            sampler = None
         return DataLoader(
-            self.datasets[name],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            generator=generator,
             # Workers are re-made each epoch so that they see the epoch set by set_epoch.
             persistent_workers=False,
             drop_last=False,
+            # Its own generator: making an iterator then draws nothing from the global RNG,
+            # so dropout draws after a resume are those of an uninterrupted run.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,1 @@
+"""Evaluation: per-finding metrics on predictions."""

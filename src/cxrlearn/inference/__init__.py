@@ -1,0 +1,1 @@
+"""Inference: running a model over images or loaders."""

@@ -1,0 +1,88 @@
+"""The model bundle: everything needed to predict, in a folder, with nothing to unpickle.
+
+``model.safetensors``  the weights (safetensors: tensors only, no code)
+``model.json``         backbone, head, input channels, image size, normalisation,
+                       finding names, operating thresholds (filled by evaluation),
+                       the training config, the split file's hash, a data summary,
+                       metrics, weights source and library versions.
+
+At run time the bundle is the one source of truth for these facts: predict and
+serve read them from here, never from defaults in code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from cxrlearn.errors import ConfigError
+from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+BUNDLE_FORMAT = 1
+
+
+def library_versions() -> dict:
+    import lightning
+    import numpy
+    import timm
+
+    import cxrlearn
+
+    return {
+        "cxrlearn": cxrlearn.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "lightning": lightning.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: dict) -> Path:
+    """Write the weights and ``model.json`` (``meta`` plus the model's own description)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    full = {"format": BUNDLE_FORMAT, **model.describe(), **meta}
+    full.setdefault("thresholds", {})
+    full.setdefault("versions", library_versions())
+    (folder / META).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ConfigError(f"{folder}: not a cxrlearn model bundle (no {META})")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(f"{path}: bundle format {meta.get('format')} is not {BUNDLE_FORMAT}")
+    return meta
+
+
+def write_meta(folder: str | os.PathLike, meta: dict) -> None:
+    (Path(folder) / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, dict]:
+    """The model (in eval mode, on the CPU) and its metadata."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(folder)
+    model = ChestXrayClassifier(
+        meta["backbone"], HeadConfig(**meta["head"]), num_findings=len(meta["findings"]), in_chans=meta["in_chans"]
+    )
+    weights = Path(folder) / WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"{folder}: the bundle has no {WEIGHTS}")
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), meta

@@ -1,0 +1,1 @@
+"""Training: losses, the LightningModule, configuration and the `cxrlearn train` run."""

@@ -1,0 +1,197 @@
+"""The LightningModule: loss, optimiser and schedule, per-finding validation AUC.
+
+Validation AUC is torchmetrics' exact ``MultilabelAUROC``, whose state is
+gathered across processes under DDP, so every process logs the AUC of the whole
+validation set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import MultilabelAUROC
+
+from cxrlearn.errors import ConfigError
+from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.training.losses import MultiLabelLoss
+
+MONITOR = "val/mean_auc"
+
+
+class LabelCounts(Metric):
+    """Positives per finding and images seen, summed across processes."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.add_state("positives", torch.zeros(num_labels), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, labels: torch.Tensor) -> None:
+        self.positives += labels.sum(dim=0).to(self.positives)
+        self.count += labels.shape[0]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positives, self.count
+
+
+def trainable_parameters(model: ChestXrayClassifier, blocks: int | None) -> set[int]:
+    """ids of the backbone parameters fine-tuning may change: all, or the last ``blocks`` stages.
+
+    Fine-tuning only the top stages (and the final 1×1 convolution) keeps the
+    generic low-level ImageNet filters intact, which small datasets cannot
+    re-learn, and costs only the top stages' backward pass.
+    """
+    backbone = model.backbone
+    if blocks is None:
+        return {id(p) for p in backbone.parameters()}
+    stages = getattr(backbone, "blocks", None)
+    if stages is None:
+        raise ConfigError(f"model.trainable_blocks needs a backbone with stages (timm EfficientNets); {model.backbone_name} has none")
+    if not 0 <= blocks <= len(stages):
+        raise ConfigError(f"model.trainable_blocks must be between 0 and {len(stages)} for {model.backbone_name}")
+    modules = list(stages[len(stages) - blocks:]) + [getattr(backbone, n) for n in ("conv_head", "bn2") if hasattr(backbone, n)]
+    return {id(p) for m in modules for p in m.parameters()}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's randomness (dropout, drop-path): resumed runs draw the same."""
+    return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
+
+
+class ChestXrayModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ChestXrayClassifier,
+        loss: MultiLabelLoss,
+        optim: dict,
+        findings: list[str],
+        seed: int = 2137,
+        freeze_bn: bool = False,
+        channels_last: bool = False,
+        tta: bool = False,
+        trainable_blocks: int | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.optim = dict(optim)
+        self.findings = list(findings)
+        self.seed = seed
+        self.freeze_bn = freeze_bn
+        self.channels_last = channels_last
+        self.tta = tta
+        self.trainable = trainable_parameters(model, trainable_blocks)
+        n = len(findings)
+        self.val_auroc = MultilabelAUROC(num_labels=n, average=None, thresholds=None)
+        self.val_counts = LabelCounts(n)
+        self._epoch_images = 0
+        self._epoch_start = 0.0
+        self.last_val: dict = {}
+
+    # ---- the backbone's state per epoch -------------------------------------------------
+    def backbone_frozen(self) -> bool:
+        return self.current_epoch < int(self.optim.get("head_only_epochs") or 0)
+
+    def _set_backbone_mode(self) -> None:
+        frozen = self.backbone_frozen()
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(not frozen and id(p) in self.trainable)
+        if frozen or self.freeze_bn:
+            # Frozen BatchNorm keeps ImageNet statistics: small batches of X-rays would skew them.
+            for module in self.model.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
+        self._set_backbone_mode()
+        self._epoch_images, self._epoch_start = 0, time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        if seconds > 0:
+            self.log("train/images_per_sec", self._epoch_images / seconds * self.trainer.world_size, sync_dist=False)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, labels, _ = batch
+        loss = self.loss(self(images), labels)
+        self._epoch_images += len(labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self(images)
+        if self.tta:
+            logits = 0.5 * (logits + self(images.flip(-1)))
+        return logits
+
+    def validation_step(self, batch, batch_idx):
+        images, labels, _ = batch
+        logits = self.predict_logits(images)
+        self.log("val/loss", self.loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+        targets = labels.int()
+        self.val_auroc.update(torch.sigmoid(logits.float()), targets)
+        self.val_counts.update(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        aucs = self.val_auroc.compute()
+        positives, count = self.val_counts.compute()
+        defined = (positives > 0) & (positives < count)
+        values = {}
+        for name, auc, ok in zip(self.findings, aucs.tolist(), defined.tolist()):
+            if ok:
+                values[name] = auc
+                self.log(f"val/auc/{name}", auc)
+        mean = float(np.mean(list(values.values()))) if values else 0.5
+        self.log(MONITOR, mean, prog_bar=True)
+        self.last_val = {"mean_auc": mean, "auc": values, "n_images": int(count.item())}
+        self.val_auroc.reset()
+        self.val_counts.reset()
+
+    # ---- optimiser -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        lr = float(o["lr"])
+        groups = [
+            {"params": list(self.model.backbone.parameters()), "lr": lr * float(o["backbone_lr_scale"])},
+            {"params": list(self.model.head.parameters()), "lr": lr},
+        ]
+        wd = float(o["weight_decay"])
+        if o["name"] == "adam":
+            optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=wd)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+        if o["scheduler"] == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=float(o["plateau_factor"]), patience=int(o["plateau_patience"])
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"}}
+        if o["scheduler"] == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            per_epoch = total / max(1, self.trainer.max_epochs)
+            warmup = int(float(o["warmup_epochs"]) * per_epoch)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer

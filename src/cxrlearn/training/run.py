@@ -1,0 +1,253 @@
+"""`cxrlearn train`: from a label table and images (or a cache) to a model bundle.
+
+Steps, each reusing what an earlier run left where it can:
+
+1. read the label table; find the images present;
+2. the split: the given file, or the custom patient-wise split of the images
+   present (saved as ``RUN_DIR/split.csv`` with its report);
+3. the preprocessing cache at the training size (built or extended);
+4. the model with ImageNet weights (:mod:`cxrlearn.model.pretrained`);
+5. Lightning: checkpoints (best by validation mean AUC, and last), early
+   stopping, CSV and TensorBoard logs, AMP and DDP from the config;
+6. the bundle in ``RUN_DIR``: the best weights, ``model.json`` and the metrics of
+   the best checkpoint on val (and on test when the split has one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrlearn.errors import ConfigError
+from cxrlearn.findings import FINDINGS
+
+CHECKPOINTS = "checkpoints"
+SPLIT_FILE = "split.csv"
+CONFIG_FILE = "config.yaml"
+
+
+def _sha256_text(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _say(message: str) -> None:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_data(config: dict, run_dir: Path):
+    """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
+    from cxrlearn.data.cache import prepare_cache, table_fingerprint
+    from cxrlearn.data.images import attach_images
+    from cxrlearn.data.nih import read_label_table
+    from cxrlearn.data.split import apply_split, make_split, read_split_file, split_report, write_split
+
+    data = config["data"]
+    if not data["csv"] or not data["images"]:
+        raise ConfigError("training needs data.csv (the label table) and data.images (the image folder)")
+    table = read_label_table(data["csv"])
+    fingerprint = table_fingerprint(table)
+    presence = attach_images(table, data["images"])
+    _say(presence.summary())
+    present = presence.table
+
+    split_path = run_dir / SPLIT_FILE
+    if data["split"]:
+        split = read_split_file(data["split"])
+        if Path(data["split"]).resolve() != split_path.resolve():
+            split_path.write_bytes(Path(data["split"]).read_bytes())
+    elif split_path.exists():  # a resumed run keeps its split
+        split = read_split_file(split_path)
+    else:
+        split = make_split(present, ratios=data["ratios"], seed=int(data["split_seed"]))
+        report = split_report(present, split, ratios=data["ratios"], seed=int(data["split_seed"]), method="stratified")
+        write_split(split, split_path, report)
+        _say(f"made the custom split of the {len(present):,} images present: {split_path}")
+    apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
+
+    size = int(data["cache_size"] or data["image_size"])
+    cache_dir = Path(data["cache"]) if data["cache"] else run_dir.parent / "cache" / f"{fingerprint[:12]}-{size}"
+    in_split = present[present["image"].isin(set(split["image"]))]
+    summary = prepare_cache(
+        in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],
+        images_dir=str(data["images"]), label_table=Path(data["csv"]).name,
+    )
+    _say(summary.text())
+    return table, fingerprint, present, split, cache_dir, split_path
+
+
+def build_model(config: dict):
+    """The classifier with ImageNet weights, and where they came from."""
+    from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
+    from cxrlearn.model.pretrained import load_backbone_weights
+
+    m = config["model"]
+    model = ChestXrayClassifier(
+        m["backbone"], HeadConfig(**m["head"]), in_chans=int(config["data"]["channels"]),
+        drop_path_rate=float(m["drop_path_rate"]),
+    )
+    source = load_backbone_weights(
+        model.backbone, m["backbone"], m["weights"], use_hub=bool(m["hub"]), in_chans=int(config["data"]["channels"])
+    )
+    _say(f"backbone {m['backbone']}: ImageNet weights from {source.kind} ({source.detail})")
+    return model, source
+
+
+def _trainer(config: dict, run_dir: Path, callbacks, progress: bool, resume: bool = False):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = config["train"]
+    devices = int(t["devices"]) if str(t["devices"]).isdigit() else t["devices"]
+    processes = (int(devices) if str(devices).isdigit() else 1) * int(t["num_nodes"])
+    strategy = t["strategy"]
+    if strategy == "auto" and processes > 1:
+        strategy = "ddp"
+    # A resumed run logs beside the first one (logs/resumed-N/), never over it.
+    version = ""
+    if resume:
+        n = 1
+        while (run_dir / "logs" / f"resumed-{n}").exists():
+            n += 1
+        version = f"resumed-{n}"
+    loggers = [CSVLogger(run_dir, name="logs", version=version), TensorBoardLogger(run_dir, name="logs", version=version)]
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=int(t["epochs"]),
+        accelerator=t["accelerator"],
+        devices=devices,
+        num_nodes=int(t["num_nodes"]),
+        strategy=strategy,
+        precision=t["precision"],
+        accumulate_grad_batches=int(t["accumulate_grad_batches"]),
+        callbacks=callbacks,
+        logger=loggers,
+        use_distributed_sampler=False,  # the DataModule makes its own samplers
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        deterministic=bool(t["deterministic"]),
+        limit_train_batches=t["limit_train_batches"],
+        num_sanity_val_steps=0,
+    )
+
+
+def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+    """Run the training that ``config`` describes into ``run_dir``; return the bundle folder."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from cxrlearn.data.datamodule import ChestXrayDataModule
+    from cxrlearn.model.backbones import backbone_config
+    from cxrlearn.training.config import dump_config
+    from cxrlearn.training.losses import MultiLabelLoss, positive_weights
+    from cxrlearn.training.module import MONITOR, ChestXrayModule
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / CHECKPOINTS / "last.ckpt"
+    if resume and not last.exists():
+        raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
+    if not resume and last.exists():
+        raise ConfigError(f"{run_dir} holds an earlier run; pass --resume to continue it, or choose another --out")
+    (run_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    started = time.time()
+    L.seed_everything(int(config["train"]["seed"]), workers=True, verbose=False)
+
+    table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir)
+    data = config["data"]
+    normalisation = backbone_config(config["model"]["backbone"])
+    datamodule = ChestXrayDataModule(
+        cache_dir, table, split, normalisation.mean, normalisation.std,
+        image_size=int(data["image_size"]), channels=int(data["channels"]), batch_size=int(data["batch_size"]),
+        num_workers=int(data["num_workers"]), seed=int(config["train"]["seed"]), fingerprint=fingerprint,
+    )
+    datamodule.setup("fit")
+
+    model, weights_source = build_model(config)
+    loss_cfg = dict(config["loss"])
+    pos_weight = None
+    if loss_cfg.pop("pos_weight"):
+        pos_weight = positive_weights(torch.from_numpy(datamodule.datasets["train"].labels))
+    module = ChestXrayModule(
+        model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config["optim"], list(FINDINGS),
+        seed=int(config["train"]["seed"]), freeze_bn=bool(config["model"]["freeze_bn"]),
+        channels_last=bool(config["train"]["channels_last"]),
+        tta=bool(config["train"]["tta"]),
+        trainable_blocks=config["model"]["trainable_blocks"],
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINTS, filename="best", monitor=MONITOR, mode="max", auto_insert_metric_name=False,
+    )
+    # Lightning's save_last only refreshes last.ckpt when a new best is saved; resuming
+    # needs the latest epoch whatever its score, so "last" is a checkpoint of its own.
+    latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
+    callbacks = [checkpoint, latest, LearningRateMonitor(logging_interval="epoch")]
+    if int(config["train"]["early_stopping_patience"]) > 0:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config["train"]["early_stopping_patience"])))
+    trainer = _trainer(config, run_dir, callbacks, progress, resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    if not trainer.is_global_zero:
+        return run_dir
+
+    best = checkpoint.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    metrics = summarise(model, datamodule, bool(config["train"]["tta"]))
+    metrics["best_checkpoint"] = Path(best).name
+    metrics["epochs_run"] = trainer.current_epoch
+    metrics["seconds"] = round(time.time() - started, 1)
+    write_run_bundle(run_dir, model, config, normalisation, weights_source, split_path, datamodule, metrics)
+    _say(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
+         + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
+         + f"; the model bundle is {run_dir}/model.json + model.safetensors")
+    return run_dir
+
+
+def summarise(model, datamodule, tta: bool) -> dict:
+    """Per-finding AUC of ``model`` on the val and test images (single process)."""
+    from cxrlearn.evaluation.metrics import auc_per_finding
+    from cxrlearn.inference.predict import predict_loader
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name in ("val", "test"):
+        if name in datamodule.datasets:
+            loader = datamodule.eval_loader(name)
+            probs, labels, _ = predict_loader(model, loader, datamodule.transform, tta=tta, device=device)
+            result = auc_per_finding(labels, probs, FINDINGS)
+            result["n_images"] = len(labels)
+            out[name] = result
+    model.cpu()
+    return out
+
+
+def write_run_bundle(run_dir, model, config, normalisation, weights_source, split_path, datamodule, metrics) -> None:
+    from cxrlearn.model.bundle import save_bundle
+
+    data = config["data"]
+    sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
+    positives = {name: dict(zip(FINDINGS, np.asarray(ds.labels.sum(axis=0), dtype=int).tolist()))
+                 for name, ds in datamodule.datasets.items()}
+    meta = {
+        "image_size": int(data["image_size"]),
+        "normalization": {"mean": list(normalisation.mean), "std": list(normalisation.std), "scale": "pixels / 255"},
+        "findings": list(FINDINGS),
+        "thresholds": {},
+        "config": config,
+        "split": {"file": split_path.name, "sha256": _sha256_text(split_path)},
+        "data": {"label_table": Path(data["csv"]).name, "images": sizes, "positives": positives,
+                 "missing_from_cache": datamodule.missing},
+        "weights_source": {"kind": weights_source.kind, "detail": weights_source.detail},
+        "metrics": metrics,
+    }
+    save_bundle(run_dir, model, meta)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
