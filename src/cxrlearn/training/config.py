@@ -50,6 +50,7 @@ DEFAULTS: dict = {
         "plateau_patience": 1,
         "warmup_epochs": 0.0,
         "head_only_epochs": 0,  # epochs with the backbone frozen before fine-tuning
+        "unfreeze_warmup": True,  # ramp the backbone's lr up over the epoch that unfreezes it
     },
     "loss": {
         "name": "bce",

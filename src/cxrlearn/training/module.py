@@ -116,7 +116,24 @@ class ChestXrayModule(L.LightningModule):
         self._set_backbone_mode()
         self._epoch_images, self._epoch_start = 0, time.perf_counter()
 
+    def _unfreezing_epoch(self) -> bool:
+        head_only = int(self.optim.get("head_only_epochs") or 0)
+        return head_only > 0 and self.current_epoch == head_only and bool(self.optim.get("unfreeze_warmup", True))
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # The epoch that unfreezes the backbone ramps its learning rate up from zero:
+        # Adam's first steps on parameters without history move each weight by about
+        # the full learning rate, which knocks a pretrained backbone off its features.
+        if self._unfreezing_epoch():
+            group = self.optimizers().optimizer.param_groups[0]
+            if batch_idx == 0:
+                self._backbone_lr = group["lr"]
+            steps = max(1, int(self.trainer.num_training_batches))
+            group["lr"] = self._backbone_lr * (batch_idx + 1) / steps
+
     def on_train_epoch_end(self) -> None:
+        if self._unfreezing_epoch():
+            self.optimizers().optimizer.param_groups[0]["lr"] = self._backbone_lr
         seconds = time.perf_counter() - self._epoch_start
         if seconds > 0:
             self.log("train/images_per_sec", self._epoch_images / seconds * self.trainer.world_size, sync_dist=False)
