@@ -60,11 +60,11 @@ class DecodeEachTime(Dataset):
 def time_loader(loader, transform=None, min_batches=3):
     batches, images = 0, 0
     iterator = iter(loader)
-    first = next(iterator)  # worker start-up is not throughput
+    next(iterator)  # worker start-up is not throughput
     start = time.perf_counter()
     for batch in iterator:
         if transform is not None:
-            x = transform(batch[0])
+            transform(batch[0])
         images += len(batch[1])
         batches += 1
     seconds = time.perf_counter() - start

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 
 from _common import machine, parser
 
-from cxrlearn.data.augment import Augmentation, BatchTransform
+from cxrlearn.data.augment import BatchTransform
 from cxrlearn.data.cache import prepare_cache, table_fingerprint
-from cxrlearn.data.datamodule import CachedXrayDataset, ChestXrayDataModule
+from cxrlearn.data.datamodule import ChestXrayDataModule
 from cxrlearn.data.images import attach_images
-from cxrlearn.data.nih import label_matrix, read_label_table
+from cxrlearn.data.nih import read_label_table
 from cxrlearn.data.split import make_split
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config

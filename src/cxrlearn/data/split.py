@@ -153,7 +153,6 @@ def _local_search(
     counts: np.ndarray,
     assignment: np.ndarray,
     ratios: np.ndarray,
-    movable: np.ndarray,
     max_moves: int = 20000,
 ) -> np.ndarray:
     """Move single patients between splits while that lowers the cost; best move first."""
@@ -167,7 +166,7 @@ def _local_search(
         base = np.array([cost(totals[k], k) for k in range(n_splits)])
         best_gain, best_move = 1e-12 * max(base.sum(), 1.0), None
         for source in targets:
-            members = np.flatnonzero((assignment == source) & movable)
+            members = np.flatnonzero(assignment == source)
             if len(members) == 0:
                 continue
             moved = weights[members]
@@ -210,7 +209,6 @@ def make_split(
     patients = _patients(table)
     rng = np.random.default_rng(seed)
     assignment = np.full(len(patients.ids), -1, dtype=np.int64)
-    movable = np.ones(len(patients.ids), dtype=bool)
     ratios_to_fill = r
 
     if official_test is not None:
@@ -227,7 +225,6 @@ def make_split(
                 f"test list (e.g. {table[IMAGE].iloc[row]} is not on it); the list must be patient-wise"
             )
         assignment[test_patient] = SPLITS.index("test")
-        movable = ~test_patient
         if r[0] + r[1] <= 0:
             raise DataError("with --official-test, the train and val ratios cannot both be 0")
         ratios_to_fill = np.array([r[0], r[1], 0.0]) / (r[0] + r[1])
@@ -243,9 +240,7 @@ def make_split(
     else:
         sub = np.flatnonzero(free)
         initial = _iterative_stratification(patients.images[sub], patients.counts[sub], ratios_to_fill, rng)
-        refined = _local_search(
-            patients.images[sub], patients.counts[sub], initial, ratios_to_fill, np.ones(len(sub), bool)
-        )
+        refined = _local_search(patients.images[sub], patients.counts[sub], initial, ratios_to_fill)
         assignment[sub] = refined
 
     frame = pd.DataFrame(
