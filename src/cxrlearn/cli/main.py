@@ -8,21 +8,13 @@ printing or saving what they return.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from cxrlearn import __version__
+from cxrlearn._files import file_digest
 from cxrlearn.errors import CxrlearnError
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_table(csv: Path, images: Path | None):
@@ -50,10 +42,10 @@ def _cmd_split(args: argparse.Namespace) -> int:
         "cxrlearn": __version__,
         "method": args.method,
         "seed": args.seed,
-        "label_table": {"file": args.csv.name, "sha256": _sha256(args.csv)},
+        "label_table": {"file": args.csv.name, "sha256": file_digest(args.csv)},
     }
     if args.official_test:
-        about["official_test_list"] = {"file": args.official_test.name, "sha256": _sha256(args.official_test)}
+        about["official_test_list"] = {"file": args.official_test.name, "sha256": file_digest(args.official_test)}
     report = split_report(table, split, ratios=args.ratios, official_test=official is not None, **about)
     digest = write_split(split, args.out, report)
     print(format_split_report(report))

@@ -249,7 +249,6 @@ def prepare_cache(
     label_table: str = "",
     progress: bool = True,
     flush_every: int = 256,
-    limit: int | None = None,
 ) -> PrepareSummary:
     """Decode and resize the table's present images (column ``path``) into a cache.
 
@@ -258,9 +257,8 @@ def prepare_cache(
     a cache is never read with another table.
 
     Images already cached are skipped. Undecodable ones are listed in
-    ``failed.tsv`` and left out. ``limit`` stops after that many new images (used
-    to test resuming). Returns a summary; raises :class:`DataError` for a cache of
-    another size or table.
+    ``failed.tsv`` and left out. Returns a summary; raises :class:`DataError` for
+    a cache of another size or table.
     """
     from tqdm.auto import tqdm
 
@@ -271,8 +269,6 @@ def prepare_cache(
     rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
     cached_before = len(rows)
     todo = [(name, path) for name, path in zip(table[IMAGE], table["path"]) if name not in rows]
-    if limit is not None:
-        todo = todo[:limit]
     workers = max(1, workers or (os.cpu_count() or 1))
     failed: list[tuple[str, str]] = []
     row_bytes = size * size

@@ -13,7 +13,6 @@ beyond ``urllib``, and each step is short enough to read.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
+from cxrlearn._files import file_digest
 from cxrlearn.errors import DataError
 
 CHUNK = 1 << 20
@@ -83,14 +83,6 @@ def parse_parts(text: str, count: int) -> list[int]:
             raise DataError(f"--parts: {piece!r} is outside 1-{count}")
         parts.update(range(low, high + 1))
     return sorted(parts)
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Retry(Exception):
@@ -164,7 +156,7 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if dest.exists():
-        if md5_of(dest) == md5:
+        if file_digest(dest, "md5") == md5:
             return dest
         dest.replace(part)  # a damaged earlier download: verify again after resuming
     label = dest.name
@@ -184,7 +176,7 @@ def download_file(
                 wait = backoff * 2 ** (failures - 1)
                 print(f"{label}: {err}; retrying in {wait:g} s ({failures}/{retries})", file=sys.stderr)
                 time.sleep(wait)
-        got = md5_of(part)
+        got = file_digest(part, "md5")
         if got == md5:
             part.replace(dest)
             return dest

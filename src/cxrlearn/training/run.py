@@ -15,7 +15,6 @@ Steps, each reusing what an earlier run left where it can:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -25,16 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrlearn._files import file_digest
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 
 CHECKPOINTS = "checkpoints"
 SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
-
-
-def _sha256_text(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _say(message: str) -> None:
@@ -243,7 +239,7 @@ def write_run_bundle(run_dir, model, config, normalisation, weights_source, spli
         "findings": list(FINDINGS),
         "thresholds": {},
         "config": config,
-        "split": {"file": split_path.name, "sha256": _sha256_text(split_path)},
+        "split": {"file": split_path.name, "sha256": file_digest(split_path)},
         "data": {"label_table": Path(data["csv"]).name, "images": sizes, "positives": positives,
                  "missing_from_cache": datamodule.missing},
         "weights_source": {"kind": weights_source.kind, "detail": weights_source.detail},
