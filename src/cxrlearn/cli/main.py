@@ -146,6 +146,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+
+    options = EvaluationOptions(
+        split=args.split, subset=args.subset, official_test=args.official_test, expert_labels=args.expert_labels,
+        resamples=args.resamples, seed=args.seed, tta=args.tta, calibrate=args.calibrate,
+        threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
+        write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
+    )
+    metrics = evaluate(args.model, args.csv, args.images, args.out, options)
+    print(f"mean AUC {metrics['mean_auc']:.4f} (95% CI {metrics['mean_auc_ci95'][0]:.4f}-{metrics['mean_auc_ci95'][1]:.4f}) "
+          f"over {len(metrics['mean_over'])} findings, {metrics['n_images']:,} images of {metrics['n_patients']:,} patients")
+    if "tta" in metrics:
+        t = metrics["tta"]
+        print(f"test-time augmentation: {t['difference']:+.4f} mean AUC ({t['verdict']})")
+    print(f"wrote {args.out}/report.html, report.md, metrics.json, predictions.csv"
+          + ("" if args.no_bundle_update else f"; thresholds ({args.threshold_method}) into {args.model}/model.json"))
+    return 0
+
+
 def _ratios(text: str) -> float:
     try:
         return float(text)
@@ -233,6 +253,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(run=_cmd_train)
+
+    from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES
+    from cxrlearn.evaluation.bootstrap import DEFAULT_SEED as BOOTSTRAP_SEED
+    from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS as THRESHOLD_METHODS
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[table_args],
+        help="per-finding AUC with patient-level CIs, operating points, calibration, subgroups, and a report",
+        description="Judge a trained model on the test split of its run (or another split's subset, or NIH's "
+        "official test list); choose thresholds on the split's val images and store them in the bundle.",
+    )
+    evaluate.add_argument("--model", type=Path, required=True, help="run folder holding model.json + model.safetensors")
+    evaluate.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv and the report")
+    evaluate.add_argument("--split", type=Path, help="split file (default: the run's own split.csv)")
+    evaluate.add_argument("--subset", default="test", help="which split to judge (default %(default)s)")
+    evaluate.add_argument("--official-test", type=Path, help="judge the images of NIH's test_list.txt instead")
+    evaluate.add_argument("--expert-labels", type=Path, help="Google's 2019 expert labels (google2019_nih-chest-xray-labels.csv.gz)")
+    evaluate.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default %(default)s)")
+    evaluate.add_argument("--tta", action="store_true", help="average each image with its mirror, and report whether it helps")
+    evaluate.add_argument("--calibrate", action="store_true", help="fit a temperature per finding on val (stored in the bundle)")
+    evaluate.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default=DEFAULT_METHOD,
+                          help="which operating point the bundle's thresholds use (default %(default)s)")
+    evaluate.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
+    evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=_cmd_evaluate)
 
     check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
     check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")

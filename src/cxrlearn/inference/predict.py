@@ -11,23 +11,41 @@ from cxrlearn.model.classifier import ChestXrayClassifier
 
 
 @torch.no_grad()
+def predict_logits(
+    model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
+    device: str | torch.device = "cpu", progress: bool = False, flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Logits (N, 14), labels (N, 14) and names for every batch of ``loader``.
+
+    ``tta`` averages the logits of each image and its horizontal mirror;
+    ``flip`` gives the mirror's alone (to compare the two).
+    """
+    from tqdm.auto import tqdm
+
+    model = model.to(device).eval()
+    transform = transform.to(device)
+    logits_out, labels, names = [], [], []
+    for images, y, batch_names in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        x = transform(images.to(device))
+        if flip:
+            x = x.flip(-1)
+        logits = model(x)
+        if tta:
+            logits = 0.5 * (logits + model(x.flip(-1)))
+        logits_out.append(logits.float().cpu().numpy())
+        labels.append(y.numpy())
+        names.extend(batch_names)
+    return np.concatenate(logits_out), np.concatenate(labels), names
+
+
 def predict_loader(
     model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Probabilities (N, 14), labels (N, 14) and names for every batch of ``loader``.
+    """Probabilities (N, 14), labels (N, 14) and names for every batch of ``loader``."""
+    logits, labels, names = predict_logits(model, loader, transform, tta=tta, device=device)
+    return sigmoid(logits), labels, names
 
-    ``tta`` averages the logits of each image and its horizontal mirror.
-    """
-    model = model.to(device).eval()
-    transform = transform.to(device)
-    probabilities, labels, names = [], [], []
-    for images, y, batch_names in loader:
-        x = transform(images.to(device))
-        logits = model(x)
-        if tta:
-            logits = 0.5 * (logits + model(x.flip(-1)))
-        probabilities.append(torch.sigmoid(logits.float()).cpu().numpy())
-        labels.append(y.numpy())
-        names.extend(batch_names)
-    return np.concatenate(probabilities), np.concatenate(labels), names
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))

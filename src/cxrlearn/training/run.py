@@ -38,6 +38,17 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def cache_location(config: dict, run_dir: Path, fingerprint: str) -> tuple[Path, int]:
+    """Where a run's preprocessing cache is (data.cache, else beside the run folder), and its image size.
+
+    Runs and evaluations of the same table and size share one cache.
+    """
+    data = config["data"]
+    size = int(data["cache_size"] or data["image_size"])
+    cache_dir = Path(data["cache"]) if data["cache"] else Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{size}"
+    return cache_dir, size
+
+
 def prepare_data(config: dict, run_dir: Path):
     """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
     from cxrlearn.data.cache import prepare_cache, table_fingerprint
@@ -68,8 +79,7 @@ def prepare_data(config: dict, run_dir: Path):
         _say(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
 
-    size = int(data["cache_size"] or data["image_size"])
-    cache_dir = Path(data["cache"]) if data["cache"] else run_dir.parent / "cache" / f"{fingerprint[:12]}-{size}"
+    cache_dir, size = cache_location(config, run_dir, fingerprint)
     in_split = present[present["image"].isin(set(split["image"]))]
     summary = prepare_cache(
         in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],

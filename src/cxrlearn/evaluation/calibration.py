@@ -1,0 +1,69 @@
+"""Calibration: does a predicted 30% mean "positive three times in ten"?
+
+* Expected calibration error (ECE; Naeini et al. 2015, Guo et al. 2017): the
+  image-weighted mean gap between mean predicted probability and observed
+  frequency over equal-width probability bins.
+* Reliability diagrams: those bins drawn (see :mod:`cxrlearn.evaluation.report`).
+* Temperature scaling (Guo et al. 2017), one temperature per finding fitted on
+  validation by minimising binary cross-entropy: ``sigmoid(logit / T)``. It
+  leaves the ranking, hence AUC, unchanged, and only moves probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+DEFAULT_BINS = 10
+#: Temperatures are searched in [e^-3, e^3]: wide enough for any sane model.
+LOG_T_BOUNDS = (-3.0, 3.0)
+
+
+def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = DEFAULT_BINS) -> dict:
+    """Equal-width bins: per-bin count, mean probability and observed frequency, and the ECE."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(index, probabilities, minlength=bins) / count
+        observed = np.bincount(index, labels, minlength=bins) / count
+    filled = count > 0
+    ece = float((count[filled] * np.abs(mean_p[filled] - observed[filled])).sum() / max(1, len(labels)))
+    return {
+        "ece": ece,
+        "bins": bins,
+        "count": count.tolist(),
+        "mean_probability": [float(v) if ok else None for v, ok in zip(mean_p, filled)],
+        "observed_frequency": [float(v) if ok else None for v, ok in zip(observed, filled)],
+    }
+
+
+def calibration_per_finding(labels: np.ndarray, probabilities: np.ndarray, findings: Sequence[str],
+                            bins: int = DEFAULT_BINS) -> dict:
+    return {name: reliability(labels[:, i], probabilities[:, i], bins) for i, name in enumerate(findings)}
+
+
+def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
+    # log(1 + e^-|z|) + max(z, 0) - y z: stable for large |z|.
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the cross-entropy of ``sigmoid(logits / T)``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    best = minimize_scalar(lambda log_t: _bce(logits / np.exp(log_t), labels), bounds=LOG_T_BOUNDS,
+                           method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(best.x))
+
+
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray, findings: Sequence[str]) -> dict:
+    """``{finding: T}``; 1.0 (no change) where validation has only one class of a finding."""
+    out = {}
+    for i, name in enumerate(findings):
+        column = labels[:, i]
+        out[name] = fit_temperature(logits[:, i], column) if 0 < column.sum() < len(column) else 1.0
+    return out

@@ -1,0 +1,90 @@
+"""Operating points: a probability threshold per finding, chosen on validation, applied to test.
+
+Three rules, each over the thresholds where the decision changes (the distinct
+scores of the validation images); an image is called positive when its
+probability is at least the threshold:
+
+* ``youden``: maximise Youden's J = sensitivity + specificity - 1 (Youden 1950);
+* ``f1``: maximise F1, the harmonic mean of precision and sensitivity;
+* ``spec90``: the highest sensitivity with specificity at least 90%, the
+  screening rule (torchxrayvision and CheXpert report such points).
+
+Thresholds are chosen on validation, never on the images they are judged on,
+and the chosen ones are written into the model bundle for ``predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from cxrlearn.evaluation.metrics import undefined_reason
+
+METHODS = ("youden", "f1", "spec90")
+DEFAULT_METHOD = "youden"
+TARGET_SPECIFICITY = 0.90
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str) -> float:
+    """The threshold ``method`` picks for one finding (labels must hold both classes)."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    if method == "f1":
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        return float(thresholds[int(np.argmax(f1))])
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # the first point (threshold +inf) calls nothing positive
+    if method == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if method == "spec90":
+        allowed = np.flatnonzero(fpr <= 1.0 - TARGET_SPECIFICITY)
+        if len(allowed) == 0:  # even the strictest threshold misses the target: call nothing positive
+            return float(np.nextafter(scores.max(), np.inf))
+        return float(thresholds[allowed[np.argmax(tpr[allowed])]])
+    raise ValueError(f"unknown operating-point method {method!r} (one of {', '.join(METHODS)})")
+
+
+def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> dict:
+    """``{method: {finding: threshold or None}}`` and the reasons for the Nones."""
+    out: dict = {method: {} for method in METHODS}
+    undefined = {}
+    for i, name in enumerate(findings):
+        reason = undefined_reason(labels[:, i])
+        for method in METHODS:
+            out[method][name] = None if reason else choose_threshold(labels[:, i], scores[:, i], method)
+        if reason:
+            undefined[name] = f"{reason} in validation"
+    return {"thresholds": out, "undefined": undefined}
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
+def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Counts and sensitivity, specificity, PPV and NPV of calling ``scores >= threshold`` positive."""
+    labels = np.asarray(labels).astype(bool)
+    called = np.asarray(scores) >= threshold
+    tp, fp = int((called & labels).sum()), int((called & ~labels).sum())
+    fn, tn = int((~called & labels).sum()), int((~called & ~labels).sum())
+    return {
+        "threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
+    }
+
+
+def operating_point_table(labels: np.ndarray, scores: np.ndarray, thresholds: dict, findings: Sequence[str]) -> dict:
+    """``{method: {finding: confusion at its threshold, or None}}`` on these images."""
+    return {
+        method: {
+            name: None if chosen[name] is None else confusion(labels[:, i], scores[:, i], chosen[name])
+            for i, name in enumerate(findings)
+        }
+        for method, chosen in thresholds.items()
+    }

@@ -1,0 +1,305 @@
+"""Evaluation: AUC equal to scikit-learn's, patient-level intervals, null handling, thresholds chosen
+on val and stored, calibration, subgroups and expert labels, on a model trained on real sample images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from cxrlearn.cli.main import main
+from cxrlearn.data.expert_labels import read_expert_labels
+from cxrlearn.data.images import attach_images
+from cxrlearn.errors import DataError
+from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
+from cxrlearn.evaluation.calibration import fit_temperature, reliability
+from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.operating_points import choose_threshold, confusion
+from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+from cxrlearn.findings import FINDINGS
+from cxrlearn.model.bundle import read_meta
+from cxrlearn.training.config import load_config
+from cxrlearn.training.run import train
+
+EXPERT = "google2019_nih-chest-xray-labels.csv.gz"
+
+
+# ---- the statistics on their own ---------------------------------------------------------------------
+
+
+def test_weighted_auc_equals_scikit_learn_with_ties_and_weights():
+    rng = np.random.default_rng(0)
+    labels = rng.random(400) < 0.3
+    scores = np.round(rng.random(400) + 0.4 * labels, 1)  # coarse scores: many ties
+    weights = rng.integers(0, 4, size=(6, 400))
+    expected = [roc_auc_score(labels, scores, sample_weight=w) for w in weights]
+    assert np.allclose(weighted_auc(labels, scores, weights), expected, atol=1e-12, rtol=0)
+
+
+def test_patient_bootstrap_is_wider_than_image_bootstrap_for_clustered_images():
+    # 60 patients with 10 images each; a patient's images share label and score, as a
+    # patient's follow-up X-rays largely do. Resampling images treats 600 images as
+    # independent; there are really 60 independent units.
+    rng = np.random.default_rng(1)
+    patient_label = rng.random(60) < 0.4
+    patient_score = rng.normal(size=60) + patient_label
+    patients = np.repeat(np.arange(60), 10)
+    labels = patient_label[patients][:, None].astype(int)
+    scores = (patient_score[patients] + rng.normal(scale=0.01, size=600))[:, None]
+    by_patient, _ = finding_metrics(labels, scores, patients, ["x"], n_resamples=400, unit="patient")
+    by_image, _ = finding_metrics(labels, scores, patients, ["x"], n_resamples=400, unit="image")
+    width = lambda m: m["auc_ci95"]["x"][1] - m["auc_ci95"]["x"][0]  # noqa: E731
+    assert by_patient["auc"]["x"] == by_image["auc"]["x"]
+    assert width(by_patient) > 2.0 * width(by_image)
+    # With one image per patient the two coincide exactly (same draws).
+    single = np.arange(600)
+    a, _ = finding_metrics(labels, scores, single, ["x"], n_resamples=200, unit="patient")
+    b, _ = finding_metrics(labels, scores, single, ["x"], n_resamples=200, unit="image")
+    assert a["auc_ci95"] == b["auc_ci95"]
+
+
+def test_a_finding_without_positives_or_negatives_gets_null_with_the_reason():
+    rng = np.random.default_rng(2)
+    labels = (rng.random((50, 3)) < 0.3).astype(int)
+    labels[:, 1] = 0
+    labels[:, 2] = 1
+    scores = rng.random((50, 3))
+    metrics, _ = finding_metrics(labels, scores, np.arange(50), ["a", "b", "c"], n_resamples=100)
+    assert metrics["auc"]["b"] is None and metrics["undefined"]["b"] == "no positives"
+    assert metrics["auc"]["c"] is None and metrics["undefined"]["c"] == "no negatives"
+    assert metrics["auc_ci95"]["b"] is None and metrics["auc_pr"]["c"] is None
+    assert metrics["mean_over"] == ["a"]
+    assert metrics["mean_auc"] == pytest.approx(roc_auc_score(labels[:, 0], scores[:, 0]), abs=1e-12)
+    json.dumps(metrics)  # JSON-ready: None, not NaN
+
+
+def test_threshold_rules_are_optimal_over_every_candidate():
+    rng = np.random.default_rng(3)
+    labels = rng.random(300) < 0.25
+    scores = rng.random(300) + 0.3 * labels
+    candidates = np.unique(scores)
+    points = [confusion(labels, scores, t) for t in candidates]
+    youden = [p["sensitivity"] + p["specificity"] - 1 for p in points]
+    f1 = [2 * p["tp"] / (2 * p["tp"] + p["fp"] + p["fn"]) for p in points]
+    chosen = confusion(labels, scores, choose_threshold(labels, scores, "youden"))
+    assert chosen["sensitivity"] + chosen["specificity"] - 1 == pytest.approx(max(youden))
+    chosen = confusion(labels, scores, choose_threshold(labels, scores, "f1"))
+    assert 2 * chosen["tp"] / (2 * chosen["tp"] + chosen["fp"] + chosen["fn"]) == pytest.approx(max(f1))
+    spec90 = confusion(labels, scores, choose_threshold(labels, scores, "spec90"))
+    assert spec90["specificity"] >= 0.9
+    assert spec90["sensitivity"] == max(p["sensitivity"] for p in points if p["specificity"] >= 0.9)
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_keeps_auc():
+    rng = np.random.default_rng(4)
+    true_logits = rng.normal(scale=2.0, size=20000)
+    labels = rng.random(20000) < 1 / (1 + np.exp(-true_logits))
+    overconfident = 2.5 * true_logits
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(2.5, rel=0.05)
+    assert roc_auc_score(labels, overconfident / t) == pytest.approx(roc_auc_score(labels, overconfident))
+    before = reliability(labels, 1 / (1 + np.exp(-overconfident)))["ece"]
+    after = reliability(labels, 1 / (1 + np.exp(-overconfident / t)))["ece"]
+    assert after < 0.02 < before
+
+
+def test_expected_calibration_error_on_a_hand_worked_example():
+    # Bin [0.1, 0.2): 2 images at 0.15, one positive -> gap |0.15 - 0.5| = 0.35.
+    # Bin [0.9, 1.0]: 2 images at 0.95, both positive -> gap 0.05. ECE = (2*0.35 + 2*0.05) / 4 = 0.2.
+    result = reliability(np.array([0, 1, 1, 1]), np.array([0.15, 0.15, 0.95, 0.95]))
+    assert result["ece"] == pytest.approx(0.2)
+    assert result["count"][1] == 2 and result["count"][9] == 2 and sum(result["count"]) == 4
+
+
+def test_bootstrap_benchmark_scale_runs_in_one_pass():
+    # The official test list's shape (25,596 images of 2,797 patients, 14 findings), 100
+    # resamples: the mean of the resampled AUCs lands on the point estimate.
+    rng = np.random.default_rng(5)
+    patients = np.sort(rng.integers(0, 2797, 25596))
+    labels = rng.random((25596, 14)) < 0.05
+    scores = rng.random((25596, 14)) + 0.5 * labels
+    boot = bootstrap_aucs(labels, scores, patients, n_resamples=100)
+    point = [roc_auc_score(labels[:, i], scores[:, i]) for i in range(14)]
+    assert np.allclose(boot.aucs.mean(axis=0), point, atol=0.01)
+
+
+def test_expert_label_file_is_read_and_bad_values_are_named(data_dir, tmp_path):
+    expert = read_expert_labels(data_dir / "nih" / EXPERT)
+    assert len(expert) == 4376
+    assert set(expert["set_id"]) == {"test", "val"}
+    assert expert["pneumothorax"].sum() == 238 and expert["nodule_or_mass"].sum() == 605
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Image Index,Fracture,Pneumothorax,Airspace opacity,Nodule or mass,Set Id\n"
+                   "a.png,NO,NO,NO,NO,test\nb.png,NO,MAYBE,NO,NO,val\n")
+    with pytest.raises(DataError, match=r"bad.csv: line 3: Pneumothorax is 'MAYBE'"):
+        read_expert_labels(bad)
+
+
+# ---- a model trained on real sample images, then evaluated ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory):
+    """A small model (64 px, 2 epochs) with a split whose test part holds every expert-labelled sample image."""
+    root = tmp_path_factory.mktemp("evaluation")
+    present = attach_images(nih_table, sample_images).table
+    expert_images = set(read_expert_labels(data_dir / "nih" / EXPERT)["image"])
+    expert_patients = set(present.loc[present["image"].isin(expert_images), "patient_id"])
+    rows, counts = [], {"train": 0, "val": 0}
+    for patient, group in present.groupby("patient_id", sort=True):
+        if patient in expert_patients:
+            name = "test"
+        else:
+            name = "train" if counts["train"] < 300 else "val" if counts["val"] < 250 else "test"
+        counts[name] = counts.get(name, 0) + len(group)
+        rows += [(image, patient, name) for image in group["image"]]
+    split = root / "split.csv"
+    pd.DataFrame(rows, columns=["image", "patient_id", "split"]).to_csv(split, index=False)
+    config = load_config(overrides={
+        "data": {"images": str(sample_images), "csv": str(table_path), "split": str(split), "image_size": 64,
+                 "batch_size": 32, "num_workers": 0, "cache": str(root / "cache")},
+        "model": {"backbone": "tf_efficientnet_lite0", "hub": False, "head": {"units": 64, "dropout": 0.1}},
+        "optim": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 2, "early_stopping_patience": 0, "seed": 3},
+    })
+    run = train(config, root / "run", progress=False)
+    return run, split
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, table_path, sample_images, data_dir, tmp_path_factory):
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("eval")
+    options = EvaluationOptions(expert_labels=str(data_dir / "nih" / EXPERT), resamples=200, tta=True,
+                                calibrate=True, progress=False)
+    metrics = evaluate(run, table_path, sample_images, out, options)
+    return run, out, metrics
+
+
+def test_evaluate_writes_metrics_report_and_figures(evaluated):
+    run, out, metrics = evaluated
+    for name in ("metrics.json", "predictions.csv", "report.md", "report.html", "roc_curves.png", "reliability.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("mean_auc", "mean_auc_ci95", "auc", "auc_ci95", "positives", "n_images", "n_patients", "mean_over",
+                "auc_pr", "operating_points", "calibration", "subgroups", "expert", "tta", "provenance"):
+        assert key in saved, key
+    assert set(saved["auc"]) == set(FINDINGS)
+    low, high = saved["mean_auc_ci95"]
+    assert low < saved["mean_auc"] < high
+    assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "Kufel 2023" in report and "CheXNet 2017" in report and "Operating points" in report
+    assert "<table>" in (out / "report.html").read_text()
+
+
+def test_evaluated_auc_equals_scikit_learn_on_the_same_predictions(evaluated, trained_run):
+    _, out, metrics = evaluated
+    predictions = pd.read_csv(out / "predictions.csv")
+    judged = predictions[predictions["split"] == "test"]
+    split = pd.read_csv(trained_run[1])
+    assert len(judged) == (split["split"] == "test").sum() == metrics["n_images"]
+    scored = 0
+    for name in FINDINGS:
+        y, p = judged[f"label_{name}"], judged[name]
+        if 0 < y.sum() < len(y):
+            assert metrics["auc"][name] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+            assert metrics["auc_pr"][name] == pytest.approx(average_precision_score(y, p), abs=1e-9)
+            scored += 1
+        else:
+            assert metrics["auc"][name] is None and name not in metrics["mean_over"]
+    assert scored == len(metrics["mean_over"]) >= 10
+
+
+def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(evaluated):
+    run, out, metrics = evaluated
+    meta = read_meta(run)
+    predictions = pd.read_csv(out / "predictions.csv")
+    val = predictions[predictions["split"] == "val"]
+    judged = predictions[predictions["split"] == "test"]
+    assert meta["threshold_method"] == "youden" and meta["tta"] is True
+    assert meta["temperature"] == metrics["calibration"]["temperature"]
+    assert meta["operating_points"] == metrics["operating_points"]["thresholds"]
+    for name in FINDINGS:
+        y, p = val[f"label_{name}"].to_numpy(), val[name].to_numpy()
+        stored = meta["thresholds"][name]
+        if not 0 < y.sum() < len(y):
+            assert stored is None
+            continue
+        # Youden's J from scikit-learn's ROC curve on the val predictions alone.
+        fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+        assert stored == thresholds[1:][np.argmax((tpr - fpr)[1:])]
+        applied = metrics["operating_points"]["test"]["youden"][name]
+        called = judged[name].to_numpy() >= stored
+        positive = judged[f"label_{name}"].to_numpy() == 1
+        assert applied["threshold"] == stored
+        assert (applied["tp"], applied["fp"]) == ((called & positive).sum(), (called & ~positive).sum())
+
+
+def test_subgroups_on_real_sample_images(evaluated, nih_table):
+    _, out, metrics = evaluated
+    judged = pd.read_csv(out / "predictions.csv").query("split == 'test'").merge(
+        nih_table[["image", "sex", "view"]], on="image")
+    groups = {(g["attribute"], g["group"]): g for g in metrics["subgroups"]}
+    assert {k for k in groups if k[0] == "sex"} == {("sex", "M"), ("sex", "F")}
+    assert {k for k in groups if k[0] == "view"} == {("view", v) for v in set(judged["view"])} <= {("view", "PA"), ("view", "AP")}
+    for attribute in ("sex", "age", "view"):
+        assert sum(g["n_images"] for (a, _), g in groups.items() if a == attribute) == metrics["n_images"]
+    women = judged[judged["sex"] == "F"]
+    assert groups[("sex", "F")]["n_images"] == len(women)
+    assert groups[("sex", "F")]["n_patients"] == women["patient_id"].nunique()
+    for name in groups[("sex", "F")]["mean_over"]:
+        assert groups[("sex", "F")]["auc"][name] == pytest.approx(roc_auc_score(women[f"label_{name}"], women[name]), abs=1e-9)
+
+
+def test_expert_label_table_on_real_sample_images(evaluated, data_dir):
+    _, out, metrics = evaluated
+    expert = read_expert_labels(data_dir / "nih" / EXPERT)
+    predictions = pd.read_csv(out / "predictions.csv")
+    judged = predictions[predictions["split"] == "test"].merge(expert, on="image")
+    result = metrics["expert"]
+    assert result["n_images"] == len(judged) > 0
+    y = judged["pneumothorax"]
+    assert result["expert"]["positives"]["Pneumothorax"] == int(y.sum())
+    if 0 < y.sum() < len(y):
+        assert result["expert"]["auc"]["Pneumothorax"] == pytest.approx(roc_auc_score(y, judged["Pneumothorax"]), abs=1e-9)
+    nodule_or_mass = np.maximum(judged["Nodule"], judged["Mass"])
+    y = judged["nodule_or_mass"]
+    if 0 < y.sum() < len(y):
+        assert result["expert"]["auc"]["Nodule or mass"] == pytest.approx(roc_auc_score(y, nodule_or_mass), abs=1e-9)
+    nih = np.maximum(judged["label_Nodule"], judged["label_Mass"])
+    assert result["nih"]["positives"]["Nodule or mass"] == int(nih.sum())
+
+
+def test_tta_comparison_is_reported(evaluated):
+    _, _, metrics = evaluated
+    t = metrics["tta"]
+    assert t["difference"] == pytest.approx(t["mean_auc_with_tta"] - t["mean_auc_without_tta"])
+    assert t["verdict"] in ("helps", "hurts", "no difference the bootstrap can tell from chance")
+    assert t["mean_auc_with_tta"] == metrics["mean_auc"]
+
+
+def test_judging_training_patients_is_refused(trained_run, table_path, sample_images, tmp_path):
+    run, split = trained_run
+    frame = pd.read_csv(split)
+    frame.loc[frame["split"] == "train", "split"] = "test"
+    leaky = tmp_path / "leaky.csv"
+    frame.to_csv(leaky, index=False)
+    with pytest.raises(DataError, match="patients this model was trained on"):
+        evaluate(run, table_path, sample_images, tmp_path / "out",
+                 EvaluationOptions(split=str(leaky), resamples=100, progress=False, write_bundle=False))
+
+
+def test_cli_evaluate_reports_bad_input_with_status_2(trained_run, table_path, sample_images, tmp_path, capsys):
+    run, _ = trained_run
+    code = main(["evaluate", "--model", str(tmp_path), "--csv", str(table_path), "--images", str(sample_images),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "not a cxrlearn model bundle" in capsys.readouterr().err
+    code = main(["evaluate", "--model", str(run), "--csv", str(table_path), "--images", str(sample_images),
+                 "--out", str(tmp_path / "out"), "--subset", "holdout", "--no-progress"])
+    assert code == 2
+    assert "--subset must be one of" in capsys.readouterr().err
