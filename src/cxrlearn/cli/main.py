@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxrlearn import __version__
 from cxrlearn._files import file_digest
-from cxrlearn.errors import CxrlearnError
+from cxrlearn.errors import CxrlearnError, DataError
 
 
 def _load_table(csv: Path, images: Path | None):
@@ -166,6 +166,100 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxrlearn.inference.predictor import Predictor, find_inputs
+
+    paths = find_inputs(args.inputs)
+    if not paths:
+        raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
+    predictor = Predictor(args.model, runtime=args.runtime, onnx_path=args.onnx)
+    if not predictor.thresholds:
+        print(f"warning: {args.model} has no thresholds yet (run `cxrlearn evaluate`): no positive calls",
+              file=sys.stderr)
+    predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
+    for path, message in failures:
+        print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
+    rows = [p.row(predictor.findings) for p in predictions]
+    if args.out and args.out.suffix.lower() == ".json":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image", *predictor.findings])
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(args.out, index=False, float_format="%.6f")
+        else:
+            frame.to_csv(sys.stdout, index=False, float_format="%.6f")
+    if args.cam and predictions:
+        _write_cams(predictor, paths, predictions, failures, args)
+    if args.out:
+        print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else ""),
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _write_cams(predictor, paths, predictions, failures, args) -> None:
+    """Grad-CAM overlays for each prediction: the chosen findings, else its positive ones, else its top one."""
+    from PIL import Image
+
+    from cxrlearn.data.images import load_grayscale
+    from cxrlearn.inference.gradcam import heatmaps, overlay
+    from cxrlearn.inference.predictor import Predictor
+
+    cam_predictor = predictor if predictor.runtime == "torch" else Predictor(args.model)
+    chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
+    unknown = [f for f in chosen or [] if f not in predictor.findings]
+    if unknown:
+        raise DataError(f"--cam-findings: unknown finding(s) {', '.join(unknown)}")
+    failed = {path for path, _ in failures}
+    args.cam.mkdir(parents=True, exist_ok=True)
+    kept = [path for path in paths if str(path) not in failed]
+    for path, prediction in zip(kept, predictions):
+        findings = chosen or prediction.positive or [max(prediction.probabilities, key=prediction.probabilities.get)]
+        decoded = load_grayscale(path)
+        for finding, heat in heatmaps(cam_predictor, decoded, findings).items():
+            Image.fromarray(overlay(predictor.model_pixels(decoded), heat)).save(args.cam / f"{path.stem}_{finding}.png")
+    print(f"wrote Grad-CAM overlays to {args.cam}", file=sys.stderr)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cxrlearn.model.export import export_onnx
+
+    out = export_onnx(args.model, args.out, opset=args.opset)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): input 'image' uint8 (batch, 1, S, S), output 'logits'")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cxrlearn.serving.app import serve
+
+    serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20)
+    return 0
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from cxrlearn.data.boxes import read_boxes
+    from cxrlearn.data.images import find_images
+    from cxrlearn.evaluation.localization import pointing_game
+    from cxrlearn.inference.predictor import Predictor
+
+    result = pointing_game(Predictor(args.model), find_images(args.images), read_boxes(args.boxes),
+                           overlays=args.out / "overlays", progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pointing_game.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not result["boxes"]:
+        print("none of the boxed images is in the image folder")
+        return 1
+    print(f"pointing game: {result['hit_rate']:.1%} of {result['boxes']} boxes on {result['images']} images "
+          f"(always pointing at the centre: {result['centre_hit_rate']:.1%})")
+    for name, entry in result["per_finding"].items():
+        print(f"  {name:<20} {entry['hits']:>3}/{entry['boxes']:<3} {entry['hit_rate']:6.1%}   centre {entry['centre_hit_rate']:6.1%}")
+    print(f"wrote {args.out}/pointing_game.json and overlays (heatmap with the radiologist's box)")
+    return 0
+
+
 def _ratios(text: str) -> float:
     try:
         return float(text)
@@ -284,6 +378,49 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    from cxrlearn.inference.predictor import RUNTIMES
+    from cxrlearn.serving import MAX_UPLOAD_BYTES
+
+    predict = commands.add_parser(
+        "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
+        description="One row per image: image, the 14 probabilities, positive_findings and one <finding>_positive "
+        "column each at the bundle's thresholds. Unreadable files are reported and skipped (exit status 1).",
+    )
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files and folders")
+    predict.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    predict.add_argument("--out", type=Path, help="FILE.csv or FILE.json (default: CSV on standard output)")
+    predict.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
+    predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
+    predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--no-progress", action="store_true")
+    predict.set_defaults(run=_cmd_predict)
+
+    export = commands.add_parser("export", help="export a model bundle to ONNX (preprocessing contract inside)")
+    export.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. RUN_DIR/model.onnx)")
+    export.add_argument("--opset", type=int, default=18)
+    export.set_defaults(run=_cmd_export)
+
+    serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
+    serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    serve.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // 2**20)
+    serve.set_defaults(run=_cmd_serve)
+
+    localize = commands.add_parser(
+        "localize", help="pointing game: does the Grad-CAM peak fall in the radiologists' boxes?")
+    localize.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    localize.add_argument("--images", type=Path, required=True, help="image folder")
+    localize.add_argument("--boxes", type=Path, required=True, help="NIH's BBox_List_2017.csv(.gz)")
+    localize.add_argument("--out", type=Path, required=True, help="folder for pointing_game.json and overlays")
+    localize.add_argument("--no-progress", action="store_true")
+    localize.set_defaults(run=_cmd_localize)
 
     check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
     check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")

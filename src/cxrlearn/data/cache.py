@@ -70,7 +70,11 @@ def decode_and_resize(path: str | os.PathLike, size: int) -> np.ndarray:
     Non-square images are resized to a square without padding (NIH's are all
     1024×1024).
     """
-    pixels = load_grayscale(path)
+    return square_resize(load_grayscale(path), size)
+
+
+def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A decoded uint8 image resized to (S, S) as the cache stores it (prediction uses the same)."""
     if pixels.shape != (size, size):
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING), dtype=np.uint8)
     return pixels

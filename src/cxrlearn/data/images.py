@@ -9,6 +9,7 @@ Two layouts are understood, and may be mixed:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -19,8 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from cxrlearn.errors import DataError
+from cxrlearn.data.dicom import DICOM_MAGIC_OFFSET, is_dicom, read_dicom
 from cxrlearn.data.nih import IMAGE
+from cxrlearn.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _ARCHIVE_FOLDER = re.compile(r"images_\d{3}")
@@ -102,7 +104,25 @@ def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence
 
 
 def load_grayscale(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to a 2-D uint8 grayscale array.
+    """Decode an image file to a 2-D uint8 grayscale array (see :func:`decode_grayscale`).
+
+    Raises :class:`DataError` naming the file when it is missing, not an image,
+    truncated, or of an unsupported mode.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    return decode_grayscale(data, str(path))
+
+
+def decode_grayscale(data: bytes, name: str) -> np.ndarray:
+    """Decode an image's bytes (PNG, JPEG, TIFF or DICOM) to a 2-D uint8 grayscale array.
 
     Conversions, all documented here so none is a surprise:
 
@@ -111,32 +131,34 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
       (``round(v / 257)``, so 65535 -> 255);
     * RGB is converted to luminance (ITU-R 601-2, Pillow's ``L``);
     * an alpha channel is composited onto black first, so transparent pixels
-      become black rather than revealing whatever colour they hold.
+      become black rather than revealing whatever colour they hold;
+    * DICOM goes through the standard's grayscale pipeline
+      (:func:`cxrlearn.data.dicom.read_dicom`).
 
-    Raises :class:`DataError` naming the file when it is missing, not an image,
-    truncated, or of an unsupported mode.
+    ``name`` (a path or an upload's name) is what error messages call the image.
     """
-    path = Path(path)
+    if not data:
+        raise DataError(f"{name}: the file is empty")
+    if is_dicom(data[:DICOM_MAGIC_OFFSET + 4], name):
+        return read_dicom(data, name)
     try:
         with warnings.catch_warnings():
             # A decompression bomb warning becomes an error rather than a hang.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                return _to_grayscale(path, image)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
+                return _to_grayscale(name, image)
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+        raise DataError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: image is implausibly large ({err})") from None
+        raise DataError(f"{name}: image is implausibly large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         # Pillow reports truncated and corrupt data as OSError ("image file is
         # truncated", "broken data stream") or SyntaxError (bad PNG chunks).
-        raise DataError(f"{path}: cannot decode image: {err}") from None
+        raise DataError(f"{name}: cannot decode image: {err}") from None
 
 
-def _to_grayscale(path: Path, image: Image.Image) -> np.ndarray:
+def _to_grayscale(path: str, image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode == "L":
         return np.asarray(image, dtype=np.uint8).copy()

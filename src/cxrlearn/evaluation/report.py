@@ -37,6 +37,14 @@ def _ci(interval) -> str:
     return "—" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
+#: Below this many positives a percentile bootstrap interval is unreliable (few distinct resamples).
+FEW_POSITIVES = 10
+
+
+def _ci_marked(interval, positives: int) -> str:
+    return _ci(interval) + (" †" if interval and positives < FEW_POSITIVES else "")
+
+
 def _signed_ci(interval) -> str:
     return "—" if not interval else f"{interval[0]:+.4f} to {interval[1]:+.4f}"
 
@@ -64,7 +72,8 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
     sources = list(PUBLISHED)
     published = {s: published_auc(s) for s in sources}
     rows = [
-        [name, f"{metrics['positives'][name]:,}", _num(metrics["auc"][name]), _ci(metrics["auc_ci95"][name]),
+        [name, f"{metrics['positives'][name]:,}", _num(metrics["auc"][name]),
+         _ci_marked(metrics["auc_ci95"][name], metrics["positives"][name]),
          _num(metrics["auc_pr"][name]), _pct(metrics["prevalence"][name])]
         + [_num(published[s][name]) for s in sources]
         for name in findings
@@ -74,7 +83,8 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
     blocks += [
         ("h2", "Per-finding AUC"),
         ("table", Table(["finding", "positives", "AUC-ROC", "95% CI", "AUC-PR", "prevalence"] + sources, rows)),
-        ("p", "Published values are context, not a like-for-like target: other data, splits and models. "
+        ("p", f"† fewer than {FEW_POSITIVES} positives: the interval rests on very few images and is unreliable. "
+              "Published values are context, not a like-for-like target: other data, splits and models. "
               + " ".join(f"{s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})."
                          for s in sources)),
         ("img", (ROC_FIGURE, "ROC curve of each finding on the judged images")),
@@ -132,14 +142,16 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
         else:
             rows = [
                 [name, f"{expert['expert']['positives'][name]}", _num(expert["expert"]["auc"][name]),
-                 _ci(expert["expert"]["auc_ci95"][name]), f"{expert['nih']['positives'][name]}",
-                 _num(expert["nih"]["auc"][name]), _ci(expert["nih"]["auc_ci95"][name]),
+                 _ci_marked(expert["expert"]["auc_ci95"][name], expert["expert"]["positives"][name]),
+                 f"{expert['nih']['positives'][name]}", _num(expert["nih"]["auc"][name]),
+                 _ci_marked(expert["nih"]["auc_ci95"][name], expert["nih"]["positives"][name]),
                  _pct(expert["agreement"][name])]
                 for name in expert["expert"]["auc"]
             ]
             blocks += [
                 ("p", f"{expert['n_images']} judged images have expert labels. Nodule or mass is scored by the "
-                      "larger of the Nodule and Mass probabilities (NIH label: Nodule or Mass)."),
+                      "larger of the Nodule and Mass probabilities (NIH label: Nodule or Mass). "
+                      f"† fewer than {FEW_POSITIVES} positives: unreliable interval."),
                 ("table", Table(["finding", "expert positives", "AUC vs expert", "95% CI", "NIH positives",
                                  "AUC vs NIH", "95% CI", "label agreement"], rows)),
             ]

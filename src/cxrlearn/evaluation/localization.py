@@ -1,0 +1,75 @@
+"""Where does the heat land? The pointing game (Zhang et al., ECCV 2016) against NIH's radiologist boxes.
+
+For each box, the Grad-CAM of the box's finding is computed on its image; a
+hit is the heatmap's maximum falling inside the box. Beside it stands the
+baseline of a pointer that always points at the image centre, since chest
+findings cluster there: a heatmap is only informative if it beats that.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrlearn.data.boxes import BOX_SPACE, FINDING
+from cxrlearn.data.nih import IMAGE
+
+
+def _inside(x: float, y: float, box) -> bool:
+    return box.x <= x <= box.x + box.w and box.y <= y <= box.y + box.h
+
+
+def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overlays: str | os.PathLike | None = None,
+                  progress: bool = True) -> dict:
+    """Hit rates per finding and overall for the boxes whose images are in ``paths`` (name -> file)."""
+    from tqdm.auto import tqdm
+
+    from cxrlearn.data.images import load_grayscale
+    from cxrlearn.inference.gradcam import heatmaps, overlay
+
+    rows = boxes[boxes[IMAGE].isin(paths)]
+    results = []
+    for box in tqdm(list(rows.itertuples(index=False)), desc="pointing game", unit="box", disable=not progress,
+                    file=sys.stderr):
+        name = getattr(box, IMAGE)
+        decoded = load_grayscale(paths[name])
+        heat = heatmaps(predictor, decoded, [getattr(box, FINDING)])[getattr(box, FINDING)]
+        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        scale = BOX_SPACE / heat.shape[0]
+        x, y = (col + 0.5) * scale, (row + 0.5) * scale
+        centre = BOX_SPACE / 2
+        results.append({"image": name, "finding": getattr(box, FINDING), "hit": _inside(x, y, box),
+                        "centre_hit": _inside(centre, centre, box), "peak": [float(x), float(y)]})
+        if overlays is not None:
+            _save_overlay(Path(overlays), predictor.model_pixels(decoded), heat, box, scale, overlay)
+    frame = pd.DataFrame(results, columns=["image", "finding", "hit", "centre_hit", "peak"])
+    per_finding = {
+        name: {"boxes": int(len(group)), "hits": int(group["hit"].sum()), "hit_rate": float(group["hit"].mean()),
+               "centre_hit_rate": float(group["centre_hit"].mean())}
+        for name, group in frame.groupby("finding", sort=True)
+    }
+    return {
+        "boxes": int(len(frame)),
+        "images": int(frame["image"].nunique()) if len(frame) else 0,
+        "hit_rate": float(frame["hit"].mean()) if len(frame) else None,
+        "centre_hit_rate": float(frame["centre_hit"].mean()) if len(frame) else None,
+        "per_finding": per_finding,
+        "boxes_list": results,
+    }
+
+
+def _save_overlay(folder: Path, pixels: np.ndarray, heat: np.ndarray, box, scale: float, overlay) -> None:
+    import cv2
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    picture = overlay(pixels, heat)
+    corner = (int(box.x / scale), int(box.y / scale))
+    far = (int((box.x + box.w) / scale), int((box.y + box.h) / scale))
+    cv2.rectangle(picture, corner, far, (255, 255, 255), 1)
+    stem = Path(getattr(box, IMAGE)).stem
+    Image.fromarray(picture).save(folder / f"{stem}_{getattr(box, FINDING)}.png")

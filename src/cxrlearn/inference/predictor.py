@@ -1,0 +1,177 @@
+"""Predicting on image files or uploads with a model bundle, on PyTorch or ONNX Runtime.
+
+Preprocessing is training's, with its facts read from the bundle: decode to
+8-bit grayscale (:func:`cxrlearn.data.images.decode_grayscale`, DICOM included),
+resize to the cache's size as the cache does (Lanczos), then to the model's
+input size as the loader does, then the backbone's normalisation
+(:class:`cxrlearn.data.augment.BatchTransform`; inside the graph for ONNX).
+Probabilities use the bundle's temperatures, positive calls its thresholds,
+and flip averaging runs when the thresholds were chosen with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from cxrlearn.errors import ConfigError, DataError
+
+#: File types a folder given to ``predict`` is searched for (named files may be of any type).
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+RUNTIMES = ("torch", "onnx")
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class Prediction:
+    image: str
+    probabilities: dict[str, float]
+    positive: list[str] | None  # None when the bundle has no thresholds
+
+    def row(self, findings: Sequence[str]) -> dict:
+        """Flat: ``image``, one column per finding, then ``positive_findings`` and one 0/1 column per finding."""
+        out: dict = {"image": self.image, **{name: self.probabilities[name] for name in findings}}
+        if self.positive is not None:
+            out["positive_findings"] = "|".join(self.positive)
+            out.update({f"{name}_positive": int(name in self.positive) for name in findings})
+        return out
+
+
+def find_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named, and image/DICOM files found in folders named (recursively, sorted)."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return found
+
+
+class Predictor:
+    """A model bundle ready to predict: ``Predictor(run_dir).predict([pixels], names)``."""
+
+    def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
+                 device: str = "cpu"):
+        from cxrlearn.model.bundle import read_meta
+
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        self.model_dir = Path(model_dir)
+        self.meta = read_meta(self.model_dir)
+        self.findings: list[str] = list(self.meta["findings"])
+        self.image_size = int(self.meta["image_size"])
+        data = self.meta.get("config", {}).get("data", {})
+        self.cache_size = int(data.get("cache_size") or self.image_size)
+        self.thresholds: dict = self.meta.get("thresholds") or {}
+        self.temperature: dict | None = self.meta.get("temperature")
+        self.tta = bool(self.meta.get("tta", False))
+        self.runtime = runtime
+        self.device = device
+        if runtime == "torch":
+            self._load_torch()
+        else:
+            self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
+
+    def _load_torch(self) -> None:
+        from cxrlearn.data.augment import BatchTransform
+        from cxrlearn.model.bundle import load_bundle
+
+        self.model, _ = load_bundle(self.model_dir)
+        self.model.to(self.device)
+        norm = self.meta["normalization"]
+        self.transform = BatchTransform(norm["mean"], norm["std"], channels=self.meta["in_chans"]).to(self.device)
+
+    def _load_onnx(self, path: Path) -> None:
+        import onnxruntime
+
+        from cxrlearn.model.export import check_onnx_matches_bundle
+
+        if not path.is_file():
+            raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
+                              f"--format onnx --out {path}`")
+        check_onnx_matches_bundle(path, self.model_dir)
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    # ---- preprocessing ---------------------------------------------------------------------------------
+    def model_pixels(self, decoded: np.ndarray) -> np.ndarray:
+        """A decoded grayscale image as the model's (S, S) uint8 input, resized as in training."""
+        from cxrlearn.data.augment import resize
+        from cxrlearn.data.cache import square_resize
+
+        return resize(square_resize(decoded, self.cache_size), self.image_size)
+
+    # ---- the network -------------------------------------------------------------------------------------
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self.runtime == "onnx":
+            return self.session.run(None, {"image": batch})[0]
+        import torch
+
+        with torch.no_grad():
+            x = self.transform(torch.from_numpy(batch).to(self.device))
+            return self.model(x).float().cpu().numpy()
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
+        out = self._forward(batch)
+        if self.tta:
+            out = 0.5 * (out + self._forward(np.ascontiguousarray(batch[..., ::-1])))
+        return out
+
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[Prediction]:
+        """Predictions for decoded grayscale images (any size)."""
+        from cxrlearn.inference.outputs import positive_calls, probabilities
+
+        if not images:
+            return []
+        batch = np.stack([self.model_pixels(image) for image in images])[:, None]
+        probs = probabilities(self.logits(batch), self.findings, self.temperature)
+        calls = positive_calls(probs, self.findings, self.thresholds) if self.thresholds else None
+        return [
+            Prediction(
+                image=name,
+                probabilities={f: float(p) for f, p in zip(self.findings, row)},
+                positive=None if calls is None else [f for f, c in zip(self.findings, calls[i]) if c],
+            )
+            for i, (name, row) in enumerate(zip(names, probs))
+        ]
+
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 16, progress: bool = True
+                      ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predictions for image files, and ``(file, error)`` for those that cannot be read; none is lost."""
+        from tqdm.auto import tqdm
+
+        from cxrlearn.data.images import load_grayscale
+
+        names = _display_names(paths)
+        predictions: list[Prediction] = []
+        failures: list[tuple[str, str]] = []
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+        for start in range(0, len(paths), batch_size):
+            images, batch_names = [], []
+            for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
+                try:
+                    images.append(load_grayscale(path))
+                    batch_names.append(name)
+                except DataError as err:
+                    failures.append((str(path), str(err)))
+            predictions += self.predict(images, batch_names)
+            bar.update(min(batch_size, len(paths) - start))
+        bar.close()
+        return predictions, failures
+
+
+def _display_names(paths: Sequence[Path]) -> list[str]:
+    """Each input's file name, or its path where two inputs share a name."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path.name] = counts.get(path.name, 0) + 1
+    return [path.name if counts[path.name] == 1 else str(path) for path in paths]

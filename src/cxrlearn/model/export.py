@@ -1,0 +1,120 @@
+"""ONNX export of a model bundle, with its preprocessing contract inside the file.
+
+The graph takes what every runtime can make without knowing ImageNet's
+statistics: ``image``, uint8 of shape (batch, 1, S, S) — the decoded
+grayscale X-ray resized as in training — and returns ``logits`` (batch, 14).
+Normalisation (the backbone's mean and std, and the gray-to-RGB repeat) is
+inside the graph. Sigmoid, temperatures and thresholds stay outside, in
+:mod:`cxrlearn.inference.outputs`, so that PyTorch and ONNX Runtime share
+them. The batch axis is dynamic.
+
+The file's metadata (``metadata_props``) records the contract as JSON under
+``cxrlearn``: input layout, image and resize sizes and methods, normalisation,
+finding names, thresholds, temperatures and whether flip averaging is
+expected, plus the SHA-256 of the bundle's weights so that a stale export is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxrlearn._files import file_digest
+from cxrlearn.errors import ConfigError
+
+OPSET = 18
+METADATA_KEY = "cxrlearn"
+
+
+class _WithPreprocessing(nn.Module):
+    """uint8 (B, 1, S, S) -> logits: the bundle's normalisation, then the classifier."""
+
+    def __init__(self, model: nn.Module, transform: nn.Module):
+        super().__init__()
+        self.model = model
+        self.transform = transform
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(self.transform(image))
+
+
+def contract(meta: dict, weights_sha256: str) -> dict:
+    data = meta.get("config", {}).get("data", {})
+    return {
+        "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 1, meta["image_size"], meta["image_size"]],
+                  "meaning": "8-bit grayscale chest X-ray, bone bright (MONOCHROME2)"},
+        "output": {"name": "logits", "shape": ["batch", len(meta["findings"])],
+                   "probability": "sigmoid(logit / temperature[finding])"},
+        "preprocessing": [
+            "decode to 8-bit grayscale (16-bit: round(v/257); RGB: ITU-R 601-2 luminance; DICOM: modality LUT, "
+            "VOI LUT or window, MONOCHROME1 inverted)",
+            f"resize to {int(data.get('cache_size') or meta['image_size'])} px square, Lanczos",
+            f"resize to {meta['image_size']} px square, bilinear (no-op when equal)",
+        ],
+        "normalization": meta["normalization"],
+        "image_size": meta["image_size"],
+        "cache_size": int(data.get("cache_size") or meta["image_size"]),
+        "findings": meta["findings"],
+        "thresholds": meta.get("thresholds") or {},
+        "threshold_method": meta.get("threshold_method"),
+        "temperature": meta.get("temperature"),
+        "tta": bool(meta.get("tta", False)),
+        "backbone": meta["backbone"],
+        "weights_sha256": weights_sha256,
+    }
+
+
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write the bundle in ``model_dir`` as one ONNX file at ``out``; return its path."""
+    import onnx
+
+    from cxrlearn.data.augment import BatchTransform
+    from cxrlearn.model.bundle import WEIGHTS, load_bundle
+
+    model_dir, out = Path(model_dir), Path(out)
+    model, meta = load_bundle(model_dir)
+    norm = meta["normalization"]
+    wrapper = _WithPreprocessing(model, BatchTransform(norm["mean"], norm["std"], channels=meta["in_chans"])).eval()
+    size = int(meta["image_size"])
+    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program = torch.onnx.export(
+        wrapper, (example,), input_names=["image"], output_names=["logits"], opset_version=opset, dynamo=True,
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False,
+    )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(contract(meta, file_digest(model_dir / WEIGHTS)))
+    proto.producer_name = "cxrlearn"
+    onnx.checker.check_model(proto)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def read_contract(path: str | os.PathLike) -> dict:
+    """The cxrlearn contract stored in an exported ONNX file."""
+    import onnxruntime
+
+    session_meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    text = session_meta.custom_metadata_map.get(METADATA_KEY)
+    if text is None:
+        raise ConfigError(f"{path}: an ONNX file without cxrlearn's contract (not made by `cxrlearn export`)")
+    return json.loads(text)
+
+
+def check_onnx_matches_bundle(path: str | os.PathLike, model_dir: str | os.PathLike) -> dict:
+    """Refuse an ONNX file exported from other weights than the bundle's; return its contract."""
+    from cxrlearn.model.bundle import WEIGHTS
+
+    found = read_contract(path)
+    if found["weights_sha256"] != file_digest(Path(model_dir) / WEIGHTS):
+        raise ConfigError(f"{path} was exported from other weights than {model_dir}'s; export it again")
+    return found
