@@ -52,3 +52,55 @@ def test_list_path(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def train_val_list_path(data_dir) -> Path:
     return _require(data_dir / "nih" / "train_val_list.txt")
+
+
+EXPERT = "google2019_nih-chest-xray-labels.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory):
+    """A small model (64 px, 2 epochs) trained on real sample images, with a split whose test part
+    holds every expert-labelled sample image."""
+    import pandas as pd
+
+    from cxrlearn.data.expert_labels import read_expert_labels
+    from cxrlearn.data.images import attach_images
+    from cxrlearn.training.config import load_config
+    from cxrlearn.training.run import train
+
+    root = tmp_path_factory.mktemp("evaluation")
+    present = attach_images(nih_table, sample_images).table
+    expert_images = set(read_expert_labels(data_dir / "nih" / EXPERT)["image"])
+    expert_patients = set(present.loc[present["image"].isin(expert_images), "patient_id"])
+    rows, counts = [], {"train": 0, "val": 0}
+    for patient, group in present.groupby("patient_id", sort=True):
+        if patient in expert_patients:
+            name = "test"
+        else:
+            name = "train" if counts["train"] < 300 else "val" if counts["val"] < 250 else "test"
+        counts[name] = counts.get(name, 0) + len(group)
+        rows += [(image, patient, name) for image in group["image"]]
+    split = root / "split.csv"
+    pd.DataFrame(rows, columns=["image", "patient_id", "split"]).to_csv(split, index=False)
+    config = load_config(overrides={
+        "data": {"images": str(sample_images), "csv": str(table_path), "split": str(split), "image_size": 64,
+                 "batch_size": 32, "num_workers": 0, "cache": str(root / "cache")},
+        "model": {"backbone": "tf_efficientnet_lite0", "hub": False, "head": {"units": 64, "dropout": 0.1}},
+        "optim": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 2, "early_stopping_patience": 0, "seed": 3},
+    })
+    run = train(config, root / "run", progress=False)
+    return run, split
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained_run, table_path, sample_images, data_dir, tmp_path_factory):
+    """The trained run evaluated (with flip averaging and temperatures): its bundle now has thresholds."""
+    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("eval")
+    options = EvaluationOptions(expert_labels=str(data_dir / "nih" / EXPERT), resamples=200, tta=True,
+                                calibrate=True, progress=False)
+    metrics = evaluate(run, table_path, sample_images, out, options)
+    return run, out, metrics

@@ -12,7 +12,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.expert_labels import read_expert_labels
-from cxrlearn.data.images import attach_images
 from cxrlearn.errors import DataError
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
@@ -21,10 +20,8 @@ from cxrlearn.evaluation.operating_points import choose_threshold, confusion
 from cxrlearn.evaluation.run import EvaluationOptions, evaluate
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import read_meta
-from cxrlearn.training.config import load_config
-from cxrlearn.training.run import train
 
-EXPERT = "google2019_nih-chest-xray-labels.csv.gz"
+from conftest import EXPERT
 
 
 # ---- the statistics on their own ---------------------------------------------------------------------
@@ -138,45 +135,7 @@ def test_expert_label_file_is_read_and_bad_values_are_named(data_dir, tmp_path):
         read_expert_labels(bad)
 
 
-# ---- a model trained on real sample images, then evaluated ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory):
-    """A small model (64 px, 2 epochs) with a split whose test part holds every expert-labelled sample image."""
-    root = tmp_path_factory.mktemp("evaluation")
-    present = attach_images(nih_table, sample_images).table
-    expert_images = set(read_expert_labels(data_dir / "nih" / EXPERT)["image"])
-    expert_patients = set(present.loc[present["image"].isin(expert_images), "patient_id"])
-    rows, counts = [], {"train": 0, "val": 0}
-    for patient, group in present.groupby("patient_id", sort=True):
-        if patient in expert_patients:
-            name = "test"
-        else:
-            name = "train" if counts["train"] < 300 else "val" if counts["val"] < 250 else "test"
-        counts[name] = counts.get(name, 0) + len(group)
-        rows += [(image, patient, name) for image in group["image"]]
-    split = root / "split.csv"
-    pd.DataFrame(rows, columns=["image", "patient_id", "split"]).to_csv(split, index=False)
-    config = load_config(overrides={
-        "data": {"images": str(sample_images), "csv": str(table_path), "split": str(split), "image_size": 64,
-                 "batch_size": 32, "num_workers": 0, "cache": str(root / "cache")},
-        "model": {"backbone": "tf_efficientnet_lite0", "hub": False, "head": {"units": 64, "dropout": 0.1}},
-        "optim": {"name": "adam", "lr": 1e-3},
-        "train": {"epochs": 2, "early_stopping_patience": 0, "seed": 3},
-    })
-    run = train(config, root / "run", progress=False)
-    return run, split
-
-
-@pytest.fixture(scope="module")
-def evaluated(trained_run, table_path, sample_images, data_dir, tmp_path_factory):
-    run, _ = trained_run
-    out = tmp_path_factory.mktemp("eval")
-    options = EvaluationOptions(expert_labels=str(data_dir / "nih" / EXPERT), resamples=200, tta=True,
-                                calibrate=True, progress=False)
-    metrics = evaluate(run, table_path, sample_images, out, options)
-    return run, out, metrics
+# ---- a model trained on real sample images, then evaluated (fixtures in conftest.py) -------------------
 
 
 def test_evaluate_writes_metrics_report_and_figures(evaluated):

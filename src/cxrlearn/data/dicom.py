@@ -102,11 +102,14 @@ def read_dicom(data: bytes, name: str) -> np.ndarray:
             gray = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
             display = _stretch(gray.astype(np.float64)) if pixels.dtype != np.uint8 else gray / 255.0
         else:
-            values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+            modality = np.asarray(apply_modality_lut(pixels, ds))
+            values = modality.astype(np.float64)
             if "VOILUTSequence" in ds:
                 item = ds.VOILUTSequence[0]
                 out_bits = int(item.LUTDescriptor[2])
-                display = np.asarray(apply_voi(values, ds), dtype=np.float64) / float(2**out_bits - 1)
+                # A LUT is indexed by whole numbers: a rescaled (float) input is rounded first.
+                indices = modality if modality.dtype.kind in "iu" else np.rint(modality).astype(np.int64)
+                display = np.asarray(apply_voi(indices, ds), dtype=np.float64) / float(2**out_bits - 1)
             elif "WindowCenter" in ds and "WindowWidth" in ds:
                 display = _window(values, ds)
             else:

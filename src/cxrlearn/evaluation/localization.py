@@ -42,8 +42,8 @@ def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overla
         scale = BOX_SPACE / heat.shape[0]
         x, y = (col + 0.5) * scale, (row + 0.5) * scale
         centre = BOX_SPACE / 2
-        results.append({"image": name, "finding": getattr(box, FINDING), "hit": _inside(x, y, box),
-                        "centre_hit": _inside(centre, centre, box), "peak": [float(x), float(y)]})
+        results.append({"image": name, "finding": getattr(box, FINDING), "hit": bool(_inside(x, y, box)),
+                        "centre_hit": bool(_inside(centre, centre, box)), "peak": [float(x), float(y)]})
         if overlays is not None:
             _save_overlay(Path(overlays), predictor.model_pixels(decoded), heat, box, scale, overlay)
     frame = pd.DataFrame(results, columns=["image", "finding", "hit", "centre_hit", "peak"])

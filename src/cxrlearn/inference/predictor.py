@@ -107,7 +107,7 @@ class Predictor:
         from cxrlearn.data.augment import resize
         from cxrlearn.data.cache import square_resize
 
-        return resize(square_resize(decoded, self.cache_size), self.image_size)
+        return np.array(resize(square_resize(decoded, self.cache_size), self.image_size))  # writable, owned
 
     # ---- the network -------------------------------------------------------------------------------------
     def _forward(self, batch: np.ndarray) -> np.ndarray:

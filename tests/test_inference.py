@@ -1,0 +1,244 @@
+"""Prediction on real sample images in every input format (DICOM built from them), Grad-CAM and the
+pointing game, ONNX export and parity, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrlearn.cli.main import main
+from cxrlearn.data.boxes import read_boxes
+from cxrlearn.data.images import decode_grayscale, find_images, load_grayscale
+from cxrlearn.errors import DataError
+from cxrlearn.findings import FINDINGS
+from cxrlearn.inference.gradcam import heatmaps
+from cxrlearn.inference.predictor import Predictor
+
+from dicom_files import dicom_bytes
+
+
+@pytest.fixture(scope="module")
+def gray(sample_images):
+    """A real sample X-ray (256 px, 8-bit) and its name."""
+    name = "00000013_003.png"
+    return name, load_grayscale(sample_images / name)
+
+
+@pytest.fixture(scope="module")
+def predictor(evaluated):
+    return Predictor(evaluated[0])
+
+
+# ---- DICOM: the grayscale pipeline -------------------------------------------------------------------
+
+
+def test_dicom_monochrome2_12_bit_with_rescale_and_window(gray):
+    _, pixels = gray
+    # Stored s = 8 v + 50; modality x = 2 s - 100 = 16 v (0..4080); window 2040.5 / 4081 maps x to x / 4080.
+    data = dicom_bytes(pixels.astype(np.uint16) * 8 + 50, bits=12, slope=2, intercept=-100, window=(2040.5, 4081))
+    np.testing.assert_array_equal(decode_grayscale(data, "x.dcm"), pixels)
+
+
+def test_dicom_monochrome1_is_inverted(gray):
+    _, pixels = gray
+    stored = 4080 - pixels.astype(np.uint16) * 16  # bone dark as stored; displayed bright
+    data = dicom_bytes(stored, bits=12, photometric="MONOCHROME1", window=(2040.5, 4081))
+    np.testing.assert_array_equal(decode_grayscale(data, "x.dcm"), pixels)
+
+
+def test_dicom_voi_lut_sequence_is_applied(gray):
+    _, pixels = gray
+    lut = (np.minimum(255, np.rint(np.arange(4096) / 16)) * 257).astype(np.uint16)  # 16-bit output: v * 257
+    data = dicom_bytes(pixels.astype(np.uint16) * 16, bits=12, voi_lut=lut)
+    np.testing.assert_array_equal(decode_grayscale(data, "x.dcm"), pixels)
+
+
+def test_dicom_8_bit_without_window_is_stretched_to_its_range(gray):
+    _, pixels = gray
+    decoded = decode_grayscale(dicom_bytes(pixels, bits=8), "x.dcm")
+    low, high = int(pixels.min()), int(pixels.max())
+    expected = np.rint((pixels.astype(float) - low) / (high - low) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_dicom_decodes_like_uncompressed(gray, syntax):
+    _, pixels = gray
+    stored = pixels.astype(np.uint16) * 16
+    plain = decode_grayscale(dicom_bytes(stored, bits=12, window=(2040.5, 4081)), "plain.dcm")
+    packed = decode_grayscale(dicom_bytes(stored, bits=12, window=(2040.5, 4081), compress=syntax), "packed.dcm")
+    np.testing.assert_array_equal(packed, plain)
+
+
+def test_dicom_without_pixel_data_is_refused_by_name(gray):
+    data = dicom_bytes(gray[1], bits=8, without_pixels=True)
+    with pytest.raises(DataError, match=r"report\.dcm: the DICOM file has no pixel data"):
+        decode_grayscale(data, "report.dcm")
+
+
+def test_sixteen_bit_tiff_and_png_are_scaled_over_the_full_range(gray, tmp_path):
+    _, pixels = gray
+    wide = pixels.astype(np.uint16) * 257
+    for suffix in (".tif", ".png"):
+        Image.fromarray(wide).save(tmp_path / f"wide{suffix}")
+        np.testing.assert_array_equal(load_grayscale(tmp_path / f"wide{suffix}"), pixels)
+
+
+# ---- prediction ----------------------------------------------------------------------------------------
+
+
+def test_predict_cli_over_every_format_with_a_bad_file_among_them(evaluated, gray, tmp_path, capsys):
+    run, _, _ = evaluated
+    name, pixels = gray
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.fromarray(pixels).save(folder / "b.jpg", quality=95)
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "c.tif")
+    (folder / "d.dcm").write_bytes(dicom_bytes(4080 - pixels.astype(np.uint16) * 16, bits=12,
+                                               photometric="MONOCHROME1", window=(2040.5, 4081)))
+    (folder / "e.dcm").write_bytes(dicom_bytes(pixels, bits=8, window=(128, 256)))  # LINEAR identity on 0..255
+    (folder / "broken.png").write_bytes((folder / "a.png").read_bytes()[:500])
+    out = tmp_path / "predictions.csv"
+    code = main(["predict", "--model", str(run), str(folder), "--out", str(out), "--no-progress",
+                 "--cam", str(tmp_path / "cam")])
+    err = capsys.readouterr().err
+    assert code == 1  # one file could not be used; the others are all there
+    assert "broken.png" in err and "cannot decode image" in err
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:15]) == ["image", *FINDINGS]
+    assert list(frame["image"]) == ["a.png", "b.jpg", "c.tif", "d.dcm", "e.dcm"]
+    assert frame.columns[15] == "positive_findings" and f"{FINDINGS[0]}_positive" in frame.columns
+    probs = frame[list(FINDINGS)].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    # Lossless inputs (PNG, 16-bit TIFF, both DICOMs) give the same pixels, hence the same probabilities.
+    for other in (2, 3, 4):
+        np.testing.assert_allclose(probs[other], probs[0], atol=1e-6)
+    assert np.abs(probs[1] - probs[0]).max() < 0.05  # JPEG is lossy, but close
+    assert len(list((tmp_path / "cam").glob("a_*.png"))) >= 1
+
+
+def test_predict_json_and_thresholds_from_the_bundle(evaluated, sample_images, tmp_path):
+    run, _, _ = evaluated
+    from cxrlearn.model.bundle import read_meta
+
+    meta = read_meta(run)
+    out = tmp_path / "p.json"
+    names = sorted(find_images(sample_images))[:6]
+    assert main(["predict", "--model", str(run), *(str(sample_images / n) for n in names), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["image"] for r in rows] == names
+    for row in rows:
+        expected = [f for f in FINDINGS if meta["thresholds"][f] is not None and row[f] >= meta["thresholds"][f]]
+        assert row["positive_findings"] == "|".join(expected)
+        assert all(row[f"{f}_positive"] == int(f in expected) for f in FINDINGS)
+
+
+def test_predictor_matches_evaluation_on_the_same_images(evaluated, sample_images):
+    """predict's own preprocessing from files = the cache path evaluation used (same probabilities)."""
+    run, out, _ = evaluated
+    saved = pd.read_csv(out / "predictions.csv").head(24)
+    predictions, failures = Predictor(run).predict_files([sample_images / n for n in saved["image"]], progress=False)
+    assert not failures
+    got = np.array([[p.probabilities[f] for f in FINDINGS] for p in predictions])
+    np.testing.assert_allclose(got, saved[list(FINDINGS)].to_numpy(), atol=1e-5)
+
+
+def test_predict_cli_errors_name_the_input(evaluated, tmp_path, capsys):
+    run, _, _ = evaluated
+    assert main(["predict", "--model", str(run), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not an x-ray")
+    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--no-progress"]) == 1
+    assert "notes.txt: not an image file" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--runtime", "onnx",
+                 "--onnx", str(tmp_path / "none.onnx")]) == 2
+    assert "none.onnx: no ONNX model; make it with `cxrlearn export" in capsys.readouterr().err
+
+
+# ---- Grad-CAM --------------------------------------------------------------------------------------------
+
+
+def test_grad_cam_heatmaps_differ_by_finding_and_follow_the_image(predictor, gray):
+    _, pixels = gray
+    maps = heatmaps(predictor, pixels, ["Effusion", "Cardiomegaly"])
+    for heat in maps.values():
+        assert heat.shape == (predictor.image_size, predictor.image_size)
+        assert heat.min() == 0.0 and heat.max() == pytest.approx(1.0)
+    assert np.abs(maps["Effusion"] - maps["Cardiomegaly"]).mean() > 0.01
+    mirrored = heatmaps(predictor, np.ascontiguousarray(pixels[:, ::-1]), ["Effusion"])["Effusion"]
+    assert np.abs(mirrored[:, ::-1] - maps["Effusion"]).mean() < np.abs(mirrored - maps["Effusion"]).mean()
+
+
+def test_pointing_game_on_the_sample_images_with_boxes(predictor, data_dir, sample_images, tmp_path):
+    from cxrlearn.evaluation.localization import pointing_game
+
+    boxes = read_boxes(data_dir / "nih" / "BBox_List_2017.csv.gz")
+    assert len(boxes) == 984 and "Infiltration" in set(boxes["finding"])
+    paths = find_images(sample_images)
+    result = pointing_game(predictor, paths, boxes, overlays=tmp_path, progress=False)
+    in_sample = boxes[boxes["image"].isin(paths)]
+    assert result["boxes"] == len(in_sample) > 40
+    assert 0.0 <= result["hit_rate"] <= 1.0
+    # The centre baseline, counted by hand.
+    centre = ((in_sample.x <= 512) & (512 <= in_sample.x + in_sample.w) & (in_sample.y <= 512)
+              & (512 <= in_sample.y + in_sample.h)).mean()
+    assert result["centre_hit_rate"] == pytest.approx(centre)
+    assert len(list(tmp_path.glob("*.png"))) == result["boxes"] - (in_sample.duplicated(["image", "finding"])).sum()
+
+
+# ---- ONNX ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_file(evaluated, tmp_path_factory):
+    from cxrlearn.model.export import export_onnx
+
+    return export_onnx(evaluated[0], tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
+    from cxrlearn.model.export import read_contract
+
+    run = evaluated[0]
+    paths = [sample_images / n for n in sorted(find_images(sample_images))[:40]]
+    torch_p, _ = Predictor(run).predict_files(paths, batch_size=16, progress=False)
+    onnx_p, _ = Predictor(run, runtime="onnx", onnx_path=onnx_file).predict_files(paths, batch_size=7, progress=False)
+    a = np.array([[p.probabilities[f] for f in FINDINGS] for p in torch_p])
+    b = np.array([[p.probabilities[f] for f in FINDINGS] for p in onnx_p])
+    assert np.abs(a - b).max() <= 1e-4
+    assert [p.positive for p in torch_p] == [p.positive for p in onnx_p]
+    contract = read_contract(onnx_file)
+    assert contract["findings"] == list(FINDINGS) and contract["input"]["dtype"] == "uint8"
+    assert contract["image_size"] == 64 and contract["tta"] is True
+
+
+def test_a_stale_onnx_file_is_refused(evaluated, onnx_file, tmp_path):
+    import shutil
+
+    from cxrlearn.errors import ConfigError
+
+    copy = tmp_path / "run"
+    shutil.copytree(evaluated[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(copy / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save_file(weights, str(copy / "model.safetensors"))
+    with pytest.raises(ConfigError, match="exported from other weights"):
+        Predictor(copy, runtime="onnx", onnx_path=onnx_file)
+
+
+def test_png_bytes_and_file_decode_alike(gray, tmp_path):
+    _, pixels = gray
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    (tmp_path / "x.png").write_bytes(buffer.getvalue())
+    np.testing.assert_array_equal(decode_grayscale(buffer.getvalue(), "x.png"), load_grayscale(tmp_path / "x.png"))
