@@ -19,7 +19,7 @@ from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.gradcam import heatmaps
 from cxrlearn.inference.predictor import Predictor
 
-from dicom_files import dicom_bytes
+from xray_files import bomb_png, dicom_bytes
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,35 @@ def test_predictor_matches_evaluation_on_the_same_images(evaluated, sample_image
     assert not failures
     got = np.array([[p.probabilities[f] for f in FINDINGS] for p in predictions])
     np.testing.assert_allclose(got, saved[list(FINDINGS)].to_numpy(), atol=1e-5)
+
+
+def test_predict_cli_names_every_bad_file_and_keeps_the_good_ones(evaluated, gray, tmp_path, capsys):
+    run, _, _ = evaluated
+    _, pixels = gray
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "good.png")
+    good = (folder / "good.png").read_bytes()
+    bad = {
+        "empty.png": (b"", "the file is empty"),
+        "report.png": (b"a radiology report, not an image", "not an image file"),
+        "cut.png": (good[: len(good) // 2], "cannot decode image"),
+        "bomb.png": (bomb_png(20000, 20000), "implausibly large"),
+        "nopixels.dcm": (dicom_bytes(pixels, bits=8, without_pixels=True), "no pixel data"),
+    }
+    for name, (data, _) in bad.items():
+        (folder / name).write_bytes(data)
+    rgba = np.dstack([np.repeat(pixels[..., None], 3, axis=2), np.full(pixels.shape, 255, np.uint8)])
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(run), str(folder), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for name, (_, message) in bad.items():
+        assert any(name in line and message in line for line in err.splitlines()), (name, err)
+    frame = pd.read_csv(out)
+    assert sorted(frame["image"]) == ["good.png", "rgba.png"]  # nothing good is lost
+    np.testing.assert_allclose(frame.loc[frame.image == "rgba.png", list(FINDINGS)].to_numpy(),
+                               frame.loc[frame.image == "good.png", list(FINDINGS)].to_numpy(), atol=1e-6)
 
 
 def test_predict_cli_errors_name_the_input(evaluated, tmp_path, capsys):

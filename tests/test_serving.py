@@ -1,0 +1,185 @@
+"""The HTTP service, tested with real HTTP requests against a running server on loopback, and its
+web page in a real headless browser (Debian's chromium, driven by selenium)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrlearn.data.images import load_grayscale
+from cxrlearn.findings import FINDINGS
+from cxrlearn.inference.predictor import Predictor
+
+from xray_files import bomb_png, dicom_bytes
+
+UPLOAD_LIMIT = 2 * 1024 * 1024  # small, so the over-limit case stays quick
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(evaluated):
+    """The service on a free loopback port, in a thread of this process; stopped after the module."""
+    import uvicorn
+
+    from cxrlearn.serving.app import create_app
+
+    run = evaluated[0]
+    port = _free_port()
+    config = uvicorn.Config(create_app(run, max_upload_bytes=UPLOAD_LIMIT), host="127.0.0.1", port=port,
+                            log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", run
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def _post(url: str, name: str, data: bytes, query: str = "", content_type: str = "application/octet-stream"):
+    """POST one multipart file; return (status, parsed JSON body)."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}/v1/predict{query}", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.read()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def xray(sample_images):
+    return load_grayscale(sample_images / "00000013_003.png")
+
+
+def test_health_and_model_metadata(server):
+    url, run = server
+    assert _get(f"{url}/healthz") == (200, b'{"status":"ok"}')
+    status, body = _get(f"{url}/v1/model")
+    meta = json.loads(body)
+    assert status == 200 and meta["findings"] == list(FINDINGS)
+    assert meta["image_size"] == 64 and set(meta["thresholds"]) == set(FINDINGS)
+
+
+def test_predict_png_and_dicom_with_heatmap(server, xray):
+    url, run = server
+    status, body = _post(url, "chest.png", _png(xray), "?cam=top")
+    assert status == 200, body
+    assert body["image"] == "chest.png" and list(body["probabilities"]) == list(FINDINGS)
+    expected = Predictor(run).predict([xray], ["chest.png"])[0]
+    assert np.allclose([body["probabilities"][f] for f in FINDINGS], [expected.probabilities[f] for f in FINDINGS],
+                       atol=1e-6)
+    assert body["positive_findings"] == expected.positive
+    heat = body["heatmap"]
+    assert heat["finding"] == max(expected.probabilities, key=expected.probabilities.get)
+    overlay = Image.open(io.BytesIO(base64.b64decode(heat["overlay_png"])))
+    assert overlay.size == (64, 64) and overlay.mode == "RGB"
+    dicom = dicom_bytes(4080 - xray.astype(np.uint16) * 16, bits=12, photometric="MONOCHROME1", window=(2040.5, 4081))
+    status, from_dicom = _post(url, "chest.dcm", dicom, content_type="application/dicom")
+    assert status == 200, from_dicom
+    assert np.allclose(list(from_dicom["probabilities"].values()), list(body["probabilities"].values()), atol=1e-6)
+
+
+def test_bad_input_gets_a_clear_4xx_and_never_kills_the_service(server, xray):
+    url, _ = server
+    good = _png(xray)
+    rgba = np.dstack([np.repeat(xray[..., None], 3, axis=2), np.full(xray.shape, 255, np.uint8)])
+    cases = {
+        "empty upload": ("empty.png", b"", 422, "the upload is empty"),
+        "not an image": ("notes.png", b"this is a radiology report, not an image", 422, "not an image file"),
+        "truncated PNG": ("cut.png", good[: len(good) // 2], 422, "cannot decode image"),
+        "20000x20000 PNG": ("bomb.png", bomb_png(20000, 20000), 413, "implausibly large"),
+        "DICOM without pixels": ("report.dcm", dicom_bytes(xray, bits=8, without_pixels=True), 422, "no pixel data"),
+        "over the size limit": ("big.png", good + b"\x00" * (UPLOAD_LIMIT + 1), 413, "over the limit"),
+        "path separators": ("../../etc/passwd.png", good, 400, "without path separators"),
+        "unknown cam finding": ("chest.png", good, 422, "cam must be 'top' or one of"),
+    }
+    for what, (name, data, status, message) in cases.items():
+        query = "?cam=Pneumo" if what == "unknown cam finding" else ""
+        got, body = _post(url, name, data, query)
+        assert got == status, (what, got, body)
+        assert message in body["detail"], (what, body)
+    # python-multipart itself reduces a Windows path (as old browsers sent) to its last part.
+    got, body = _post(url, "C:\\scans\\chest.png", good)
+    assert got == 200 and body["image"] == "chest.png"
+    # RGBA is an image: composited onto black (opaque here), it predicts as the gray image does.
+    got, body = _post(url, "rgba.png", _png(rgba))
+    gray_status, gray = _post(url, "gray.png", good)
+    assert got == gray_status == 200
+    assert np.allclose(list(body["probabilities"].values()), list(gray["probabilities"].values()), atol=1e-6)
+    assert _get(f"{url}/healthz")[0] == 200
+
+
+def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        message = "Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(f"{url}/")
+        assert "cxrlearn" in browser.title
+        WebDriverWait(browser, 30).until(lambda b: "px" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(sample_images / "00000013_003.png"))
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#bars .row")) == len(FINDINGS))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#bars .row")
+        assert [r.get_attribute("data-finding") for r in rows] == list(FINDINGS)
+        assert all(r.find_element(By.CSS_SELECTOR, ".value").text.endswith("%") for r in rows)
+        picture = browser.find_element(By.ID, "picture")
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", picture) > 0)
+        assert "00000013_003.png" in browser.find_element(By.ID, "status").text
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        # A bad file: the page says why, and nothing breaks.
+        (tmp_path / "notes.png").write_text("not an image")
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
+        WebDriverWait(browser, 30).until(lambda b: "Could not use notes.png" in b.find_element(By.ID, "status").text)
+        assert "not an image file" in browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
