@@ -177,7 +177,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"warning: {args.model} has no thresholds yet (run `cxrlearn evaluate`): no positive calls",
               file=sys.stderr)
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
-    for path, message in failures:
+    for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
     rows = [p.row(predictor.findings) for p in predictions]
     if args.out and args.out.suffix.lower() == ".json":

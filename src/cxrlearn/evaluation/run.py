@@ -124,17 +124,16 @@ def _images_to_judge(present: pd.DataFrame, run_dir: Path, meta: dict, options: 
 def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, options: EvaluationOptions, device) -> _Judged:
     from torch.utils.data import DataLoader
 
-    from cxrlearn.data.augment import BatchTransform
     from cxrlearn.data.cache import ImageCache
     from cxrlearn.data.datamodule import CachedXrayDataset
     from cxrlearn.inference.predict import predict_logits
+    from cxrlearn.model.bundle import input_transform
 
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
     dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached), image_size=meta["image_size"])
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
-    norm = meta["normalization"]
-    transform = BatchTransform(norm["mean"], norm["std"], channels=meta["in_chans"])
+    transform = input_transform(meta)
     logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
     flipped = None
     if options.tta:

@@ -61,16 +61,14 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
                  device: str = "cpu"):
-        from cxrlearn.model.bundle import read_meta
+        from cxrlearn.model.bundle import read_meta, resize_sizes
 
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
         self.findings: list[str] = list(self.meta["findings"])
-        self.image_size = int(self.meta["image_size"])
-        data = self.meta.get("config", {}).get("data", {})
-        self.cache_size = int(data.get("cache_size") or self.image_size)
+        self.cache_size, self.image_size = resize_sizes(self.meta)
         self.thresholds: dict = self.meta.get("thresholds") or {}
         self.temperature: dict | None = self.meta.get("temperature")
         self.tta = bool(self.meta.get("tta", False))
@@ -82,16 +80,14 @@ class Predictor:
             self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
 
     def _load_torch(self) -> None:
-        from cxrlearn.data.augment import BatchTransform
-        from cxrlearn.model.bundle import load_bundle
+        from cxrlearn.model.bundle import input_transform, load_bundle
 
         import torch
 
         self.model, _ = load_bundle(self.model_dir)
         # channels_last: oneDNN's and cuDNN's fast convolution layout (about 2x on a CPU, docs/benchmarks.md).
         self.model.to(self.device, memory_format=torch.channels_last)
-        norm = self.meta["normalization"]
-        self.transform = BatchTransform(norm["mean"], norm["std"], channels=self.meta["in_chans"]).to(self.device)
+        self.transform = input_transform(self.meta).to(self.device)
 
     def _load_onnx(self, path: Path) -> None:
         import onnxruntime

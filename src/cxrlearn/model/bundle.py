@@ -69,6 +69,21 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
+def resize_sizes(meta: dict) -> tuple[int, int]:
+    """(cache size, input size): an image is resized to the first as the training cache stores
+    it (Lanczos), then to the second as the loader does (bilinear; a no-op when equal)."""
+    image_size = int(meta["image_size"])
+    return int(meta.get("config", {}).get("data", {}).get("cache_size") or image_size), image_size
+
+
+def input_transform(meta: dict):
+    """The bundle's normalisation: uint8 (B, 1, S, S) -> the float input the network was trained on."""
+    from cxrlearn.data.augment import BatchTransform
+
+    norm = meta["normalization"]
+    return BatchTransform(norm["mean"], norm["std"], channels=meta["in_chans"])
+
+
 def write_meta(folder: str | os.PathLike, meta: dict) -> None:
     (Path(folder) / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 

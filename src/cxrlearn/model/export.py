@@ -44,7 +44,9 @@ class _WithPreprocessing(nn.Module):
 
 
 def contract(meta: dict, weights_sha256: str) -> dict:
-    data = meta.get("config", {}).get("data", {})
+    from cxrlearn.model.bundle import resize_sizes
+
+    cache_size, image_size = resize_sizes(meta)
     return {
         "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 1, meta["image_size"], meta["image_size"]],
                   "meaning": "8-bit grayscale chest X-ray, bone bright (MONOCHROME2)"},
@@ -53,12 +55,12 @@ def contract(meta: dict, weights_sha256: str) -> dict:
         "preprocessing": [
             "decode to 8-bit grayscale (16-bit: round(v/257); RGB: ITU-R 601-2 luminance; DICOM: modality LUT, "
             "VOI LUT or window, MONOCHROME1 inverted)",
-            f"resize to {int(data.get('cache_size') or meta['image_size'])} px square, Lanczos",
-            f"resize to {meta['image_size']} px square, bilinear (no-op when equal)",
+            f"resize to {cache_size} px square, Lanczos",
+            f"resize to {image_size} px square, bilinear (no-op when equal)",
         ],
         "normalization": meta["normalization"],
         "image_size": meta["image_size"],
-        "cache_size": int(data.get("cache_size") or meta["image_size"]),
+        "cache_size": cache_size,
         "findings": meta["findings"],
         "thresholds": meta.get("thresholds") or {},
         "threshold_method": meta.get("threshold_method"),
@@ -73,13 +75,11 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, opset: int
     """Write the bundle in ``model_dir`` as one ONNX file at ``out``; return its path."""
     import onnx
 
-    from cxrlearn.data.augment import BatchTransform
-    from cxrlearn.model.bundle import WEIGHTS, load_bundle
+    from cxrlearn.model.bundle import WEIGHTS, input_transform, load_bundle
 
     model_dir, out = Path(model_dir), Path(out)
     model, meta = load_bundle(model_dir)
-    norm = meta["normalization"]
-    wrapper = _WithPreprocessing(model, BatchTransform(norm["mean"], norm["std"], channels=meta["in_chans"])).eval()
+    wrapper = _WithPreprocessing(model, input_transform(meta)).eval()
     size = int(meta["image_size"])
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
