@@ -60,11 +60,12 @@ EXPERT = "google2019_nih-chest-xray-labels.csv.gz"
 @pytest.fixture(scope="session")
 def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory):
     """A small model (64 px, 2 epochs) trained on real sample images, with a split whose test part
-    holds every expert-labelled sample image."""
+    holds every expert-labelled sample image, and whose train part no patient of NIH's official test list."""
     import pandas as pd
 
     from cxrlearn.data.expert_labels import read_expert_labels
     from cxrlearn.data.images import attach_images
+    from cxrlearn.data.nih import read_image_list
     from cxrlearn.training.config import load_config
     from cxrlearn.training.run import train
 
@@ -72,10 +73,14 @@ def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory
     present = attach_images(nih_table, sample_images).table
     expert_images = set(read_expert_labels(data_dir / "nih" / EXPERT)["image"])
     expert_patients = set(present.loc[present["image"].isin(expert_images), "patient_id"])
+    official = set(read_image_list(data_dir / "nih" / "test_list.txt"))
+    official_patients = set(present.loc[present["image"].isin(official), "patient_id"])
     rows, counts = [], {"train": 0, "val": 0}
     for patient, group in present.groupby("patient_id", sort=True):
         if patient in expert_patients:
             name = "test"
+        elif patient in official_patients:
+            name = "val" if counts["val"] < 250 else "test"
         else:
             name = "train" if counts["train"] < 300 else "val" if counts["val"] < 250 else "test"
         counts[name] = counts.get(name, 0) + len(group)

@@ -252,6 +252,24 @@ def test_judging_training_patients_is_refused(trained_run, table_path, sample_im
                  EvaluationOptions(split=str(leaky), resamples=100, progress=False, write_bundle=False))
 
 
+def test_official_test_list_is_judged_and_val_keeps_none_of_its_patients(trained_run, table_path, sample_images,
+                                                                          test_list_path, nih_table, tmp_path):
+    run, split = trained_run
+    metrics = evaluate(run, table_path, sample_images, tmp_path / "official",
+                       EvaluationOptions(official_test=str(test_list_path), resamples=100, progress=False,
+                                         write_bundle=False))
+    official = set(test_list_path.read_text().split())
+    present = set(pd.read_csv(split)["image"])
+    listed = nih_table[nih_table["image"].isin(official & present)]
+    assert metrics["n_images"] == len(listed) == 171
+    assert metrics["n_patients"] == listed["patient_id"].nunique()
+    assert metrics["provenance"]["split"]["official_test"]["file"] == "test_list.txt"
+    predictions = pd.read_csv(tmp_path / "official" / "predictions.csv")
+    val = predictions[predictions["split"] == "val"]
+    assert len(val) > 0 and not set(val["patient_id"]) & set(listed["patient_id"])
+    assert set(predictions.loc[predictions["split"] == "official-test", "image"]) == set(listed["image"])
+
+
 def test_cli_evaluate_reports_bad_input_with_status_2(trained_run, table_path, sample_images, tmp_path, capsys):
     run, _ = trained_run
     code = main(["evaluate", "--model", str(tmp_path), "--csv", str(table_path), "--images", str(sample_images),

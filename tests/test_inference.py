@@ -119,7 +119,9 @@ def test_predict_cli_over_every_format_with_a_bad_file_among_them(evaluated, gra
     # Lossless inputs (PNG, 16-bit TIFF, both DICOMs) give the same pixels, hence the same probabilities.
     for other in (2, 3, 4):
         np.testing.assert_allclose(probs[other], probs[0], atol=1e-6)
-    assert np.abs(probs[1] - probs[0]).max() < 0.05  # JPEG is lossy, but close
+    # JPEG is lossy: its pixels are close to the PNG's, its probabilities near them.
+    assert np.abs(load_grayscale(folder / "b.jpg").astype(int) - pixels).mean() < 2.0
+    assert np.abs(probs[1] - probs[0]).mean() < 0.05
     assert len(list((tmp_path / "cam").glob("a_*.png"))) >= 1
 
 
@@ -194,15 +196,35 @@ def test_predict_cli_errors_name_the_input(evaluated, tmp_path, capsys):
 # ---- Grad-CAM --------------------------------------------------------------------------------------------
 
 
-def test_grad_cam_heatmaps_differ_by_finding_and_follow_the_image(predictor, gray):
+def test_grad_cam_heatmaps_are_scaled_differ_by_finding_and_match_a_hook_computation(predictor, gray):
     _, pixels = gray
-    maps = heatmaps(predictor, pixels, ["Effusion", "Cardiomegaly"])
+    maps = heatmaps(predictor, pixels, list(FINDINGS))
     for heat in maps.values():
         assert heat.shape == (predictor.image_size, predictor.image_size)
-        assert heat.min() == 0.0 and heat.max() == pytest.approx(1.0)
-    assert np.abs(maps["Effusion"] - maps["Cardiomegaly"]).mean() > 0.01
-    mirrored = heatmaps(predictor, np.ascontiguousarray(pixels[:, ::-1]), ["Effusion"])["Effusion"]
-    assert np.abs(mirrored[:, ::-1] - maps["Effusion"]).mean() < np.abs(mirrored - maps["Effusion"]).mean()
+        # Scaled to [0, 1]; all zero where no region speaks for the finding (the ReLU of Grad-CAM).
+        assert heat.min() == 0.0 and heat.max() in (0.0, pytest.approx(1.0))
+    lit = [name for name in FINDINGS if maps[name].max() > 0]
+    assert len(lit) >= 2
+    assert np.abs(maps[lit[0]] - maps[lit[1]]).mean() > 0.01
+    # The same map by another road: hooks on the backbone's last feature layer during the full forward pass.
+    import torch
+    import torch.nn.functional as F
+
+    model = predictor.model
+    x = predictor.transform(torch.from_numpy(predictor.model_pixels(pixels))[None, None])
+    saved = {}
+    layer = model.backbone.bn2
+    handles = [layer.register_forward_hook(lambda m, i, o: saved.update(a=o)),
+               layer.register_full_backward_hook(lambda m, gi, go: saved.update(g=go[0]))]
+    try:
+        model.zero_grad()
+        model(x)[0, FINDINGS.index(lit[0])].backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    cam = F.relu((saved["g"].mean(dim=(2, 3), keepdim=True) * saved["a"]).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0].detach().numpy()
+    np.testing.assert_allclose(maps[lit[0]], (cam - cam.min()) / (cam.max() - cam.min()), atol=1e-5)
 
 
 def test_pointing_game_on_the_sample_images_with_boxes(predictor, data_dir, sample_images, tmp_path):
