@@ -51,6 +51,15 @@ def test_dicom_monochrome1_is_inverted(gray):
     np.testing.assert_array_equal(decode_grayscale(data, "x.dcm"), pixels)
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_16_bit_full_range(gray, photometric):
+    _, pixels = gray
+    wide = pixels.astype(np.uint16) * 257  # 0..65535
+    stored = wide if photometric == "MONOCHROME2" else 65535 - wide
+    data = dicom_bytes(stored, bits=16, photometric=photometric, window=(32768, 65536))  # LINEAR identity
+    np.testing.assert_array_equal(decode_grayscale(data, "x.dcm"), pixels)
+
+
 def test_dicom_voi_lut_sequence_is_applied(gray):
     _, pixels = gray
     lut = (np.minimum(255, np.rint(np.arange(4096) / 16)) * 257).astype(np.uint16)  # 16-bit output: v * 257
