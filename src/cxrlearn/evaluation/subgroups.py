@@ -18,9 +18,6 @@ from cxrlearn.data.stats import AGE_BANDS, age_band
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from cxrlearn.evaluation.metrics import finding_metrics
 
-ATTRIBUTES = {"sex": SEX, "age": AGE, "view": VIEW}
-
-
 def subgroup_metrics(
     rows: pd.DataFrame,
     labels: np.ndarray,
@@ -39,10 +36,11 @@ def subgroup_metrics(
         "age": age_band(rows[AGE].to_numpy()),
         "view": rows[VIEW].to_numpy(),
     }
-    order = {"age": [name for name, _, _ in AGE_BANDS]}
+    bands = [name for name, _, _ in AGE_BANDS]
     out = []
     for attribute, values in groups.items():
-        present = sorted(set(values), key=lambda v: order.get(attribute, sorted(set(values))).index(v))
+        # Age bands in age order, the other attributes alphabetically.
+        present = [b for b in bands if b in set(values)] if attribute == "age" else sorted(set(values))
         for value in present:
             mask = values == value
             metrics, _ = finding_metrics(labels[mask], scores[mask], rows[PATIENT_ID].to_numpy()[mask], findings,
