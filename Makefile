@@ -8,17 +8,34 @@ VENV   ?= .venv
 DATA   ?= ../shared/data
 OUT    ?= out/demo
 BIN    := $(VENV)/bin
+# Exact versions (pip-compile of pyproject.toml, Python 3.11 on Linux x86-64, the platform CI runs on).
+# Elsewhere the lock's Linux-only wheels (CUDA libraries) do not exist: install from pyproject's ranges.
+LOCK   ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),requirements.lock,)
 TABLE  := $(DATA)/nih/Data_Entry_2017_v2020.csv.gz
 
-.PHONY: install demo test clean
+.PHONY: install lock demo test clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(LOCK),)
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
+else
+	@echo "no lock for $$(uname -s) $$(uname -m): installing from pyproject.toml's version ranges"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+endif
 	touch $@
+
+# Refresh requirements.lock after changing pyproject.toml's dependencies (pip-tools, in a throw-away venv).
+lock:
+	$(PYTHON) -m venv /tmp/cxrlearn-pip-tools
+	/tmp/cxrlearn-pip-tools/bin/python -m pip install --quiet pip-tools
+	/tmp/cxrlearn-pip-tools/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url \
+		--no-emit-find-links --no-emit-trusted-host --output-file requirements.lock pyproject.toml
 
 # The main job: the fair split of the full table (and of the official test list), then a
 # model trained on the real sample (split -> cache -> train -> bundle; ~10 min on 2 cores),
@@ -31,7 +48,7 @@ demo: install
 	$(BIN)/cxrlearn train --config configs/cpu-sample.yaml --csv $(TABLE) \
 		--images $(DATA)/nih-sample/images-256 --out $(OUT)/cpu-sample
 	$(BIN)/cxrlearn evaluate --model $(OUT)/cpu-sample --csv $(TABLE) --images $(DATA)/nih-sample/images-256 \
-		--expert-labels $(DATA)/nih/google2019_nih-chest-xray-labels.csv.gz --tta --calibrate --out $(OUT)/evaluation
+		--subset test --expert-labels $(DATA)/nih/google2019_nih-chest-xray-labels.csv.gz --tta --calibrate --out $(OUT)/evaluation
 	@echo
 	@echo "Results in $(OUT)/:"
 	@echo "  split.csv, split-official-test.csv (+ .report.json)   the fair patient-wise splits of the full table"

@@ -105,7 +105,7 @@ def evaluated(trained_run, table_path, sample_images, data_dir, tmp_path_factory
 
     run, _ = trained_run
     out = tmp_path_factory.mktemp("eval")
-    options = EvaluationOptions(expert_labels=str(data_dir / "nih" / EXPERT), resamples=200, tta=True,
+    options = EvaluationOptions(subset="test", expert_labels=str(data_dir / "nih" / EXPERT), resamples=200, tta=True,
                                 calibrate=True, progress=False)
     metrics = evaluate(run, table_path, sample_images, out, options)
     return run, out, metrics

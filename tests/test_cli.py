@@ -23,10 +23,31 @@ def test_split_and_stats_commands(tmp_path, table_path, test_list_path, capsys):
     assert main(["split", "--csv", str(table_path), "--out", str(official), "--official-test", str(test_list_path)]) == 0
     assert (pd.read_csv(official)["split"] == "test").sum() == 25_596
 
+    # Without --csv (and with --official-test alone): NIH's tables as shipped with cxrlearn, the same files.
+    shipped = tmp_path / "shipped.csv"
+    assert main(["split", "--out", str(shipped)]) == 0
+    assert shipped.read_bytes() == out.read_bytes()
+    shipped_official = tmp_path / "shipped-official.csv"
+    assert main(["split", "--out", str(shipped_official), "--official-test"]) == 0
+    assert shipped_official.read_bytes() == official.read_bytes()
+
     stats_json = tmp_path / "stats.json"
     assert main(["stats", "--csv", str(table_path), "--split", str(out), "--json", str(stats_json)]) == 0
     stats = json.loads(stats_json.read_text())
     assert sum(stats[s]["images"] for s in ("train", "val", "test")) == stats["all"]["images"] == 112_120
+
+
+def test_shipped_tables_are_nihs(data_dir):
+    import gzip
+
+    from cxrlearn.data import tables
+
+    nih = data_dir / "nih"
+    assert gzip.decompress(tables.label_table().read_bytes()) == gzip.decompress(
+        (nih / "Data_Entry_2017_v2020.csv.gz").read_bytes())
+    assert gzip.decompress(tables.test_list().read_bytes()) == (nih / "test_list.txt").read_bytes()
+    assert gzip.decompress(tables.train_val_list().read_bytes()) == (nih / "train_val_list.txt").read_bytes()
+    assert gzip.decompress(tables.boxes().read_bytes()) == gzip.decompress((nih / "BBox_List_2017.csv.gz").read_bytes())
 
 
 def test_split_of_present_images(tmp_path, table_path, sample_images, capsys):

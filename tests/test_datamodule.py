@@ -82,6 +82,25 @@ def test_augmentation_is_seeded_and_worker_independent(nih_table, sample):
     assert not torch.equal(next_epoch[0], a[0])
 
 
+def test_persistent_workers_augment_each_epoch_as_a_fresh_process_would(nih_table, sample):
+    """Workers kept between epochs hold their own copy of the dataset: the epoch must reach them
+    with each index, or every epoch after the first would repeat the first's augmentation."""
+    def two_epochs(workers):
+        dm = module(nih_table, sample, num_workers=workers)
+        loader = dm.train_dataloader()
+        assert loader.persistent_workers == (workers > 0)
+        batches = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            batches.append(dm.on_after_batch_transfer(next(iter(loader))))
+        return batches
+
+    plain, persistent = two_epochs(0), two_epochs(2)
+    for a, b in zip(plain, persistent):
+        assert a[2] == b[2] and torch.equal(a[0], b[0])
+    assert not torch.equal(plain[0][0], plain[1][0])
+
+
 def test_augmentation_changes_training_images(nih_table, sample):
     plain = module(nih_table, sample, augmentation=None)
     augmented = module(nih_table, sample)

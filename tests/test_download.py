@@ -179,6 +179,11 @@ def test_download_nih_end_to_end(server, tmp_path, real_pngs, nih_table, capsys)
     assert found[names[0]].read_bytes() == real_pngs[names[0]]
     assert found[names[4]] == to / "images_002" / "images" / names[4]
     assert not list(to.glob("*.tar.gz*"))  # archives removed once unpacked
+    # A complete dataset: NIH's tables (shipped with cxrlearn) beside the images.
+    from cxrlearn.data import tables
+
+    for name in tables.DATASET_FILES:
+        assert (to / name).read_bytes() == tables.packaged(name).read_bytes(), name
     # A second run finds everything in place and downloads nothing.
     before = len(server.requests)
     assert download_nih(to, [1, 2], read_archives(listing), progress=False) == {

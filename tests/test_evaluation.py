@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.expert_labels import read_expert_labels
-from cxrlearn.errors import DataError
+from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
 from cxrlearn.evaluation.metrics import finding_metrics
@@ -280,3 +280,61 @@ def test_cli_evaluate_reports_bad_input_with_status_2(trained_run, table_path, s
                  "--out", str(tmp_path / "out"), "--subset", "holdout", "--no-progress"])
     assert code == 2
     assert "--subset must be one of" in capsys.readouterr().err
+
+
+# ---- any folder of images ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_patients(trained_run, sample_images, tmp_path_factory):
+    """A folder of real images of patients the run neither trained nor validated on (its test split)."""
+    import shutil
+
+    _, split = trained_run
+    frame = pd.read_csv(split)
+    folder = tmp_path_factory.mktemp("other-patients")
+    for name in frame.loc[frame["split"] == "test", "image"]:
+        shutil.copyfile(sample_images / name, folder / name)
+    return folder
+
+
+def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, other_patients, nih_table, tmp_path):
+    run, _, _ = evaluated
+    out = tmp_path / "external"
+    code = main(["evaluate", "--model", str(run), "--images", str(other_patients), "--out", str(out),
+                 "--resamples", "200", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = sorted(p.name for p in other_patients.iterdir())
+    assert metrics["n_images"] == len(names)
+    assert metrics["n_patients"] == nih_table[nih_table["image"].isin(names)]["patient_id"].nunique()
+    assert main(["predict", str(other_patients), "--model", str(run), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    predicted = pd.read_csv(tmp_path / "p.csv").merge(nih_table[["image", *FINDINGS]], on="image",
+                                                        suffixes=("", "_label"))
+    assert len(predicted) == len(names)
+    scored = 0
+    for name in FINDINGS:
+        y = predicted[f"{name}_label"]
+        if 0 < y.sum() < len(y):
+            assert metrics["auc"][name] == pytest.approx(roc_auc_score(y, predicted[name]), abs=1e-6)
+            scored += 1
+    assert scored == len(metrics["mean_over"]) >= 10
+    # The bundle's thresholds, chosen on the run's val split, applied as they are; the bundle is not rewritten.
+    meta = read_meta(run)
+    assert metrics["operating_points"]["thresholds"] == meta["operating_points"]
+    assert "val" not in metrics["operating_points"]
+    assert metrics["calibration"]["temperature"] == meta["temperature"]
+
+
+def test_evaluate_any_folder_refuses_training_and_validation_patients(trained_run, table_path, sample_images,
+                                                                       tmp_path, capsys):
+    run, _ = trained_run
+    code = main(["evaluate", "--model", str(run), "--csv", str(table_path), "--images", str(sample_images),
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "of the train split" in err and "of the val split" in err and "--subset test" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--calibrate fits temperatures on validation images"):
+        evaluate(run, None, sample_images, tmp_path / "out", EvaluationOptions(calibrate=True, progress=False))

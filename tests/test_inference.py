@@ -258,9 +258,16 @@ def test_pointing_game_on_the_sample_images_with_boxes(predictor, data_dir, samp
 
 @pytest.fixture(scope="module")
 def onnx_file(evaluated, tmp_path_factory):
-    from cxrlearn.model.export import export_onnx
+    """`cxrlearn export` without --out: the file lands in the run folder, where predict looks for it."""
+    import shutil
 
-    return export_onnx(evaluated[0], tmp_path_factory.mktemp("onnx") / "model.onnx")
+    from cxrlearn.cli.main import main
+
+    copy = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(evaluated[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    assert main(["export", "--model", str(copy)]) == 0
+    assert (copy / "model.onnx").is_file()
+    return copy / "model.onnx"
 
 
 def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
@@ -269,7 +276,7 @@ def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
     run = evaluated[0]
     paths = [sample_images / n for n in sorted(find_images(sample_images))[:40]]
     torch_p, _ = Predictor(run).predict_files(paths, batch_size=16, progress=False)
-    onnx_p, _ = Predictor(run, runtime="onnx", onnx_path=onnx_file).predict_files(paths, batch_size=7, progress=False)
+    onnx_p, _ = Predictor(onnx_file.parent, runtime="onnx").predict_files(paths, batch_size=7, progress=False)
     a = np.array([[p.probabilities[f] for f in FINDINGS] for p in torch_p])
     b = np.array([[p.probabilities[f] for f in FINDINGS] for p in onnx_p])
     assert np.abs(a - b).max() <= 1e-4

@@ -10,3 +10,40 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in blocks (archives are gigabytes)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename.
+
+    A run killed mid-write leaves the old file (or none) and a ``.tmp-*`` file that
+    :func:`remove_stale_temporaries` clears, never a truncated one.
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(raw)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete what interrupted :func:`write_atomic` calls left in ``folder``; return their names."""
+    from pathlib import Path
+
+    removed = []
+    for stale in Path(folder).glob(".*.tmp-*"):
+        if stale.is_file():
+            stale.unlink()
+            removed.append(stale.name)
+    return removed

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cxrlearn import __version__
 from cxrlearn._files import file_digest
+from cxrlearn.data import tables
 from cxrlearn.errors import CxrlearnError, DataError
 
 
@@ -161,8 +162,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if "tta" in metrics:
         t = metrics["tta"]
         print(f"test-time augmentation: {t['difference']:+.4f} mean AUC ({t['verdict']})")
+    chosen = "val" in metrics["operating_points"] and not args.no_bundle_update
     print(f"wrote {args.out}/report.html, report.md, metrics.json, predictions.csv"
-          + ("" if args.no_bundle_update else f"; thresholds ({args.threshold_method}) into {args.model}/model.json"))
+          + (f"; thresholds ({args.threshold_method}) into {args.model}/model.json" if chosen else ""))
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from cxrlearn.reproduce import REPORT_MD, ReproduceOptions, reproduce
+
+    options = ReproduceOptions(out=args.out, data=args.data, parts=args.parts, images=args.images,
+                               official=args.official, sets=args.set, progress=not args.no_progress,
+                               command=["cxrlearn", *sys.argv[1:]])
+    report = reproduce(args.recipe, options)
+    for name, result in report["results"].items():
+        low, high = result["mean_auc_ci95"] or (None, None)
+        print(f"{name}: mean AUC {result['mean_auc']:.4f}" + (f" (95% CI {low:.4f}-{high:.4f})" if low else "")
+              + f" on {result['n_images']:,} images; published: "
+              + ", ".join(f"{s} {v:.4f}" for s, v in result["published_mean"].items()))
+    print(f"wrote {args.out / REPORT_MD}")
     return 0
 
 
@@ -189,9 +207,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image", *predictor.findings])
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            frame.to_csv(args.out, index=False, float_format="%.6f")
+            frame.to_csv(args.out, index=False, float_format="%.9g")
         else:
-            frame.to_csv(sys.stdout, index=False, float_format="%.6f")
+            frame.to_csv(sys.stdout, index=False, float_format="%.9g")
     if args.cam and predictions:
         _write_cams(predictor, paths, predictions, failures, args)
     if args.out:
@@ -279,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     table_args = argparse.ArgumentParser(add_help=False)
-    table_args.add_argument("--csv", type=Path, required=True, help="NIH label table (Data_Entry_2017*.csv[.gz])")
+    table_args.add_argument("--csv", type=Path, help="NIH label table (Data_Entry_2017*.csv[.gz]); "
+                            "default: the copy of NIH's 2020 table shipped with cxrlearn")
 
     split = commands.add_parser(
         "split",
@@ -291,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=Path, required=True, help="split file to write (CSV)")
     split.add_argument("--ratios", type=_ratios, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"))
     split.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s, as Kufel et al. 2023)")
-    split.add_argument("--official-test", type=Path, help="NIH's test_list.txt: use it as the test set")
+    split.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
+                       help="use NIH's official test list as the test set (default LIST: the shipped test_list.txt)")
     split.add_argument("--images", type=Path, help="split only the images present in this folder")
     split.add_argument("--method", choices=METHODS, default="stratified", help="'random' is a baseline for comparison")
     split.set_defaults(run=_cmd_split)
@@ -362,9 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", type=Path, required=True, help="run folder holding model.json + model.safetensors")
     evaluate.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv and the report")
-    evaluate.add_argument("--split", type=Path, help="split file (default: the run's own split.csv)")
-    evaluate.add_argument("--subset", default="test", help="which split to judge (default %(default)s)")
-    evaluate.add_argument("--official-test", type=Path, help="judge the images of NIH's test_list.txt instead")
+    evaluate.add_argument("--split", type=Path, help="split file to judge a subset of (default with --subset: the run's own)")
+    evaluate.add_argument("--subset", help="which split of --split to judge, e.g. test; without --split and --subset, "
+                          "every labelled image in --images is judged (none may be of the run's train or val patients)")
+    evaluate.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
+                          help="judge the images of NIH's official test list (default LIST: the shipped test_list.txt)")
     evaluate.add_argument("--expert-labels", type=Path, help="Google's 2019 expert labels (google2019_nih-chest-xray-labels.csv.gz)")
     evaluate.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default %(default)s)")
     evaluate.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default %(default)s)")
@@ -378,6 +400,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    from cxrlearn.reproduce import RECIPES
+
+    reproduce = commands.add_parser(
+        "reproduce", help="a published result from nothing: download, split, prepare, train, evaluate, compare",
+        description="Download NIH's images (or use --images), make the recipe's split, prepare the cache, train, "
+        "evaluate, and write OUT/reproduction.md beside the paper's per-finding values. Rerun the same command "
+        "after an interruption to continue at the first unfinished stage.")
+    reproduce.add_argument("recipe", choices=sorted(RECIPES), help="which publication")
+    reproduce.add_argument("--out", type=Path, required=True, help="folder for everything the reproduction makes")
+    reproduce.add_argument("--data", type=Path, help="where to download and unpack the images (default OUT/data)")
+    reproduce.add_argument("--parts", default="1-12", help="which of NIH's 12 archives (default %(default)s)")
+    reproduce.add_argument("--images", type=Path, help="images already on disk: no download")
+    reproduce.add_argument("--official", action="store_true",
+                           help="also train on a split that keeps NIH's official test list out, and judge that list")
+    reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override the recipe's config, e.g. train.epochs=5")
+    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.set_defaults(run=_cmd_reproduce)
 
     from cxrlearn.inference.predictor import RUNTIMES
     from cxrlearn.serving import MAX_UPLOAD_BYTES
@@ -401,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a model bundle to ONNX (preprocessing contract inside)")
     export.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     export.add_argument("--format", choices=["onnx"], default="onnx")
-    export.add_argument("--out", type=Path, required=True, help="ONNX file to write (e.g. RUN_DIR/model.onnx)")
+    export.add_argument("--out", type=Path, help="ONNX file to write (default: RUN_DIR/model.onnx, where "
+                        "predict --runtime onnx and serve --runtime onnx look)")
     export.add_argument("--opset", type=int, default=18)
     export.set_defaults(run=_cmd_export)
 
@@ -417,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "localize", help="pointing game: does the Grad-CAM peak fall in the radiologists' boxes?")
     localize.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     localize.add_argument("--images", type=Path, required=True, help="image folder")
-    localize.add_argument("--boxes", type=Path, required=True, help="NIH's BBox_List_2017.csv(.gz)")
+    localize.add_argument("--boxes", type=Path, default=tables.boxes(),
+                          help="NIH's BBox_List_2017.csv(.gz) (default: the copy shipped with cxrlearn)")
     localize.add_argument("--out", type=Path, required=True, help="folder for pointing_game.json and overlays")
     localize.add_argument("--no-progress", action="store_true")
     localize.set_defaults(run=_cmd_localize)
@@ -432,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "csv" in args and args.csv is None and args.command != "train":
+        args.csv = tables.label_table()
     try:
         return args.run(args)
     except CxrlearnError as err:

@@ -74,10 +74,13 @@ class CachedXrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        # (index, epoch) from EpochShuffleSampler: the epoch travels with the index, so that
+        # persistent workers (which keep their own copy of the dataset) augment by the right epoch.
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         pixels = self.cache.read(self.rows[i])
         if self.augmentation is not None:
-            params = self.augmentation.parameters(self.seed, self.epoch, i)
+            params = self.augmentation.parameters(self.seed, epoch, i)
             pixels = self.augmentation.apply(pixels, params, self.image_size)
         else:
             pixels = resize(pixels, self.image_size)
@@ -85,13 +88,18 @@ class CachedXrayDataset(Dataset):
 
 
 class EpochShuffleSampler(DistributedSampler):
-    """Shuffles by (seed, epoch), shards across processes, and tells the dataset the epoch.
+    """Shuffles by (seed, epoch), shards across processes, and yields ``(index, epoch)``.
 
-    Lightning calls ``set_epoch`` at each epoch's start; passing it on to the
-    dataset makes augmentation depend on the epoch too. Because the order is a
-    function of (seed, epoch) alone, a resumed run sees the same order as an
+    Lightning calls ``set_epoch`` at each epoch's start; the epoch then travels
+    with each index to the dataset (in whichever worker process), so augmentation
+    depends on the epoch too, with persistent workers as well. Because the order
+    is a function of (seed, epoch) alone, a resumed run sees the same order as an
     uninterrupted one.
     """
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((i, epoch) for i in super().__iter__())
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -200,8 +208,9 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            # Workers are re-made each epoch so that they see the epoch set by set_epoch.
-            persistent_workers=False,
+            # Kept between epochs (the epoch travels with each index): re-making them each
+            # epoch costs seconds, which dominate short epochs on a fast GPU.
+            persistent_workers=self.num_workers > 0,
             drop_last=False,
             # Its own generator: making an iterator then draws nothing from the global RNG,
             # so dropout draws after a resume are those of an uninterrupted run.

@@ -6,8 +6,9 @@ backoff, MD5 verification against NIH's published sums, and safe extraction into
 ``DIR/images_NNN/images/*.png``, the layout :func:`cxrlearn.data.images.find_images`
 reads. ``--parts 1`` gives the first archive's 4,999 images: a real small dataset.
 
-The addresses and sums ship with cxrlearn (``nih_archives.tsv``, from NIH's
-download script). Only the standard library is used: a download needs nothing
+The addresses and sums ship with cxrlearn (``tables/nih_archives.tsv``, from NIH's
+download script), and so do NIH's label table, official split lists and boxes:
+they are copied beside the images, so that a download is a complete dataset. Only the standard library is used: a download needs nothing
 beyond ``urllib``, and each step is short enough to read.
 """
 
@@ -22,10 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from cxrlearn._files import file_digest
+from cxrlearn.data import tables
 from cxrlearn.errors import DataError
 
 CHUNK = 1 << 20
@@ -47,7 +48,7 @@ class Archive:
 def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
     """The archive list (``archive, url, md5`` tab-separated); cxrlearn's own copy by default."""
     if path is None:
-        text = resources.files("cxrlearn.data").joinpath("nih_archives.tsv").read_text(encoding="utf-8")
+        text = tables.packaged(tables.ARCHIVES).read_text(encoding="utf-8")
         source = "nih_archives.tsv"
     else:
         source = str(path)
@@ -263,4 +264,18 @@ def download_nih(
             if not keep_archives:
                 path.unlink()
         extracted[archive.name] = count
+    copy_tables(to)
     return extracted
+
+
+def copy_tables(to: str | os.PathLike) -> list[Path]:
+    """Copy NIH's label table, official lists and boxes (shipped with cxrlearn) into ``to``."""
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in tables.DATASET_FILES:
+        target = to / name
+        if not target.exists() or target.stat().st_size != tables.packaged(name).stat().st_size:
+            shutil.copyfile(tables.packaged(name), target)
+        written.append(target)
+    return written

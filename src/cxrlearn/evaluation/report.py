@@ -91,22 +91,25 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
     ]
 
     op = metrics["operating_points"]
-    method = op["bundle_method"]
-    test_points = op["test"][method]
-    rows = [
-        [name, _num(op["thresholds"][method][name])]
-        + ([_pct(p["sensitivity"]), _pct(p["specificity"]), _pct(p["ppv"]), _pct(p["npv"])] if p else ["—"] * 4)
-        for name, p in test_points.items()
-    ]
-    blocks += [
-        ("h2", "Operating points"),
-        ("p", f"Thresholds chosen on {op['chosen_on']} by {METHOD_NAMES[method]} (stored in the model bundle, "
-              f"used by predict), applied to the judged images:"),
-        ("table", Table(["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV"], rows)),
-        ("p", "Thresholds of every rule (all in metrics.json with their confusion counts on val and test):"),
-        ("table", Table(["finding"] + [METHOD_NAMES[m] for m in METHODS],
-                        [[name] + [_num(op["thresholds"][m][name]) for m in METHODS] for name in findings])),
-    ]
+    if "unavailable" in op:
+        blocks += [("h2", "Operating points"), ("p", op["unavailable"])]
+    else:
+        method = op["bundle_method"]
+        test_points = op["test"][method]
+        rows = [
+            [name, _num(op["thresholds"][method][name])]
+            + ([_pct(p["sensitivity"]), _pct(p["specificity"]), _pct(p["ppv"]), _pct(p["npv"])] if p else ["—"] * 4)
+            for name, p in test_points.items()
+        ]
+        blocks += [
+            ("h2", "Operating points"),
+            ("p", f"Thresholds chosen on {op['chosen_on']} by {METHOD_NAMES[method]} (stored in the model bundle, "
+                  f"used by predict), applied to the judged images:"),
+            ("table", Table(["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV"], rows)),
+            ("p", "Thresholds of every rule (all in metrics.json with their confusion counts):"),
+            ("table", Table(["finding"] + [METHOD_NAMES[m] for m in METHODS],
+                            [[name] + [_num(op["thresholds"][m][name]) for m in METHODS] for name in findings])),
+        ]
 
     cal = metrics["calibration"]
     header = ["finding", "ECE"]

@@ -40,8 +40,8 @@ PREDICTIONS_FILE = "predictions.csv"
 
 @dataclass
 class EvaluationOptions:
-    split: str | None = None  # split file; default: the run's own
-    subset: str = "test"
+    split: str | None = None  # split file; default: the run's own (when a subset is asked for)
+    subset: str | None = None  # None with no split: judge every labelled image present
     official_test: str | None = None  # NIH's test_list.txt: judge its images instead of a subset
     expert_labels: str | None = None  # Google's 2019 expert label file
     resamples: int = DEFAULT_RESAMPLES
@@ -71,10 +71,18 @@ class _Judged:
     flipped: np.ndarray | None = None  # logits of the mirrored images (tta)
 
 
-def _images_to_judge(present: pd.DataFrame, run_dir: Path, meta: dict, options: EvaluationOptions):
-    """(val rows, judged rows, description, split info) with the leak check applied."""
-    from cxrlearn.data.nih import read_image_list
-    from cxrlearn.data.split import SPLITS, apply_split, read_split_file
+@dataclass
+class _Selection:
+    """What is judged, and where operating points and temperatures come from."""
+
+    judged: pd.DataFrame
+    val: pd.DataFrame | None  # None: the bundle's thresholds and temperatures are used as they are
+    what: str
+    info: dict
+
+
+def _run_split(run_dir: Path, meta: dict) -> tuple[Path, pd.DataFrame]:
+    from cxrlearn.data.split import read_split_file
 
     run_split = run_dir / meta["split"]["file"]
     if not run_split.is_file():
@@ -82,25 +90,48 @@ def _images_to_judge(present: pd.DataFrame, run_dir: Path, meta: dict, options: 
                           "check that no training patient is judged")
     if file_digest(run_split) != meta["split"]["sha256"]:
         raise ConfigError(f"{run_split}: changed since training (its SHA-256 differs from the bundle's)")
-    trained_on = read_split_file(run_split)
+    return run_split, read_split_file(run_split)
+
+
+def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: dict,
+                     options: EvaluationOptions) -> _Selection:
+    """The judged images (and val images where thresholds are chosen again), with the leak check applied.
+
+    * ``--official-test``: the listed images present; val from the split (default: the run's);
+    * ``--split`` and/or ``--subset``: that subset of the split (default: the run's); val from the same split;
+    * neither: every labelled image present. None may be of a patient of the run's train or val split,
+      and the bundle's own thresholds and temperatures (chosen on the run's val split) are used.
+    """
+    from cxrlearn.data.nih import read_image_list
+    from cxrlearn.data.split import SPLITS, apply_split, read_split_file
+
+    run_split, trained_on = _run_split(run_dir, meta)
+    if not options.official_test and options.split is None and options.subset is None:
+        return _all_present(present, images, run_split, trained_on)
+
     split_path = Path(options.split) if options.split else run_split
     split = trained_on if split_path == run_split else read_split_file(split_path)
+    if not present[IMAGE].isin(set(split[IMAGE])).any():
+        raise DataError(f"none of the {len(split):,} images of {split_path} is in {images}; to judge the images "
+                        f"in {images} themselves, leave out --split and --subset")
     rows = apply_split(present, split, source=str(split_path))
     val = rows[rows[SPLIT] == "val"]
+    subset = options.subset or "test"
     if options.official_test:
         listed = set(read_image_list(options.official_test))
         judged = present[present[IMAGE].isin(listed)].assign(**{SPLIT: "official-test"})
         what = f"NIH's official test list ({Path(options.official_test).name}): {len(judged):,} of its {len(listed):,} images present"
         val = val[~val[PATIENT_ID].isin(set(judged[PATIENT_ID]))]
     else:
-        if options.subset not in SPLITS:
-            raise ConfigError(f"--subset must be one of {', '.join(SPLITS)}, not {options.subset!r}")
-        judged = rows[rows[SPLIT] == options.subset]
-        what = f"the {options.subset} split of {split_path.name}"
+        if subset not in SPLITS:
+            raise ConfigError(f"--subset must be one of {', '.join(SPLITS)}, not {subset!r}")
+        judged = rows[rows[SPLIT] == subset]
+        what = f"the {subset} split of {split_path.name}"
     if judged.empty:
-        raise DataError(f"no images to judge: {what} has none among the images present")
+        raise DataError(f"no images to judge: {what} has none among the images present in {images}")
     if val.empty:
-        raise DataError(f"{split_path}: no validation images present; operating points are chosen on val")
+        raise DataError(f"{split_path}: none of its validation images is in {images}; operating points are "
+                        "chosen on val. To judge with the bundle's own thresholds, leave out --split and --subset")
     train_patients = set(trained_on.loc[trained_on[SPLIT] == "train", PATIENT_ID])
     if val[PATIENT_ID].isin(train_patients).any():
         _say(f"warning: validation images of {split_path.name} include patients this model was trained on; "
@@ -113,15 +144,42 @@ def _images_to_judge(present: pd.DataFrame, run_dir: Path, meta: dict, options: 
             "their AUC would be inflated. Judge images of other patients (for the official test list, train "
             "with a split made by `cxrlearn split --official-test`)"
         )
-    info = {"file": split_path.name, "sha256": file_digest(split_path), "subset": options.subset
-            if not options.official_test else None}
+    info = {"file": split_path.name, "sha256": file_digest(split_path),
+            "subset": None if options.official_test else subset}
     if options.official_test:
         info["official_test"] = {"file": Path(options.official_test).name,
                                  "sha256": file_digest(options.official_test)}
-    return val, judged, what, info
+    return _Selection(judged, val, what, info)
 
 
-def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, options: EvaluationOptions, device) -> _Judged:
+def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on: pd.DataFrame) -> _Selection:
+    """Every labelled image present, refused where any is of a patient the run trained or validated on."""
+    if present.empty:
+        raise DataError(f"none of the images in {images} is in the label table: there is nothing to judge")
+    seen = {}
+    for name in ("train", "val"):
+        patients = set(trained_on.loc[trained_on[SPLIT] == name, PATIENT_ID])
+        rows = present[present[PATIENT_ID].isin(patients)]
+        if len(rows):
+            seen[name] = rows
+    if seen:
+        parts = "; ".join(f"{len(rows):,} of the {name} split ({rows[PATIENT_ID].nunique():,} patients, "
+                          f"e.g. {rows[IMAGE].iloc[0]})" for name, rows in seen.items())
+        raise DataError(
+            f"{sum(map(len, seen.values())):,} of the {len(present):,} labelled images in {images} are of patients "
+            f"the model was trained or validated on ({run_split}): {parts}. Their AUC would be inflated, and the "
+            "bundle's thresholds were chosen on the val patients. To judge the run's own test split, pass "
+            "--subset test; to judge other patients, give a folder without these images"
+        )
+    judged = present.assign(**{SPLIT: "judged"})
+    what = f"every labelled image in {Path(images).name} ({len(judged):,} images, none of the run's train or val patients)"
+    info = {"file": run_split.name, "sha256": file_digest(run_split), "subset": None,
+            "all_present": True}
+    return _Selection(judged, None, what, info)
+
+
+def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
+             device) -> _Judged:
     from torch.utils.data import DataLoader
 
     from cxrlearn.data.cache import ImageCache
@@ -136,12 +194,12 @@ def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, options: Ev
     transform = input_transform(meta)
     logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
     flipped = None
-    if options.tta:
+    if tta:
         flipped, _, _ = predict_logits(model, loader, transform, device=device, progress=options.progress, flip=True)
     return _Judged(cached, labels, logits, flipped)
 
 
-def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike, images: str | os.PathLike,
+def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
              out: str | os.PathLike, options: EvaluationOptions | None = None) -> dict:
     """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
     from cxrlearn.data.cache import prepare_cache, table_fingerprint
@@ -157,7 +215,10 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike, images: str |
     from cxrlearn.model.bundle import load_bundle, write_meta
     from cxrlearn.training.run import cache_location
 
+    from cxrlearn.data import tables
+
     options = options or EvaluationOptions()
+    csv = Path(csv) if csv else tables.label_table()
     if options.threshold_method not in METHODS:
         raise ConfigError(f"threshold method {options.threshold_method!r} is not one of {', '.join(METHODS)}")
     if options.resamples < 100:
@@ -169,43 +230,69 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike, images: str |
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
     _say(presence.summary())
-    val_rows, judged_rows, what, split_info = _images_to_judge(presence.table, model_dir, meta, options)
-    _say(f"judging {what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
-         f"operating points and calibration from {len(val_rows):,} validation images")
+    chosen_here = bool(options.official_test or options.split or options.subset)
+    if options.calibrate and not chosen_here:
+        raise ConfigError("--calibrate fits temperatures on validation images: give --subset (and --split) to "
+                          "judge a split whose val images are present; without them the bundle's own are used")
+    selection = _images_to_judge(presence.table, str(images), model_dir, meta, options)
+    judged_rows, val_rows = selection.judged, selection.val
+    _say(f"judging {selection.what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
+         + (f"operating points and calibration from {len(val_rows):,} validation images" if val_rows is not None
+            else "the bundle's own thresholds and temperatures"))
+    # Thresholds chosen on val here, or the bundle's as they are; flip averaging as asked, or as the bundle's were.
+    tta = options.tta if chosen_here else options.tta or bool(meta.get("tta"))
+    if not chosen_here and options.tta and not meta.get("tta") and meta.get("thresholds"):
+        _say("warning: the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
     cache_dir, size = cache_location(meta["config"], model_dir, fingerprint)
     if options.cache:
         cache_dir = Path(options.cache)
-    both = pd.concat([val_rows, judged_rows]).drop_duplicates(IMAGE)
+    both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
     summary = prepare_cache(both, cache_dir, fingerprint, size=size, workers=options.workers,
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
     _say(summary.text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    val = _predict(model, meta, cache_dir, val_rows, options, device)
-    test = _predict(model, meta, cache_dir, judged_rows, options, device)
+    val = _predict(model, meta, cache_dir, val_rows, tta, options, device) if val_rows is not None else None
+    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device)
     left_out = len(judged_rows) - len(test.rows)
     if left_out:
         _say(f"warning: {left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
 
     def logits_of(part: _Judged) -> np.ndarray:
-        return 0.5 * (part.logits + part.flipped) if options.tta else part.logits
+        return 0.5 * (part.logits + part.flipped) if tta else part.logits
 
-    temperature = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
-    val_p = probabilities(logits_of(val), findings, temperature)
+    if val is not None:
+        temperature = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
+    else:
+        temperature = meta.get("temperature")
     test_p = probabilities(logits_of(test), findings, temperature)
     patients = test.rows[PATIENT_ID].to_numpy()
 
     metrics, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
-    chosen = choose_thresholds(val.labels, val_p, findings)
-    metrics["subset"] = what
-    metrics["operating_points"] = {
-        "chosen_on": f"{len(val.rows):,} validation images",
-        "bundle_method": options.threshold_method,
-        "thresholds": chosen["thresholds"],
-        "undefined": chosen["undefined"],
-        "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
-        "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
-    }
+    metrics["subset"] = selection.what
+    if val is not None:
+        val_p = probabilities(logits_of(val), findings, temperature)
+        chosen = choose_thresholds(val.labels, val_p, findings)
+        metrics["operating_points"] = {
+            "chosen_on": f"{len(val.rows):,} validation images",
+            "bundle_method": options.threshold_method,
+            "thresholds": chosen["thresholds"],
+            "undefined": chosen["undefined"],
+            "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
+            "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
+        }
+    elif meta.get("operating_points"):
+        stored = meta["operating_points"]
+        metrics["operating_points"] = {
+            "chosen_on": "the run's validation images (the bundle's thresholds)",
+            "bundle_method": meta.get("threshold_method") or options.threshold_method,
+            "thresholds": stored,
+            "test": operating_point_table(test.labels, test_p, stored, findings),
+        }
+    else:
+        metrics["operating_points"] = {
+            "unavailable": f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
+                           "--subset test ...` on the run's own images first, which chooses them on its val split"}
     metrics["calibration"] = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(
         test.labels, test_p, findings)}
     if temperature is not None:
@@ -218,22 +305,23 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike, images: str |
 
         metrics["expert"] = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
                                            read_expert_labels(options.expert_labels), options.resamples, options.seed)
-    if options.tta:
+    if tta:
         metrics["tta"] = _tta_comparison(test, findings, temperature, metrics, boot, options)
-    metrics["provenance"] = _provenance(model_dir, meta, csv, images, split_info, options, left_out)
+    metrics["provenance"] = _provenance(model_dir, meta, csv, images, selection.info, options, left_out, tta)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    _write_predictions(out / PREDICTIONS_FILE, findings, [(val, val_p), (test, test_p)])
+    parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
+    _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
-    if options.write_bundle:
+    if options.write_bundle and val is not None:
         meta["thresholds"] = chosen["thresholds"][options.threshold_method]
         meta["threshold_method"] = options.threshold_method
         meta["operating_points"] = chosen["thresholds"]
         meta["temperature"] = temperature  # None: probabilities are the plain sigmoid
-        meta["tta"] = options.tta  # thresholds were chosen on (un)averaged predictions: predict must match
+        meta["tta"] = tta  # thresholds were chosen on (un)averaged predictions: predict must match
         meta["evaluation"] = {"folder": str(out), "mean_auc": metrics["mean_auc"],
-                              "mean_auc_ci95": metrics["mean_auc_ci95"], "judged": what,
+                              "mean_auc_ci95": metrics["mean_auc_ci95"], "judged": selection.what,
                               "date": metrics["provenance"]["date"]}
         write_meta(model_dir, meta)
     return metrics
@@ -266,7 +354,7 @@ def _tta_comparison(test: _Judged, findings, temperature, metrics: dict, boot, o
 
 
 def _provenance(model_dir: Path, meta: dict, csv, images, split_info: dict, options: EvaluationOptions,
-                left_out: int) -> dict:
+                left_out: int, tta: bool) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(options.command) if options.command else None,
@@ -278,8 +366,9 @@ def _provenance(model_dir: Path, meta: dict, csv, images, split_info: dict, opti
         "images": str(images),
         "split": split_info,
         "images_left_out_undecodable": left_out,
-        "tta": options.tta,
-        "temperature_scaling": options.calibrate,
+        "tta": tta,
+        "temperature_scaling": ("the bundle's" if meta.get("temperature") else False) if split_info.get("all_present")
+        else options.calibrate,
         "versions": _versions(),
     }
 

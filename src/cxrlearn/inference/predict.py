@@ -48,4 +48,7 @@ def predict_loader(
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    """The logistic function in float64, without overflow warnings for large negative logits."""
+    from scipy.special import expit
+
+    return expit(np.asarray(logits, dtype=np.float64))

@@ -20,11 +20,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.model.export import ONNX_FILE
 
 #: File types a folder given to ``predict`` is searched for (named files may be of any type).
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 RUNTIMES = ("torch", "onnx")
-ONNX_FILE = "model.onnx"
 
 
 @dataclass

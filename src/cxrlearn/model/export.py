@@ -27,6 +27,8 @@ from torch import nn
 from cxrlearn._files import file_digest
 from cxrlearn.errors import ConfigError
 
+ONNX_FILE = "model.onnx"  # a bundle's ONNX export, beside model.json
+
 OPSET = 18
 METADATA_KEY = "cxrlearn"
 
@@ -71,13 +73,15 @@ def contract(meta: dict, weights_sha256: str) -> dict:
     }
 
 
-def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Write the bundle in ``model_dir`` as one ONNX file at ``out``; return its path."""
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
+    """Write the bundle in ``model_dir`` as one ONNX file at ``out`` (default ``model_dir/model.onnx``, where
+    ``cxrlearn predict --runtime onnx`` looks); return its path."""
     import onnx
 
     from cxrlearn.model.bundle import WEIGHTS, input_transform, load_bundle
 
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
+    out = Path(out) if out is not None else model_dir / ONNX_FILE
     model, meta = load_bundle(model_dir)
     wrapper = _WithPreprocessing(model, input_transform(meta)).eval()
     size = int(meta["image_size"])

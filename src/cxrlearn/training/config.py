@@ -19,7 +19,7 @@ from cxrlearn.errors import ConfigError
 DEFAULTS: dict = {
     "data": {
         "images": None,  # image folder (flat or images_NNN/images/)
-        "csv": None,  # NIH label table
+        "csv": None,  # label table; None: NIH's, as shipped with cxrlearn
         "split": None,  # split file; None: make the custom split of the images present
         "ratios": [0.7, 0.1, 0.2],
         "split_seed": 2137,
@@ -28,7 +28,7 @@ DEFAULTS: dict = {
         "image_size": 240,
         "channels": 3,
         "batch_size": 32,
-        "num_workers": 4,
+        "num_workers": 4,  # loader processes; "auto": one per CPU core, at most 16
         "prepare_workers": None,
     },
     "model": {
@@ -65,7 +65,8 @@ DEFAULTS: dict = {
         "epochs": 20,
         "early_stopping_patience": 4,
         "seed": 2137,
-        "precision": "32-true",  # 32-true, bf16-mixed or 16-mixed
+        "precision": "32-true",  # 32-true, bf16-mixed, 16-mixed, or auto (bf16/fp16 mixed on a GPU, fp32 on a CPU)
+        "cudnn_benchmark": False,  # let cuDNN time its convolution algorithms (fixed input size: faster)
         "channels_last": True,  # NHWC: faster convolutions on GPUs and on oneDNN CPUs
         "accumulate_grad_batches": 1,
         "accelerator": "auto",
@@ -105,6 +106,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
+        if not path.exists() and path.parent == Path("."):
+            from cxrlearn.configs import preset, presets
+
+            found = preset(path.name)
+            if found is None:
+                raise ConfigError(f"{path}: no such config file, nor a preset of cxrlearn's ({', '.join(presets())})")
+            path = found
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
@@ -141,10 +149,31 @@ def _validate(config: dict) -> None:
         raise ConfigError(f"optim.name must be adam or adamw, not {optim['name']!r}")
     if optim["scheduler"] not in ("plateau", "cosine", "none"):
         raise ConfigError(f"optim.scheduler must be plateau, cosine or none, not {optim['scheduler']!r}")
-    if train["precision"] not in ("32-true", "32", "bf16-mixed", "16-mixed"):
-        raise ConfigError(f"train.precision must be 32-true, bf16-mixed or 16-mixed, not {train['precision']!r}")
+    if train["precision"] not in ("32-true", "32", "bf16-mixed", "16-mixed", "auto"):
+        raise ConfigError(f"train.precision must be 32-true, bf16-mixed, 16-mixed or auto, not {train['precision']!r}")
+    if data["num_workers"] != "auto" and not (isinstance(data["num_workers"], int) and data["num_workers"] >= 0):
+        raise ConfigError(f"data.num_workers must be a whole number >= 0 or auto, not {data['num_workers']!r}")
     if int(train["epochs"]) < 1:
         raise ConfigError("train.epochs must be at least 1")
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``auto``: bf16 mixed precision on a GPU that has it, fp16 mixed on one that has not, fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def resolve_workers(workers) -> int:
+    """``auto``: one loader process per CPU core this process may use, at most 16."""
+    if workers != "auto":
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(16, cores)
 
 
 def dump_config(config: dict) -> str:

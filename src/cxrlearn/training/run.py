@@ -38,6 +38,13 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def label_table_path(config: dict) -> Path:
+    """The config's label table, or NIH's table as shipped with cxrlearn."""
+    from cxrlearn.data import tables
+
+    return Path(config["data"]["csv"]) if config["data"]["csv"] else tables.label_table()
+
+
 def cache_location(config: dict, run_dir: Path, fingerprint: str) -> tuple[Path, int]:
     """Where a run's preprocessing cache is (data.cache, else beside the run folder), and its image size.
 
@@ -49,7 +56,7 @@ def cache_location(config: dict, run_dir: Path, fingerprint: str) -> tuple[Path,
     return cache_dir, size
 
 
-def prepare_data(config: dict, run_dir: Path):
+def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
     from cxrlearn.data.cache import prepare_cache, table_fingerprint
     from cxrlearn.data.images import attach_images
@@ -57,9 +64,9 @@ def prepare_data(config: dict, run_dir: Path):
     from cxrlearn.data.split import apply_split, make_split, read_split_file, split_report, write_split
 
     data = config["data"]
-    if not data["csv"] or not data["images"]:
-        raise ConfigError("training needs data.csv (the label table) and data.images (the image folder)")
-    table = read_label_table(data["csv"])
+    if not data["images"]:
+        raise ConfigError("training needs data.images (the image folder: --images)")
+    table = read_label_table(label_table_path(config))
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, data["images"])
     _say(presence.summary())
@@ -83,7 +90,7 @@ def prepare_data(config: dict, run_dir: Path):
     in_split = present[present["image"].isin(set(split["image"]))]
     summary = prepare_cache(
         in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],
-        images_dir=str(data["images"]), label_table=Path(data["csv"]).name,
+        images_dir=str(data["images"]), label_table=label_table_path(config).name, progress=progress,
     )
     _say(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
@@ -110,6 +117,8 @@ def _trainer(config: dict, run_dir: Path, callbacks, progress: bool, resume: boo
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from cxrlearn.training.config import resolve_precision
+
     t = config["train"]
     devices = int(t["devices"]) if str(t["devices"]).isdigit() else t["devices"]
     processes = (int(devices) if str(devices).isdigit() else 1) * int(t["num_nodes"])
@@ -131,7 +140,8 @@ def _trainer(config: dict, run_dir: Path, callbacks, progress: bool, resume: boo
         devices=devices,
         num_nodes=int(t["num_nodes"]),
         strategy=strategy,
-        precision=t["precision"],
+        precision=resolve_precision(t["precision"], t["accelerator"]),
+        benchmark=bool(t["cudnn_benchmark"]),
         accumulate_grad_batches=int(t["accumulate_grad_batches"]),
         callbacks=callbacks,
         logger=loggers,
@@ -152,7 +162,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
 
     from cxrlearn.data.datamodule import ChestXrayDataModule
     from cxrlearn.model.backbones import backbone_config
-    from cxrlearn.training.config import dump_config
+    from cxrlearn.training.config import dump_config, resolve_workers
     from cxrlearn.training.losses import MultiLabelLoss, positive_weights
     from cxrlearn.training.module import MONITOR, ChestXrayModule
 
@@ -167,13 +177,13 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     started = time.time()
     L.seed_everything(int(config["train"]["seed"]), workers=True, verbose=False)
 
-    table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir)
+    table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
     data = config["data"]
     normalisation = backbone_config(config["model"]["backbone"])
     datamodule = ChestXrayDataModule(
         cache_dir, table, split, normalisation.mean, normalisation.std,
         image_size=int(data["image_size"]), channels=int(data["channels"]), batch_size=int(data["batch_size"]),
-        num_workers=int(data["num_workers"]), seed=int(config["train"]["seed"]), fingerprint=fingerprint,
+        num_workers=resolve_workers(data["num_workers"]), seed=int(config["train"]["seed"]), fingerprint=fingerprint,
     )
     datamodule.setup("fit")
 
@@ -250,7 +260,7 @@ def write_run_bundle(run_dir, model, config, normalisation, weights_source, spli
         "thresholds": {},
         "config": config,
         "split": {"file": split_path.name, "sha256": file_digest(split_path)},
-        "data": {"label_table": Path(data["csv"]).name, "images": sizes, "positives": positives,
+        "data": {"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
                  "missing_from_cache": datamodule.missing},
         "weights_source": {"kind": weights_source.kind, "detail": weights_source.detail},
         "metrics": metrics,

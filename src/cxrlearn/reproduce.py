@@ -1,0 +1,420 @@
+"""`cxrlearn reproduce kufel2023`: from nothing to the paper's table in one command.
+
+Stages, each recorded in ``OUT/reproduction-state.json`` when it finishes, so that a
+rerun after an interruption continues at the first unfinished one (training itself
+resumes from its last checkpoint):
+
+1. ``download``: NIH's 12 archives into ``--data`` (resumable, MD5-checked), or
+   nothing when ``--images`` names images already on disk;
+2. ``split``: the custom patient-wise split of the images present (seed 2137);
+3. ``prepare``: the preprocessing cache at the recipe's size;
+4. ``train``: the recipe's config (``--set`` overrides), into ``OUT/model``;
+5. ``evaluate``: the model on the split's test images, with patient-level CIs;
+6. with ``--official``: the same for a split that keeps NIH's official test list
+   out of training, judged on that list (``official-split`` … ``official-evaluate``);
+7. ``OUT/reproduction.md`` and ``reproduction.json``: per-finding AUC with 95% CIs
+   beside the paper's values and the difference, the mean, time per stage, the
+   machine and the versions.
+
+Before preparing and training it prints an estimate of their time from a short
+timing on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrlearn.errors import ConfigError
+
+STATE_FILE = "reproduction-state.json"
+REPORT_MD = "reproduction.md"
+REPORT_JSON = "reproduction.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: str  # a preset of cxrlearn.configs
+    published: str  # its key in cxrlearn.evaluation.published.PUBLISHED
+    official_published: tuple[str, ...]  # published results to set beside an official-test-list evaluation
+    title: str
+
+
+RECIPES = {
+    "kufel2023": Recipe(
+        config="kufel2023", published="Kufel 2023", official_published=("Wang 2017",),
+        title="Kufel et al. 2023 (J Pers Med 13:1426): EfficientNet-B1, custom patient-wise split, seed 2137",
+    ),
+}
+
+
+@dataclass
+class ReproduceOptions:
+    out: Path
+    data: Path | None = None  # where the archives are downloaded and unpacked (default OUT/data)
+    parts: str = "1-12"
+    images: Path | None = None  # images already on disk: no download
+    official: bool = False
+    sets: list[str] = field(default_factory=list)
+    progress: bool = True
+    command: list[str] = field(default_factory=list)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _State:
+    """The stages finished so far, with their times, and the settings they were made with."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.path = out / STATE_FILE
+        self.data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        before = self.data.get("settings")
+        if before is not None and before != settings:
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            raise ConfigError(
+                f"{out} holds a reproduction made with other settings ({', '.join(changed)}: "
+                + "; ".join(f"{k} was {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+                + "); rerun with the same options to continue it, or choose another --out")
+        self.data["settings"] = settings
+        self.data.setdefault("stages", {})
+        self._save()
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def finish(self, stage: str, seconds: float, **details) -> None:
+        self.data["stages"][stage] = {"seconds": round(seconds, 1), **details,
+                                      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(self.path)
+
+
+def _stage(state: _State, name: str, work, **details):
+    """Run ``work()`` unless the stage is recorded as finished; record it with its time."""
+    if state.done(name):
+        _say(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
+        return None
+    _say(f"[{name}] …")
+    started = time.time()
+    result = work()
+    state.finish(name, time.time() - started, **details)
+    _say(f"[{name}] done in {time.time() - started:.0f} s")
+    return result
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def machine() -> dict:
+    """What ran it: processor, cores, memory, GPU."""
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(), "python": platform.python_version()}
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        info["gpu"] = None
+    return info
+
+
+def estimate_prepare(paths: list[str], size: int, workers: int, sample: int = 16) -> float:
+    """Seconds to decode and resize ``paths`` into the cache, from timing the first few."""
+    from cxrlearn.data.cache import decode_and_resize
+
+    probe = paths[:sample]
+    started = time.perf_counter()
+    for path in probe:
+        try:
+            decode_and_resize(path, size)
+        except Exception:  # noqa: BLE001 - an undecodable file is the prepare stage's to report
+            pass
+    per_image = (time.perf_counter() - started) / max(1, len(probe))
+    return per_image * len(paths) / max(1, workers)
+
+
+def estimate_training(config: dict, n_train: int, n_val: int, steps: int = 4) -> dict:
+    """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here."""
+    import torch
+
+    from cxrlearn.findings import FINDINGS
+    from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
+    from cxrlearn.training.config import resolve_precision
+
+    data, model_cfg, train = config["data"], config["model"], config["train"]
+    device = "cuda" if torch.cuda.is_available() and train["accelerator"] != "cpu" else "cpu"
+    precision = resolve_precision(train["precision"], train["accelerator"])
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    batch, size = int(data["batch_size"]), int(data["image_size"])
+    if device == "cpu":
+        batch = min(batch, 16)  # a CPU's rate hardly depends on the batch; keep the probe short
+    model = ChestXrayClassifier(model_cfg["backbone"], HeadConfig(**model_cfg["head"]),
+                                in_chans=int(data["channels"])).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, int(data["channels"]), size, size, device=device)
+    y = torch.zeros(batch, len(FINDINGS), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocation, kernel choice
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rate = steps * batch / (time.perf_counter() - started)
+    # Validation is a forward pass only: about a third of a training step per image.
+    epoch = n_train / rate + n_val / (3 * rate)
+    return {"device": device, "precision": precision, "images_per_second": round(rate, 1),
+            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train["epochs"]), 1)}
+
+
+def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
+    """Run (or continue) the reproduction; return what ``reproduction.json`` holds."""
+    from cxrlearn.data import tables
+    from cxrlearn.data.cache import prepare_cache, table_fingerprint
+    from cxrlearn.data.download import download_nih, parse_parts, read_archives
+    from cxrlearn.data.images import attach_images
+    from cxrlearn.data.nih import read_label_table
+    from cxrlearn.training.config import load_config
+    from cxrlearn.training.run import cache_location
+
+    if recipe_name not in RECIPES:
+        raise ConfigError(f"no recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[recipe_name]
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file is there; a reproduction writes a folder")
+    data_dir = Path(options.data) if options.data else out / "data"
+    images = Path(options.images) if options.images else data_dir
+    settings = {"recipe": recipe_name, "images": str(images), "download": None if options.images else options.parts,
+                "official": options.official, "sets": list(options.sets)}
+    base = load_config(recipe.config, sets=options.sets)  # before anything is written: bad --set fails here
+    state = _State(out, settings)
+    _say(f"reproducing {recipe.title} in {out}")
+
+    if options.images:
+        if not state.done("download"):
+            state.finish("download", 0.0, skipped=f"--images {images}")
+    else:
+        archives = read_archives()
+        parts = parse_parts(options.parts, len(archives))
+        _stage(state, "download", lambda: download_nih(data_dir, parts, archives, progress=options.progress),
+               parts=options.parts)
+
+    table_path = tables.label_table()
+    table = read_label_table(table_path)
+    fingerprint = table_fingerprint(table)
+    presence = attach_images(table, images)
+    _say(presence.summary())
+    present = presence.table
+    if present.empty:
+        raise ConfigError(f"none of the images of NIH's label table is in {images}")
+
+    models = [("", out / "model", out / "split.csv", None)]
+    if options.official:
+        models.append(("official-", out / "official" / "model", out / "official" / "split.csv", tables.test_list()))
+    results = {}
+    for prefix, run_dir, split_path, official_list in models:
+        config = load_config(recipe.config, sets=options.sets)
+        config["data"]["split"] = str(split_path)
+        config["data"]["images"] = str(images)
+        config["data"]["cache"] = config["data"]["cache"] or str(
+            cache_location(config, out / "model", fingerprint)[0])  # one cache for both models
+        _stage(state, f"{prefix}split", lambda: _write_split(present, config, split_path, official_list, table_path))
+
+        def prepare():
+            from cxrlearn.data.split import read_split_file
+
+            listed = present[present["image"].isin(set(read_split_file(split_path)["image"]))]
+            cache_dir, size = cache_location(config, run_dir, fingerprint)
+            workers = config["data"]["prepare_workers"] or os.cpu_count() or 1
+            missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
+            if len(missing):
+                _say(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
+                     f"{_duration(estimate_prepare(missing['path'].tolist(), size, workers))}")
+            summary = prepare_cache(listed, cache_dir, fingerprint, size=size, workers=workers, images_dir=str(images),
+                                    label_table=table_path.name, progress=options.progress)
+            _say(summary.text())
+
+        _stage(state, f"{prefix}prepare", prepare)
+        _stage(state, f"{prefix}train", lambda: _train(config, run_dir, split_path, options.progress))
+        results[prefix or "custom"] = _stage(
+            state, f"{prefix}evaluate", lambda: _evaluate(run_dir, images, out / f"{prefix}evaluation", official_list,
+                                                          options))
+    report = write_reproduction(out, recipe, state.data, options)
+    _say(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
+    return report
+
+
+def _cached_names(cache_dir: Path) -> set[str]:
+    from cxrlearn.data.cache import ImageCache
+
+    try:
+        return set(ImageCache(cache_dir).rows)
+    except Exception:  # noqa: BLE001 - no cache yet (or a partial one): everything is still to decode
+        return set()
+
+
+def _write_split(present, config: dict, split_path: Path, official_list, table_path: Path) -> None:
+    import cxrlearn
+    from cxrlearn._files import file_digest
+    from cxrlearn.data.nih import read_image_list
+    from cxrlearn.data.split import make_split, split_report, write_split
+
+    data = config["data"]
+    official = read_image_list(official_list) if official_list else None
+    split = make_split(present, ratios=data["ratios"], seed=int(data["split_seed"]), official_test=official)
+    about = {"cxrlearn": cxrlearn.__version__, "method": "stratified", "seed": int(data["split_seed"]),
+             "label_table": {"file": table_path.name, "sha256": file_digest(table_path)}}
+    report = split_report(present, split, ratios=data["ratios"], official_test=official is not None, **about)
+    write_split(split, split_path, report)
+    _say(f"split of the {len(present):,} images present: {split_path}")
+
+
+def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> None:
+    import pandas as pd
+
+    from cxrlearn.training.run import CHECKPOINTS, train
+
+    split = pd.read_csv(split_path)
+    counts = split["split"].value_counts()
+    estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
+    _say(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
+         f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
+         f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner)")
+    resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
+    if resume:
+        _say(f"continuing the interrupted training in {run_dir} from its last checkpoint")
+    train(config, run_dir, resume=resume, progress=progress)
+
+
+def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: ReproduceOptions) -> dict:
+    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+
+    evaluation = EvaluationOptions(subset=None if official_list else "test",
+                                   official_test=str(official_list) if official_list else None,
+                                   progress=options.progress, command=options.command)
+    metrics = evaluate(run_dir, None, images, out, evaluation)
+    return {"mean_auc": metrics["mean_auc"]}
+
+
+def write_reproduction(out: Path, recipe: Recipe, state: dict, options: ReproduceOptions) -> dict:
+    """``reproduction.json`` and ``reproduction.md`` from the evaluations' metrics and the stage times."""
+    from cxrlearn.evaluation.published import PUBLISHED, published_auc
+    from cxrlearn.findings import FINDINGS
+    from cxrlearn.model.bundle import library_versions
+
+    from cxrlearn.model.bundle import read_meta
+
+    parts = [("custom", out / "model", out / "evaluation" / "metrics.json", recipe.published, (recipe.published,))]
+    if options.official:
+        parts.append(("official", out / "official" / "model", out / "official-evaluation" / "metrics.json", None,
+                      recipe.official_published))
+    report = {"recipe": recipe.title, "command": " ".join(options.command) or None,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "versions": library_versions(), "settings": state["settings"],
+              "stages": state["stages"], "results": {}}
+    lines = [f"# Reproduction: {recipe.title}", ""]
+    for name, run_dir, path, target, beside in parts:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_meta(run_dir)
+        paper = published_auc(target) if target else None
+        rows = {}
+        for finding in FINDINGS:
+            auc = metrics["auc"][finding]
+            entry = {"auc": auc, "auc_ci95": metrics["auc_ci95"][finding],
+                     "positives": metrics["positives"][finding]}
+            for source in beside:
+                entry[source] = published_auc(source)[finding]
+            if paper is not None:
+                entry["difference"] = None if auc is None else round(auc - paper[finding], 4)
+            rows[finding] = entry
+        result = {"judged": metrics["subset"], "n_images": metrics["n_images"], "n_patients": metrics["n_patients"],
+                  "mean_auc": metrics["mean_auc"], "mean_auc_ci95": metrics["mean_auc_ci95"],
+                  "mean_over": metrics["mean_over"], "per_finding": rows,
+                  "published_mean": {s: PUBLISHED[s]["mean"] for s in beside},
+                  "model": {"folder": str(run_dir), "backbone": meta["backbone"], "image_size": meta["image_size"],
+                            "epochs_run": meta["metrics"].get("epochs_run"),
+                            "weights_source": meta.get("weights_source", {}).get("kind")}}
+        report["results"][name] = result
+        lines += _result_lines(name, result, beside, paper is not None)
+    lines += ["## Time per stage", "", "| stage | time |", "| --- | --- |"]
+    lines += [f"| {stage} | {_duration(entry['seconds'])}"
+              + (f" ({entry['skipped']})" if entry.get("skipped") else "") + " |"
+              for stage, entry in state["stages"].items()]
+    m = report["machine"]
+    lines += ["", "## Machine and versions", "",
+              f"- {m['processor']}, {m['cpu_cores']} CPU cores" + (f", {m['memory_gb']} GB" if "memory_gb" in m else "")
+              + (f"; GPU: {m['gpu']} ×{m['gpu_count']} ({m['gpu_memory_gb']} GB)" if m.get("gpu") else "; no GPU"),
+              "- " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+              f"- settings: {json.dumps(state['settings'])}", ""]
+    if report["command"]:
+        lines += [f"Command: `{report['command']}`", ""]
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / REPORT_MD).write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def _result_lines(name: str, result: dict, beside, with_difference: bool) -> list[str]:
+    from cxrlearn.evaluation.published import PUBLISHED
+
+    def num(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    title = ("Custom patient-wise split (the paper's protocol)" if name == "custom"
+             else "NIH's official test list (a split that keeps it out of training)")
+    header = ["finding", "positives", "AUC", "95% CI"] + list(beside) + (["difference"] if with_difference else [])
+    model = result["model"]
+    lines = [f"## {title}", "", f"Model: {model['backbone']} at {model['image_size']} px, {model['epochs_run']} epochs, "
+             f"ImageNet weights from {model['weights_source']} ({model['folder']}). Judged: {result['judged']}: "
+             f"{result['n_images']:,} images of {result['n_patients']:,} patients. Intervals: patient-level "
+             "bootstrap over patients, 95%.", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for finding, e in result["per_finding"].items():
+        ci = "—" if not e["auc_ci95"] else f"{e['auc_ci95'][0]:.3f}–{e['auc_ci95'][1]:.3f}"
+        cells = [finding, str(e["positives"]), num(e["auc"]), ci] + [num(e[s]) for s in beside]
+        if with_difference:
+            cells.append("—" if e.get("difference") is None else f"{e['difference']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ci = result["mean_auc_ci95"]
+    mean_cells = ["**mean**", "", f"**{num(result['mean_auc'])}**", "—" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"]
+    mean_cells += [num(result["published_mean"][s]) for s in beside]
+    if with_difference:
+        mean_cells.append("—" if result["mean_auc"] is None else
+                          f"{result['mean_auc'] - result['published_mean'][beside[0]]:+.3f}")
+    lines += ["| " + " | ".join(mean_cells) + " |", ""]
+    lines += [f"- {s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})." for s in beside]
+    lines.append("")
+    return lines
+
