@@ -117,7 +117,7 @@ def test_predict_cli_over_every_format_with_a_bad_file_among_them(evaluated, gra
     code = main(["predict", "--model", str(run), str(folder), "--out", str(out), "--no-progress",
                  "--cam", str(tmp_path / "cam")])
     err = capsys.readouterr().err
-    assert code == 1  # one file could not be used; the others are all there
+    assert code == 3  # one file could not be used; the others are all there
     assert "broken.png" in err and "cannot decode image" in err
     frame = pd.read_csv(out)
     assert list(frame.columns[:15]) == ["image", *FINDINGS]
@@ -180,7 +180,7 @@ def test_predict_cli_names_every_bad_file_and_keeps_the_good_ones(evaluated, gra
     rgba = np.dstack([np.repeat(pixels[..., None], 3, axis=2), np.full(pixels.shape, 255, np.uint8)])
     Image.fromarray(rgba).save(folder / "rgba.png")
     out = tmp_path / "p.csv"
-    assert main(["predict", "--model", str(run), str(folder), "--out", str(out), "--no-progress"]) == 1
+    assert main(["predict", "--model", str(run), str(folder), "--out", str(out), "--no-progress"]) == 3
     err = capsys.readouterr().err
     for name, (_, message) in bad.items():
         assert any(name in line and message in line for line in err.splitlines()), (name, err)
@@ -190,13 +190,42 @@ def test_predict_cli_names_every_bad_file_and_keeps_the_good_ones(evaluated, gra
                                frame.loc[frame.image == "good.png", list(FINDINGS)].to_numpy(), atol=1e-6)
 
 
+def test_predict_keeps_earlier_results_and_distinct_overlays(evaluated, gray, tmp_path, capsys):
+    run, _, _ = evaluated
+    _, pixels = gray
+    # Every input bad: the earlier predictions stay as they were (nothing written, status 2).
+    out = tmp_path / "p.csv"
+    out.write_text("image,Atelectasis\nearlier.png,0.5\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image")
+    assert main(["predict", "--model", str(run), str(bad), "--out", str(out), "--no-progress"]) == 2
+    assert "left as it was" in capsys.readouterr().err
+    assert out.read_text() == "image,Atelectasis\nearlier.png,0.5\n"
+    # Same file names in different folders: one Grad-CAM overlay each, none written over another.
+    for sub in ("site-a", "site-b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "in" / sub / "chest.png")
+    cam = tmp_path / "cam"
+    assert main(["predict", "--model", str(run), str(tmp_path / "in"), "--out", str(out), "--no-progress",
+                 "--cam", str(cam), "--cam-findings", "Effusion"]) == 0
+    assert sorted(p.name for p in cam.iterdir()) == ["site-a__chest_Effusion.png", "site-b__chest_Effusion.png"]
+    # A batch size that is not a positive whole number is refused by the parser (status 2).
+    for size in ("0", "-1", "ten"):
+        with pytest.raises(SystemExit) as stop:
+            main(["predict", "--model", str(run), str(tmp_path / "in"), "--batch-size", size])
+        assert stop.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
 def test_predict_cli_errors_name_the_input(evaluated, tmp_path, capsys):
     run, _, _ = evaluated
     assert main(["predict", "--model", str(run), str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not an x-ray")
-    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--no-progress"]) == 1
-    assert "notes.txt: not an image file" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt: not an image file" in err and "none of the 1 input file(s) could be read" in err
     assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--runtime", "onnx",
                  "--onnx", str(tmp_path / "none.onnx")]) == 2
     assert "none.onnx: no ONNX model; make it with `cxrlearn export" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from cxrlearn.inference.predictor import Predictor
 from xray_files import bomb_png, dicom_bytes
 
 UPLOAD_LIMIT = 2 * 1024 * 1024  # small, so the over-limit case stays quick
+UPLOAD_TIMEOUT = 3.0  # short, so the stalled-upload case stays quick
 
 
 def _free_port() -> int:
@@ -43,8 +44,8 @@ def server(evaluated):
 
     run = evaluated[0]
     port = _free_port()
-    config = uvicorn.Config(create_app(run, max_upload_bytes=UPLOAD_LIMIT), host="127.0.0.1", port=port,
-                            log_level="warning")
+    app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -143,6 +144,53 @@ def test_bad_input_gets_a_clear_4xx_and_never_kills_the_service(server, xray):
     assert got == gray_status == 200
     assert np.allclose(list(body["probabilities"].values()), list(gray["probabilities"].values()), atol=1e-6)
     assert _get(f"{url}/healthz")[0] == 200
+
+
+def _raw_request(url: str, head: bytes, parts, pause: float = 0.0) -> tuple[int, float]:
+    """Send ``head`` then each of ``parts`` on a raw socket (stopping early if the server answers);
+    return the status the server answers with and the seconds it took."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.time()
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head)
+        for part in parts:
+            try:
+                connection.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server has answered and closed: what we would still send is refused
+        if pause:
+            time.sleep(pause)
+        answer = connection.recv(4096)
+    return int(answer.split(b" ", 2)[1]), time.time() - started
+
+
+def test_the_service_is_bounded(server):
+    url, _ = server
+    # A 16-bit 9000 x 9000 PNG is a few hundred bytes of header here (157 KB as a real file): refused from its
+    # header, before its 162 MB of pixels are decoded.
+    got, body = _post(url, "big16.png", bomb_png(9000, 9000, bits=16))
+    assert got == 413 and "implausibly large" in body["detail"] and "162 MB" not in body["detail"]
+    # A 4,000 x 4,000 16-bit header (32 MB decoded: a large radiograph) is within the budget: it fails only
+    # later, for its missing pixel data.
+    got, body = _post(url, "large16.png", bomb_png(4000, 4000, bits=16))
+    assert got == 422
+    # A chunked upload of unknown length is counted while it streams and refused at the limit.
+    path = url.split("/", 3)[2]
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: {path}\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n\r\n").encode()
+    block = b"\x00" * 65536
+    chunk = f"{len(block):x}\r\n".encode() + block + b"\r\n"
+    sent = [chunk] * (2 * UPLOAD_LIMIT // len(block))  # twice the limit, never finished
+    status, _ = _raw_request(url, head, sent)
+    assert status == 413
+    # An upload that stalls is answered 408 after the timeout, and its connection closed.
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: {path}\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n\r\n").encode()
+    status, seconds = _raw_request(url, head, [b"--x\r\n"])
+    assert status == 408 and UPLOAD_TIMEOUT - 0.5 < seconds < UPLOAD_TIMEOUT + 10
+    request = urllib.request.Request(f"{url}/healthz", method="HEAD")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
 
 
 def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):

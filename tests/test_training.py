@@ -128,3 +128,33 @@ def test_ddp_two_cpu_processes_match_single_process_evaluation(table_path, sampl
     for name, value in metrics["val"]["auc"].items():
         if value is not None:
             assert float(logged[-1][f"val/auc/{name}"]) == pytest.approx(value, abs=1e-5)
+
+
+def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(table_path, sample_images, present,
+                                                                                 tmp_path):
+    from cxrlearn.errors import ConfigError
+
+    split = split_file(present, tmp_path / "split.csv", n_train=32, n_val=16)
+    run = tmp_path / "run"
+    train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 1}), run, progress=False)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "split.csv", "model.json")}
+
+    frame = pd.read_csv(split)
+    frame["split"] = frame["split"].map({"train": "val", "val": "train"})  # same images, other roles
+    other = tmp_path / "other.csv"
+    frame.to_csv(other, index=False)
+    cases = [
+        ({"data": {"split": str(other)}}, "differs from the run's own"),
+        ({"data": {"image_size": 96}}, "data.image_size was 64, now 96"),
+        ({"model": {"backbone": "efficientnet_b0"}}, "model.backbone was 'tf_efficientnet_lite0', now 'efficientnet_b0'"),
+    ]
+    for sections, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 2}, **sections), run,
+                  resume=True, progress=False)
+        assert {name: (run / name).read_bytes() for name in before} == before
+    # More epochs, another cache folder or worker count: still the same run.
+    train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 2}), run, resume=True,
+          progress=False)
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
+    assert not list(run.glob(".*.tmp-*")) and not list((run / "checkpoints").glob("best-v*.ckpt"))

@@ -63,11 +63,12 @@ def dicom_bytes(
     return buffer.getvalue()
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width × height pixels, with almost no data: a decompression bomb's header."""
+def bomb_png(width: int, height: int, bits: int = 8) -> bytes:
+    """A grayscale PNG whose header claims width × height pixels (8 or 16 bits), with almost no data: a
+    decompression bomb's header."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")

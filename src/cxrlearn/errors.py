@@ -16,3 +16,8 @@ class DataError(CxrlearnError):
 
 class ConfigError(CxrlearnError):
     """A setting (backbone name, image size, configuration file) cannot be used."""
+
+
+class ImageTooLarge(DataError):
+    """An image whose decoded pixels would exceed the budget (:data:`cxrlearn.data.images.MAX_DECODED_BYTES`),
+    refused from its header before decoding. The service answers it with 413."""

@@ -3,6 +3,11 @@
 Each subcommand lives in a ``_cmd_*`` function that does no work of its own beyond
 reading inputs, calling library functions (the same ones the tests call) and
 printing or saving what they return.
+
+Exit statuses: 0 all done; 2 refused (bad input or options: the message names the
+file or field, nothing is written); 3 done for every input that could be read, the
+others named on stderr and skipped (``predict``, ``check``); 130 interrupted. An
+unexpected failure (a bug) exits 1 with Python's traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import sys
 from pathlib import Path
 
 from cxrlearn import __version__
-from cxrlearn._files import file_digest
+from cxrlearn._files import file_digest, write_atomic
 from cxrlearn.data import tables
 from cxrlearn.errors import CxrlearnError, DataError
+
+EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def _load_table(csv: Path, images: Path | None):
@@ -84,12 +91,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for path, message in failures:
         print(message, file=sys.stderr)
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(
-            "".join(f"{Path(p).name}\t{m}\n" for p, m in failures), encoding="utf-8"
-        )
+        write_atomic(args.report, "".join(f"{Path(p).name}\t{m}\n" for p, m in failures))
     print(f"{len(table) - len(failures):,} images decode; {len(failures):,} cannot be used")
-    return 1 if failures else 0
+    return EXIT_SKIPPED if failures else EXIT_OK
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -194,28 +198,53 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not predictor.thresholds:
         print(f"warning: {args.model} has no thresholds yet (run `cxrlearn evaluate`): no positive calls",
               file=sys.stderr)
+    if args.out and args.out.is_dir():
+        raise DataError(f"--out {args.out} is a folder; name the .csv or .json file to write")
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
     for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
+    if not predictions:
+        kept = f"; {args.out} is left as it was" if args.out and args.out.exists() else ""
+        raise DataError(f"none of the {len(paths):,} input file(s) could be read{kept}")
     rows = [p.row(predictor.findings) for p in predictions]
     if args.out and args.out.suffix.lower() == ".json":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     else:
         import pandas as pd
 
-        frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image", *predictor.findings])
+        text = pd.DataFrame(rows, columns=list(rows[0])).to_csv(index=False, float_format="%.9g")
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            frame.to_csv(args.out, index=False, float_format="%.9g")
+            write_atomic(args.out, text)
         else:
-            frame.to_csv(sys.stdout, index=False, float_format="%.9g")
-    if args.cam and predictions:
+            sys.stdout.write(text)
+    if args.cam:
         _write_cams(predictor, paths, predictions, failures, args)
     if args.out:
         print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else ""),
               file=sys.stderr)
-    return 1 if failures else 0
+    return EXIT_SKIPPED if failures else EXIT_OK
+
+
+def _distinct_names(paths: list[Path]) -> dict[Path, str]:
+    """A file name stem for each path, distinct across them: the stem alone where that is unique, else
+    prefixed by as many parent folders as it takes (``a/x.png`` and ``b/x.png`` -> ``a__x``, ``b__x``)."""
+    names, depth = {}, 0
+    pending = list(paths)
+    while pending:
+        candidates = {p: "__".join([*p.parent.parts[len(p.parent.parts) - depth:], p.stem] if depth else [p.stem])
+                      for p in pending}
+        counts: dict[str, int] = {}
+        for name in candidates.values():
+            counts[name] = counts.get(name, 0) + 1
+        taken = set(names.values())
+        still = []
+        for p, name in candidates.items():
+            if counts[name] == 1 and name not in taken or depth >= len(p.parent.parts):
+                names[p] = name if name not in taken else f"{name}__{len(names)}"
+            else:
+                still.append(p)
+        pending, depth = still, depth + 1
+    return names
 
 
 def _write_cams(predictor, paths, predictions, failures, args) -> None:
@@ -232,13 +261,16 @@ def _write_cams(predictor, paths, predictions, failures, args) -> None:
     if unknown:
         raise DataError(f"--cam-findings: unknown finding(s) {', '.join(unknown)}")
     failed = {path for path, _ in failures}
+    if args.cam.exists() and not args.cam.is_dir():
+        raise DataError(f"--cam {args.cam} is a file; Grad-CAM overlays need a folder")
     args.cam.mkdir(parents=True, exist_ok=True)
     kept = [path for path in paths if str(path) not in failed]
+    stems = _distinct_names(kept)
     for path, prediction in zip(kept, predictions):
         findings = chosen or prediction.positive or [max(prediction.probabilities, key=prediction.probabilities.get)]
         decoded = load_grayscale(path)
         for finding, heat in heatmaps(cam_predictor, decoded, findings).items():
-            Image.fromarray(overlay(predictor.model_pixels(decoded), heat)).save(args.cam / f"{path.stem}_{finding}.png")
+            Image.fromarray(overlay(predictor.model_pixels(decoded), heat)).save(args.cam / f"{stems[path]}_{finding}.png")
     print(f"wrote Grad-CAM overlays to {args.cam}", file=sys.stderr)
 
 
@@ -253,7 +285,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cxrlearn.serving.app import serve
 
-    serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20)
+    serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
+          decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections)
     return 0
 
 
@@ -276,6 +309,19 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {entry['hits']:>3}/{entry['boxes']:<3} {entry['hit_rate']:6.1%}   centre {entry['centre_hit_rate']:6.1%}")
     print(f"wrote {args.out}/pointing_game.json and overlays (heatmap with the radiologist's box)")
     return 0
+
+
+def _bounded_int(low: int, high: int, what: str):
+    """An argparse type: a whole number in [low, high], refused with a one-line message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not {what} between {low} and {high}")
+        return value
+    return parse
 
 
 def _ratios(text: str) -> float:
@@ -395,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default=DEFAULT_METHOD,
                           help="which operating point the bundle's thresholds use (default %(default)s)")
     evaluate.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=64)
     evaluate.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -421,12 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(run=_cmd_reproduce)
 
     from cxrlearn.inference.predictor import RUNTIMES
-    from cxrlearn.serving import MAX_UPLOAD_BYTES
+    from cxrlearn.serving import MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT_S
 
     predict = commands.add_parser(
         "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
         description="One row per image: image, the 14 probabilities, positive_findings and one <finding>_positive "
-        "column each at the bundle's thresholds. Unreadable files are reported and skipped (exit status 1).",
+        "column each at the bundle's thresholds. Unreadable files are reported and skipped (exit status 3); "
+        "when none can be read nothing is written (exit status 2).",
     )
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files and folders")
     predict.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
@@ -435,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
-    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=16)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
@@ -450,9 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
     serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=8000)
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
-    serve.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // 2**20)
+    serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20)
+    serve.add_argument("--upload-timeout", type=float, default=UPLOAD_TIMEOUT_S,
+                       help="seconds an upload may take to arrive whole (default %(default)s)")
+    serve.add_argument("--decoders", type=_bounded_int(1, 64, "a count"),
+                       help="images decoded at once (default: one per core, at most 4)")
+    serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=64,
+                       help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)
 
     localize = commands.add_parser(
@@ -481,10 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except CxrlearnError as err:
         print(f"cxrlearn {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"cxrlearn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

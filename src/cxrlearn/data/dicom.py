@@ -28,7 +28,7 @@ import io
 
 import numpy as np
 
-from cxrlearn.errors import DataError
+from cxrlearn.errors import DataError, ImageTooLarge
 
 DICOM_MAGIC_OFFSET = 128
 
@@ -67,8 +67,11 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values) if high <= low else (values - low) / (high - low)
 
 
-def read_dicom(data: bytes, name: str) -> np.ndarray:
-    """A DICOM file's bytes as a 2-D uint8 image; :class:`DataError` naming ``name`` when it cannot be."""
+def read_dicom(data: bytes, name: str, check_dimensions=None) -> np.ndarray:
+    """A DICOM file's bytes as a 2-D uint8 image; :class:`DataError` naming ``name`` when it cannot be.
+
+    ``check_dimensions(name, width, height, bytes_per_pixel)``, when given, judges the header's size
+    before the pixel data is decoded (:func:`cxrlearn.data.images.check_dimensions`)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi
@@ -83,8 +86,12 @@ def read_dicom(data: bytes, name: str) -> np.ndarray:
 
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * columns > Image.MAX_IMAGE_PIXELS:  # the same bound Pillow puts on PNGs, checked before decoding
-        raise DataError(f"{name}: image is implausibly large ({columns}×{rows} pixels, over Pillow's limit of "
-                        f"{Image.MAX_IMAGE_PIXELS:,})")
+        raise ImageTooLarge(f"{name}: image is implausibly large ({columns}×{rows} pixels, over Pillow's limit of "
+                            f"{Image.MAX_IMAGE_PIXELS:,})")
+    if check_dimensions is not None:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        check_dimensions(name, columns, rows, max(1, (bits + 7) // 8) * samples)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise DataError(f"{name}: a DICOM of {frames} frames; a radiograph has one")

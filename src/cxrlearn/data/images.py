@@ -22,9 +22,31 @@ from PIL import Image, UnidentifiedImageError
 
 from cxrlearn.data.dicom import DICOM_MAGIC_OFFSET, is_dicom, read_dicom
 from cxrlearn.data.nih import IMAGE
-from cxrlearn.errors import DataError
+from cxrlearn.errors import DataError, ImageTooLarge
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+#: The most decoded pixel bytes one image may take, checked from its header before any pixel is decoded
+#: (16-bit pixels count two bytes, RGB three). A chest radiograph is at most about 4,300 × 4,300 pixels
+#: (a 43 cm detector at 0.1 mm): 37 MB at 16 bits. 64 MiB leaves room for that and for a 4,000 × 3,000
+#: colour photograph, and refuses a 9,000 × 9,000 16-bit PNG (162 MB) that a 157 KB file can hold —
+#: well below Pillow's own bomb limit (89 million pixels, which would allow 179 MB of 16-bit pixels).
+MAX_DECODED_BYTES = 64 * 2**20
+#: No side of a radiograph is shorter than this (NIH's are 1,024 or more).
+MIN_SIDE = 32
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "RGBa": 4, "CMYK": 4, "I": 4, "F": 4}
+
+
+def check_dimensions(name: str, width: int, height: int, bytes_per_pixel: int) -> None:
+    """Refuse, from the header alone, an image too large to decode safely or too small to be a radiograph."""
+    decoded = int(width) * int(height) * int(bytes_per_pixel)
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageTooLarge(f"{name}: image is implausibly large for a radiograph ({width}×{height} pixels, "
+                            f"{decoded / 2**20:,.0f} MiB decoded; the limit is {MAX_DECODED_BYTES // 2**20} MiB)")
+    if min(width, height) < MIN_SIDE:
+        raise DataError(f"{name}: {width}×{height} pixels is too small to be a radiograph "
+                        f"(each side needs at least {MIN_SIDE})")
 _ARCHIVE_FOLDER = re.compile(r"images_\d{3}")
 
 
@@ -135,23 +157,38 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     * DICOM goes through the standard's grayscale pipeline
       (:func:`cxrlearn.data.dicom.read_dicom`).
 
-    ``name`` (a path or an upload's name) is what error messages call the image.
+    ``name`` (a path or an upload's name) is what error messages call the image. Whatever the bytes,
+    the only exception is :class:`DataError` (:class:`ImageTooLarge` for an image over
+    :data:`MAX_DECODED_BYTES`): a decoder's own failure on damaged data is the file's fault, not a crash.
     """
     if not data:
         raise DataError(f"{name}: the file is empty")
-    if is_dicom(data[:DICOM_MAGIC_OFFSET + 4], name):
-        return read_dicom(data, name)
+    try:
+        if is_dicom(data[:DICOM_MAGIC_OFFSET + 4], name):
+            return read_dicom(data, name, check_dimensions)
+        return _decode_with_pillow(data, name)
+    except DataError:
+        raise
+    except MemoryError:
+        raise ImageTooLarge(f"{name}: not enough memory to decode this image") from None
+    except Exception as err:  # noqa: BLE001 - pydicom, Pillow and its plugins raise many types on hostile bytes
+        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # A decompression bomb warning becomes an error rather than a hang.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size  # from the header: nothing is decoded yet
+                check_dimensions(name, width, height, _BYTES_PER_PIXEL.get(image.mode, 4))
                 image.load()
                 return _to_grayscale(name, image)
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise DataError(f"{name}: image is implausibly large ({err})") from None
+        raise ImageTooLarge(f"{name}: image is implausibly large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         # Pillow reports truncated and corrupt data as OSError ("image file is
         # truncated", "broken data stream") or SyntaxError (bad PNG chunks).

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cxrlearn._files import write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
 
@@ -51,11 +52,14 @@ def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: dic
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
+    # Weights, then metadata, each written whole or not at all: a killed save never leaves a half bundle.
+    temporary = folder / f".{WEIGHTS}.tmp-save"
+    save_file(state, str(temporary))
+    os.replace(temporary, folder / WEIGHTS)
     full = {"format": BUNDLE_FORMAT, **model.describe(), **meta}
     full.setdefault("thresholds", {})
     full.setdefault("versions", library_versions())
-    (folder / META).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    write_atomic(folder / META, json.dumps(full, indent=2) + "\n")
     return folder
 
 
@@ -85,7 +89,7 @@ def input_transform(meta: dict):
 
 
 def write_meta(folder: str | os.PathLike, meta: dict) -> None:
-    (Path(folder) / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_atomic(Path(folder) / META, json.dumps(meta, indent=2) + "\n")
 
 
 def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, dict]:

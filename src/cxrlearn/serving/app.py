@@ -8,16 +8,23 @@
 ``GET /``              a web page: drop an X-ray, see the 14 probabilities and the heatmap
 
 Bad input is the client's fault and is answered 4xx with a message naming
-what is wrong, never 500: an upload over the size limit (413, refused from
-its Content-Length before it is read where the client sends one), an empty
-or undecodable file, a decompression bomb, a DICOM without pixels (422), a
-file name with path separators (400). Inference runs in FastAPI's thread pool
-behind a lock: one forward pass at a time uses every core, and a request
-that fails frees the lock like any other.
+what is wrong, never 500: an upload over the size limit (413: from its
+Content-Length when it has one, else counted while it streams), an upload
+not complete within the time limit (408), an image whose decoded pixels would
+exceed the budget (413, from its header: :data:`cxrlearn.data.images.MAX_DECODED_BYTES`),
+an empty or undecodable file or a DICOM without pixels (422), a file name
+with path separators (400).
+
+Memory is bounded: a request body is read into memory only up to the limit;
+at most ``decoders`` images are decoded at once (each within the pixel
+budget); inference runs in FastAPI's thread pool behind a lock (one forward
+pass at a time uses every core), and a request that fails frees both like any
+other. Uvicorn refuses connections beyond ``limit_concurrency`` with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -26,12 +33,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse
 
-from cxrlearn.errors import DataError
+from cxrlearn.errors import DataError, ImageTooLarge
 
-from cxrlearn.serving import MAX_UPLOAD_BYTES
+from cxrlearn.serving import MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT_S
 
 
 def _png_base64(rgb_or_gray: np.ndarray) -> str:
@@ -49,42 +56,100 @@ def _check_name(name: str | None) -> str:
     return name
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
+def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> np.ndarray:
     """Decoded grayscale pixels of an upload; every failure is the upload's and becomes a 4xx.
 
-    Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 MP; DICOM is held to
-    the same) are refused from their headers, before any pixel is decoded.
+    Images whose decoded pixels would exceed the budget are refused from their headers (413), before any
+    pixel is decoded; at most as many decodes as ``slots`` allows run at once.
     """
     from cxrlearn.data.images import decode_grayscale
 
     if not data:
         raise HTTPException(422, f"{name}: the upload is empty")
     try:
-        return decode_grayscale(data, name)
+        with slots:
+            return decode_grayscale(data, name)
+    except ImageTooLarge as err:
+        raise HTTPException(413, str(err)) from None
     except DataError as err:
-        raise HTTPException(413 if "implausibly large" in str(err) else 422, str(err)) from None
-    except Exception as err:  # noqa: BLE001 - a decoder's own failure on hostile bytes is still bad input
-        raise HTTPException(422, f"{name}: cannot decode ({type(err).__name__}: {err})") from None
+        raise HTTPException(422, str(err)) from None
 
 
-def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+async def _send_json(send, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BoundedBodies:
+    """ASGI middleware: a request body is read whole, into memory, before the app sees it — refused (413)
+    as soon as it passes ``max_bytes`` whatever its headers say, and (408) when it is not complete within
+    ``timeout_s`` — so neither a chunked upload of unknown length nor a stalled one can hold disk or a
+    connection for long."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _send_json(send, 413, f"upload of {int(length):,} bytes is over the limit of "
+                                               f"{self.max_bytes:,} bytes")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        return await _send_json(send, 413, f"upload over the limit of {self.max_bytes:,} bytes")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await _send_json(send, 408, f"upload not complete within {self.timeout_s:g} s")
+        body, delivered = b"".join(chunks), False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def default_decoders() -> int:
+    """Images decoded at once: one per core, at most 4 (each may take up to the pixel budget, several times over)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S) -> FastAPI:
     from cxrlearn.inference.predictor import Predictor
 
     predictor = Predictor(model_dir, runtime=runtime)
     cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch")
     lock = threading.Lock()
+    slots = threading.BoundedSemaphore(decoders or default_decoders())
     app = FastAPI(title="cxrlearn", description="Chest X-ray findings (NIH ChestX-ray14)", version="1")
     page = resources.files("cxrlearn.serving").joinpath("page.html").read_text(encoding="utf-8")
+    # Room for the multipart framing around the file itself.
+    app.add_middleware(BoundedBodies, max_bytes=max_upload_bytes + 64 * 1024, timeout_s=upload_timeout_s)
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:  # room for the multipart framing
-            return JSONResponse({"detail": f"upload of {int(length):,} bytes is over the limit of "
-                                           f"{max_upload_bytes:,} bytes"}, status_code=413)
-        return await call_next(request)
-
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:
         return {"status": "ok"}
 
@@ -105,7 +170,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(413, f"{name}: upload over the limit of {max_upload_bytes:,} bytes")
         if cam is not None and cam != "top" and cam not in predictor.findings:
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
-        pixels = _decode(data, name)
+        pixels = _decode(data, name, slots)
         with lock:
             result = predictor.predict([pixels], [name])[0]
             body = {
@@ -134,8 +199,11 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
-          max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+          max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
+          upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = 64) -> None:
     import uvicorn
 
-    app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
+                     upload_timeout_s=upload_timeout_s)
+    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limit_concurrency,
+                timeout_keep_alive=5)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrlearn._files import file_digest
+from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 
@@ -61,7 +61,7 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     from cxrlearn.data.cache import prepare_cache, table_fingerprint
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_label_table
-    from cxrlearn.data.split import apply_split, make_split, read_split_file, split_report, write_split
+    from cxrlearn.data.split import apply_split, make_split, read_split_file, report_path, split_report, write_split
 
     data = config["data"]
     if not data["images"]:
@@ -76,7 +76,13 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     if data["split"]:
         split = read_split_file(data["split"])
         if Path(data["split"]).resolve() != split_path.resolve():
-            split_path.write_bytes(Path(data["split"]).read_bytes())
+            write_atomic(split_path, Path(data["split"]).read_bytes())
+            # The split's report travels with it; a report of another split must not stay beside it.
+            given_report, run_report = report_path(data["split"]), report_path(split_path)
+            if given_report.is_file():
+                write_atomic(run_report, given_report.read_bytes())
+            elif run_report.exists():
+                run_report.unlink()
     elif split_path.exists():  # a resumed run keeps its split
         split = read_split_file(split_path)
     else:
@@ -94,6 +100,56 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     )
     _say(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
+
+
+#: Settings a resumed run may change: where things are and how the work is spread, never what is learned.
+RESUMABLE = frozenset({
+    "data.images", "data.csv", "data.cache", "data.split", "data.num_workers", "data.prepare_workers",
+    "train.epochs", "train.early_stopping_patience", "train.accelerator", "train.devices", "train.num_nodes",
+    "train.strategy",
+})
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(config: dict, run_dir: Path) -> None:
+    """Refuse ``--resume`` with a split, data or model settings other than the run's own, naming each difference.
+
+    A resumed run that changed its split would judge patients it had trained on; one that changed its image
+    size or backbone would train a different model under the same name.
+    """
+    import yaml
+
+    from cxrlearn.training.config import dump_config
+
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir}: cannot resume: the run's {CONFIG_FILE} is missing, so its settings are unknown")
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{saved_path}: unreadable ({err}); cannot check that --resume continues the same run") from None
+    now = _flatten(yaml.safe_load(dump_config(config)))
+    changed = [key for key in sorted(set(saved) | set(now))
+               if key not in RESUMABLE and saved.get(key) != now.get(key)]
+    problems = [f"{key} was {saved.get(key)!r}, now {now.get(key)!r}" for key in changed]
+    run_split = run_dir / SPLIT_FILE
+    given = config["data"]["split"]
+    if given and run_split.is_file() and Path(given).resolve() != run_split.resolve():
+        if file_digest(given) != file_digest(run_split):
+            problems.append(f"the split {given} differs from the run's own {run_split} (other SHA-256)")
+    if problems:
+        raise ConfigError(f"{run_dir}: --resume must continue the same run, but " + "; ".join(problems)
+                          + ". Resume with the run's own settings (its config.yaml and split.csv), or train anew "
+                          "in another --out")
 
 
 def build_model(config: dict):
@@ -173,7 +229,10 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
         raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
     if not resume and last.exists():
         raise ConfigError(f"{run_dir} holds an earlier run; pass --resume to continue it, or choose another --out")
-    (run_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    if resume:
+        check_same_run(config, run_dir)  # before anything in the run folder is written
+    remove_stale_temporaries(run_dir)
+    write_atomic(run_dir / CONFIG_FILE, dump_config(config))
     started = time.time()
     L.seed_everything(int(config["train"]["seed"]), workers=True, verbose=False)
 
@@ -201,6 +260,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINTS, filename="best", monitor=MONITOR, mode="max", auto_insert_metric_name=False,
+        enable_version_counter=False,  # one best.ckpt, never a stale one beside best-v1.ckpt
     )
     # Lightning's save_last only refreshes last.ckpt when a new best is saved; resuming
     # needs the latest epoch whatever its score, so "last" is a checkpoint of its own.
@@ -266,4 +326,4 @@ def write_run_bundle(run_dir, model, config, normalisation, weights_source, spli
         "metrics": metrics,
     }
     save_bundle(run_dir, model, meta)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
