@@ -39,6 +39,25 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def start_service(model: str, options: list[str] = (), env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`cxrlearn serve` in a subprocess on a free loopback port, once it answers /healthz: (process, base URL)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cxrlearn.cli.main", "serve", "--model", model,
+                               "--port", str(port), *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=2).read()
+            return server, base
+        except (urllib.error.URLError, OSError):
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise SystemExit("the service did not start")
+            time.sleep(0.2)
+
+
 def client(url: str, bodies: list[tuple[bytes, str]], stop_at: float, latencies: list, errors: list) -> None:
     for i in range(MAX_REQUESTS_PER_CLIENT):
         if time.perf_counter() >= stop_at:
@@ -64,21 +83,8 @@ def main() -> None:
     args = p.parse_args()
     images = sorted((args.data / "nih-sample" / "images-256").glob("*.png"))[:32]
     bodies = [multipart(path.name, path.read_bytes()) for path in images]
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cxrlearn.cli.main", "serve", "--model", args.model,
-                               "--port", str(port), "--runtime", args.runtime],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, base = start_service(args.model, ["--runtime", args.runtime])
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=2).read()
-                break
-            except (urllib.error.URLError, OSError):
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the service did not start")
-                time.sleep(0.2)
         meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())
         url = f"{base}/v1/predict" + ("?cam=top" if args.cam else "")
         print(f"# serve load: {meta['backbone']} at {meta['image_size']} px, runtime {args.runtime}, "

@@ -119,3 +119,50 @@ def test_mismatched_cache_is_refused(built, full_size, nih_table, fingerprint):
         cache.check_compatible(other)
     with pytest.raises(DataError, match=r"not a cxrlearn image cache"):
         ImageCache(out.parent)
+
+
+def test_prepare_workers_end_when_prepare_is_killed(table_path, sample_images, tmp_path):
+    """`kill -9` of prepare's main process leaves no worker behind (they held files open for minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+        except FileNotFoundError:
+            return False
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            found.append(int(entry))
+                except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                    pass
+        return found
+
+    # 1,115 images upscaled to 1024 px: long enough to be killed mid-way.
+    process = subprocess.Popen([sys.executable, "-m", "cxrlearn.cli.main", "prepare", "--csv", str(table_path),
+                                "--images", str(sample_images), "--size", "1024", "--workers", "2",
+                                "--out", str(tmp_path / "cache")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    workers: list[int] = []
+    while len(workers) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+        workers = [c for c in children(process.pid) if alive(c)]
+    assert len(workers) >= 2, "prepare's workers did not start"
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if alive(w)], "workers outlived their parent"

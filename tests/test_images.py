@@ -120,3 +120,23 @@ def test_check_images_lists_only_the_bad_ones(tmp_path, sample_images, sample_na
     failures = check_images(good + [bad], progress=False)
     assert [p for p, _ in failures] == [str(bad)]
     assert "cannot decode image" in failures[0][1]
+
+
+def test_images_too_small_to_be_radiographs_and_broken_links_are_named(sample_images, tmp_path, capsys):
+    from PIL import Image
+
+    from cxrlearn.data.images import find_images, load_grayscale
+    from cxrlearn.errors import DataError
+
+    for size in ((1, 1), (2, 2048)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("L", size).save(path)
+        with pytest.raises(DataError, match="too small to be a radiograph"):
+            load_grayscale(path)
+    folder = tmp_path / "links"
+    folder.mkdir()
+    real = sorted(sample_images.glob("*.png"))[0]
+    (folder / real.name).symlink_to(real)
+    (folder / "00000002_000.png").symlink_to(tmp_path / "gone.png")
+    assert list(find_images(folder)) == [real.name]
+    assert "point nowhere and are skipped" in capsys.readouterr().err

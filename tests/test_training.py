@@ -153,8 +153,12 @@ def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(t
             train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 2}, **sections), run,
                   resume=True, progress=False)
         assert {name: (run / name).read_bytes() for name in before} == before
+    # Temporary files of writes killed half-way are removed by the next run in the folder.
+    (run / ".config.yaml.tmp-x1").write_text("half")
+    (run / "checkpoints" / ".last.ckpt.tmp-x2").write_bytes(b"half")
     # More epochs, another cache folder or worker count: still the same run.
     train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 2}), run, resume=True,
           progress=False)
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
-    assert not list(run.glob(".*.tmp-*")) and not list((run / "checkpoints").glob("best-v*.ckpt"))
+    assert not list(run.glob(".*.tmp-*")) and not list((run / "checkpoints").glob(".*.tmp-*"))
+    assert not list((run / "checkpoints").glob("best-v*.ckpt"))

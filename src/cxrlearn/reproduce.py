@@ -219,7 +219,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     images = Path(options.images) if options.images else data_dir
     settings = {"recipe": recipe_name, "images": str(images), "download": None if options.images else options.parts,
                 "official": options.official, "sets": list(options.sets)}
-    base = load_config(recipe.config, sets=options.sets)  # before anything is written: bad --set fails here
+    load_config(recipe.config, sets=options.sets)  # before anything is written: a bad --set fails here
     state = _State(out, settings)
     _say(f"reproducing {recipe.title} in {out}")
 

@@ -25,6 +25,18 @@ from cxrlearn.errors import CxrlearnError, DataError
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
+def _want_folder(path: Path | None, option: str) -> None:
+    """Refuse, before any work, a path that must be a folder but names a file."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} is a file; a folder is needed here")
+
+
+def _want_file(path: Path | None, option: str) -> None:
+    """Refuse, before any work, a path that must be a file but names a folder."""
+    if path is not None and path.is_dir():
+        raise DataError(f"{option} {path} is a folder; name the file to write")
+
+
 def _load_table(csv: Path, images: Path | None):
     """The label table, restricted to the images present when a folder is given."""
     from cxrlearn.data.images import attach_images
@@ -43,6 +55,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
     from cxrlearn.data.nih import read_image_list
     from cxrlearn.data.split import format_split_report, make_split, report_path, split_report, write_split
 
+    _want_file(args.out, "--out")
     table = _load_table(args.csv, args.images)
     official = read_image_list(args.official_test) if args.official_test else None
     split = make_split(table, ratios=args.ratios, seed=args.seed, official_test=official, method=args.method)
@@ -65,6 +78,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from cxrlearn.data.split import SPLITS, apply_split, read_split_file
     from cxrlearn.data.stats import format_stats, table_stats
 
+    _want_file(args.json, "--json")
     table = _load_table(args.csv, args.images)
     result: dict = {"all": table_stats(table)}
     if args.split:
@@ -86,6 +100,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from cxrlearn.data.images import check_images
 
+    _want_file(args.report, "--report")
     table = _load_table(args.csv, args.images)
     failures = check_images(list(table["path"]))
     for path, message in failures:
@@ -101,6 +116,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_label_table
 
+    _want_folder(args.out, "--out")
     table = read_label_table(args.csv)
     presence = attach_images(table, args.images)
     print(presence.summary(), file=sys.stderr)
@@ -146,6 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides[section][name] = str(value) if isinstance(value, Path) else value
+    _want_folder(args.out, "--out")
     config = load_config(args.config, overrides, args.set)
     train(config, args.out, resume=args.resume, progress=not args.no_progress)
     return 0
@@ -160,6 +177,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
         write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
     )
+    _want_folder(args.out, "--out")
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
     print(f"mean AUC {metrics['mean_auc']:.4f} (95% CI {metrics['mean_auc_ci95'][0]:.4f}-{metrics['mean_auc_ci95'][1]:.4f}) "
           f"over {len(metrics['mean_over'])} findings, {metrics['n_images']:,} images of {metrics['n_patients']:,} patients")

@@ -43,6 +43,8 @@ from cxrlearn.errors import DataError
 
 CACHE_FORMAT = 1
 DEFAULT_IMAGE_SIZE = 256
+#: The sides an image may be cached or fed to the network at (training, the cache and bundles alike).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
 #: Resampling used for the resize. Lanczos is antialiased when shrinking (its
 #: support widens with the scale factor), which plain strided resizing is not.
 RESAMPLING = Image.Resampling.LANCZOS
@@ -243,6 +245,33 @@ def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, lab
     return rows
 
 
+def die_with_parent() -> None:
+    """In a worker process: end when the process that started it ends, even by ``kill -9``.
+
+    Linux delivers SIGTERM at the parent's death (``PR_SET_PDEATHSIG``); elsewhere, and as a second
+    line, a thread checks every second whether the worker has been orphaned.
+    """
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(1.0)
+
+    parent = os.getppid()
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def prepare_cache(
     table: pd.DataFrame,
     out: str | os.PathLike,
@@ -266,8 +295,9 @@ def prepare_cache(
     """
     from tqdm.auto import tqdm
 
-    if size < 32 or size > 2048:
-        raise DataError(f"--size must be between 32 and 2048 pixels, not {size}")
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise DataError(f"the cache's image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
+                        f"not {size}")
     out = Path(out)
     started = time.perf_counter()
     rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
@@ -291,7 +321,7 @@ def prepare_cache(
 
         jobs = ((name, str(path), size) for name, path in todo)
         bar = tqdm(total=len(todo), desc=f"prepare {size}px", unit="img", disable=not progress, file=sys.stderr)
-        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) if workers > 1 else None
         try:
             results = pool.map(_work, jobs, chunksize=8) if pool else map(_work, jobs)
             for name, pixels, error in results:

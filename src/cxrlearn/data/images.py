@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,15 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"{root}: image folder does not exist or is not a folder")
     found: dict[str, Path] = {}
+    broken: list[str] = []
     for folder in _image_folders(root):
         with os.scandir(folder) as entries:
             for entry in entries:
-                if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file():
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                if not entry.is_file():
+                    if entry.is_symlink():
+                        broken.append(entry.path)
                     continue
                 if entry.name in found:
                     raise DataError(
@@ -81,6 +87,9 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
                         f"{entry.path}; remove one copy"
                     )
                 found[entry.name] = Path(entry.path)
+    if broken:
+        print(f"warning: {len(broken):,} image link(s) under {root} point nowhere and are skipped: "
+              + ", ".join(broken[:3]) + (" …" if len(broken) > 3 else ""), file=sys.stderr)
     return found
 
 

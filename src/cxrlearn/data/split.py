@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -288,8 +289,11 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: no such split file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable split file ({err})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a split file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError,
+            zlib.error) as err:  # a truncated or damaged .gz is EOFError, OSError or zlib.error
+        raise DataError(f"{path}: not a readable split file ({type(err).__name__}: {err})") from None
     missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(

@@ -13,6 +13,7 @@ serve read them from here, never from defaults in code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -64,13 +65,97 @@ def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: dic
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
+    """The bundle's metadata, validated (:func:`validate_meta`): a damaged ``model.json`` is refused with the
+    field at fault named, never run with wrong answers."""
     path = Path(folder) / META
     if not path.is_file():
         raise ConfigError(f"{folder}: not a cxrlearn model bundle (no {META})")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise ConfigError(f"{path}: bundle format {meta.get('format')} is not {BUNDLE_FORMAT}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    validate_meta(meta, path)
     return meta
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_meta(meta, path: str | os.PathLike = META) -> None:
+    """Types and ranges of every field prediction reads; :class:`ConfigError` naming the file and field."""
+    from cxrlearn.data.cache import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    def bad(field: str, expected: str, value) -> ConfigError:
+        return ConfigError(f"{path}: field {field!r} must be {expected}, not {value!r}"[:400])
+
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: a bundle's metadata is a JSON object, not {type(meta).__name__}")
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ConfigError(f"{path}: bundle format {meta.get('format')!r} is not {BUNDLE_FORMAT} "
+                          "(made by another version of cxrlearn?)")
+    for field in ("backbone", "head", "in_chans", "image_size", "normalization", "findings"):
+        if field not in meta:
+            raise ConfigError(f"{path}: field {field!r} is missing")
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        raise bad("backbone", "a timm model name", meta["backbone"])
+    head = meta["head"]
+    if not isinstance(head, dict) or set(head) != {"units", "activation", "dropout"}:
+        raise bad("head", "an object with units, activation and dropout", head)
+    if not isinstance(head["units"], int) or isinstance(head["units"], bool) or head["units"] < 1:
+        raise bad("head.units", "a whole number >= 1", head["units"])
+    if not _number(head["dropout"]) or not 0 <= head["dropout"] < 1:
+        raise bad("head.dropout", "a number in [0, 1)", head["dropout"])
+    if meta["in_chans"] not in (1, 3) or isinstance(meta["in_chans"], bool):
+        raise bad("in_chans", "1 or 3", meta["in_chans"])
+    size = meta["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise bad("image_size", f"a whole number from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}", size)
+    trained = (meta.get("config") or {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
+    if "image_size" in trained and trained["image_size"] != size:
+        raise ConfigError(f"{path}: field 'image_size' is {size!r} but the model was trained at "
+                          f"{trained['image_size']!r} (config.data.image_size): the file has been changed")
+    cache_size = trained.get("cache_size")
+    if cache_size is not None and (not isinstance(cache_size, int) or not MIN_IMAGE_SIZE <= cache_size <= MAX_IMAGE_SIZE):
+        raise bad("config.data.cache_size", f"null or a whole number from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}",
+                  cache_size)
+    norm = meta["normalization"]
+    if not isinstance(norm, dict):
+        raise bad("normalization", "an object with mean and std", norm)
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if not isinstance(values, list) or len(values) != 3 or not all(_number(v) for v in values):
+            raise bad(f"normalization.{key}", "a list of 3 numbers", values)
+    if not all(v > 0 for v in norm["std"]):
+        raise bad("normalization.std", "3 positive numbers", norm["std"])
+    findings = meta["findings"]
+    if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f for f in findings):
+        raise bad("findings", "a non-empty list of finding names", findings)
+    repeated = sorted({f for f in findings if findings.count(f) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: field 'findings' names {', '.join(repeated)} more than once")
+    known = set(findings)
+    for field in ("thresholds", "temperature"):
+        values = meta.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise bad(field, "an object keyed by finding name, or null", values)
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"{path}: field {field!r} names {name!r}, which is not one of the bundle's findings")
+            if value is None:
+                continue
+            if field == "thresholds" and (not _number(value) or not 0 <= value <= 1):
+                raise bad(f"thresholds.{name}", "a probability in [0, 1] or null", value)
+            if field == "temperature" and (not _number(value) or value <= 0):
+                raise bad(f"temperature.{name}", "a positive number or null", value)
+    if "tta" in meta and not isinstance(meta["tta"], bool):
+        raise bad("tta", "true or false", meta["tta"])
 
 
 def resize_sizes(meta: dict) -> tuple[int, int]:
@@ -97,11 +182,23 @@ def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, dict]:
     from safetensors.torch import load_file
 
     meta = read_meta(folder)
-    model = ChestXrayClassifier(
-        meta["backbone"], HeadConfig(**meta["head"]), num_findings=len(meta["findings"]), in_chans=meta["in_chans"]
-    )
+    try:
+        model = ChestXrayClassifier(
+            meta["backbone"], HeadConfig(**meta["head"]), num_findings=len(meta["findings"]), in_chans=meta["in_chans"]
+        )
+    except ConfigError as err:
+        raise ConfigError(f"{Path(folder) / META}: {err}") from None
     weights = Path(folder) / WEIGHTS
     if not weights.is_file():
         raise ConfigError(f"{folder}: the bundle has no {WEIGHTS}")
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{weights}: the weights do not fit the model that {META} describes "
+                          f"({meta['backbone']}, {len(meta['findings'])} findings): {first}") from None
     return model.eval(), meta

@@ -117,6 +117,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(loaded, dict):
@@ -135,26 +139,100 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = _parse_value(value)
         _merge(config, nested)
-    _validate(config)
+    _validate(config, str(path) if path is not None else "config")
     return config
 
 
-def _validate(config: dict) -> None:
-    data, optim, train = config["data"], config["optim"], config["train"]
-    if data["channels"] not in (1, 3):
-        raise ConfigError(f"data.channels must be 1 or 3, not {data['channels']}")
-    if not 32 <= int(data["image_size"]) <= 2048:
-        raise ConfigError(f"data.image_size must be between 32 and 2048, not {data['image_size']}")
-    if optim["name"] not in ("adam", "adamw"):
-        raise ConfigError(f"optim.name must be adam or adamw, not {optim['name']!r}")
-    if optim["scheduler"] not in ("plateau", "cosine", "none"):
-        raise ConfigError(f"optim.scheduler must be plateau, cosine or none, not {optim['scheduler']!r}")
-    if train["precision"] not in ("32-true", "32", "bf16-mixed", "16-mixed", "auto"):
-        raise ConfigError(f"train.precision must be 32-true, bf16-mixed, 16-mixed or auto, not {train['precision']!r}")
-    if data["num_workers"] != "auto" and not (isinstance(data["num_workers"], int) and data["num_workers"] >= 0):
-        raise ConfigError(f"data.num_workers must be a whole number >= 0 or auto, not {data['num_workers']!r}")
-    if int(train["epochs"]) < 1:
-        raise ConfigError("train.epochs must be at least 1")
+def _whole(low=None, high=None, allow=()):
+    """A rule: a whole number (not a bool, not 2.7) in [low, high], or one of ``allow``."""
+    def rule(value):
+        if value in allow and not isinstance(value, bool):
+            return True
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and (low is None or value >= low) and (high is None or value <= high))
+    span = (f" from {low} to {high}" if high is not None else f" >= {low}" if low is not None else "")
+    extra = "".join(f" or {a}" for a in allow)
+    return rule, f"a whole number{span}{extra}"
+
+
+def _real(low=None, high=None, low_open=False, high_open=False):
+    def rule(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return False
+        if low is not None and (value <= low if low_open else value < low):
+            return False
+        return high is None or (value < high if high_open else value <= high)
+    span = ("" if low is None else f" {'>' if low_open else '>='} {low}") + (
+        "" if high is None else f"{' and' if low is not None else ''} {'<' if high_open else '<='} {high}")
+    return rule, f"a number{span}"
+
+
+def _one_of(*choices):
+    return (lambda value: value in choices and not isinstance(value, bool)), "one of " + ", ".join(map(str, choices))
+
+
+def _optional(rule_and_text):
+    rule, text = rule_and_text
+    return (lambda value: value is None or rule(value)), f"null or {text}"
+
+
+_BOOL = ((lambda value: isinstance(value, bool)), "true or false")
+_TEXT = ((lambda value: isinstance(value, str) and value != ""), "a non-empty text")
+
+
+def _ratios_rule(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+            and sum(value) > 0 and abs(sum(value) - 1) < 1e-6)
+
+
+def _schema() -> dict:
+    """Every config value's rule: type and range, checked on load with the key named."""
+    from cxrlearn.data.cache import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from cxrlearn.model.classifier import ACTIVATIONS
+    from cxrlearn.training.losses import LOSSES
+
+    size = _whole(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    return {
+        "data.images": _optional(_TEXT), "data.csv": _optional(_TEXT), "data.split": _optional(_TEXT),
+        "data.ratios": (_ratios_rule, "three numbers >= 0 that sum to 1 (train, val, test)"),
+        "data.split_seed": _whole(0), "data.cache": _optional(_TEXT), "data.cache_size": _optional(size),
+        "data.image_size": size, "data.channels": _one_of(1, 3), "data.batch_size": _whole(1, 65536),
+        "data.num_workers": _whole(0, 256, allow=("auto",)), "data.prepare_workers": _optional(_whole(1, 1024)),
+        "model.backbone": _TEXT, "model.weights": _optional(_TEXT), "model.hub": _BOOL,
+        "model.head.units": _whole(1, 65536), "model.head.activation": _one_of(*ACTIVATIONS),
+        "model.head.dropout": _real(0, 1, high_open=True), "model.drop_path_rate": _real(0, 1, high_open=True),
+        "model.freeze_bn": _BOOL, "model.trainable_blocks": _optional(_whole(0)),
+        "optim.name": _one_of("adam", "adamw"), "optim.lr": _real(0, 10, low_open=True),
+        "optim.weight_decay": _real(0), "optim.backbone_lr_scale": _real(0),
+        "optim.scheduler": _one_of("plateau", "cosine", "none"), "optim.plateau_factor": _real(0, 1, True, True),
+        "optim.plateau_patience": _whole(0), "optim.warmup_epochs": _real(0), "optim.head_only_epochs": _whole(0),
+        "optim.unfreeze_warmup": _BOOL,
+        "loss.name": _one_of(*LOSSES), "loss.pos_weight": _BOOL, "loss.focal_gamma": _real(0),
+        "loss.focal_alpha": _real(0, 1), "loss.asl_gamma_neg": _real(0), "loss.asl_gamma_pos": _real(0),
+        "loss.asl_clip": _real(0, 1, high_open=True),
+        "train.epochs": _whole(1, 100_000), "train.early_stopping_patience": _whole(0), "train.seed": _whole(0),
+        "train.precision": _one_of("32-true", "32", "bf16-mixed", "16-mixed", "auto"),
+        "train.cudnn_benchmark": _BOOL, "train.channels_last": _BOOL, "train.accumulate_grad_batches": _whole(1),
+        "train.accelerator": _one_of("auto", "cpu", "gpu", "cuda", "mps"),
+        "train.devices": _whole(1, 4096, allow=("auto",)), "train.num_nodes": _whole(1),
+        "train.strategy": _TEXT, "train.tta": _BOOL,
+        "train.limit_train_batches": (lambda v: v is None or _whole(1)[0](v) or _real(0, 1, low_open=True)[0](v),
+                                      "null, a whole number of batches >= 1, or a fraction in (0, 1]"),
+        "train.deterministic": _BOOL,
+    }
+
+
+def _validate(config: dict, source: str = "config") -> None:
+    """Check every value's type and range; :class:`ConfigError` naming the file and key, before any work starts."""
+    for key, (rule, expected) in _schema().items():
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, str) and key in ("train.devices",) and node.isdigit():
+            node = int(node)  # --devices 2 arrives as text
+        if not rule(node):
+            raise ConfigError(f"{source}: {key} must be {expected}, not {node!r}")
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
