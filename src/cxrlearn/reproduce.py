@@ -312,7 +312,8 @@ def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> Non
     estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
     _say(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
          f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
-         f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner)")
+         f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner), "
+         "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
     if resume:
         _say(f"continuing the interrupted training in {run_dir} from its last checkpoint")
