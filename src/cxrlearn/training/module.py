@@ -101,10 +101,13 @@ class ChestXrayModule(L.LightningModule):
         frozen = self.backbone_frozen()
         for p in self.model.backbone.parameters():
             p.requires_grad_(not frozen and id(p) in self.trainable)
-        if frozen or self.freeze_bn:
-            # Frozen BatchNorm keeps ImageNet statistics: small batches of X-rays would skew them.
-            for module in self.model.backbone.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        for module in self.model.backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                # Frozen BatchNorm keeps ImageNet statistics: small batches of X-rays would skew them.
+                # Stages that trainable_blocks leaves frozen keep theirs too, or their "frozen" output
+                # would drift with the running statistics while their weights stay put.
+                outside = not any(id(p) in self.trainable for p in module.parameters(recurse=False))
+                if frozen or self.freeze_bn or outside:
                     module.eval()
 
     def on_fit_start(self) -> None:
