@@ -67,7 +67,7 @@ def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_image_list
     from cxrlearn.training.config import load_config
-    from cxrlearn.training.run import train
+    from cxrlearn.workflows.train import train
 
     root = tmp_path_factory.mktemp("evaluation")
     present = attach_images(nih_table, sample_images).table
@@ -101,7 +101,7 @@ def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory
 @pytest.fixture(scope="session")
 def evaluated(trained_run, table_path, sample_images, data_dir, tmp_path_factory):
     """The trained run evaluated (with flip averaging and temperatures): its bundle now has thresholds."""
-    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+    from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 
     run, _ = trained_run
     out = tmp_path_factory.mktemp("eval")

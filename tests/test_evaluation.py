@@ -17,7 +17,7 @@ from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
 from cxrlearn.evaluation.metrics import finding_metrics
 from cxrlearn.evaluation.operating_points import choose_threshold, confusion
-from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import read_meta
 

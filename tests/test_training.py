@@ -16,7 +16,7 @@ from cxrlearn.data.images import attach_images
 from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.findings import FINDINGS
 from cxrlearn.training.config import load_config
-from cxrlearn.training.run import train
+from cxrlearn.workflows.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -149,7 +149,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cxrlearn.training.config import load_config
-    from cxrlearn.training.run import train
+    from cxrlearn.workflows.train import train
 
     overrides: dict = {"data": {}, "model": {}, "train": {}}
     for key, section, name in [
@@ -169,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+    from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 
     options = EvaluationOptions(
         split=args.split, subset=args.subset, official_test=args.official_test, expert_labels=args.expert_labels,
@@ -191,7 +191,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from cxrlearn.reproduce import REPORT_MD, ReproduceOptions, reproduce
+    from cxrlearn.workflows.reproduce import REPORT_MD, ReproduceOptions, reproduce
 
     options = ReproduceOptions(out=args.out, data=args.data, parts=args.parts, images=args.images,
                                official=args.official, sets=args.set, progress=not args.no_progress,
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
 
-    from cxrlearn.reproduce import RECIPES
+    from cxrlearn.workflows.reproduce import RECIPES
 
     reproduce = commands.add_parser(
         "reproduce", help="a published result from nothing: download, split, prepare, train, evaluate, compare",

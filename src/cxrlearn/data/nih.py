@@ -198,8 +198,9 @@ def _canonical_columns(path: Path, header: list[str]) -> dict[str, str]:
     return mapping
 
 
-def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read an NIH ChestX-ray14 label table (2017 or 2020 format, plain or gzipped).
+def read_label_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read an NIH ChestX-ray14 label table (2017 or 2020 format, plain or gzipped); without a path,
+    NIH's 2020 table as shipped with cxrlearn (:mod:`cxrlearn.data.tables`).
 
     Returns a frame with the columns ``image, patient_id, follow_up, age, sex, view``
     (plus ``width, height, pixel_spacing_x, pixel_spacing_y`` where the table has
@@ -209,6 +210,10 @@ def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
     Raises :class:`DataError` naming the file and line for missing columns,
     unparseable values, unknown findings and duplicated images.
     """
+    if path is None:
+        from cxrlearn.data import tables
+
+        path = tables.label_table()
     path = Path(path)
     text = _read_text(path)
     try:

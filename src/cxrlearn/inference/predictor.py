@@ -143,12 +143,16 @@ class Predictor:
             for i, (name, row) in enumerate(zip(names, probs))
         ]
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 16, progress: bool = True
+    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16, progress: bool = True
                       ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predictions for image files, and ``(file, error)`` for those that cannot be read; none is lost."""
         from tqdm.auto import tqdm
 
         from cxrlearn.data.images import load_grayscale
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch size must be a whole number >= 1, not {batch_size!r}")
+        paths = [Path(p) for p in paths]
 
         names = _display_names(paths)
         predictions: list[Prediction] = []

@@ -207,7 +207,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_label_table
     from cxrlearn.training.config import load_config
-    from cxrlearn.training.run import cache_location
+    from cxrlearn.workflows.train import cache_location
 
     if recipe_name not in RECIPES:
         raise ConfigError(f"no recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
@@ -305,7 +305,7 @@ def _write_split(present, config: dict, split_path: Path, official_list, table_p
 def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> None:
     import pandas as pd
 
-    from cxrlearn.training.run import CHECKPOINTS, train
+    from cxrlearn.workflows.train import CHECKPOINTS, train
 
     split = pd.read_csv(split_path)
     counts = split["split"].value_counts()
@@ -321,7 +321,7 @@ def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> Non
 
 
 def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: ReproduceOptions) -> dict:
-    from cxrlearn.evaluation.run import EvaluationOptions, evaluate
+    from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 
     evaluation = EvaluationOptions(subset=None if official_list else "test",
                                    official_test=str(official_list) if official_list else None,

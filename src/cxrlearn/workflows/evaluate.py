@@ -213,7 +213,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     from cxrlearn.evaluation.subgroups import subgroup_metrics
     from cxrlearn.inference.outputs import probabilities
     from cxrlearn.model.bundle import load_bundle, write_meta
-    from cxrlearn.training.run import cache_location
+    from cxrlearn.workflows.train import cache_location
 
     from cxrlearn.data import tables
 

@@ -1,0 +1,37 @@
+"""The public API: the names the README shows, importable from the package itself, and lightly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_public_names_import_from_the_package_and_are_the_library_functions():
+    import cxrlearn
+    from cxrlearn import Predictor, evaluate, load_bundle, make_split, read_label_table, train
+    from cxrlearn.data.split import make_split as defined
+
+    assert make_split is defined
+    assert {"Predictor", "load_bundle", "make_split", "train", "evaluate"} <= set(cxrlearn.__all__)
+    assert all(callable(f) for f in (Predictor, evaluate, load_bundle, make_split, read_label_table, train))
+
+
+def test_importing_the_package_loads_no_heavy_dependency():
+    code = ("import sys, cxrlearn; heavy = [m for m in ('torch', 'pydicom', 'fastapi', 'lightning') if m in sys.modules];"
+            " print(','.join(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_the_readme_example_runs(evaluated, sample_images, capsys):
+    """The README's Python example as written, with its bundle and image pointed at real ones."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"## From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    image = sorted(sample_images.glob("*.png"))[0]
+    code = code.replace('"runs/kufel2023"', repr(str(evaluated[0]))).replace('"chest.png"', repr(str(image)))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "train" in printed and image.name in printed
