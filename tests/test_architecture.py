@@ -12,7 +12,8 @@ PACKAGE = Path(cxrlearn.__file__).parent
 
 #: Lowest first. A module may import its own layer and the layers listed before it.
 LAYERS = [
-    ("core", ["cxrlearn", "cxrlearn.findings", "cxrlearn.errors", "cxrlearn._files", "cxrlearn.configs"]),
+    ("core", ["cxrlearn", "cxrlearn.findings", "cxrlearn.errors", "cxrlearn.defaults", "cxrlearn._files",
+              "cxrlearn.configs"]),
     ("data", ["cxrlearn.data"]),
     ("model", ["cxrlearn.model"]),
     ("inference", ["cxrlearn.inference"]),

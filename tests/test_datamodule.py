@@ -165,11 +165,11 @@ def test_distributed_sampler_shards_the_training_set(nih_table, sample):
     assert set(shards[0]) | set(shards[1]) == set(range(len(dataset)))
 
 
-def test_split_images_missing_from_the_cache_are_reported(nih_table, sample, capsys):
+def test_split_images_missing_from_the_cache_are_reported(nih_table, sample, caplog):
     cache, fingerprint, split = sample
     extra = split.copy()
     extra.loc[len(extra)] = ["00030805_000.png", 30805, "test"]
     dm = ChestXrayDataModule(cache, nih_table, extra, B0.mean, B0.std, num_workers=0, fingerprint=fingerprint)
     dm.setup()
     assert dm.missing["test"] == 1
-    assert "1 test images of the split are not in the cache" in capsys.readouterr().err
+    assert "1 test images of the split are not in the cache" in caplog.text

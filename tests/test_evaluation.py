@@ -338,3 +338,13 @@ def test_evaluate_any_folder_refuses_training_and_validation_patients(trained_ru
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="--calibrate fits temperatures on validation images"):
         evaluate(run, None, sample_images, tmp_path / "out", EvaluationOptions(calibrate=True, progress=False))
+
+
+def test_published_values_are_keyed_by_finding_and_average_to_their_means():
+    from cxrlearn.evaluation.published import PUBLISHED, published_auc
+
+    for source, entry in PUBLISHED.items():
+        assert set(entry["auc"]) == set(FINDINGS), source
+        values = published_auc(source)
+        assert list(values) == list(FINDINGS)
+        assert abs(np.mean(list(values.values())) - entry["mean"]) < 0.0015, source

@@ -122,7 +122,7 @@ def test_check_images_lists_only_the_bad_ones(tmp_path, sample_images, sample_na
     assert "cannot decode image" in failures[0][1]
 
 
-def test_images_too_small_to_be_radiographs_and_broken_links_are_named(sample_images, tmp_path, capsys):
+def test_images_too_small_to_be_radiographs_and_broken_links_are_named(sample_images, tmp_path, caplog):
     from PIL import Image
 
     from cxrlearn.data.images import find_images, load_grayscale
@@ -139,4 +139,4 @@ def test_images_too_small_to_be_radiographs_and_broken_links_are_named(sample_im
     (folder / real.name).symlink_to(real)
     (folder / "00000002_000.png").symlink_to(tmp_path / "gone.png")
     assert list(find_images(folder)) == [real.name]
-    assert "point nowhere and are skipped" in capsys.readouterr().err
+    assert "point nowhere and are skipped" in caplog.text

@@ -35,3 +35,21 @@ def test_the_readme_example_runs(evaluated, sample_images, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "train" in printed and image.name in printed
+
+
+def test_the_library_logs_and_the_command_shows_it_once_from_the_first_process(table_path, capsys, monkeypatch):
+    """Library modules log (a logger per module) rather than print; the CLI shows INFO lines plainly and
+    warnings with `warning: `, and nothing from a DDP process other than the first."""
+    import logging
+
+    from cxrlearn.cli.main import main
+
+    assert main(["stats", "--csv", str(table_path)]) == 0
+    capsys.readouterr()
+    logging.getLogger("cxrlearn.data.images").warning("a test warning")
+    logging.getLogger("cxrlearn.workflows.train").info("a test line")
+    err = capsys.readouterr().err
+    assert "warning: a test warning\n" in err and "a test line\n" in err
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    logging.getLogger("cxrlearn.workflows.train").info("from rank 1")
+    assert "from rank 1" not in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_ddp_two_cpu_processes_match_single_process_evaluation(table_path, sampl
 
 
 def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(table_path, sample_images, present,
-                                                                                 tmp_path, capsys):
+                                                                                 tmp_path, caplog):
     from cxrlearn.errors import ConfigError
 
     split = split_file(present, tmp_path / "split.csv", n_train=32, n_val=16)
@@ -140,7 +140,7 @@ def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(t
     run = tmp_path / "run"
     train(tiny_config(table_path, sample_images, split, tmp_path, train={"epochs": 1}), run, progress=False)
     assert "1 image(s) of the split are not in the label table and are left out (e.g. 99999999_999.png)" in \
-        capsys.readouterr().err
+        caplog.text
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "split.csv", "model.json")}
 
     frame = pd.read_csv(split)

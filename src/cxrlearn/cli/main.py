@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,24 @@ from cxrlearn.data import tables
 from cxrlearn.errors import CxrlearnError, DataError
 
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+class _Stderr(logging.Handler):
+    """The library's log records as plain lines on standard error (``warning: `` before warnings), from the
+    first process of a DDP run only; written to ``sys.stderr`` as it is at each record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            return
+        message = record.getMessage()
+        print(f"warning: {message}" if record.levelno >= logging.WARNING else message, file=sys.stderr, flush=True)
+
+
+def _show_library_log() -> None:
+    logger = logging.getLogger("cxrlearn")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.INFO)
 
 
 def _want_folder(path: Path | None, option: str) -> None:
@@ -546,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_library_log()
     if "csv" in args and args.csv is None and args.command != "train":
         args.csv = tables.label_table()
     try:

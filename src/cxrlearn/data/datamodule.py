@@ -8,8 +8,8 @@ training device (see :mod:`cxrlearn.data.augment` for why).
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +20,14 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cxrlearn.defaults import SEED
 from cxrlearn.data.augment import Augmentation, BatchTransform, resize
 from cxrlearn.data.cache import ImageCache, table_fingerprint
 from cxrlearn.data.nih import IMAGE, label_matrix
 from cxrlearn.data.split import SPLIT, SPLITS, apply_split
 from cxrlearn.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class CachedXrayDataset(Dataset):
@@ -127,7 +130,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 4,
         pin_memory: bool = True,
-        seed: int = 2137,
+        seed: int = SEED,
         augmentation: Augmentation | None = Augmentation(),
         fingerprint: str | None = None,
     ):
@@ -157,11 +160,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             cached = part[IMAGE].isin(cache.rows.keys()).to_numpy()
             self.missing[name] = int((~cached).sum())
             if self.missing[name]:
-                print(
-                    f"warning: {self.missing[name]:,} {name} images of the split are not in the cache "
-                    f"{self.cache_dir} (not present or not decodable) and are left out",
-                    file=sys.stderr,
-                )
+                log.warning(f"{self.missing[name]:,} {name} images of the split are not in the cache "
+                            f"{self.cache_dir} (not present or not decodable) and are left out")
             part = part[cached]
             if part.empty:
                 continue

@@ -14,6 +14,7 @@ beyond ``urllib``, and each step is short enough to read.
 
 from __future__ import annotations
 
+import logging
 import http.client
 import os
 import shutil
@@ -28,6 +29,9 @@ from pathlib import Path, PurePosixPath
 from cxrlearn._files import file_digest
 from cxrlearn.data import tables
 from cxrlearn.errors import DataError
+
+log = logging.getLogger(__name__)
+
 
 CHUNK = 1 << 20
 COMPLETE = ".complete"
@@ -175,7 +179,7 @@ def download_file(
                         f"to resume from {part.stat().st_size if part.exists() else 0:,} bytes"
                     ) from None
                 wait = backoff * 2 ** (failures - 1)
-                print(f"{label}: {err}; retrying in {wait:g} s ({failures}/{retries})", file=sys.stderr)
+                log.warning(f"{label}: {err}; retrying in {wait:g} s ({failures}/{retries})")
                 time.sleep(wait)
         got = file_digest(part, "md5")
         if got == md5:
@@ -184,7 +188,7 @@ def download_file(
         bad = dest.with_name(dest.name + ".md5-mismatch")
         part.replace(bad)
         if not fresh_start:
-            print(f"{label}: MD5 {got} is not NIH's {md5}; downloading it again from the start", file=sys.stderr)
+            log.warning(f"{label}: MD5 {got} is not NIH's {md5}; downloading it again from the start")
             continue
         raise DataError(
             f"{label}: MD5 {got} does not match the expected {md5}, twice; the download is kept as {bad}"
@@ -256,11 +260,11 @@ def download_nih(
         folder = to / archive.folder
         if (folder / COMPLETE).exists():
             count = _extracted_files(folder)
-            print(f"{archive.name}: already extracted in {folder} ({count:,} files)", file=sys.stderr)
+            log.info(f"{archive.name}: already extracted in {folder} ({count:,} files)")
         else:
             path = download_file(archive.url, to / archive.name, archive.md5, progress=progress, **download_options)
             count = extract_archive(path, folder)
-            print(f"{archive.name}: {count:,} files extracted into {folder}", file=sys.stderr)
+            log.info(f"{archive.name}: {count:,} files extracted into {folder}")
             if not keep_archives:
                 path.unlink()
         extracted[archive.name] = count

@@ -9,10 +9,10 @@ Two layouts are understood, and may be mixed:
 
 from __future__ import annotations
 
+import logging
 import io
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 from cxrlearn.data.dicom import DICOM_MAGIC_OFFSET, is_dicom, read_dicom
 from cxrlearn.data.nih import IMAGE
 from cxrlearn.errors import DataError, ImageTooLarge
+
+log = logging.getLogger(__name__)
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -88,8 +91,8 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
                     )
                 found[entry.name] = Path(entry.path)
     if broken:
-        print(f"warning: {len(broken):,} image link(s) under {root} point nowhere and are skipped: "
-              + ", ".join(broken[:3]) + (" …" if len(broken) > 3 else ""), file=sys.stderr)
+        log.warning(f"{len(broken):,} image link(s) under {root} point nowhere and are skipped: "
+                    + ", ".join(broken[:3]) + (" …" if len(broken) > 3 else ""))
     return found
 
 

@@ -35,14 +35,15 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cxrlearn.defaults import RATIOS, SEED
 from cxrlearn.data.nih import IMAGE, PATIENT_ID, label_matrix
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS, NO_FINDING
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.1, 0.2)
+DEFAULT_RATIOS: tuple[float, float, float] = RATIOS
 #: The split seed of Kufel et al. 2023.
-DEFAULT_SEED = 2137
+DEFAULT_SEED = SEED
 SPLIT = "split"
 SPLIT_COLUMNS = (IMAGE, PATIENT_ID, SPLIT)
 #: What the local search aims for; also the bar the tests hold the full table to.

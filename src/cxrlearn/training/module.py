@@ -16,6 +16,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC
 
+from cxrlearn.defaults import SEED
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.training.losses import MultiLabelLoss
@@ -70,7 +71,7 @@ class ChestXrayModule(L.LightningModule):
         loss: MultiLabelLoss,
         optim: dict,
         findings: list[str],
-        seed: int = 2137,
+        seed: int = SEED,
         freeze_bn: bool = False,
         channels_last: bool = False,
         tta: bool = False,

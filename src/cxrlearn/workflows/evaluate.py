@@ -16,10 +16,10 @@
 
 from __future__ import annotations
 
+import logging
 import datetime
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from cxrlearn.data.split import SPLIT
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -55,10 +57,6 @@ class EvaluationOptions:
     write_bundle: bool = True
     progress: bool = True
     command: list[str] = field(default_factory=list)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -134,7 +132,7 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: di
                         "chosen on val. To judge with the bundle's own thresholds, leave out --split and --subset")
     train_patients = set(trained_on.loc[trained_on[SPLIT] == "train", PATIENT_ID])
     if val[PATIENT_ID].isin(train_patients).any():
-        _say(f"warning: validation images of {split_path.name} include patients this model was trained on; "
+        log.warning(f"validation images of {split_path.name} include patients this model was trained on; "
              "thresholds and temperatures chosen on them will be optimistic")
     leaking = judged[judged[PATIENT_ID].isin(train_patients)]
     if len(leaking):
@@ -229,20 +227,20 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     table = read_label_table(csv)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
-    _say(presence.summary())
+    log.info(presence.summary())
     chosen_here = bool(options.official_test or options.split or options.subset)
     if options.calibrate and not chosen_here:
         raise ConfigError("--calibrate fits temperatures on validation images: give --subset (and --split) to "
                           "judge a split whose val images are present; without them the bundle's own are used")
     selection = _images_to_judge(presence.table, str(images), model_dir, meta, options)
     judged_rows, val_rows = selection.judged, selection.val
-    _say(f"judging {selection.what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
+    log.info(f"judging {selection.what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
          + (f"operating points and calibration from {len(val_rows):,} validation images" if val_rows is not None
             else "the bundle's own thresholds and temperatures"))
     # Thresholds chosen on val here, or the bundle's as they are; flip averaging as asked, or as the bundle's were.
     tta = options.tta if chosen_here else options.tta or bool(meta.get("tta"))
     if not chosen_here and options.tta and not meta.get("tta") and meta.get("thresholds"):
-        _say("warning: the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
+        log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
     cache_dir, size = cache_location(meta["config"], model_dir, fingerprint)
     if options.cache:
@@ -250,13 +248,13 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
     summary = prepare_cache(both, cache_dir, fingerprint, size=size, workers=options.workers,
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
-    _say(summary.text())
+    log.info(summary.text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     val = _predict(model, meta, cache_dir, val_rows, tta, options, device) if val_rows is not None else None
     test = _predict(model, meta, cache_dir, judged_rows, tta, options, device)
     left_out = len(judged_rows) - len(test.rows)
     if left_out:
-        _say(f"warning: {left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
+        log.warning(f"{left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
 
     def logits_of(part: _Judged) -> np.ndarray:
         return 0.5 * (part.logits + part.flipped) if tta else part.logits

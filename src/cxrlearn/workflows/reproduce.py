@@ -22,16 +22,18 @@ timing on the machine at hand.
 
 from __future__ import annotations
 
+import logging
 import datetime
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrlearn.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "reproduction-state.json"
 REPORT_MD = "reproduction.md"
@@ -64,10 +66,6 @@ class ReproduceOptions:
     sets: list[str] = field(default_factory=list)
     progress: bool = True
     command: list[str] = field(default_factory=list)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class _State:
@@ -105,13 +103,13 @@ class _State:
 def _stage(state: _State, name: str, work, **details):
     """Run ``work()`` unless the stage is recorded as finished; record it with its time."""
     if state.done(name):
-        _say(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
+        log.info(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
         return None
-    _say(f"[{name}] …")
+    log.info(f"[{name}] …")
     started = time.time()
     result = work()
     state.finish(name, time.time() - started, **details)
-    _say(f"[{name}] done in {time.time() - started:.0f} s")
+    log.info(f"[{name}] done in {time.time() - started:.0f} s")
     return result
 
 
@@ -221,7 +219,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
                 "official": options.official, "sets": list(options.sets)}
     load_config(recipe.config, sets=options.sets)  # before anything is written: a bad --set fails here
     state = _State(out, settings)
-    _say(f"reproducing {recipe.title} in {out}")
+    log.info(f"reproducing {recipe.title} in {out}")
 
     if options.images:
         if not state.done("download"):
@@ -236,7 +234,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     table = read_label_table(table_path)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
-    _say(presence.summary())
+    log.info(presence.summary())
     present = presence.table
     if present.empty:
         raise ConfigError(f"none of the images of NIH's label table is in {images}")
@@ -261,11 +259,11 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
             workers = config["data"]["prepare_workers"] or os.cpu_count() or 1
             missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
             if len(missing):
-                _say(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
+                log.info(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
                      f"{_duration(estimate_prepare(missing['path'].tolist(), size, workers))}")
             summary = prepare_cache(listed, cache_dir, fingerprint, size=size, workers=workers, images_dir=str(images),
                                     label_table=table_path.name, progress=options.progress)
-            _say(summary.text())
+            log.info(summary.text())
 
         _stage(state, f"{prefix}prepare", prepare)
         _stage(state, f"{prefix}train", lambda: _train(config, run_dir, split_path, options.progress))
@@ -273,7 +271,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
             state, f"{prefix}evaluate", lambda: _evaluate(run_dir, images, out / f"{prefix}evaluation", official_list,
                                                           options))
     report = write_reproduction(out, recipe, state.data, options)
-    _say(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
+    log.info(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
     return report
 
 
@@ -299,7 +297,7 @@ def _write_split(present, config: dict, split_path: Path, official_list, table_p
              "label_table": {"file": table_path.name, "sha256": file_digest(table_path)}}
     report = split_report(present, split, ratios=data["ratios"], official_test=official is not None, **about)
     write_split(split, split_path, report)
-    _say(f"split of the {len(present):,} images present: {split_path}")
+    log.info(f"split of the {len(present):,} images present: {split_path}")
 
 
 def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> None:
@@ -310,13 +308,13 @@ def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> Non
     split = pd.read_csv(split_path)
     counts = split["split"].value_counts()
     estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
-    _say(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
+    log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
          f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
          f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner), "
          "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
     if resume:
-        _say(f"continuing the interrupted training in {run_dir} from its last checkpoint")
+        log.info(f"continuing the interrupted training in {run_dir} from its last checkpoint")
     train(config, run_dir, resume=resume, progress=progress)
 
 

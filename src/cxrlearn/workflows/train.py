@@ -15,9 +15,9 @@ Steps, each reusing what an earlier run left where it can:
 
 from __future__ import annotations
 
+import logging
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,14 +28,11 @@ from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 
+log = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
 SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
-
-
-def _say(message: str) -> None:
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def label_table_path(config: dict) -> Path:
@@ -69,7 +66,7 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     table = read_label_table(label_table_path(config))
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, data["images"])
-    _say(presence.summary())
+    log.info(presence.summary())
     present = presence.table
 
     split_path = run_dir / SPLIT_FILE
@@ -89,11 +86,11 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
         split = make_split(present, ratios=data["ratios"], seed=int(data["split_seed"]))
         report = split_report(present, split, ratios=data["ratios"], seed=int(data["split_seed"]), method="stratified")
         write_split(split, split_path, report)
-        _say(f"made the custom split of the {len(present):,} images present: {split_path}")
+        log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
     if len(unknown):
-        _say(f"warning: {len(unknown):,} image(s) of the split are not in the label table and are left out "
+        log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
              f"(e.g. {', '.join(unknown.iloc[:3])})")
 
     cache_dir, size = cache_location(config, run_dir, fingerprint)
@@ -102,7 +99,7 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
         in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],
         images_dir=str(data["images"]), label_table=label_table_path(config).name, progress=progress,
     )
-    _say(summary.text())
+    log.info(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
 
 
@@ -169,7 +166,7 @@ def build_model(config: dict):
     source = load_backbone_weights(
         model.backbone, m["backbone"], m["weights"], use_hub=bool(m["hub"]), in_chans=int(config["data"]["channels"])
     )
-    _say(f"backbone {m['backbone']}: ImageNet weights from {source.kind} ({source.detail})")
+    log.info(f"backbone {m['backbone']}: ImageNet weights from {source.kind} ({source.detail})")
     return model, source
 
 
@@ -255,7 +252,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
         check_same_run(config, run_dir)  # before anything in the run folder is written
     for folder in (run_dir, run_dir / CHECKPOINTS):
         for name in remove_stale_temporaries(folder):
-            _say(f"removed {folder / name}, left by an interrupted write")
+            log.info(f"removed {folder / name}, left by an interrupted write")
     write_atomic(run_dir / CONFIG_FILE, dump_config(config))
     started = time.time()
     L.seed_everything(int(config["train"]["seed"]), workers=True, verbose=False)
@@ -306,7 +303,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
     write_run_bundle(run_dir, model, config, normalisation, weights_source, split_path, datamodule, metrics)
-    _say(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
+    log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
          + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
          + f"; the model bundle is {run_dir}/model.json + model.safetensors")
     return run_dir
