@@ -39,6 +39,9 @@ def test_reproduce_killed_during_training_continues_where_it_stopped(sample_imag
     state = json.loads((out / "reproduction-state.json").read_text())
     assert {"download", "split", "prepare"} <= set(state["stages"]) and "train" not in state["stages"]
     split_before = (out / "split.csv").read_bytes()
+    report = json.loads((out / "split.report.json").read_text())  # the same provenance as `cxrlearn split`'s
+    assert report["label_table"]["file"] == "Data_Entry_2017_v2020.csv.gz" and len(report["label_table"]["sha256"]) == 64
+    assert report["seed"] == 2137 and report["method"] == "stratified"
 
     rerun = subprocess.run(command(sample_images, out), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cxrlearn import __version__
-from cxrlearn._files import file_digest, write_atomic
+from cxrlearn._files import write_atomic
 from cxrlearn.data import tables
 from cxrlearn.errors import CxrlearnError, DataError
 
@@ -72,23 +72,12 @@ def _load_table(csv: Path, images: Path | None):
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from cxrlearn.data.nih import read_image_list
-    from cxrlearn.data.split import format_split_report, make_split, report_path, split_report, write_split
+    from cxrlearn.data.split import format_split_report, report_path, split_and_save
 
     _want_file(args.out, "--out")
     table = _load_table(args.csv, args.images)
-    official = read_image_list(args.official_test) if args.official_test else None
-    split = make_split(table, ratios=args.ratios, seed=args.seed, official_test=official, method=args.method)
-    about = {
-        "cxrlearn": __version__,
-        "method": args.method,
-        "seed": args.seed,
-        "label_table": {"file": args.csv.name, "sha256": file_digest(args.csv)},
-    }
-    if args.official_test:
-        about["official_test_list"] = {"file": args.official_test.name, "sha256": file_digest(args.official_test)}
-    report = split_report(table, split, ratios=args.ratios, official_test=official is not None, **about)
-    digest = write_split(split, args.out, report)
+    _, report, digest = split_and_save(table, args.out, args.csv, ratios=args.ratios, seed=args.seed,
+                                       official_test_list=args.official_test, method=args.method)
     print(format_split_report(report))
     print(f"wrote {args.out} (sha256 {digest[:12]}…) and {report_path(args.out)}")
     return 0

@@ -279,6 +279,28 @@ def write_split(split: pd.DataFrame, path: str | os.PathLike, report: dict | Non
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def split_and_save(table: pd.DataFrame, path: str | os.PathLike, label_table: str | os.PathLike,
+                   ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = DEFAULT_SEED,
+                   official_test_list: str | os.PathLike | None = None,
+                   method: str = "stratified") -> tuple[pd.DataFrame, dict, str]:
+    """Make the split of ``table`` and save it with its report, whose provenance names the cxrlearn version,
+    method, seed and the SHA-256 of the label table (and official test list) it came from — the same for
+    ``cxrlearn split``, ``train`` and ``reproduce``. Returns (split, report, the split file's SHA-256)."""
+    from cxrlearn import __version__
+    from cxrlearn._files import file_digest
+    from cxrlearn.data.nih import read_image_list
+
+    official = read_image_list(official_test_list) if official_test_list else None
+    split = make_split(table, ratios=ratios, seed=seed, official_test=official, method=method)
+    about = {"cxrlearn": __version__, "method": method, "seed": seed,
+             "label_table": {"file": Path(label_table).name, "sha256": file_digest(label_table)}}
+    if official_test_list:
+        about["official_test_list"] = {"file": Path(official_test_list).name,
+                                       "sha256": file_digest(official_test_list)}
+    report = split_report(table, split, ratios=ratios, official_test=official is not None, **about)
+    return split, report, write_split(split, path, report)
+
+
 def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
     """Read and check a split file written by :func:`write_split` (or by hand).
 

@@ -285,18 +285,11 @@ def _cached_names(cache_dir: Path) -> set[str]:
 
 
 def _write_split(present, config: dict, split_path: Path, official_list, table_path: Path) -> None:
-    import cxrlearn
-    from cxrlearn._files import file_digest
-    from cxrlearn.data.nih import read_image_list
-    from cxrlearn.data.split import make_split, split_report, write_split
+    from cxrlearn.data.split import split_and_save
 
     data = config["data"]
-    official = read_image_list(official_list) if official_list else None
-    split = make_split(present, ratios=data["ratios"], seed=int(data["split_seed"]), official_test=official)
-    about = {"cxrlearn": cxrlearn.__version__, "method": "stratified", "seed": int(data["split_seed"]),
-             "label_table": {"file": table_path.name, "sha256": file_digest(table_path)}}
-    report = split_report(present, split, ratios=data["ratios"], official_test=official is not None, **about)
-    write_split(split, split_path, report)
+    split_and_save(present, split_path, table_path, ratios=data["ratios"], seed=int(data["split_seed"]),
+                   official_test_list=official_list)
     log.info(f"split of the {len(present):,} images present: {split_path}")
 
 

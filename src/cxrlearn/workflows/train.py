@@ -58,7 +58,7 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     from cxrlearn.data.cache import prepare_cache, table_fingerprint
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_label_table
-    from cxrlearn.data.split import apply_split, make_split, read_split_file, report_path, split_report, write_split
+    from cxrlearn.data.split import apply_split, read_split_file, report_path, split_and_save
 
     data = config["data"]
     if not data["images"]:
@@ -83,9 +83,8 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     elif split_path.exists():  # a resumed run keeps its split
         split = read_split_file(split_path)
     else:
-        split = make_split(present, ratios=data["ratios"], seed=int(data["split_seed"]))
-        report = split_report(present, split, ratios=data["ratios"], seed=int(data["split_seed"]), method="stratified")
-        write_split(split, split_path, report)
+        split, _, _ = split_and_save(present, split_path, label_table_path(config), ratios=data["ratios"],
+                                     seed=int(data["split_seed"]))
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
