@@ -31,7 +31,7 @@ import torch
 from _common import machine, parser
 
 from cxrlearn.data import tables
-from cxrlearn.data.augment import BatchTransform
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.data.datamodule import ChestXrayDataModule
 from cxrlearn.data.images import attach_images

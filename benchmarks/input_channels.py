@@ -16,7 +16,7 @@ import torch
 
 from _common import machine, parser
 
-from cxrlearn.data.augment import BatchTransform
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.pretrained import load_backbone_weights

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from _common import machine, parser
 
-from cxrlearn.data.augment import Augmentation, BatchTransform
+from cxrlearn.data.augment import Augmentation
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.data.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.datamodule import CachedXrayDataset
 from cxrlearn.data.images import attach_images

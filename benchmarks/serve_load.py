@@ -87,7 +87,7 @@ def main() -> None:
     try:
         meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())
         url = f"{base}/v1/predict" + ("?cam=top" if args.cam else "")
-        print(f"# serve load: {meta['backbone']} at {meta['image_size']} px, runtime {args.runtime}, "
+        print(f"# serve load: {meta['backbone']} at {meta['preprocessing']['input_size']} px, runtime {args.runtime}, "
               f"tta {meta['tta']}, cam {args.cam}; {args.seconds:g} s per level; {machine()}")
         print("| clients | requests | throughput (req/s) | p50 (ms) | p99 (ms) | errors |")
         print("|---|---|---|---|---|---|")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from _common import machine, parser
 
-from cxrlearn.data.augment import BatchTransform
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.data.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.datamodule import ChestXrayDataModule
 from cxrlearn.data.images import attach_images

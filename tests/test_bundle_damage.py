@@ -35,10 +35,15 @@ def _set(path: str, value):
 
 
 META_CASES = {
-    "image size that would take the machine down": (_set("image_size", 100000), "'image_size' must be a whole number"),
-    "image size other than trained at": (_set("image_size", 32), "trained at 64"),
+    "image size that would take the machine down": (_set("preprocessing.input_size", 100000),
+                                                    "preprocessing.input_size must be a whole number"),
+    "image size other than trained at": (_set("preprocessing.input_size", 32), "trained at 64"),
+    "cache resampled otherwise": (_set("preprocessing.cache_resampling", "nearest"),
+                                  "preprocessing.cache_resampling must be one of lanczos, bilinear"),
     "repeated finding name": (_set("findings", [FINDINGS[1], *FINDINGS[1:]]), "Cardiomegaly more than once"),
-    "zero std": (_set("normalization.std", [0, 0, 0]), "'normalization.std' must be 3 positive numbers"),
+    "zero std": (_set("preprocessing.std", [0, 0, 0]), "preprocessing.std must be 3 positive numbers"),
+    "channels other than the network's": (_set("preprocessing.channels", 1), "the network takes 3"),
+    "a newer format": (_set("format", 3), "bundle format 3 is not one this cxrlearn reads"),
     "negative temperature": (_set(f"temperature.{FINDINGS[0]}", -1), f"'temperature.{FINDINGS[0]}' must be a positive"),
     "non-numeric threshold": (_set(f"thresholds.{FINDINGS[0]}", "high"), f"'thresholds.{FINDINGS[0]}' must be a prob"),
     "threshold over 1": (_set(f"thresholds.{FINDINGS[2]}", 1.5), f"'thresholds.{FINDINGS[2]}' must be a prob"),
@@ -93,3 +98,22 @@ def test_predict_and_serve_refuse_a_damaged_bundle_with_status_2(evaluated, samp
     assert "must be a positive number" in capsys.readouterr().err
     assert main(["serve", "--model", str(bundle), "--port", "1"]) == 2  # refused before binding any port
     assert "must be a positive number" in capsys.readouterr().err
+
+
+def test_a_bundle_in_the_first_format_predicts_the_same(evaluated, sample_images, tmp_path):
+    """A bundle written before the preprocessing became one object (format 1: image_size, normalization
+    and config.data.cache_size apart) is read as the same preprocessing and predicts the same."""
+    from cxrlearn.data.preprocessing import Preprocessing
+
+    current = _copy(evaluated[0], tmp_path / "current")
+    legacy = _copy(evaluated[0], tmp_path / "legacy")
+    meta = json.loads((legacy / "model.json").read_text())
+    pre = Preprocessing.from_dict(meta.pop("preprocessing"))
+    meta.update(format=1, image_size=pre.input_size,
+                normalization={"mean": list(pre.mean), "std": list(pre.std), "scale": "pixels / 255"})
+    (legacy / "model.json").write_text(json.dumps(meta))
+    images = sorted(sample_images.glob("*.png"))[:12]
+    new, _ = Predictor(current).predict_files(images, progress=False)
+    old, _ = Predictor(legacy).predict_files(images, progress=False)
+    assert [p.probabilities for p in old] == [p.probabilities for p in new]
+    assert [p.positive for p in old] == [p.positive for p in new]

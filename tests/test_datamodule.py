@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from cxrlearn.data.augment import Augmentation, BatchTransform
+from cxrlearn.data.augment import Augmentation
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.data.datamodule import ChestXrayDataModule
 from cxrlearn.data.images import attach_images

@@ -116,8 +116,10 @@ def test_weights_from_a_local_file_and_loud_scratch(tmp_path, caplog):
 
 def test_bundle_round_trip(tmp_path):
     model = ChestXrayClassifier("tf_efficientnet_lite0", HeadConfig(units=64)).eval()
-    save_bundle(tmp_path, model, {"image_size": 128, "findings": list(FINDINGS),
-                                   "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    from cxrlearn.data.preprocessing import Preprocessing
+
+    preprocessing = Preprocessing.for_run([0.5] * 3, [0.5] * 3, input_size=128)
+    save_bundle(tmp_path, model, {"preprocessing": preprocessing.to_dict(), "findings": list(FINDINGS)})
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["backbone"] == "tf_efficientnet_lite0" and meta["head"]["units"] == 64
     assert meta["thresholds"] == {} and "torch" in meta["versions"]
@@ -126,6 +128,7 @@ def test_bundle_round_trip(tmp_path):
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert loaded_meta["findings"] == list(FINDINGS)
+    assert loaded_meta["findings"] == list(FINDINGS) and loaded_meta["format"] == 2
+    assert Preprocessing.from_dict(loaded_meta["preprocessing"]) == preprocessing
     with pytest.raises(ConfigError, match=r"not a cxrlearn model bundle"):
         load_bundle(tmp_path / "nothing")

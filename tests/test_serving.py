@@ -94,7 +94,7 @@ def test_health_and_model_metadata(server):
     status, body = _get(f"{url}/v1/model")
     meta = json.loads(body)
     assert status == 200 and meta["findings"] == list(FINDINGS)
-    assert meta["image_size"] == 64 and set(meta["thresholds"]) == set(FINDINGS)
+    assert meta["preprocessing"]["input_size"] == 64 and set(meta["thresholds"]) == set(FINDINGS)
 
 
 def test_predict_png_and_dicom_with_heatmap(server, xray):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cxrlearn.data.augment import BatchTransform
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config

@@ -1,4 +1,4 @@
-"""The paper's augmentation (in loader workers) and the backbone's normalisation (per batch).
+"""The paper's augmentation, in loader workers (normalisation is :mod:`cxrlearn.data.preprocessing`'s).
 
 Kufel et al. 2023: horizontal flip with p=0.3, rotation within ±5°, brightness
 within ±0.2 (a multiplicative factor in [0.8, 1.2], as Keras' ``brightness_range``
@@ -9,7 +9,7 @@ training image with a single affine warp (flip, rotation and any resize
 together) and a brightness lookup table, both OpenCV's (SIMD uint8 kernels: about
 0.1 ms at 224 px, where Pillow's affine warp takes 0.9 ms). Batches
 then cross to the device as uint8 (4× less than float) and
-:class:`BatchTransform` converts and normalises them there in one pass.
+:class:`~cxrlearn.data.preprocessing.BatchTransform` converts and normalises them there in one pass.
 
 Randomness is drawn per sample from (seed, epoch, sample index)
 (:meth:`Augmentation.parameters`), never from a global generator: a run is
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
-from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -78,38 +76,3 @@ class Augmentation:
 
 def _brightness_table(factor: float) -> np.ndarray:
     return np.minimum(255.0, np.rint(np.arange(256) * factor)).astype(np.uint8)
-
-
-def resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 image with antialiasing (evaluation, when the cache is of another size)."""
-    if pixels.shape[-1] == size:
-        return pixels
-    return np.array(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
-
-
-class BatchTransform(torch.nn.Module):
-    """uint8 (B, 1, H, W) images -> float (B, C, H, W) normalised with the backbone's mean and std.
-
-    ``mean``/``std`` come from the backbone's pretrained configuration (timm). For
-    one input channel their averages are used, matching a first convolution whose
-    RGB weights were summed (timm's ``in_chans=1``). Three channels repeat the
-    gray image, each normalised with its own channel's statistics.
-    """
-
-    def __init__(self, mean, std, channels: int = 3):
-        super().__init__()
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {channels}")
-        mean = torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.as_tensor(std, dtype=torch.float32)
-        if channels == 1:
-            mean, std = mean.mean().reshape(1), std.mean().reshape(1)
-        self.channels = channels
-        # x / 255 normalised = x * scale + shift: one fused pass over the batch.
-        self.register_buffer("scale", (1.0 / (255.0 * std)).reshape(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", (-mean / std).reshape(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected a uint8 batch of shape (B, 1, H, W), got {tuple(images.shape)} {images.dtype}")
-        return torch.addcmul(self.shift, images.float(), self.scale)

@@ -35,19 +35,15 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+
 
 from cxrlearn.data.images import load_grayscale
+from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
 from cxrlearn.data.nih import IMAGE
 from cxrlearn.errors import DataError
 
 CACHE_FORMAT = 1
 DEFAULT_IMAGE_SIZE = 256
-#: The sides an image may be cached or fed to the network at (training, the cache and bundles alike).
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
-#: Resampling used for the resize. Lanczos is antialiased when shrinking (its
-#: support widens with the scale factor), which plain strided resizing is not.
-RESAMPLING = Image.Resampling.LANCZOS
 META, PIXELS, INDEX, FAILED = "meta.json", "pixels.u8", "index.tsv", "failed.tsv"
 
 
@@ -76,10 +72,8 @@ def decode_and_resize(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """A decoded uint8 image resized to (S, S) as the cache stores it (prediction uses the same)."""
-    if pixels.shape != (size, size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING), dtype=np.uint8)
-    return pixels
+    """A decoded uint8 image resized to (S, S) as the cache stores it (:mod:`cxrlearn.data.preprocessing`)."""
+    return resize_square(pixels, size, CACHE_RESAMPLING)
 
 
 def _work(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str | None]:
@@ -223,7 +217,7 @@ def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, lab
             "format": CACHE_FORMAT,
             "size": size,
             "dtype": "uint8",
-            "resampling": "lanczos",
+            "resampling": CACHE_RESAMPLING,
             "source": images_dir,
             "label_table": label_table,
             "table_fingerprint": fingerprint,

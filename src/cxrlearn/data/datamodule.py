@@ -21,7 +21,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cxrlearn.defaults import SEED
-from cxrlearn.data.augment import Augmentation, BatchTransform, resize
+from cxrlearn.data.augment import Augmentation
+from cxrlearn.data.preprocessing import INPUT_RESAMPLING, BatchTransform, resize_square
 from cxrlearn.data.cache import ImageCache, table_fingerprint
 from cxrlearn.data.nih import IMAGE, label_matrix
 from cxrlearn.data.split import SPLIT, SPLITS, apply_split
@@ -86,7 +87,7 @@ class CachedXrayDataset(Dataset):
             params = self.augmentation.parameters(self.seed, epoch, i)
             pixels = self.augmentation.apply(pixels, params, self.image_size)
         else:
-            pixels = resize(pixels, self.image_size)
+            pixels = resize_square(pixels, self.image_size, INPUT_RESAMPLING)
         return torch.from_numpy(pixels)[None], torch.from_numpy(self.labels[i]), self.names[i]
 
 

@@ -36,6 +36,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: colour photograph, and refuses a 9,000 × 9,000 16-bit PNG (162 MB) that a 157 KB file can hold —
 #: well below Pillow's own bomb limit (89 million pixels, which would allow 179 MB of 16-bit pixels).
 MAX_DECODED_BYTES = 64 * 2**20
+#: How any image file becomes 8-bit grayscale (:func:`decode_grayscale`), in words: for reports, the bundle
+#: and the ONNX file's metadata.
+DECODING = ("8-bit grayscale as is; 16-bit scaled over the full range, round(v / 257); RGB to ITU-R 601-2 "
+            "luminance; alpha composited onto black; DICOM: modality LUT, then VOI LUT or window, "
+            "MONOCHROME1 inverted")
 #: No side of a radiograph is shorter than this (NIH's are 1,024 or more).
 MIN_SIDE = 32
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,

@@ -58,7 +58,7 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
     prov = metrics["provenance"]
     bundle = prov["bundle"]
     blocks: list[tuple[str, object]] = [
-        ("h1", f"cxrlearn evaluation: {bundle['backbone']} at {bundle['image_size']} px"),
+        ("h1", f"cxrlearn evaluation: {bundle['backbone']} at {bundle['preprocessing']['input_size']} px"),
         ("p", f"Judged on {metrics['subset']}: {metrics['n_images']:,} images of {metrics['n_patients']:,} patients. "
               f"Mean AUC-ROC {_num(metrics['mean_auc'])} (95% CI {_ci(metrics['mean_auc_ci95'])}) over "
               f"{len(metrics['mean_over'])} of {len(findings)} findings."),

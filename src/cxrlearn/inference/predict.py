@@ -6,8 +6,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlearn.data.augment import BatchTransform
+from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.model.classifier import ChestXrayClassifier
+
+
+def mirror(images):
+    """Images mirrored left to right (the last axis): a torch tensor or a NumPy array, (…, H, W)."""
+    return images.flip(-1) if isinstance(images, torch.Tensor) else np.ascontiguousarray(images[..., ::-1])
+
+
+def average_with_mirror(logits, mirrored_logits):
+    """Test-time augmentation, the one way cxrlearn does it: the mean of the logits of an image and of its
+    mirror."""
+    return 0.5 * (logits + mirrored_logits)
+
+
+def flip_averaged(forward, images):
+    """:func:`average_with_mirror` of ``forward`` (images -> logits) on the images and their mirrors."""
+    return average_with_mirror(forward(images), forward(mirror(images)))
 
 
 @torch.no_grad()
@@ -28,10 +44,8 @@ def predict_logits(
     for images, y, batch_names in tqdm(loader, desc="predict", unit="batch", disable=not progress):
         x = transform(images.to(device))
         if flip:
-            x = x.flip(-1)
-        logits = model(x)
-        if tta:
-            logits = 0.5 * (logits + model(x.flip(-1)))
+            x = mirror(x)
+        logits = flip_averaged(model, x) if tta else model(x)
         logits_out.append(logits.float().cpu().numpy())
         labels.append(y.numpy())
         names.extend(batch_names)

@@ -1,10 +1,8 @@
 """Predicting on image files or uploads with a model bundle, on PyTorch or ONNX Runtime.
 
-Preprocessing is training's, with its facts read from the bundle: decode to
-8-bit grayscale (:func:`cxrlearn.data.images.decode_grayscale`, DICOM included),
-resize to the cache's size as the cache does (Lanczos), then to the model's
-input size as the loader does, then the backbone's normalisation
-(:class:`cxrlearn.data.augment.BatchTransform`; inside the graph for ONNX).
+Preprocessing is training's: the bundle's :class:`cxrlearn.data.preprocessing.Preprocessing`
+(decode, resize as the cache does, resize as the loader does, normalise; the last step inside
+the graph for ONNX).
 Probabilities use the bundle's temperatures, positive calls its thresholds,
 and flip averaging runs when the thresholds were chosen with it.
 """
@@ -61,14 +59,15 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
                  device: str = "cpu"):
-        from cxrlearn.model.bundle import read_meta, resize_sizes
+        from cxrlearn.model.bundle import preprocessing_of, read_meta
 
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
         self.findings: list[str] = list(self.meta["findings"])
-        self.cache_size, self.image_size = resize_sizes(self.meta)
+        self.preprocessing = preprocessing_of(self.meta)
+        self.image_size = self.preprocessing.input_size
         self.thresholds: dict = self.meta.get("thresholds") or {}
         self.temperature: dict | None = self.meta.get("temperature")
         self.tta = bool(self.meta.get("tta", False))
@@ -80,14 +79,14 @@ class Predictor:
             self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
 
     def _load_torch(self) -> None:
-        from cxrlearn.model.bundle import input_transform, load_bundle
+        from cxrlearn.model.bundle import load_bundle
 
         import torch
 
         self.model, _ = load_bundle(self.model_dir)
         # channels_last: oneDNN's and cuDNN's fast convolution layout (about 2x on a CPU, docs/benchmarks.md).
         self.model.to(self.device, memory_format=torch.channels_last)
-        self.transform = input_transform(self.meta).to(self.device)
+        self.transform = self.preprocessing.normalizer().to(self.device)
 
     def _load_onnx(self, path: Path) -> None:
         import onnxruntime
@@ -103,10 +102,7 @@ class Predictor:
     # ---- preprocessing ---------------------------------------------------------------------------------
     def model_pixels(self, decoded: np.ndarray) -> np.ndarray:
         """A decoded grayscale image as the model's (S, S) uint8 input, resized as in training."""
-        from cxrlearn.data.augment import resize
-        from cxrlearn.data.cache import square_resize
-
-        return np.array(resize(square_resize(decoded, self.cache_size), self.image_size))  # writable, owned
+        return self.preprocessing.model_pixels(decoded)
 
     # ---- the network -------------------------------------------------------------------------------------
     def _forward(self, batch: np.ndarray) -> np.ndarray:
@@ -120,10 +116,9 @@ class Predictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
-        out = self._forward(batch)
-        if self.tta:
-            out = 0.5 * (out + self._forward(np.ascontiguousarray(batch[..., ::-1])))
-        return out
+        from cxrlearn.inference.predict import flip_averaged
+
+        return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[Prediction]:
         """Predictions for decoded grayscale images (any size)."""

@@ -1,8 +1,8 @@
 """The model bundle: everything needed to predict, in a folder, with nothing to unpickle.
 
 ``model.safetensors``  the weights (safetensors: tensors only, no code)
-``model.json``         backbone, head, input channels, image size, normalisation,
-                       finding names, operating thresholds (filled by evaluation),
+``model.json``         backbone, head, input channels, the preprocessing (one object:
+                       :class:`cxrlearn.data.preprocessing.Preprocessing`), finding names, operating thresholds (filled by evaluation),
                        the training config, the split file's hash, a data summary,
                        metrics, weights source and library versions.
 
@@ -21,12 +21,16 @@ from pathlib import Path
 import torch
 
 from cxrlearn._files import write_atomic
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
-BUNDLE_FORMAT = 1
+#: The layout of model.json. 2: preprocessing as one object (cxrlearn.data.preprocessing). 1 (before it):
+#: image_size, normalization and config.data.cache_size apart; still read, as the same preprocessing.
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def library_versions() -> dict:
@@ -88,17 +92,17 @@ def _number(value) -> bool:
 
 def validate_meta(meta, path: str | os.PathLike = META) -> None:
     """Types and ranges of every field prediction reads; :class:`ConfigError` naming the file and field."""
-    from cxrlearn.data.cache import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-
     def bad(field: str, expected: str, value) -> ConfigError:
         return ConfigError(f"{path}: field {field!r} must be {expected}, not {value!r}"[:400])
 
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: a bundle's metadata is a JSON object, not {type(meta).__name__}")
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise ConfigError(f"{path}: bundle format {meta.get('format')!r} is not {BUNDLE_FORMAT} "
-                          "(made by another version of cxrlearn?)")
-    for field in ("backbone", "head", "in_chans", "image_size", "normalization", "findings"):
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ConfigError(f"{path}: bundle format {meta.get('format')!r} is not one this cxrlearn reads "
+                          f"({', '.join(map(str, READABLE_FORMATS))}); was it made by a newer version?")
+    if meta["format"] == 1:
+        _upgrade_format_1(meta, path)
+    for field in ("backbone", "head", "in_chans", "preprocessing", "findings"):
         if field not in meta:
             raise ConfigError(f"{path}: field {field!r} is missing")
     if not isinstance(meta["backbone"], str) or not meta["backbone"]:
@@ -112,26 +116,19 @@ def validate_meta(meta, path: str | os.PathLike = META) -> None:
         raise bad("head.dropout", "a number in [0, 1)", head["dropout"])
     if meta["in_chans"] not in (1, 3) or isinstance(meta["in_chans"], bool):
         raise bad("in_chans", "1 or 3", meta["in_chans"])
-    size = meta["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise bad("image_size", f"a whole number from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}", size)
+    try:
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if preprocessing.channels != meta["in_chans"]:
+        raise ConfigError(f"{path}: preprocessing.channels is {preprocessing.channels} but the network takes "
+                          f"{meta['in_chans']} (in_chans)")
     trained = (meta.get("config") or {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
-    if "image_size" in trained and trained["image_size"] != size:
-        raise ConfigError(f"{path}: field 'image_size' is {size!r} but the model was trained at "
-                          f"{trained['image_size']!r} (config.data.image_size): the file has been changed")
-    cache_size = trained.get("cache_size")
-    if cache_size is not None and (not isinstance(cache_size, int) or not MIN_IMAGE_SIZE <= cache_size <= MAX_IMAGE_SIZE):
-        raise bad("config.data.cache_size", f"null or a whole number from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}",
-                  cache_size)
-    norm = meta["normalization"]
-    if not isinstance(norm, dict):
-        raise bad("normalization", "an object with mean and std", norm)
-    for key in ("mean", "std"):
-        values = norm.get(key)
-        if not isinstance(values, list) or len(values) != 3 or not all(_number(v) for v in values):
-            raise bad(f"normalization.{key}", "a list of 3 numbers", values)
-    if not all(v > 0 for v in norm["std"]):
-        raise bad("normalization.std", "3 positive numbers", norm["std"])
+    for key, value in (("image_size", preprocessing.input_size),
+                       ("cache_size", preprocessing.cache_size if trained.get("cache_size") else None)):
+        if value is not None and key in trained and trained[key] != value:
+            raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
+                              f"{trained[key]!r} (config.data.{key}): the file has been changed")
     findings = meta["findings"]
     if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f for f in findings):
         raise bad("findings", "a non-empty list of finding names", findings)
@@ -158,19 +155,24 @@ def validate_meta(meta, path: str | os.PathLike = META) -> None:
         raise bad("tta", "true or false", meta["tta"])
 
 
-def resize_sizes(meta: dict) -> tuple[int, int]:
-    """(cache size, input size): an image is resized to the first as the training cache stores
-    it (Lanczos), then to the second as the loader does (bilinear; a no-op when equal)."""
-    image_size = int(meta["image_size"])
-    return int(meta.get("config", {}).get("data", {}).get("cache_size") or image_size), image_size
+def _upgrade_format_1(meta: dict, path) -> None:
+    """A format-1 bundle (image_size, normalization and config.data.cache_size apart) read as format 2,
+    in memory: the same preprocessing, so the same predictions."""
+    missing = [f for f in ("image_size", "normalization", "in_chans") if f not in meta]
+    if missing:
+        raise ConfigError(f"{path}: field {missing[0]!r} is missing (a format-1 bundle)")
+    norm, size = meta.pop("normalization"), meta.pop("image_size")
+    if not isinstance(norm, dict):
+        raise ConfigError(f"{path}: field 'normalization' must be an object with mean and std, not {norm!r}")
+    trained = (meta.get("config") or {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
+    meta["preprocessing"] = {"cache_size": trained.get("cache_size") or size, "input_size": size,
+                             "channels": meta["in_chans"], "mean": norm.get("mean"), "std": norm.get("std")}
+    meta["format"] = BUNDLE_FORMAT
 
 
-def input_transform(meta: dict):
-    """The bundle's normalisation: uint8 (B, 1, S, S) -> the float input the network was trained on."""
-    from cxrlearn.data.augment import BatchTransform
-
-    norm = meta["normalization"]
-    return BatchTransform(norm["mean"], norm["std"], channels=meta["in_chans"])
+def preprocessing_of(meta: dict) -> Preprocessing:
+    """The bundle's preprocessing (:mod:`cxrlearn.data.preprocessing`): what every file becomes before the network."""
+    return Preprocessing.from_dict(meta["preprocessing"])
 
 
 def write_meta(folder: str | os.PathLike, meta: dict) -> None:

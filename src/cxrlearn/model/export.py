@@ -46,23 +46,20 @@ class _WithPreprocessing(nn.Module):
 
 
 def contract(meta: dict, weights_sha256: str) -> dict:
-    from cxrlearn.model.bundle import resize_sizes
+    """The ONNX file's metadata, written from the bundle's preprocessing and outputs."""
+    from cxrlearn.model.bundle import preprocessing_of
 
-    cache_size, image_size = resize_sizes(meta)
+    pre = preprocessing_of(meta)
     return {
-        "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 1, meta["image_size"], meta["image_size"]],
-                  "meaning": "8-bit grayscale chest X-ray, bone bright (MONOCHROME2)"},
+        "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 1, pre.input_size, pre.input_size],
+                  "meaning": "8-bit grayscale chest X-ray, bone bright (MONOCHROME2), after the preprocessing "
+                             "steps but the last (which is inside the graph)"},
         "output": {"name": "logits", "shape": ["batch", len(meta["findings"])],
                    "probability": "sigmoid(logit / temperature[finding])"},
-        "preprocessing": [
-            "decode to 8-bit grayscale (16-bit: round(v/257); RGB: ITU-R 601-2 luminance; DICOM: modality LUT, "
-            "VOI LUT or window, MONOCHROME1 inverted)",
-            f"resize to {cache_size} px square, Lanczos",
-            f"resize to {image_size} px square, bilinear (no-op when equal)",
-        ],
-        "normalization": meta["normalization"],
-        "image_size": meta["image_size"],
-        "cache_size": cache_size,
+        "preprocessing": pre.steps(),
+        "preprocessing_values": pre.to_dict(),
+        "image_size": pre.input_size,
+        "cache_size": pre.cache_size,
         "findings": meta["findings"],
         "thresholds": meta.get("thresholds") or {},
         "threshold_method": meta.get("threshold_method"),
@@ -78,13 +75,14 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     ``cxrlearn predict --runtime onnx`` looks); return its path."""
     import onnx
 
-    from cxrlearn.model.bundle import WEIGHTS, input_transform, load_bundle
+    from cxrlearn.model.bundle import WEIGHTS, load_bundle, preprocessing_of
 
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX_FILE
     model, meta = load_bundle(model_dir)
-    wrapper = _WithPreprocessing(model, input_transform(meta)).eval()
-    size = int(meta["image_size"])
+    pre = preprocessing_of(meta)
+    wrapper = _WithPreprocessing(model, pre.normalizer()).eval()
+    size = pre.input_size
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(

@@ -156,7 +156,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     @app.get("/v1/model")
     def model_info() -> dict:
         meta = predictor.meta
-        keys = ("backbone", "image_size", "in_chans", "normalization", "findings", "thresholds", "threshold_method",
+        keys = ("backbone", "preprocessing", "in_chans", "findings", "thresholds", "threshold_method",
                 "temperature", "tta", "weights_source", "split", "evaluation", "versions")
         return {"runtime": runtime, **{k: meta.get(k) for k in keys},
                 "metrics": {k: meta.get("metrics", {}).get(k, {}).get("mean_auc") for k in ("val", "test")}}

@@ -189,7 +189,7 @@ def _ratios_rule(value) -> bool:
 
 def _schema() -> dict:
     """Every config value's rule: type and range, checked on load with the key named."""
-    from cxrlearn.data.cache import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from cxrlearn.data.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
     from cxrlearn.model.classifier import ACTIVATIONS
     from cxrlearn.training.losses import LOSSES
 

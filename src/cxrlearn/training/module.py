@@ -18,6 +18,7 @@ from torchmetrics.classification import MultilabelAUROC
 
 from cxrlearn.defaults import SEED
 from cxrlearn.errors import ConfigError
+from cxrlearn.inference.predict import flip_averaged
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.training.losses import MultiLabelLoss
 
@@ -156,10 +157,7 @@ class ChestXrayModule(L.LightningModule):
         return loss
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images)
-        if self.tta:
-            logits = 0.5 * (logits + self(images.flip(-1)))
-        return logits
+        return flip_averaged(self, images) if self.tta else self(images)
 
     def validation_step(self, batch, batch_idx):
         images, labels, _ = batch

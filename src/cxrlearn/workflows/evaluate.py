@@ -33,6 +33,7 @@ from cxrlearn.data.split import SPLIT
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS
+from cxrlearn.inference.predict import average_with_mirror
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,13 @@ def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, tta: bool, 
     from cxrlearn.data.cache import ImageCache
     from cxrlearn.data.datamodule import CachedXrayDataset
     from cxrlearn.inference.predict import predict_logits
-    from cxrlearn.model.bundle import input_transform
+    from cxrlearn.model.bundle import preprocessing_of
 
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
-    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached), image_size=meta["image_size"])
+    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached), image_size=preprocessing_of(meta).input_size)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
-    transform = input_transform(meta)
+    transform = preprocessing_of(meta).normalizer()
     logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
     flipped = None
     if tta:
@@ -257,7 +258,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         log.warning(f"{left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
 
     def logits_of(part: _Judged) -> np.ndarray:
-        return 0.5 * (part.logits + part.flipped) if tta else part.logits
+        return average_with_mirror(part.logits, part.flipped) if tta else part.logits
 
     if val is not None:
         temperature = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
@@ -356,7 +357,7 @@ def _provenance(model_dir: Path, meta: dict, csv, images, split_info: dict, opti
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(options.command) if options.command else None,
-        "bundle": {"folder": str(model_dir), "backbone": meta["backbone"], "image_size": meta["image_size"],
+        "bundle": {"folder": str(model_dir), "backbone": meta["backbone"], "preprocessing": meta["preprocessing"],
                    "weights_sha256": file_digest(model_dir / "model.safetensors"),
                    "trained_split_sha256": meta["split"]["sha256"],
                    "weights_source": meta.get("weights_source"), "training_versions": meta.get("versions")},

@@ -356,7 +356,7 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
                   "mean_auc": metrics["mean_auc"], "mean_auc_ci95": metrics["mean_auc_ci95"],
                   "mean_over": metrics["mean_over"], "per_finding": rows,
                   "published_mean": {s: PUBLISHED[s]["mean"] for s in beside},
-                  "model": {"folder": str(run_dir), "backbone": meta["backbone"], "image_size": meta["image_size"],
+                  "model": {"folder": str(run_dir), "backbone": meta["backbone"], "image_size": meta["preprocessing"]["input_size"],
                             "epochs_run": meta["metrics"].get("epochs_run"),
                             "weights_source": meta.get("weights_source", {}).get("kind")}}
         report["results"][name] = result

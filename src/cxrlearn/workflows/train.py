@@ -235,6 +235,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     from cxrlearn.data.datamodule import ChestXrayDataModule
+    from cxrlearn.data.preprocessing import Preprocessing
     from cxrlearn.model.backbones import backbone_config
     from cxrlearn.training.config import dump_config, resolve_workers
     from cxrlearn.training.losses import MultiLabelLoss, positive_weights
@@ -258,10 +259,12 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
 
     table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
     data = config["data"]
-    normalisation = backbone_config(config["model"]["backbone"])
+    timm_cfg = backbone_config(config["model"]["backbone"])
+    preprocessing = Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=int(data["image_size"]),
+                                          cache_size=data["cache_size"], channels=int(data["channels"]))
     datamodule = ChestXrayDataModule(
-        cache_dir, table, split, normalisation.mean, normalisation.std,
-        image_size=int(data["image_size"]), channels=int(data["channels"]), batch_size=int(data["batch_size"]),
+        cache_dir, table, split, preprocessing.mean, preprocessing.std,
+        image_size=preprocessing.input_size, channels=preprocessing.channels, batch_size=int(data["batch_size"]),
         num_workers=resolve_workers(data["num_workers"]), seed=int(config["train"]["seed"]), fingerprint=fingerprint,
     )
     datamodule.setup("fit")
@@ -301,7 +304,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
-    write_run_bundle(run_dir, model, config, normalisation, weights_source, split_path, datamodule, metrics)
+    write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
          + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
          + f"; the model bundle is {run_dir}/model.json + model.safetensors")
@@ -326,16 +329,14 @@ def summarise(model, datamodule, tta: bool) -> dict:
     return out
 
 
-def write_run_bundle(run_dir, model, config, normalisation, weights_source, split_path, datamodule, metrics) -> None:
+def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics) -> None:
     from cxrlearn.model.bundle import save_bundle
 
-    data = config["data"]
     sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
     positives = {name: dict(zip(FINDINGS, np.asarray(ds.labels.sum(axis=0), dtype=int).tolist()))
                  for name, ds in datamodule.datasets.items()}
     meta = {
-        "image_size": int(data["image_size"]),
-        "normalization": {"mean": list(normalisation.mean), "std": list(normalisation.std), "scale": "pixels / 255"},
+        "preprocessing": preprocessing.to_dict(),
         "findings": list(FINDINGS),
         "thresholds": {},
         "config": config,

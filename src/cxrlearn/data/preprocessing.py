@@ -1,0 +1,153 @@
+"""What an image becomes on its way into the network, stated once.
+
+1. decode to 8-bit grayscale (:func:`cxrlearn.data.images.decode_grayscale`, whose rules
+   :data:`~cxrlearn.data.images.DECODING` states);
+2. resize to ``cache_size`` square with ``cache_resampling`` (Lanczos: antialiased when shrinking, as
+   the preprocessing cache stores images);
+3. resize to ``input_size`` square with ``input_resampling`` (bilinear; nothing to do when the sizes
+   are equal, the usual case);
+4. repeat the gray channel to ``channels`` and normalise: ``(pixels / 255 - mean) / std``, with the
+   backbone's own mean and std from timm's pretrained configuration.
+
+One :class:`Preprocessing` value holds all of it. It is made once for a run (:meth:`Preprocessing.for_run`),
+saved in the model bundle, and read back by the cache, the dataset, the predictor, the ONNX export (whose
+metadata is written from :meth:`Preprocessing.steps`) and evaluation; no other module states these facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxrlearn.data.images import DECODING
+from cxrlearn.errors import ConfigError
+
+#: The sides an image may be cached or fed to the network at (training, the cache and bundles alike).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+#: The resampling filters an image may be resized with, by the name the bundle records.
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+CACHE_RESAMPLING = "lanczos"
+INPUT_RESAMPLING = "bilinear"
+
+
+def resize_square(pixels: np.ndarray, size: int, resampling: str) -> np.ndarray:
+    """A uint8 image resized to (size, size) with the named filter (returned as is when already that size)."""
+    if pixels.shape[-2:] == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING[resampling]), dtype=np.uint8)
+
+
+class BatchTransform(torch.nn.Module):
+    """uint8 (B, 1, H, W) images -> float (B, C, H, W) normalised with the backbone's mean and std.
+
+    For one input channel the averages of mean and std are used, matching a first convolution whose
+    RGB weights were summed (timm's ``in_chans=1``). Three channels repeat the gray image, each
+    normalised with its own channel's statistics.
+    """
+
+    def __init__(self, mean, std, channels: int = 3):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        if channels == 1:
+            mean, std = mean.mean().reshape(1), std.mean().reshape(1)
+        self.channels = channels
+        # x / 255 normalised = x * scale + shift: one fused pass over the batch.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean / std).reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected a uint8 batch of shape (B, 1, H, W), got {tuple(images.shape)} {images.dtype}")
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Decoded grayscale pixels -> the network's input (module docstring)."""
+
+    cache_size: int
+    input_size: int
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cache_resampling: str = CACHE_RESAMPLING
+    input_resampling: str = INPUT_RESAMPLING
+
+    def __post_init__(self):
+        for name in ("cache_size", "input_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+                raise ConfigError(f"preprocessing.{name} must be a whole number from {MIN_IMAGE_SIZE} to "
+                                  f"{MAX_IMAGE_SIZE}, not {value!r}")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ConfigError(f"preprocessing.channels must be 1 or 3, not {self.channels!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+                raise ConfigError(f"preprocessing.{name} must be 3 numbers, not {list(values)!r}")
+        if not all(v > 0 for v in self.std):
+            raise ConfigError(f"preprocessing.std must be 3 positive numbers, not {list(self.std)!r}")
+        for name in ("cache_resampling", "input_resampling"):
+            if getattr(self, name) not in RESAMPLING:
+                raise ConfigError(f"preprocessing.{name} must be one of {', '.join(RESAMPLING)}, "
+                                  f"not {getattr(self, name)!r}")
+
+    @classmethod
+    def for_run(cls, mean: Sequence[float], std: Sequence[float], input_size: int, cache_size: int | None = None,
+                channels: int = 3) -> Preprocessing:
+        """A run's preprocessing: the backbone's mean and std (timm), the run's sizes and channels."""
+        return cls(cache_size=int(cache_size or input_size), input_size=int(input_size), channels=int(channels),
+                   mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(values, dict) or not {"cache_size", "input_size", "channels", "mean", "std"} <= set(values):
+            raise ConfigError(f"preprocessing must be an object with cache_size, input_size, channels, mean and std, "
+                              f"not {values!r}"[:300])
+        unknown = set(values) - known - {"decoding", "scale"}
+        if unknown:
+            raise ConfigError(f"preprocessing has unknown field(s) {', '.join(sorted(unknown))}")
+        fields = {k: v for k, v in values.items() if k in known}
+        for name in ("mean", "std"):
+            if not isinstance(fields[name], (list, tuple)):
+                raise ConfigError(f"preprocessing.{name} must be 3 numbers, not {fields[name]!r}")
+            fields[name] = tuple(fields[name])
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        """JSON-ready, with the decoding rules and the scaling written out for a reader of the bundle."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "scale": "pixels / 255",
+                "decoding": DECODING}
+
+    def cached(self, decoded: np.ndarray) -> np.ndarray:
+        """Step 2: a decoded image as the preprocessing cache stores it."""
+        return resize_square(decoded, self.cache_size, self.cache_resampling)
+
+    def model_pixels(self, decoded: np.ndarray) -> np.ndarray:
+        """Steps 2-3: a decoded image as the network's (S, S) uint8 input (writable, owned)."""
+        return np.array(self.from_cache(self.cached(decoded)))
+
+    def from_cache(self, cached: np.ndarray) -> np.ndarray:
+        """Step 3: a cached image at the network's input size."""
+        return resize_square(cached, self.input_size, self.input_resampling)
+
+    def normalizer(self) -> BatchTransform:
+        """Step 4, as a module on the batch's device."""
+        return BatchTransform(self.mean, self.std, channels=self.channels)
+
+    def steps(self) -> list[str]:
+        """The steps in words (the ONNX file's metadata)."""
+        return [
+            f"decode to 8-bit grayscale ({DECODING})",
+            f"resize to {self.cache_size} px square, {self.cache_resampling}",
+            f"resize to {self.input_size} px square, {self.input_resampling} (no-op when equal)",
+            f"{self.channels} channel(s) of (pixels / 255 - mean) / std, mean {list(self.mean)}, std {list(self.std)}",
+        ]
