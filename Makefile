@@ -32,9 +32,9 @@ endif
 
 # Refresh requirements.lock after changing pyproject.toml's dependencies (pip-tools, in a throw-away venv).
 lock:
-	$(PYTHON) -m venv /tmp/cxrlearn-pip-tools
-	/tmp/cxrlearn-pip-tools/bin/python -m pip install --quiet pip-tools
-	/tmp/cxrlearn-pip-tools/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url \
+	$(PYTHON) -m venv $(VENV)-pip-tools
+	$(VENV)-pip-tools/bin/python -m pip install --quiet pip-tools
+	$(VENV)-pip-tools/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url \
 		--no-emit-find-links --no-emit-trusted-host --output-file requirements.lock pyproject.toml
 
 # The main job: the fair split of the full table (and of the official test list), then a
