@@ -19,7 +19,6 @@ Usage: python benchmarks/gpu_throughput.py [--images DIR] [--quick] [--compile]
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 from _common import machine, parser
 
 from cxrlearn.data import tables
+from cxrlearn.defaults import usable_cores
 from cxrlearn.data.preprocessing import BatchTransform
 from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.data.datamodule import ChestXrayDataModule
@@ -153,7 +153,7 @@ def main() -> None:
     fingerprint = table_fingerprint(table)
     present = attach_images(table, images_dir).table
     split = make_split(present)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     tmp = Path(tempfile.mkdtemp())
     print(f"# GPU training throughput; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'}; {machine()}; {len(present):,} real sample "
           f"images, {int((split['split'] == 'train').sum()):,} in the train split")

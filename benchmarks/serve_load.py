@@ -10,6 +10,7 @@ Usage: python benchmarks/serve_load.py --model RUN_DIR [--clients 1 4 8] [--seco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -39,23 +40,38 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def start_service(model: str, options: list[str] = (), env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """`cxrlearn serve` in a subprocess on a free loopback port, once it answers /healthz: (process, base URL)."""
+def in_parallel(count: int, target, *args) -> None:
+    """Run ``target(*args)`` in ``count`` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=target, args=args) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@contextlib.contextmanager
+def running_service(model: str, options: list[str] = (), env: dict | None = None):
+    """`cxrlearn serve` in a subprocess on a free loopback port, once it answers /healthz: yields (process,
+    base URL), and stops it on leaving."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cxrlearn.cli.main", "serve", "--model", model,
                                "--port", str(port), *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=2).read()
-            return server, base
-        except (urllib.error.URLError, OSError):
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise SystemExit("the service did not start")
-            time.sleep(0.2)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=2).read()
+                break
+            except (urllib.error.URLError, OSError):
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the service did not start")
+                time.sleep(0.2)
+        yield server, base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def client(url: str, bodies: list[tuple[bytes, str]], stop_at: float, latencies: list, errors: list) -> None:
@@ -83,8 +99,7 @@ def main() -> None:
     args = p.parse_args()
     images = sorted((args.data / "nih-sample" / "images-256").glob("*.png"))[:32]
     bodies = [multipart(path.name, path.read_bytes()) for path in images]
-    server, base = start_service(args.model, ["--runtime", args.runtime])
-    try:
+    with running_service(args.model, ["--runtime", args.runtime]) as (_, base):
         meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())
         url = f"{base}/v1/predict" + ("?cam=top" if args.cam else "")
         print(f"# serve load: {meta['backbone']} at {meta['preprocessing']['input_size']} px, runtime {args.runtime}, "
@@ -96,20 +111,12 @@ def main() -> None:
             latencies: list[float] = []
             errors: list[str] = []
             stop_at = time.perf_counter() + args.seconds
-            threads = [threading.Thread(target=client, args=(url, bodies, stop_at, latencies, errors))
-                       for _ in range(clients)]
             started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            in_parallel(clients, client, url, bodies, stop_at, latencies, errors)
             elapsed = time.perf_counter() - started
             ms = np.array(latencies) * 1000
             print(f"| {clients} | {len(latencies):,} | {len(latencies) / elapsed:.1f} | {np.percentile(ms, 50):.0f} | "
                   f"{np.percentile(ms, 99):.0f} | {len(errors)} |")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
 
 from _common import machine, parser
-from serve_load import multipart, start_service
+from serve_load import in_parallel, multipart, running_service
 
 
 def flat_png16(side: int) -> bytes:
@@ -57,8 +56,7 @@ def main() -> None:
     env = dict(os.environ)
     if args.pythonpath:
         env["PYTHONPATH"] = args.pythonpath
-    server, base = start_service(args.model, env=env)
-    try:
+    with running_service(args.model, env=env) as (server, base):
         idle = memory_kb(server.pid, "VmRSS")
         statuses: list[int] = []
         seconds: list[float] = []
@@ -77,11 +75,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
 
         for _ in range(args.rounds):
-            threads = [threading.Thread(target=upload) for _ in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            in_parallel(args.clients, upload)
         peak = memory_kb(server.pid, "VmHWM")
         healthy = urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
         source = args.pythonpath or "this checkout"
@@ -91,9 +85,6 @@ def main() -> None:
         answers = {s: statuses.count(s) for s in sorted(set(statuses))}
         print(f"idle {idle / 1024:,.0f} MB, peak {peak / 1024:,.0f} MB (+{(peak - idle) / 1024:,.0f} MB); answers "
               f"{answers}; slowest answer {max(seconds):.2f} s; healthy after: {healthy}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -5,5 +5,12 @@ training's randomness, augmentation, the bootstrap), so that a run is reproducib
 ``RATIOS`` are the custom split's train/val/test proportions (70/10/20).
 """
 
+import os
+
 SEED = 2137
 RATIOS = (0.7, 0.1, 0.2)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -225,8 +225,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not predictor.thresholds:
         print(f"warning: {args.model} has no thresholds yet (run `cxrlearn evaluate`): no positive calls",
               file=sys.stderr)
-    if args.out and args.out.is_dir():
-        raise DataError(f"--out {args.out} is a folder; name the .csv or .json file to write")
+    _want_file(args.out, "--out")
+    _want_folder(args.cam, "--cam")
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
     for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
@@ -288,8 +288,6 @@ def _write_cams(predictor, paths, predictions, failures, args) -> None:
     if unknown:
         raise DataError(f"--cam-findings: unknown finding(s) {', '.join(unknown)}")
     failed = {path for path, _ in failures}
-    if args.cam.exists() and not args.cam.is_dir():
-        raise DataError(f"--cam {args.cam} is a file; Grad-CAM overlays need a folder")
     args.cam.mkdir(parents=True, exist_ok=True)
     kept = [path for path in paths if str(path) not in failed]
     stems = _distinct_names(kept)

@@ -68,12 +68,7 @@ def decode_and_resize(path: str | os.PathLike, size: int) -> np.ndarray:
     Non-square images are resized to a square without padding (NIH's are all
     1024×1024).
     """
-    return square_resize(load_grayscale(path), size)
-
-
-def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """A decoded uint8 image resized to (S, S) as the cache stores it (:mod:`cxrlearn.data.preprocessing`)."""
-    return resize_square(pixels, size, CACHE_RESAMPLING)
+    return resize_square(load_grayscale(path), size, CACHE_RESAMPLING)
 
 
 def _work(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str | None]:
@@ -266,6 +261,11 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
+def prepare_workers(requested: int | None = None) -> int:
+    """The processes :func:`prepare_cache` decodes with: as requested, else one per CPU core."""
+    return max(1, requested or (os.cpu_count() or 1))
+
+
 def prepare_cache(
     table: pd.DataFrame,
     out: str | os.PathLike,
@@ -297,7 +297,7 @@ def prepare_cache(
     rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
     cached_before = len(rows)
     todo = [(name, path) for name, path in zip(table[IMAGE], table["path"]) if name not in rows]
-    workers = max(1, workers or (os.cpu_count() or 1))
+    workers = prepare_workers(workers)
     failed: list[tuple[str, str]] = []
     row_bytes = size * size
     pending_names: list[str] = []

@@ -46,9 +46,11 @@ class CachedXrayDataset(Dataset):
         augmentation: Augmentation | None = None,
         seed: int = 0,
         image_size: int | None = None,
+        resampling: str = INPUT_RESAMPLING,
     ):
         cache = ImageCache(cache_dir)
         self.image_size = image_size or cache.size
+        self.resampling = resampling  # evaluation, when the cache is of another size than the input
         self.cache_dir = str(cache_dir)
         self.names = list(names)
         self.rows = cache.row_of(self.names)
@@ -87,7 +89,7 @@ class CachedXrayDataset(Dataset):
             params = self.augmentation.parameters(self.seed, epoch, i)
             pixels = self.augmentation.apply(pixels, params, self.image_size)
         else:
-            pixels = resize_square(pixels, self.image_size, INPUT_RESAMPLING)
+            pixels = resize_square(pixels, self.image_size, self.resampling)
         return torch.from_numpy(pixels)[None], torch.from_numpy(self.labels[i]), self.names[i]
 
 

@@ -67,7 +67,6 @@ class Predictor:
         self.meta = read_meta(self.model_dir)
         self.findings: list[str] = list(self.meta["findings"])
         self.preprocessing = preprocessing_of(self.meta)
-        self.image_size = self.preprocessing.input_size
         self.thresholds: dict = self.meta.get("thresholds") or {}
         self.temperature: dict | None = self.meta.get("temperature")
         self.tta = bool(self.meta.get("tta", False))
@@ -100,6 +99,11 @@ class Predictor:
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     # ---- preprocessing ---------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """The network's input side, in pixels."""
+        return self.preprocessing.input_size
+
     def model_pixels(self, decoded: np.ndarray) -> np.ndarray:
         """A decoded grayscale image as the model's (S, S) uint8 input, resized as in training."""
         return self.preprocessing.model_pixels(decoded)

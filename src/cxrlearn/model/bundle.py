@@ -52,15 +52,13 @@ def library_versions() -> dict:
 
 def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: dict) -> Path:
     """Write the weights and ``model.json`` (``meta`` plus the model's own description)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # Weights, then metadata, each written whole or not at all: a killed save never leaves a half bundle.
-    temporary = folder / f".{WEIGHTS}.tmp-save"
-    save_file(state, str(temporary))
-    os.replace(temporary, folder / WEIGHTS)
+    write_atomic(folder / WEIGHTS, save(state))
     full = {"format": BUNDLE_FORMAT, **model.describe(), **meta}
     full.setdefault("thresholds", {})
     full.setdefault("versions", library_versions())
@@ -123,10 +121,12 @@ def validate_meta(meta, path: str | os.PathLike = META) -> None:
     if preprocessing.channels != meta["in_chans"]:
         raise ConfigError(f"{path}: preprocessing.channels is {preprocessing.channels} but the network takes "
                           f"{meta['in_chans']} (in_chans)")
-    trained = (meta.get("config") or {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
-    for key, value in (("image_size", preprocessing.input_size),
-                       ("cache_size", preprocessing.cache_size if trained.get("cache_size") else None)):
-        if value is not None and key in trained and trained[key] != value:
+    trained = _trained_data(meta)
+    sizes = {"image_size": preprocessing.input_size}
+    if trained.get("cache_size"):
+        sizes["cache_size"] = preprocessing.cache_size
+    for key, value in sizes.items():
+        if key in trained and trained[key] != value:
             raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
                               f"{trained[key]!r} (config.data.{key}): the file has been changed")
     findings = meta["findings"]
@@ -155,6 +155,13 @@ def validate_meta(meta, path: str | os.PathLike = META) -> None:
         raise bad("tta", "true or false", meta["tta"])
 
 
+def _trained_data(meta: dict) -> dict:
+    """The ``data`` section of the training config the bundle records (empty when it records none)."""
+    config = meta.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def _upgrade_format_1(meta: dict, path) -> None:
     """A format-1 bundle (image_size, normalization and config.data.cache_size apart) read as format 2,
     in memory: the same preprocessing, so the same predictions."""
@@ -164,7 +171,7 @@ def _upgrade_format_1(meta: dict, path) -> None:
     norm, size = meta.pop("normalization"), meta.pop("image_size")
     if not isinstance(norm, dict):
         raise ConfigError(f"{path}: field 'normalization' must be an object with mean and std, not {norm!r}")
-    trained = (meta.get("config") or {}).get("data", {}) if isinstance(meta.get("config"), dict) else {}
+    trained = _trained_data(meta)
     meta["preprocessing"] = {"cache_size": trained.get("cache_size") or size, "input_size": size,
                              "channels": meta["in_chans"], "mean": norm.get("mean"), "std": norm.get("std")}
     meta["format"] = BUNDLE_FORMAT

@@ -36,6 +36,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
+from cxrlearn.defaults import usable_cores
 from cxrlearn.errors import DataError, ImageTooLarge
 
 from cxrlearn.serving import MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT_S
@@ -132,8 +133,7 @@ class BoundedBodies:
 
 def default_decoders() -> int:
     """Images decoded at once: one per core, at most 4 (each may take up to the pixel budget, several times over)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cores()))
 
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,

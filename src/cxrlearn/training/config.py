@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from cxrlearn.defaults import RATIOS, SEED
+from cxrlearn.defaults import RATIOS, SEED, usable_cores
 from cxrlearn.errors import ConfigError
 
 DEFAULTS: dict = {
@@ -224,16 +224,26 @@ def _schema() -> dict:
     }
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"data.image_size": 240, ...}``: every value of a (nested) config under its dotted key."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _validate(config: dict, source: str = "config") -> None:
     """Check every value's type and range; :class:`ConfigError` naming the file and key, before any work starts."""
+    values = flatten(config)
     for key, (rule, expected) in _schema().items():
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        if isinstance(node, str) and key in ("train.devices",) and node.isdigit():
-            node = int(node)  # --devices 2 arrives as text
-        if not rule(node):
-            raise ConfigError(f"{source}: {key} must be {expected}, not {node!r}")
+        value = values[key]
+        if key == "train.devices" and isinstance(value, str) and value.isdigit():
+            value = int(value)  # --devices 2 arrives as text
+        if not rule(value):
+            raise ConfigError(f"{source}: {key} must be {expected}, not {value!r}")
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -251,8 +261,7 @@ def resolve_workers(workers) -> int:
     """``auto``: one loader process per CPU core this process may use, at most 16."""
     if workers != "auto":
         return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(16, cores)
+    return min(16, usable_cores())
 
 
 def dump_config(config: dict) -> str:

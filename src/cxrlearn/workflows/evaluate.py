@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import logging
 import datetime
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,12 @@ class EvaluationOptions:
     write_bundle: bool = True
     progress: bool = True
     command: list[str] = field(default_factory=list)
+
+    @property
+    def chooses_thresholds(self) -> bool:
+        """Whether a split (or the official list) is judged, with thresholds chosen on its val images; else
+        every labelled image present is judged with the bundle's own."""
+        return bool(self.official_test or self.split or self.subset)
 
 
 @dataclass
@@ -105,7 +111,7 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: di
     from cxrlearn.data.split import SPLITS, apply_split, read_split_file
 
     run_split, trained_on = _run_split(run_dir, meta)
-    if not options.official_test and options.split is None and options.subset is None:
+    if not options.chooses_thresholds:
         return _all_present(present, images, run_split, trained_on)
 
     split_path = Path(options.split) if options.split else run_split
@@ -134,7 +140,7 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: di
     train_patients = set(trained_on.loc[trained_on[SPLIT] == "train", PATIENT_ID])
     if val[PATIENT_ID].isin(train_patients).any():
         log.warning(f"validation images of {split_path.name} include patients this model was trained on; "
-             "thresholds and temperatures chosen on them will be optimistic")
+                    "thresholds and temperatures chosen on them will be optimistic")
     leaking = judged[judged[PATIENT_ID].isin(train_patients)]
     if len(leaking):
         raise DataError(
@@ -186,11 +192,13 @@ def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, tta: bool, 
     from cxrlearn.inference.predict import predict_logits
     from cxrlearn.model.bundle import preprocessing_of
 
+    preprocessing = preprocessing_of(meta)
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
-    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached), image_size=preprocessing_of(meta).input_size)
+    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached),
+                                image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
-    transform = preprocessing_of(meta).normalizer()
+    transform = preprocessing.normalizer()
     logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
     flipped = None
     if tta:
@@ -212,9 +220,8 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     from cxrlearn.evaluation.subgroups import subgroup_metrics
     from cxrlearn.inference.outputs import probabilities
     from cxrlearn.model.bundle import load_bundle, write_meta
-    from cxrlearn.workflows.train import cache_location
-
     from cxrlearn.data import tables
+    from cxrlearn.workflows.train import cache_location
 
     options = options or EvaluationOptions()
     csv = Path(csv) if csv else tables.label_table()
@@ -229,15 +236,15 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
     log.info(presence.summary())
-    chosen_here = bool(options.official_test or options.split or options.subset)
+    chosen_here = options.chooses_thresholds
     if options.calibrate and not chosen_here:
         raise ConfigError("--calibrate fits temperatures on validation images: give --subset (and --split) to "
                           "judge a split whose val images are present; without them the bundle's own are used")
     selection = _images_to_judge(presence.table, str(images), model_dir, meta, options)
     judged_rows, val_rows = selection.judged, selection.val
     log.info(f"judging {selection.what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
-         + (f"operating points and calibration from {len(val_rows):,} validation images" if val_rows is not None
-            else "the bundle's own thresholds and temperatures"))
+             + (f"operating points and calibration from {len(val_rows):,} validation images" if val_rows is not None
+                else "the bundle's own thresholds and temperatures"))
     # Thresholds chosen on val here, or the bundle's as they are; flip averaging as asked, or as the bundle's were.
     tta = options.tta if chosen_here else options.tta or bool(meta.get("tta"))
     if not chosen_here and options.tta and not meta.get("tta") and meta.get("thresholds"):

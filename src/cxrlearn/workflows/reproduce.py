@@ -100,17 +100,17 @@ class _State:
         temporary.replace(self.path)
 
 
-def _stage(state: _State, name: str, work, **details):
+def _stage(state: _State, name: str, work, **details) -> None:
     """Run ``work()`` unless the stage is recorded as finished; record it with its time."""
     if state.done(name):
         log.info(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
-        return None
+        return
     log.info(f"[{name}] …")
     started = time.time()
-    result = work()
-    state.finish(name, time.time() - started, **details)
-    log.info(f"[{name}] done in {time.time() - started:.0f} s")
-    return result
+    work()
+    seconds = time.time() - started
+    state.finish(name, seconds, **details)
+    log.info(f"[{name}] done in {seconds:.0f} s")
 
 
 def _duration(seconds: float) -> str:
@@ -200,7 +200,7 @@ def estimate_training(config: dict, n_train: int, n_val: int, steps: int = 4) ->
 def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     """Run (or continue) the reproduction; return what ``reproduction.json`` holds."""
     from cxrlearn.data import tables
-    from cxrlearn.data.cache import prepare_cache, table_fingerprint
+    from cxrlearn.data.cache import prepare_cache, prepare_workers, table_fingerprint
     from cxrlearn.data.download import download_nih, parse_parts, read_archives
     from cxrlearn.data.images import attach_images
     from cxrlearn.data.nih import read_label_table
@@ -242,7 +242,6 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     models = [("", out / "model", out / "split.csv", None)]
     if options.official:
         models.append(("official-", out / "official" / "model", out / "official" / "split.csv", tables.test_list()))
-    results = {}
     for prefix, run_dir, split_path, official_list in models:
         config = load_config(recipe.config, sets=options.sets)
         config["data"]["split"] = str(split_path)
@@ -256,20 +255,19 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
 
             listed = present[present["image"].isin(set(read_split_file(split_path)["image"]))]
             cache_dir, size = cache_location(config, run_dir, fingerprint)
-            workers = config["data"]["prepare_workers"] or os.cpu_count() or 1
+            workers = prepare_workers(config["data"]["prepare_workers"])
             missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
             if len(missing):
                 log.info(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
-                     f"{_duration(estimate_prepare(missing['path'].tolist(), size, workers))}")
+                         f"{_duration(estimate_prepare(missing['path'].tolist(), size, workers))}")
             summary = prepare_cache(listed, cache_dir, fingerprint, size=size, workers=workers, images_dir=str(images),
                                     label_table=table_path.name, progress=options.progress)
             log.info(summary.text())
 
         _stage(state, f"{prefix}prepare", prepare)
         _stage(state, f"{prefix}train", lambda: _train(config, run_dir, split_path, options.progress))
-        results[prefix or "custom"] = _stage(
-            state, f"{prefix}evaluate", lambda: _evaluate(run_dir, images, out / f"{prefix}evaluation", official_list,
-                                                          options))
+        _stage(state, f"{prefix}evaluate",
+               lambda: _evaluate(run_dir, images, out / f"{prefix}evaluation", official_list, options))
     report = write_reproduction(out, recipe, state.data, options)
     log.info(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
     return report
@@ -302,32 +300,29 @@ def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> Non
     counts = split["split"].value_counts()
     estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
     log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
-         f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
-         f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner), "
-         "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
+             f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
+             f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner), "
+             "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
     if resume:
         log.info(f"continuing the interrupted training in {run_dir} from its last checkpoint")
     train(config, run_dir, resume=resume, progress=progress)
 
 
-def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: ReproduceOptions) -> dict:
+def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: ReproduceOptions) -> None:
     from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 
     evaluation = EvaluationOptions(subset=None if official_list else "test",
                                    official_test=str(official_list) if official_list else None,
                                    progress=options.progress, command=options.command)
-    metrics = evaluate(run_dir, None, images, out, evaluation)
-    return {"mean_auc": metrics["mean_auc"]}
+    evaluate(run_dir, None, images, out, evaluation)
 
 
 def write_reproduction(out: Path, recipe: Recipe, state: dict, options: ReproduceOptions) -> dict:
     """``reproduction.json`` and ``reproduction.md`` from the evaluations' metrics and the stage times."""
     from cxrlearn.evaluation.published import PUBLISHED, published_auc
     from cxrlearn.findings import FINDINGS
-    from cxrlearn.model.bundle import library_versions
-
-    from cxrlearn.model.bundle import read_meta
+    from cxrlearn.model.bundle import library_versions, read_meta
 
     parts = [("custom", out / "model", out / "evaluation" / "metrics.json", recipe.published, (recipe.published,))]
     if options.official:

@@ -63,7 +63,8 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     data = config["data"]
     if not data["images"]:
         raise ConfigError("training needs data.images (the image folder: --images)")
-    table = read_label_table(label_table_path(config))
+    table_path = label_table_path(config)
+    table = read_label_table(table_path)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, data["images"])
     log.info(presence.summary())
@@ -83,20 +84,20 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     elif split_path.exists():  # a resumed run keeps its split
         split = read_split_file(split_path)
     else:
-        split, _, _ = split_and_save(present, split_path, label_table_path(config), ratios=data["ratios"],
+        split, _, _ = split_and_save(present, split_path, table_path, ratios=data["ratios"],
                                      seed=int(data["split_seed"]))
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
     if len(unknown):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
-             f"(e.g. {', '.join(unknown.iloc[:3])})")
+                    f"(e.g. {', '.join(unknown.iloc[:3])})")
 
     cache_dir, size = cache_location(config, run_dir, fingerprint)
     in_split = present[present["image"].isin(set(split["image"]))]
     summary = prepare_cache(
         in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],
-        images_dir=str(data["images"]), label_table=label_table_path(config).name, progress=progress,
+        images_dir=str(data["images"]), label_table=table_path.name, progress=progress,
     )
     log.info(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
@@ -110,16 +111,6 @@ RESUMABLE = frozenset({
 })
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_same_run(config: dict, run_dir: Path) -> None:
     """Refuse ``--resume`` with a split, data or model settings other than the run's own, naming each difference.
 
@@ -128,16 +119,16 @@ def check_same_run(config: dict, run_dir: Path) -> None:
     """
     import yaml
 
-    from cxrlearn.training.config import dump_config
+    from cxrlearn.training.config import dump_config, flatten
 
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir}: cannot resume: the run's {CONFIG_FILE} is missing, so its settings are unknown")
     try:
-        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
+        saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as err:
         raise ConfigError(f"{saved_path}: unreadable ({err}); cannot check that --resume continues the same run") from None
-    now = _flatten(yaml.safe_load(dump_config(config)))
+    now = flatten(yaml.safe_load(dump_config(config)))
     changed = [key for key in sorted(set(saved) | set(now))
                if key not in RESUMABLE and saved.get(key) != now.get(key)]
     problems = [f"{key} was {saved.get(key)!r}, now {now.get(key)!r}" for key in changed]
@@ -306,8 +297,8 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     metrics["seconds"] = round(time.time() - started, 1)
     write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
-         + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
-         + f"; the model bundle is {run_dir}/model.json + model.safetensors")
+             + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
+             + f"; the model bundle is {run_dir}/model.json + model.safetensors")
     return run_dir
 
 
