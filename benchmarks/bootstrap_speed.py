@@ -18,7 +18,8 @@ import numpy as np
 from _common import machine, parser
 from sklearn.metrics import roc_auc_score
 
-from cxrlearn.data.nih import label_matrix, read_image_list, read_label_table
+from cxrlearn.data.columns import label_matrix
+from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, resample_counts
 from cxrlearn.evaluation.metrics import finding_metrics
 from cxrlearn.findings import FINDINGS

@@ -18,15 +18,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine, parser
 
 CHILD = r"""
 import json, sys
 import numpy as np
 from torch.utils.data import DataLoader
-from cxrlearn.data.augment import Augmentation
-from cxrlearn.data.datamodule import CachedXrayDataset
+from cxrlearn.data.pipeline.augment import Augmentation
+from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
 folder, mode = sys.argv[1], sys.argv[2]
 names = [line.split("\t")[0] for line in open(folder + "/index.tsv")]
 def status(key):
@@ -35,7 +34,7 @@ def status(key):
             return int(line.split()[1]) // 1024
 dataset = CachedXrayDataset(folder, names, np.zeros((len(names), 14)), Augmentation(), seed=1, image_size=224)
 if mode == "np.memmap":
-    from cxrlearn.data.cache import ImageCache
+    from cxrlearn.data.pipeline.cache import ImageCache
     cache = ImageCache(folder)
     plain = np.memmap(folder + "/pixels.u8", dtype=np.uint8, mode="r", shape=cache.pixels.shape)
     cache.read = lambda row: np.array(plain[row])

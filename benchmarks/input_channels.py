@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 
 import torch
-
 from _common import machine, parser
 
-from cxrlearn.data.preprocessing import BatchTransform
+from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.pretrained import load_backbone_weights

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2 as T
+from _common import machine, parser
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from _common import machine, parser
-
-from cxrlearn.data.augment import Augmentation
-from cxrlearn.data.preprocessing import BatchTransform
-from cxrlearn.data.cache import prepare_cache, table_fingerprint
-from cxrlearn.data.datamodule import CachedXrayDataset
-from cxrlearn.data.images import attach_images
-from cxrlearn.data.nih import label_matrix, read_label_table
+from cxrlearn.data.columns import label_matrix
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.augment import Augmentation
+from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
+from cxrlearn.data.pipeline.normalize import BatchTransform
+from cxrlearn.data.sources.nih import read_label_table
+from cxrlearn.defaults import SEED
 from cxrlearn.model.backbones import backbone_config
 
 CFG = backbone_config("efficientnet_b0")
@@ -87,7 +88,7 @@ def main() -> None:
         prepare_cache(present, tmp / "c", table_fingerprint(table), size=256, workers=2, progress=False)
         cycles = 128
         names = list(present["image"]) * cycles
-        cached = CachedXrayDataset(tmp / "c", names, labels.repeat(cycles, axis=0), Augmentation(), seed=2137,
+        cached = CachedXrayDataset(tmp / "c", names, labels.repeat(cycles, axis=0), Augmentation(), seed=SEED,
                                    image_size=224)
         transform = BatchTransform(CFG.mean, CFG.std, channels=3)
         decode = DecodeEachTime(list(present["path"]), labels, length=len(present) * 4)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from _common import machine, parser
 
-from cxrlearn.data.images import load_grayscale
+from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.inference.predictor import Predictor
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from _common import machine, parser
 
-from cxrlearn.data.cache import decode_and_resize, prepare_cache, table_fingerprint
-from cxrlearn.data.images import attach_images
-from cxrlearn.data.nih import read_label_table
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import decode_and_resize, prepare_cache, table_fingerprint
+from cxrlearn.data.sources.nih import read_label_table
 
 TOTAL = 112_120
 

@@ -18,16 +18,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _common import machine, parser
 from torch.utils.data import DataLoader
 
-from _common import machine, parser
-
-from cxrlearn.data.preprocessing import BatchTransform
-from cxrlearn.data.cache import prepare_cache, table_fingerprint
-from cxrlearn.data.datamodule import ChestXrayDataModule
-from cxrlearn.data.images import attach_images
-from cxrlearn.data.nih import read_label_table
-from cxrlearn.data.split import make_split
+from cxrlearn.data.cohort.split import make_split
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
+from cxrlearn.data.pipeline.normalize import BatchTransform
+from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.classifier import ChestXrayClassifier

@@ -34,7 +34,7 @@ def table_path(data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def nih_table(table_path):
-    from cxrlearn.data.nih import read_label_table
+    from cxrlearn.data.sources.nih import read_label_table
 
     return read_label_table(table_path)
 
@@ -63,9 +63,9 @@ def trained_run(nih_table, table_path, sample_images, data_dir, tmp_path_factory
     holds every expert-labelled sample image, and whose train part no patient of NIH's official test list."""
     import pandas as pd
 
-    from cxrlearn.data.expert_labels import read_expert_labels
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_image_list
+    from cxrlearn.data.decoding.images import attach_images
+    from cxrlearn.data.sources.expert_labels import read_expert_labels
+    from cxrlearn.data.sources.nih import read_image_list
     from cxrlearn.training.config import load_config
     from cxrlearn.workflows.train import train
 

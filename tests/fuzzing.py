@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from cxrlearn.data.images import decode_grayscale
-from cxrlearn.errors import DataError
-
 from xray_files import dicom_bytes
+
+from cxrlearn.data.decoding.images import decode_grayscale
+from cxrlearn.errors import DataError
 
 
 def seed_files(image: Path) -> dict[str, bytes]:

@@ -14,6 +14,14 @@ PACKAGE = Path(cxrlearn.__file__).parent
 LAYERS = [
     ("core", ["cxrlearn", "cxrlearn.findings", "cxrlearn.errors", "cxrlearn.defaults", "cxrlearn._files",
               "cxrlearn.configs"]),
+    # data, from its lowest part up: the table's columns; decoding files; what an image becomes; the
+    # datasets' own files; the split and statistics; the training pipeline; the package's own names.
+    ("data.columns", ["cxrlearn.data.columns"]),
+    ("data.decoding", ["cxrlearn.data.decoding"]),
+    ("data.preprocessing", ["cxrlearn.data.preprocessing"]),
+    ("data.sources", ["cxrlearn.data.sources"]),
+    ("data.cohort", ["cxrlearn.data.cohort"]),
+    ("data.pipeline", ["cxrlearn.data.pipeline"]),
     ("data", ["cxrlearn.data"]),
     ("model", ["cxrlearn.model"]),
     ("inference", ["cxrlearn.inference"]),
@@ -78,3 +86,35 @@ def test_every_module_is_in_a_layer_and_the_layers_are_folders():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     named = {prefix.split(".")[1] for _, prefixes in LAYERS for prefix in prefixes if prefix.count(".") == 1}
     assert folders <= named | {"configs"}, folders - named
+    data = PACKAGE / "data"
+    parts = {p.name for p in data.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    named = {prefix.split(".")[2] for _, prefixes in LAYERS for prefix in prefixes if prefix.count(".") == 2}
+    assert parts <= named, parts - named
+
+
+#: Imported where they are used, not at the top of a module: dependencies that are optional (DICOM, ONNX,
+#: the service, figures, OpenCV for overlays) or that a command's start need not pay for.
+OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "fastapi", "ctypes"}
+#: The CLI imports the layers that need torch (about 1.5 s) inside the commands that use them, so that
+#: ``cxrlearn --help``, ``split``, ``stats``, ``check``, ``prepare`` and ``download`` start without it.
+CLI_DEFERRED = ("cxrlearn.model", "cxrlearn.inference.", "cxrlearn.evaluation", "cxrlearn.training",
+                "cxrlearn.workflows", "cxrlearn.serving.app", "pandas", "PIL")
+
+
+def test_imports_sit_at_the_top_of_modules():
+    inside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                target = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if target.split(".")[0] in OPTIONAL:
+                    continue
+                if path.parent.name == "cli" and target.startswith(CLI_DEFERRED):
+                    continue
+                inside.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target} in {function.name}()")
+    assert inside == [], "imports inside functions (move them to the top of the module):\n" + "\n".join(inside)

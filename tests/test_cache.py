@@ -10,9 +10,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from cxrlearn.data import cache as cache_module
-from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
-from cxrlearn.data.images import attach_images
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline import cache as cache_module
+from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.errors import DataError
 
 
@@ -113,7 +113,7 @@ def test_mismatched_cache_is_refused(built, full_size, nih_table, fingerprint):
     with pytest.raises(DataError, match=r"built for another label table"):
         prepare_cache(full_size, out, other, size=256, progress=False)
     cache = ImageCache(out)
-    with pytest.raises(DataError, match=r"holds 256×256 images, not 512×512"):
+    with pytest.raises(DataError, match=r"holds 256×256 images; it cannot take 512×512"):
         cache.check_compatible(fingerprint, size=512)
     with pytest.raises(DataError, match=r"built for another label table"):
         cache.check_compatible(other)

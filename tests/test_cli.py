@@ -40,7 +40,7 @@ def test_split_and_stats_commands(tmp_path, table_path, test_list_path, capsys):
 def test_shipped_tables_are_nihs(data_dir):
     import gzip
 
-    from cxrlearn.data import tables
+    from cxrlearn.data.sources import tables
 
     nih = data_dir / "nih"
     assert gzip.decompress(tables.label_table().read_bytes()) == gzip.decompress(

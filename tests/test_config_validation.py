@@ -9,7 +9,8 @@ import pytest
 
 from cxrlearn.cli.main import main
 from cxrlearn.errors import ConfigError
-from cxrlearn.training.config import load_config
+from cxrlearn.model.classifier import HeadConfig
+from cxrlearn.training.config import RunConfig, load_config
 
 BAD_VALUES = [
     ("train.epochs", "ten", "a whole number"),
@@ -86,3 +87,13 @@ def test_serve_refuses_a_port_out_of_range(capsys):
         main(["serve", "--model", ".", "--port", "99999"])
     assert stop.value.code == 2
     assert "99999 is not a TCP port between 1 and 65535" in capsys.readouterr().err
+
+
+def test_the_config_is_a_typed_value_that_round_trips():
+    """load_config gives typed sections; the dict written to config.yaml and the bundle reads back the same."""
+    config = load_config("kufel2023", sets=["data.batch_size=8", "model.head.units=128"])
+    assert isinstance(config, RunConfig) and config.data.batch_size == 8 and config.model.head == HeadConfig(128)
+    assert config.data.cached_size == config.data.image_size == 240 and config.optim.scheduler == "plateau"
+    assert RunConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"data.batch_size must be a whole number"):
+        RunConfig.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "batch_size": "8"}})

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from cxrlearn.data.augment import Augmentation
-from cxrlearn.data.preprocessing import BatchTransform
-from cxrlearn.data.cache import ImageCache, prepare_cache, table_fingerprint
-from cxrlearn.data.datamodule import ChestXrayDataModule
-from cxrlearn.data.images import attach_images
-from cxrlearn.data.split import make_split
+from cxrlearn.data.cohort.split import make_split
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.augment import Augmentation
+from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
+from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cxrlearn.cli.main import main
-from cxrlearn.data.download import (
+from cxrlearn.data.decoding.images import find_images
+from cxrlearn.data.sources.download import (
     Archive,
     download_file,
     download_nih,
@@ -19,7 +20,6 @@ from cxrlearn.data.download import (
     parse_parts,
     read_archives,
 )
-from cxrlearn.data.images import find_images
 from cxrlearn.errors import DataError
 
 
@@ -180,7 +180,7 @@ def test_download_nih_end_to_end(server, tmp_path, real_pngs, nih_table, capsys)
     assert found[names[4]] == to / "images_002" / "images" / names[4]
     assert not list(to.glob("*.tar.gz*"))  # archives removed once unpacked
     # A complete dataset: NIH's tables (shipped with cxrlearn) beside the images.
-    from cxrlearn.data import tables
+    from cxrlearn.data.sources import tables
 
     for name in tables.DATASET_FILES:
         assert (to / name).read_bytes() == tables.packaged(name).read_bytes(), name

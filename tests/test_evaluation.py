@@ -8,21 +8,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import EXPERT
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from cxrlearn.cli.main import main
-from cxrlearn.data.expert_labels import read_expert_labels
+from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
 from cxrlearn.evaluation.metrics import finding_metrics
 from cxrlearn.evaluation.operating_points import choose_threshold, confusion
-from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import read_meta
-
-from conftest import EXPERT
-
+from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 
 # ---- the statistics on their own ---------------------------------------------------------------------
 
@@ -179,12 +177,12 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
     predictions = pd.read_csv(out / "predictions.csv")
     val = predictions[predictions["split"] == "val"]
     judged = predictions[predictions["split"] == "test"]
-    assert meta["threshold_method"] == "youden" and meta["tta"] is True
-    assert meta["temperature"] == metrics["calibration"]["temperature"]
-    assert meta["operating_points"] == metrics["operating_points"]["thresholds"]
+    assert meta.threshold_method == "youden" and meta.tta is True
+    assert meta.temperature == metrics["calibration"]["temperature"]
+    assert meta.operating_points == metrics["operating_points"]["thresholds"]
     for name in FINDINGS:
         y, p = val[f"label_{name}"].to_numpy(), val[name].to_numpy()
-        stored = meta["thresholds"][name]
+        stored = meta.thresholds[name]
         if not 0 < y.sum() < len(y):
             assert stored is None
             continue
@@ -322,9 +320,9 @@ def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, o
     assert scored == len(metrics["mean_over"]) >= 10
     # The bundle's thresholds, chosen on the run's val split, applied as they are; the bundle is not rewritten.
     meta = read_meta(run)
-    assert metrics["operating_points"]["thresholds"] == meta["operating_points"]
+    assert metrics["operating_points"]["thresholds"] == meta.operating_points
     assert "val" not in metrics["operating_points"]
-    assert metrics["calibration"]["temperature"] == meta["temperature"]
+    assert metrics["calibration"]["temperature"] == meta.temperature
 
 
 def test_evaluate_any_folder_refuses_training_and_validation_patients(trained_run, table_path, sample_images,

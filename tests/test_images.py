@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrlearn.data.images import attach_images, check_images, find_images, load_grayscale
+from cxrlearn.data.decoding.images import attach_images, check_images, find_images, load_grayscale
 from cxrlearn.errors import DataError
 
 
@@ -125,7 +125,7 @@ def test_check_images_lists_only_the_bad_ones(tmp_path, sample_images, sample_na
 def test_images_too_small_to_be_radiographs_and_broken_links_are_named(sample_images, tmp_path, caplog):
     from PIL import Image
 
-    from cxrlearn.data.images import find_images, load_grayscale
+    from cxrlearn.data.decoding.images import find_images, load_grayscale
     from cxrlearn.errors import DataError
 
     for size in ((1, 1), (2, 2048)):

@@ -10,16 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from xray_files import bomb_png, dicom_bytes
 
 from cxrlearn.cli.main import main
-from cxrlearn.data.boxes import read_boxes
-from cxrlearn.data.images import decode_grayscale, find_images, load_grayscale
+from cxrlearn.data.decoding.images import decode_grayscale, find_images, load_grayscale
+from cxrlearn.data.sources.boxes import read_boxes
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.gradcam import heatmaps
 from cxrlearn.inference.predictor import Predictor
-
-from xray_files import bomb_png, dicom_bytes
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def test_predict_json_and_thresholds_from_the_bundle(evaluated, sample_images, t
     rows = json.loads(out.read_text())
     assert [r["image"] for r in rows] == names
     for row in rows:
-        expected = [f for f in FINDINGS if meta["thresholds"][f] is not None and row[f] >= meta["thresholds"][f]]
+        expected = [f for f in FINDINGS if meta.thresholds[f] is not None and row[f] >= meta.thresholds[f]]
         assert row["positive_findings"] == "|".join(expected)
         assert all(row[f"{f}_positive"] == int(f in expected) for f in FINDINGS)
 

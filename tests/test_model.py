@@ -11,10 +11,12 @@ import timm
 import torch
 from PIL import Image
 
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import WEIGHTS, load_bundle, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
+from cxrlearn.model.meta import BundleMeta
 from cxrlearn.model.pretrained import (
     load_backbone_weights,
     load_by_position,
@@ -116,10 +118,9 @@ def test_weights_from_a_local_file_and_loud_scratch(tmp_path, caplog):
 
 def test_bundle_round_trip(tmp_path):
     model = ChestXrayClassifier("tf_efficientnet_lite0", HeadConfig(units=64)).eval()
-    from cxrlearn.data.preprocessing import Preprocessing
-
     preprocessing = Preprocessing.for_run([0.5] * 3, [0.5] * 3, input_size=128)
-    save_bundle(tmp_path, model, {"preprocessing": preprocessing.to_dict(), "findings": list(FINDINGS)})
+    described = BundleMeta("tf_efficientnet_lite0", HeadConfig(units=64), 3, preprocessing, tuple(FINDINGS))
+    save_bundle(tmp_path, model, described)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["backbone"] == "tf_efficientnet_lite0" and meta["head"]["units"] == 64
     assert meta["thresholds"] == {} and "torch" in meta["versions"]
@@ -128,7 +129,11 @@ def test_bundle_round_trip(tmp_path):
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert loaded_meta["findings"] == list(FINDINGS) and loaded_meta["format"] == 2
-    assert Preprocessing.from_dict(loaded_meta["preprocessing"]) == preprocessing
+    assert loaded_meta == described and loaded_meta.format == 2
+    assert BundleMeta.from_dict(meta).to_dict() == meta  # the typed value writes back what it read
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) 'threshold' .*newer version"):
+        BundleMeta.from_dict({**meta, "threshold": 0.5})  # a misspelt or future field is refused by name
+    with pytest.raises(ConfigError, match=r"not the one the metadata describes"):
+        save_bundle(tmp_path / "other", ChestXrayClassifier("tf_efficientnet_lite0", HeadConfig(units=32)), described)
     with pytest.raises(ConfigError, match=r"not a cxrlearn model bundle"):
         load_bundle(tmp_path / "nothing")

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlearn.data.nih import label_matrix, read_image_list, read_label_table
+from cxrlearn.data.columns import label_matrix
+from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS, NO_FINDING
 

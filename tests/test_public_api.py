@@ -9,7 +9,7 @@ import sys
 def test_public_names_import_from_the_package_and_are_the_library_functions():
     import cxrlearn
     from cxrlearn import Predictor, evaluate, load_bundle, make_split, read_label_table, train
-    from cxrlearn.data.split import make_split as defined
+    from cxrlearn.data.cohort.split import make_split as defined
 
     assert make_split is defined
     assert {"Predictor", "load_bundle", "make_split", "train", "evaluate"} <= set(cxrlearn.__all__)
@@ -46,7 +46,7 @@ def test_the_library_logs_and_the_command_shows_it_once_from_the_first_process(t
 
     assert main(["stats", "--csv", str(table_path)]) == 0
     capsys.readouterr()
-    logging.getLogger("cxrlearn.data.images").warning("a test warning")
+    logging.getLogger("cxrlearn.data.decoding.images").warning("a test warning")
     logging.getLogger("cxrlearn.workflows.train").info("a test line")
     err = capsys.readouterr().err
     assert "warning: a test warning\n" in err and "a test line\n" in err

@@ -18,12 +18,11 @@ import uuid
 import numpy as np
 import pytest
 from PIL import Image
+from xray_files import bomb_png, dicom_bytes
 
-from cxrlearn.data.images import load_grayscale
+from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.predictor import Predictor
-
-from xray_files import bomb_png, dicom_bytes
 
 UPLOAD_LIMIT = 2 * 1024 * 1024  # small, so the over-limit case stays quick
 UPLOAD_TIMEOUT = 3.0  # short, so the stalled-upload case stays quick

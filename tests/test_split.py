@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlearn.data.nih import read_image_list
-from cxrlearn.data.split import (
+from cxrlearn.data.cohort.split import (
     PREVALENCE_TOLERANCE,
     SHARE_TOLERANCE,
     SPLITS,
@@ -23,6 +22,7 @@ from cxrlearn.data.split import (
     split_to_csv,
     write_split,
 )
+from cxrlearn.data.sources.nih import read_image_list
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS
 
@@ -121,7 +121,7 @@ def test_bad_ratios(nih_table, ratios, message):
 
 
 def test_small_table_of_present_images(nih_table, sample_images):
-    from cxrlearn.data.images import attach_images
+    from cxrlearn.data.decoding.images import attach_images
 
     present = attach_images(nih_table, sample_images).table
     split = make_split(present, RATIOS)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrlearn.data.split import make_split
-from cxrlearn.data.stats import table_stats
+from cxrlearn.data.cohort.split import make_split
+from cxrlearn.data.cohort.stats import table_stats
 from cxrlearn.findings import FINDINGS
 
 

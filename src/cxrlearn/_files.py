@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -12,14 +14,24 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
+def read_bytes(path: str | os.PathLike, what: str, error: type[Exception]) -> bytes:
+    """A file's bytes, or ``error`` naming the file and what is wrong (missing, a folder, unreadable)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror or err}") from None
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``path`` whole or not at all: a temporary file beside it, then a rename.
 
     A run killed mid-write leaves the old file (or none) and a ``.tmp-*`` file that
     :func:`remove_stale_temporaries` clears, never a truncated one.
     """
-    import tempfile
-    from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +51,6 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Delete what interrupted :func:`write_atomic` calls left in ``folder``; return their names."""
-    from pathlib import Path
 
     removed = []
     for stale in Path(folder).glob(".*.tmp-*"):

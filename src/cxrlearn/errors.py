@@ -19,5 +19,5 @@ class ConfigError(CxrlearnError):
 
 
 class ImageTooLarge(DataError):
-    """An image whose decoded pixels would exceed the budget (:data:`cxrlearn.data.images.MAX_DECODED_BYTES`),
+    """An image whose decoded pixels would exceed the budget (:data:`cxrlearn.data.decoding.images.MAX_DECODED_BYTES`),
     refused from its header before decoding. The service answers it with 413."""

@@ -21,8 +21,32 @@ from pathlib import Path
 
 from cxrlearn import __version__
 from cxrlearn._files import write_atomic
-from cxrlearn.data import tables
+from cxrlearn.configs import RECIPES
+from cxrlearn.data.cohort.split import (
+    DEFAULT_RATIOS,
+    DEFAULT_SEED,
+    METHODS,
+    SPLITS,
+    apply_split,
+    format_split_report,
+    read_split_file,
+    report_path,
+    split_and_save,
+)
+from cxrlearn.data.cohort.stats import format_stats, table_stats
+from cxrlearn.data.columns import PATH
+from cxrlearn.data.decoding.images import attach_images, check_images, find_images
+from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.sources import tables
+from cxrlearn.data.sources.boxes import read_boxes
+from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
+from cxrlearn.data.sources.nih import read_label_table
+from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import CxrlearnError, DataError
+from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
+from cxrlearn.model import ONNX_OPSET
+from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
+from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -59,8 +83,6 @@ def _want_file(path: Path | None, option: str) -> None:
 
 def _load_table(csv: Path, images: Path | None):
     """The label table, restricted to the images present when a folder is given."""
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_label_table
 
     table = read_label_table(csv)
     print(f"{csv.name}: {len(table):,} images of {table['patient_id'].nunique():,} patients", file=sys.stderr)
@@ -72,8 +94,6 @@ def _load_table(csv: Path, images: Path | None):
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from cxrlearn.data.split import format_split_report, report_path, split_and_save
-
     _want_file(args.out, "--out")
     table = _load_table(args.csv, args.images)
     _, report, digest = split_and_save(table, args.out, args.csv, ratios=args.ratios, seed=args.seed,
@@ -84,9 +104,6 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from cxrlearn.data.split import SPLITS, apply_split, read_split_file
-    from cxrlearn.data.stats import format_stats, table_stats
-
     _want_file(args.json, "--json")
     table = _load_table(args.csv, args.images)
     result: dict = {"all": table_stats(table)}
@@ -107,11 +124,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cxrlearn.data.images import check_images
-
     _want_file(args.report, "--report")
     table = _load_table(args.csv, args.images)
-    failures = check_images(list(table["path"]))
+    failures = check_images(list(table[PATH]))
     for path, message in failures:
         print(message, file=sys.stderr)
     if args.report:
@@ -121,10 +136,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from cxrlearn.data.cache import prepare_cache, table_fingerprint
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_label_table
-
     _want_folder(args.out, "--out")
     table = read_label_table(args.csv)
     presence = attach_images(table, args.images)
@@ -145,8 +156,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from cxrlearn.data.download import download_nih, parse_parts, read_archives
-
     archives = read_archives(args.archives)
     parts = parse_parts(args.parts, len(archives))
     extracted = download_nih(
@@ -216,6 +225,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxrlearn.inference.overlays import write_overlays
     from cxrlearn.inference.predictor import Predictor, find_inputs
 
     paths = find_inputs(args.inputs)
@@ -245,58 +255,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
     if args.cam:
-        _write_cams(predictor, paths, predictions, failures, args)
+        chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
+        failed = {path for path, _ in failures}
+        written = write_overlays(predictor, [p for p in paths if str(p) not in failed], predictions, args.cam, chosen)
+        print(f"wrote {len(written):,} Grad-CAM overlays to {args.cam}", file=sys.stderr)
     if args.out:
         print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else ""),
               file=sys.stderr)
     return EXIT_SKIPPED if failures else EXIT_OK
-
-
-def _distinct_names(paths: list[Path]) -> dict[Path, str]:
-    """A file name stem for each path, distinct across them: the stem alone where that is unique, else
-    prefixed by as many parent folders as it takes (``a/x.png`` and ``b/x.png`` -> ``a__x``, ``b__x``)."""
-    names, depth = {}, 0
-    pending = list(paths)
-    while pending:
-        candidates = {p: "__".join([*p.parent.parts[len(p.parent.parts) - depth:], p.stem] if depth else [p.stem])
-                      for p in pending}
-        counts: dict[str, int] = {}
-        for name in candidates.values():
-            counts[name] = counts.get(name, 0) + 1
-        taken = set(names.values())
-        still = []
-        for p, name in candidates.items():
-            if counts[name] == 1 and name not in taken or depth >= len(p.parent.parts):
-                names[p] = name if name not in taken else f"{name}__{len(names)}"
-            else:
-                still.append(p)
-        pending, depth = still, depth + 1
-    return names
-
-
-def _write_cams(predictor, paths, predictions, failures, args) -> None:
-    """Grad-CAM overlays for each prediction: the chosen findings, else its positive ones, else its top one."""
-    from PIL import Image
-
-    from cxrlearn.data.images import load_grayscale
-    from cxrlearn.inference.gradcam import heatmaps, overlay
-    from cxrlearn.inference.predictor import Predictor
-
-    cam_predictor = predictor if predictor.runtime == "torch" else Predictor(args.model)
-    chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
-    unknown = [f for f in chosen or [] if f not in predictor.findings]
-    if unknown:
-        raise DataError(f"--cam-findings: unknown finding(s) {', '.join(unknown)}")
-    failed = {path for path, _ in failures}
-    args.cam.mkdir(parents=True, exist_ok=True)
-    kept = [path for path in paths if str(path) not in failed]
-    stems = _distinct_names(kept)
-    for path, prediction in zip(kept, predictions):
-        findings = chosen or prediction.positive or [max(prediction.probabilities, key=prediction.probabilities.get)]
-        decoded = load_grayscale(path)
-        for finding, heat in heatmaps(cam_predictor, decoded, findings).items():
-            Image.fromarray(overlay(predictor.model_pixels(decoded), heat)).save(args.cam / f"{stems[path]}_{finding}.png")
-    print(f"wrote Grad-CAM overlays to {args.cam}", file=sys.stderr)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -316,8 +282,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from cxrlearn.data.boxes import read_boxes
-    from cxrlearn.data.images import find_images
     from cxrlearn.evaluation.localization import pointing_game
     from cxrlearn.inference.predictor import Predictor
 
@@ -357,9 +321,6 @@ def _ratios(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxrlearn.data.cache import DEFAULT_IMAGE_SIZE
-    from cxrlearn.data.split import DEFAULT_RATIOS, DEFAULT_SEED, METHODS
-
     parser = argparse.ArgumentParser(
         prog="cxrlearn",
         description="Train, evaluate and serve chest X-ray classifiers for the 14 findings of NIH ChestX-ray14.",
@@ -372,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the copy of NIH's 2020 table shipped with cxrlearn")
 
     split = commands.add_parser(
-        "split",
-        parents=[table_args],
-        help="make a fair patient-wise train/val/test split",
+        "split", parents=[table_args], help="make a fair patient-wise train/val/test split",
         description="Patient-wise train/val/test split, stratified on every finding and on No Finding. "
         "Writes FILE (image,patient_id,split) and FILE's report as NAME.report.json beside it.",
     )
@@ -384,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
                        help="use NIH's official test list as the test set (default LIST: the shipped test_list.txt)")
     split.add_argument("--images", type=Path, help="split only the images present in this folder")
-    split.add_argument("--method", choices=METHODS, default="stratified", help="'random' is a baseline for comparison")
+    split.add_argument("--method", choices=METHODS, default=METHODS[0], help="'random' is a baseline for comparison")
     split.set_defaults(run=_cmd_split)
 
     stats = commands.add_parser(
@@ -401,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode and resize every present image once into a memory-mapped cache",
     )
     prepare.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
-    prepare.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE, help="side of the square images (default %(default)s)")
+    prepare.add_argument("--size", type=int, default=IMAGE_SIZE,
+                         help="side of the square images (default %(default)s: training's default input size)")
     prepare.add_argument("--out", type=Path, required=True, help="cache folder (created, or resumed)")
     prepare.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU core)")
     prepare.set_defaults(run=_cmd_prepare)
@@ -409,11 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download and unpack the NIH ChestX-ray14 images")
     download.add_argument("dataset", choices=["nih"], help="which dataset (nih: the 12 official archives)")
     download.add_argument("--to", type=Path, required=True, help="folder to unpack images_001/images/… into")
-    download.add_argument("--parts", default="1-12", help="archives to fetch, e.g. 1 or 1-3,7 (default %(default)s)")
+    download.add_argument("--parts", default=ALL_PARTS, help="archives to fetch, e.g. 1 or 1-3,7 (default %(default)s)")
     download.add_argument("--archives", type=Path, help="archive list (archive, url, md5); default: cxrlearn's copy of NIH's")
     download.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files after unpacking")
-    download.add_argument("--retries", type=int, default=5, help="tries per archive after a failure (default %(default)s)")
-    download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+    download.add_argument("--retries", type=int, default=RETRIES, help="tries per archive after a failure (default %(default)s)")
+    download.add_argument("--timeout", type=float, default=STALL_TIMEOUT_S, help="seconds without data before a retry")
     download.set_defaults(run=_cmd_download)
 
     train = commands.add_parser(
@@ -441,11 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES
     from cxrlearn.evaluation.bootstrap import DEFAULT_SEED as BOOTSTRAP_SEED
-    from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS as THRESHOLD_METHODS
+    from cxrlearn.evaluation.operating_points import DEFAULT_METHOD
+    from cxrlearn.evaluation.operating_points import METHODS as THRESHOLD_METHODS
 
     evaluate = commands.add_parser(
-        "evaluate",
-        parents=[table_args],
+        "evaluate", parents=[table_args],
         help="per-finding AUC with patient-level CIs, operating points, calibration, subgroups, and a report",
         description="Judge a trained model on the test split of its run (or another split's subset, or NIH's "
         "official test list); choose thresholds on the split's val images and store them in the bundle.",
@@ -466,13 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default=DEFAULT_METHOD,
                           help="which operating point the bundle's thresholds use (default %(default)s)")
     evaluate.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
-    evaluate.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=64)
+    evaluate.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE)
     evaluate.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
 
-    from cxrlearn.workflows.reproduce import RECIPES
 
     reproduce = commands.add_parser(
         "reproduce", help="a published result from nothing: download, split, prepare, train, evaluate, compare",
@@ -482,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("recipe", choices=sorted(RECIPES), help="which publication")
     reproduce.add_argument("--out", type=Path, required=True, help="folder for everything the reproduction makes")
     reproduce.add_argument("--data", type=Path, help="where to download and unpack the images (default OUT/data)")
-    reproduce.add_argument("--parts", default="1-12", help="which of NIH's 12 archives (default %(default)s)")
+    reproduce.add_argument("--parts", default=ALL_PARTS, help="which of NIH's 12 archives (default %(default)s)")
     reproduce.add_argument("--images", type=Path, help="images already on disk: no download")
     reproduce.add_argument("--official", action="store_true",
                            help="also train on a split that keeps NIH's official test list out, and judge that list")
@@ -491,8 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--no-progress", action="store_true")
     reproduce.set_defaults(run=_cmd_reproduce)
 
-    from cxrlearn.inference.predictor import RUNTIMES
-    from cxrlearn.serving import MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT_S
 
     predict = commands.add_parser(
         "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
@@ -507,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
-    predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=16)
+    predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
@@ -516,20 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, help="ONNX file to write (default: RUN_DIR/model.onnx, where "
                         "predict --runtime onnx and serve --runtime onnx look)")
-    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--opset", type=int, default=ONNX_OPSET)
     export.set_defaults(run=_cmd_export)
 
     serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
     serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=8000)
+    serve.add_argument("--host", default=HOST)
+    serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT)
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
     serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20)
     serve.add_argument("--upload-timeout", type=float, default=UPLOAD_TIMEOUT_S,
                        help="seconds an upload may take to arrive whole (default %(default)s)")
     serve.add_argument("--decoders", type=_bounded_int(1, 64, "a count"),
                        help="images decoded at once (default: one per core, at most 4)")
-    serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=64,
+    serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)
 

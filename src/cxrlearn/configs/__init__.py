@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from cxrlearn.defaults import SEED
 
 
 def presets() -> list[str]:
@@ -17,3 +20,21 @@ def preset(name: str) -> Path | None:
     """The shipped preset called ``name`` (with or without ``.yaml``), or None."""
     file = resources.files(__name__).joinpath(name if name.endswith(".yaml") else f"{name}.yaml")
     return Path(str(file)) if file.is_file() else None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A publication `cxrlearn reproduce` can redo: its preset and the published results to set beside ours."""
+
+    config: str  # a preset of cxrlearn.configs
+    published: str  # its key in cxrlearn.evaluation.published.PUBLISHED
+    official_published: tuple[str, ...]  # published results to set beside an official-test-list evaluation
+    title: str
+
+
+RECIPES = {
+    "kufel2023": Recipe(
+        config="kufel2023", published="Kufel 2023", official_published=("Wang 2017",),
+        title=f"Kufel et al. 2023 (J Pers Med 13:1426): EfficientNet-B1, custom patient-wise split, seed {SEED}",
+    ),
+}

@@ -1,8 +1,6 @@
 """The data layer: NIH's label table, image files, the patient-wise split, statistics."""
 
-from cxrlearn.data.images import attach_images, find_images, load_grayscale
-from cxrlearn.data.nih import label_matrix, read_image_list, read_label_table
-from cxrlearn.data.split import (
+from cxrlearn.data.cohort.split import (
     DEFAULT_RATIOS,
     DEFAULT_SEED,
     SPLITS,
@@ -12,7 +10,10 @@ from cxrlearn.data.split import (
     split_report,
     write_split,
 )
-from cxrlearn.data.stats import table_stats
+from cxrlearn.data.cohort.stats import table_stats
+from cxrlearn.data.columns import label_matrix
+from cxrlearn.data.decoding.images import attach_images, find_images, load_grayscale
+from cxrlearn.data.sources.nih import read_image_list, read_label_table
 
 __all__ = [
     "DEFAULT_RATIOS",

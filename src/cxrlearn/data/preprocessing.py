@@ -1,7 +1,7 @@
 """What an image becomes on its way into the network, stated once.
 
-1. decode to 8-bit grayscale (:func:`cxrlearn.data.images.decode_grayscale`, whose rules
-   :data:`~cxrlearn.data.images.DECODING` states);
+1. decode to 8-bit grayscale (:func:`cxrlearn.data.decoding.images.decode_grayscale`, whose rules
+   :data:`~cxrlearn.data.decoding.images.DECODING` states);
 2. resize to ``cache_size`` square with ``cache_resampling`` (Lanczos: antialiased when shrinking, as
    the preprocessing cache stores images);
 3. resize to ``input_size`` square with ``input_resampling`` (bilinear; nothing to do when the sizes
@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from cxrlearn.data.images import DECODING
+from cxrlearn.data.decoding.images import DECODING
 from cxrlearn.errors import ConfigError
 
 #: The sides an image may be cached or fed to the network at (training, the cache and bundles alike).
@@ -39,33 +38,6 @@ def resize_square(pixels: np.ndarray, size: int, resampling: str) -> np.ndarray:
     if pixels.shape[-2:] == (size, size):
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING[resampling]), dtype=np.uint8)
-
-
-class BatchTransform(torch.nn.Module):
-    """uint8 (B, 1, H, W) images -> float (B, C, H, W) normalised with the backbone's mean and std.
-
-    For one input channel the averages of mean and std are used, matching a first convolution whose
-    RGB weights were summed (timm's ``in_chans=1``). Three channels repeat the gray image, each
-    normalised with its own channel's statistics.
-    """
-
-    def __init__(self, mean, std, channels: int = 3):
-        super().__init__()
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {channels}")
-        mean = torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.as_tensor(std, dtype=torch.float32)
-        if channels == 1:
-            mean, std = mean.mean().reshape(1), std.mean().reshape(1)
-        self.channels = channels
-        # x / 255 normalised = x * scale + shift: one fused pass over the batch.
-        self.register_buffer("scale", (1.0 / (255.0 * std)).reshape(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", (-mean / std).reshape(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected a uint8 batch of shape (B, 1, H, W), got {tuple(images.shape)} {images.dtype}")
-        return torch.addcmul(self.shift, images.float(), self.scale)
 
 
 @dataclass(frozen=True)
@@ -138,10 +110,6 @@ class Preprocessing:
     def from_cache(self, cached: np.ndarray) -> np.ndarray:
         """Step 3: a cached image at the network's input size."""
         return resize_square(cached, self.input_size, self.input_resampling)
-
-    def normalizer(self) -> BatchTransform:
-        """Step 4, as a module on the batch's device."""
-        return BatchTransform(self.mean, self.std, channels=self.channels)
 
     def steps(self) -> list[str]:
         """The steps in words (the ONNX file's metadata)."""

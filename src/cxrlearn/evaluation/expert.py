@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlearn.data.expert_labels import SET_ID
-from cxrlearn.data.nih import IMAGE
+from cxrlearn.data.columns import IMAGE
+from cxrlearn.data.sources.expert_labels import SET_ID
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from cxrlearn.evaluation.metrics import finding_metrics
 

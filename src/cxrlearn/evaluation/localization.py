@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
 
-from cxrlearn.data.boxes import BOX_SPACE, FINDING
-from cxrlearn.data.nih import IMAGE
+from cxrlearn.data.columns import IMAGE
+from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.data.sources.boxes import BOX_SPACE, FINDING
+from cxrlearn.inference.gradcam import heatmaps, overlay
 
 
 def _inside(x: float, y: float, box) -> bool:
@@ -26,10 +30,6 @@ def _inside(x: float, y: float, box) -> bool:
 def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overlays: str | os.PathLike | None = None,
                   progress: bool = True) -> dict:
     """Hit rates per finding and overall for the boxes whose images are in ``paths`` (name -> file)."""
-    from tqdm.auto import tqdm
-
-    from cxrlearn.data.images import load_grayscale
-    from cxrlearn.inference.gradcam import heatmaps, overlay
 
     rows = boxes[boxes[IMAGE].isin(paths)]
     results = []
@@ -64,7 +64,6 @@ def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overla
 
 def _save_overlay(folder: Path, pixels: np.ndarray, heat: np.ndarray, box, scale: float, overlay) -> None:
     import cv2
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     picture = overlay(pixels, heat)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from sklearn.metrics import roc_curve
 
 from cxrlearn.evaluation.operating_points import METHODS
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
@@ -254,8 +255,6 @@ def _grid(count: int):
 
 
 def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], metrics: dict) -> None:
-    from sklearn.metrics import roc_curve
-
     plt, figure, axes = _grid(len(findings))
     for i, (ax, name) in enumerate(zip(axes, findings)):
         ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls="--")

@@ -3,7 +3,7 @@
 Each subgroup gets the full per-finding treatment of
 :func:`~cxrlearn.evaluation.metrics.finding_metrics` (with patient-level
 intervals, since small groups are noisy). Age bands are the ones the data
-statistics use (:data:`cxrlearn.data.stats.AGE_BANDS`).
+statistics use (:data:`cxrlearn.data.cohort.stats.AGE_BANDS`).
 """
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cxrlearn.data.nih import AGE, PATIENT_ID, SEX, VIEW
-from cxrlearn.data.stats import AGE_BANDS, age_band
+from cxrlearn.data.cohort.stats import AGE_BANDS, age_band
+from cxrlearn.data.columns import AGE, PATIENT_ID, SEX, VIEW
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from cxrlearn.evaluation.metrics import finding_metrics
 
-def subgroup_metrics(
-    rows: pd.DataFrame,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    findings: Sequence[str],
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = DEFAULT_SEED,
-) -> list[dict]:
+
+def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, findings: Sequence[str],
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
     """One entry per (attribute, group): counts, per-finding AUC and mean AUC with its interval.
 
     ``rows``: the evaluated images' table rows (``sex``, ``age``, ``view``,

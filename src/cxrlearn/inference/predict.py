@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from cxrlearn.data.preprocessing import BatchTransform
+from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.model.classifier import ChestXrayClassifier
 
 
@@ -36,7 +38,6 @@ def predict_logits(
     ``tta`` averages the logits of each image and its horizontal mirror;
     ``flip`` gives the mirror's alone (to compare the two).
     """
-    from tqdm.auto import tqdm
 
     model = model.to(device).eval()
     transform = transform.to(device)
@@ -63,6 +64,5 @@ def predict_loader(
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """The logistic function in float64, without overflow warnings for large negative logits."""
-    from scipy.special import expit
 
     return expit(np.asarray(logits, dtype=np.float64))

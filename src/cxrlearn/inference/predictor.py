@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
-from cxrlearn.model.export import ONNX_FILE
+from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
+from cxrlearn.inference.outputs import positive_calls, probabilities
+from cxrlearn.inference.predict import flip_averaged
+from cxrlearn.model.bundle import load_bundle, read_meta
+from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 
 #: File types a folder given to ``predict`` is searched for (named files may be of any type).
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
-RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -59,17 +66,16 @@ class Predictor:
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
                  device: str = "cpu"):
-        from cxrlearn.model.bundle import preprocessing_of, read_meta
 
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
-        self.findings: list[str] = list(self.meta["findings"])
-        self.preprocessing = preprocessing_of(self.meta)
-        self.thresholds: dict = self.meta.get("thresholds") or {}
-        self.temperature: dict | None = self.meta.get("temperature")
-        self.tta = bool(self.meta.get("tta", False))
+        self.findings: list[str] = list(self.meta.findings)
+        self.preprocessing = self.meta.preprocessing
+        self.thresholds: dict = self.meta.thresholds
+        self.temperature: dict | None = self.meta.temperature
+        self.tta = self.meta.tta
         self.runtime = runtime
         self.device = device
         if runtime == "torch":
@@ -78,19 +84,13 @@ class Predictor:
             self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
 
     def _load_torch(self) -> None:
-        from cxrlearn.model.bundle import load_bundle
-
-        import torch
-
         self.model, _ = load_bundle(self.model_dir)
         # channels_last: oneDNN's and cuDNN's fast convolution layout (about 2x on a CPU, docs/benchmarks.md).
         self.model.to(self.device, memory_format=torch.channels_last)
-        self.transform = self.preprocessing.normalizer().to(self.device)
+        self.transform = normalizer(self.preprocessing).to(self.device)
 
     def _load_onnx(self, path: Path) -> None:
         import onnxruntime
-
-        from cxrlearn.model.export import check_onnx_matches_bundle
 
         if not path.is_file():
             raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
@@ -112,7 +112,6 @@ class Predictor:
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         if self.runtime == "onnx":
             return self.session.run(None, {"image": batch})[0]
-        import torch
 
         with torch.no_grad():
             x = self.transform(torch.from_numpy(batch).to(self.device))
@@ -120,13 +119,11 @@ class Predictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
-        from cxrlearn.inference.predict import flip_averaged
 
         return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[Prediction]:
         """Predictions for decoded grayscale images (any size)."""
-        from cxrlearn.inference.outputs import positive_calls, probabilities
 
         if not images:
             return []
@@ -142,12 +139,9 @@ class Predictor:
             for i, (name, row) in enumerate(zip(names, probs))
         ]
 
-    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 16, progress: bool = True
+    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE, progress: bool = True
                       ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predictions for image files, and ``(file, error)`` for those that cannot be read; none is lost."""
-        from tqdm.auto import tqdm
-
-        from cxrlearn.data.images import load_grayscale
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch size must be a whole number >= 1, not {batch_size!r}")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import timm
+from timm.models import get_pretrained_cfg
+
 from cxrlearn.errors import ConfigError
 
 
@@ -24,8 +27,6 @@ class BackboneConfig:
 
 def backbone_config(name: str) -> BackboneConfig:
     """The pretrained configuration timm records for backbone ``name``."""
-    import timm
-    from timm.models import get_pretrained_cfg
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[-1]}*")[:5] if "_" in name else []

@@ -13,8 +13,9 @@ the BatchNorm after it, trains stably at the paper's learning rate.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+import timm
 import torch
 from torch import nn
 
@@ -53,13 +54,13 @@ class ChestXrayClassifier(nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        import timm
 
         if not timm.is_model(backbone):
             raise ConfigError(f"unknown backbone {backbone!r}: not a timm model name")
         self.backbone_name = backbone
         self.head_config = head
         self.in_chans = in_chans
+        self.num_findings = num_findings
         self.backbone = timm.create_model(
             backbone, pretrained=False, num_classes=0, global_pool="avg", in_chans=in_chans,
             drop_path_rate=drop_path_rate,
@@ -86,5 +87,3 @@ class ChestXrayClassifier(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward(x))
 
-    def describe(self) -> dict:
-        return {"backbone": self.backbone_name, "head": asdict(self.head_config), "in_chans": self.in_chans}

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from cxrlearn._files import file_digest
+from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError
+from cxrlearn.model import ONNX_OPSET
+from cxrlearn.model.bundle import WEIGHTS, load_bundle
 
 ONNX_FILE = "model.onnx"  # a bundle's ONNX export, beside model.json
 
-OPSET = 18
 METADATA_KEY = "cxrlearn"
 
 
@@ -47,41 +49,38 @@ class _WithPreprocessing(nn.Module):
 
 def contract(meta: dict, weights_sha256: str) -> dict:
     """The ONNX file's metadata, written from the bundle's preprocessing and outputs."""
-    from cxrlearn.model.bundle import preprocessing_of
 
-    pre = preprocessing_of(meta)
+    pre = meta.preprocessing
     return {
         "input": {"name": "image", "dtype": "uint8", "shape": ["batch", 1, pre.input_size, pre.input_size],
                   "meaning": "8-bit grayscale chest X-ray, bone bright (MONOCHROME2), after the preprocessing "
                              "steps but the last (which is inside the graph)"},
-        "output": {"name": "logits", "shape": ["batch", len(meta["findings"])],
+        "output": {"name": "logits", "shape": ["batch", len(meta.findings)],
                    "probability": "sigmoid(logit / temperature[finding])"},
         "preprocessing": pre.steps(),
         "preprocessing_values": pre.to_dict(),
         "image_size": pre.input_size,
         "cache_size": pre.cache_size,
-        "findings": meta["findings"],
-        "thresholds": meta.get("thresholds") or {},
-        "threshold_method": meta.get("threshold_method"),
-        "temperature": meta.get("temperature"),
-        "tta": bool(meta.get("tta", False)),
-        "backbone": meta["backbone"],
+        "findings": list(meta.findings),
+        "thresholds": meta.thresholds,
+        "threshold_method": meta.threshold_method,
+        "temperature": meta.temperature,
+        "tta": meta.tta,
+        "backbone": meta.backbone,
         "weights_sha256": weights_sha256,
     }
 
 
-def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = ONNX_OPSET) -> Path:
     """Write the bundle in ``model_dir`` as one ONNX file at ``out`` (default ``model_dir/model.onnx``, where
     ``cxrlearn predict --runtime onnx`` looks); return its path."""
     import onnx
 
-    from cxrlearn.model.bundle import WEIGHTS, load_bundle, preprocessing_of
-
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX_FILE
     model, meta = load_bundle(model_dir)
-    pre = preprocessing_of(meta)
-    wrapper = _WithPreprocessing(model, pre.normalizer()).eval()
+    pre = meta.preprocessing
+    wrapper = _WithPreprocessing(model, normalizer(pre)).eval()
     size = pre.input_size
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +113,6 @@ def read_contract(path: str | os.PathLike) -> dict:
 
 def check_onnx_matches_bundle(path: str | os.PathLike, model_dir: str | os.PathLike) -> dict:
     """Refuse an ONNX file exported from other weights than the bundle's; return its contract."""
-    from cxrlearn.model.bundle import WEIGHTS
 
     found = read_contract(path)
     if found["weights_sha256"] != file_digest(Path(model_dir) / WEIGHTS):

@@ -20,7 +20,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from cxrlearn.errors import ConfigError
@@ -86,7 +88,6 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         return load_file(str(path))
     try:
@@ -138,7 +139,6 @@ def load_backbone_weights(
 
     if use_hub and os.environ.get("HF_HUB_OFFLINE") != "1" and hub_reachable():
         try:
-            import timm
 
             pretrained = timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans)
             backbone.load_state_dict(pretrained.state_dict(), strict=False)

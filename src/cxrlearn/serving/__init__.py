@@ -4,3 +4,7 @@
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 #: Seconds an upload may take to arrive whole (``cxrlearn serve --upload-timeout``): 32 MB at 1 MB/s.
 UPLOAD_TIMEOUT_S = 30.0
+#: Where the service listens by default: this machine only.
+HOST, PORT = "127.0.0.1", 8000
+#: Connections uvicorn keeps at once; beyond them it answers 503.
+MAX_CONNECTIONS = 64

@@ -11,7 +11,7 @@ Bad input is the client's fault and is answered 4xx with a message naming
 what is wrong, never 500: an upload over the size limit (413: from its
 Content-Length when it has one, else counted while it streams), an upload
 not complete within the time limit (408), an image whose decoded pixels would
-exceed the budget (413, from its header: :data:`cxrlearn.data.images.MAX_DECODED_BYTES`),
+exceed the budget (413, from its header: :data:`cxrlearn.data.decoding.images.MAX_DECODED_BYTES`),
 an empty or undecodable file or a DICOM without pixels (422), a file name
 with path separators (400).
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import threading
 from importlib import resources
@@ -35,16 +36,17 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
+from PIL import Image
 
+from cxrlearn.data.decoding.images import decode_grayscale
 from cxrlearn.defaults import usable_cores
 from cxrlearn.errors import DataError, ImageTooLarge
-
-from cxrlearn.serving import MAX_UPLOAD_BYTES, UPLOAD_TIMEOUT_S
+from cxrlearn.inference.gradcam import heatmaps, overlay
+from cxrlearn.inference.predictor import Predictor
+from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
 
 
 def _png_base64(rgb_or_gray: np.ndarray) -> str:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(rgb_or_gray).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -63,7 +65,6 @@ def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> np.nda
     Images whose decoded pixels would exceed the budget are refused from their headers (413), before any
     pixel is decoded; at most as many decodes as ``slots`` allows run at once.
     """
-    from cxrlearn.data.images import decode_grayscale
 
     if not data:
         raise HTTPException(422, f"{name}: the upload is empty")
@@ -77,8 +78,6 @@ def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> np.nda
 
 
 async def _send_json(send, status: int, detail: str) -> None:
-    import json
-
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -138,7 +137,6 @@ def default_decoders() -> int:
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S) -> FastAPI:
-    from cxrlearn.inference.predictor import Predictor
 
     predictor = Predictor(model_dir, runtime=runtime)
     cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch")
@@ -156,10 +154,9 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     @app.get("/v1/model")
     def model_info() -> dict:
         meta = predictor.meta
-        keys = ("backbone", "preprocessing", "in_chans", "findings", "thresholds", "threshold_method",
-                "temperature", "tta", "weights_source", "split", "evaluation", "versions")
-        return {"runtime": runtime, **{k: meta.get(k) for k in keys},
-                "metrics": {k: meta.get("metrics", {}).get(k, {}).get("mean_auc") for k in ("val", "test")}}
+        described = {k: v for k, v in meta.to_dict().items() if k not in ("config", "data", "metrics", "operating_points")}
+        return {"runtime": runtime, **described,
+                "metrics": {k: (meta.metrics.get(k) or {}).get("mean_auc") for k in ("val", "test")}}
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="a chest X-ray: PNG, JPEG, TIFF or DICOM"),
@@ -178,10 +175,9 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
                 "probabilities": result.probabilities,
                 "positive_findings": result.positive,
                 "thresholds": predictor.thresholds or None,
-                "threshold_method": predictor.meta.get("threshold_method"),
+                "threshold_method": predictor.meta.threshold_method,
             }
             if cam is not None:
-                from cxrlearn.inference.gradcam import heatmaps, overlay
 
                 finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
                 heat = heatmaps(cam_predictor, pixels, [finding])[finding]
@@ -198,9 +194,9 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     return app
 
 
-def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, runtime: str = "torch",
+def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runtime: str = "torch",
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
-          upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = 64) -> None:
+          upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS) -> None:
     import uvicorn
 
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,

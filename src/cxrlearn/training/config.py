@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
-from cxrlearn.defaults import RATIOS, SEED, usable_cores
+from cxrlearn._files import read_bytes
+from cxrlearn.configs import preset, presets
+from cxrlearn.data.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from cxrlearn.defaults import IMAGE_SIZE, RATIOS, SEED, usable_cores
 from cxrlearn.errors import ConfigError
+from cxrlearn.model.classifier import ACTIVATIONS, HeadConfig
+from cxrlearn.training.losses import LOSSES
 
 DEFAULTS: dict = {
     "data": {
@@ -26,7 +33,7 @@ DEFAULTS: dict = {
         "split_seed": SEED,
         "cache": None,  # cache folder; None: RUN_DIR/../cache/<table>-<size>
         "cache_size": None,  # side of cached images; None: image_size
-        "image_size": 240,
+        "image_size": IMAGE_SIZE,
         "channels": 3,
         "batch_size": 32,
         "num_workers": 4,  # loader processes; "auto": one per CPU core, at most 16
@@ -102,24 +109,119 @@ def _parse_value(text: str):
         return text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, sets: list[str] = ()) -> dict:
+@dataclass
+class DataConfig:
+    images: str | None
+    csv: str | None
+    split: str | None
+    ratios: list[float]
+    split_seed: int
+    cache: str | None
+    cache_size: int | None
+    image_size: int
+    channels: int
+    batch_size: int
+    num_workers: int | str
+    prepare_workers: int | None
+
+    @property
+    def cached_size(self) -> int:
+        """The side of the cached images: ``cache_size``, else the network's input size."""
+        return int(self.cache_size or self.image_size)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str
+    weights: str | None
+    hub: bool
+    head: HeadConfig
+    drop_path_rate: float
+    freeze_bn: bool
+    trainable_blocks: int | None
+
+
+@dataclass
+class OptimConfig:
+    name: str
+    lr: float
+    weight_decay: float
+    backbone_lr_scale: float
+    scheduler: str
+    plateau_factor: float
+    plateau_patience: int
+    warmup_epochs: float
+    head_only_epochs: int
+    unfreeze_warmup: bool
+
+
+@dataclass
+class LossConfig:
+    name: str
+    pos_weight: bool
+    focal_gamma: float
+    focal_alpha: float
+    asl_gamma_neg: float
+    asl_gamma_pos: float
+    asl_clip: float
+
+
+@dataclass
+class TrainOptions:
+    epochs: int
+    early_stopping_patience: int
+    seed: int
+    precision: str
+    cudnn_benchmark: bool
+    channels_last: bool
+    accumulate_grad_batches: int
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    tta: bool
+    limit_train_batches: int | float | None
+    deterministic: bool
+
+
+@dataclass
+class RunConfig:
+    """A run's whole configuration, typed: made by :func:`load_config` (every value checked), written to the
+    run folder and the bundle with :meth:`to_dict`. The defaults live in :data:`DEFAULTS`, with their reasons."""
+
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    loss: LossConfig
+    train: TrainOptions
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> RunConfig:
+        """From a complete nested dict (defaults merged in), validated: :class:`ConfigError` naming the key."""
+        _validate(config, source)
+        model = dict(config["model"], head=HeadConfig(**config["model"]["head"]))
+        return cls(DataConfig(**config["data"]), ModelConfig(**model), OptimConfig(**config["optim"]),
+                   LossConfig(**config["loss"]), TrainOptions(**config["train"]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None,
+                sets: list[str] = ()) -> RunConfig:
     """Defaults, then the YAML file, then ``overrides`` (nested), then ``key.path=value`` strings."""
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
         if not path.exists() and path.parent == Path("."):
-            from cxrlearn.configs import preset, presets
 
             found = preset(path.name)
             if found is None:
                 raise ConfigError(f"{path}: no such config file, nor a preset of cxrlearn's ({', '.join(presets())})")
             path = found
+        data = read_bytes(path, "config file", ConfigError)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: is a folder, not a config file") from None
+            loaded = yaml.safe_load(data.decode("utf-8")) or {}
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
@@ -140,8 +242,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = _parse_value(value)
         _merge(config, nested)
-    _validate(config, str(path) if path is not None else "config")
-    return config
+    return RunConfig.from_dict(config, str(path) if path is not None else "config")
 
 
 def _whole(low=None, high=None, allow=()):
@@ -189,9 +290,6 @@ def _ratios_rule(value) -> bool:
 
 def _schema() -> dict:
     """Every config value's rule: type and range, checked on load with the key named."""
-    from cxrlearn.data.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-    from cxrlearn.model.classifier import ACTIVATIONS
-    from cxrlearn.training.losses import LOSSES
 
     size = _whole(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     return {
@@ -250,7 +348,6 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     """``auto``: bf16 mixed precision on a GPU that has it, fp16 mixed on one that has not, fp32 on a CPU."""
     if precision != "auto":
         return precision
-    import torch
 
     if accelerator == "cpu" or not torch.cuda.is_available():
         return "32-true"
@@ -264,5 +361,5 @@ def resolve_workers(workers) -> int:
     return min(16, usable_cores())
 
 
-def dump_config(config: dict) -> str:
-    return yaml.safe_dump(config, sort_keys=False)
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

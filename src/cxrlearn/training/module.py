@@ -20,6 +20,7 @@ from cxrlearn.defaults import SEED
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predict import flip_averaged
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.training.config import OptimConfig
 from cxrlearn.training.losses import MultiLabelLoss
 
 MONITOR = "val/mean_auc"
@@ -70,7 +71,7 @@ class ChestXrayModule(L.LightningModule):
         self,
         model: ChestXrayClassifier,
         loss: MultiLabelLoss,
-        optim: dict,
+        optim: OptimConfig,
         findings: list[str],
         seed: int = SEED,
         freeze_bn: bool = False,
@@ -81,7 +82,7 @@ class ChestXrayModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.optim = dict(optim)
+        self.optim = optim
         self.findings = list(findings)
         self.seed = seed
         self.freeze_bn = freeze_bn
@@ -97,7 +98,7 @@ class ChestXrayModule(L.LightningModule):
 
     # ---- the backbone's state per epoch -------------------------------------------------
     def backbone_frozen(self) -> bool:
-        return self.current_epoch < int(self.optim.get("head_only_epochs") or 0)
+        return self.current_epoch < self.optim.head_only_epochs
 
     def _set_backbone_mode(self) -> None:
         frozen = self.backbone_frozen()
@@ -122,8 +123,8 @@ class ChestXrayModule(L.LightningModule):
         self._epoch_images, self._epoch_start = 0, time.perf_counter()
 
     def _unfreezing_epoch(self) -> bool:
-        head_only = int(self.optim.get("head_only_epochs") or 0)
-        return head_only > 0 and self.current_epoch == head_only and bool(self.optim.get("unfreeze_warmup", True))
+        head_only = self.optim.head_only_epochs
+        return head_only > 0 and self.current_epoch == head_only and self.optim.unfreeze_warmup
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # The epoch that unfreezes the backbone ramps its learning rate up from zero:
@@ -185,25 +186,25 @@ class ChestXrayModule(L.LightningModule):
     # ---- optimiser -----------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim
-        lr = float(o["lr"])
+        lr = float(o.lr)
         groups = [
-            {"params": list(self.model.backbone.parameters()), "lr": lr * float(o["backbone_lr_scale"])},
+            {"params": list(self.model.backbone.parameters()), "lr": lr * float(o.backbone_lr_scale)},
             {"params": list(self.model.head.parameters()), "lr": lr},
         ]
-        wd = float(o["weight_decay"])
-        if o["name"] == "adam":
+        wd = float(o.weight_decay)
+        if o.name == "adam":
             optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=wd)
         else:
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-        if o["scheduler"] == "plateau":
+        if o.scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=float(o["plateau_factor"]), patience=int(o["plateau_patience"])
+                optimizer, mode="max", factor=float(o.plateau_factor), patience=int(o.plateau_patience)
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch"}}
-        if o["scheduler"] == "cosine":
+        if o.scheduler == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
             per_epoch = total / max(1, self.trainer.max_epochs)
-            warmup = int(float(o["warmup_epochs"]) * per_epoch)
+            warmup = int(float(o.warmup_epochs) * per_epoch)
 
             def factor(step: int) -> float:
                 if step < warmup:

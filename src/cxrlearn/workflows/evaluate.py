@@ -25,15 +25,34 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn
 import torch
+from torch.utils.data import DataLoader
 
 from cxrlearn._files import file_digest
-from cxrlearn.data.nih import IMAGE, PATIENT_ID, label_matrix
-from cxrlearn.data.split import SPLIT
+from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
+from cxrlearn.data.columns import IMAGE, PATIENT_ID, label_matrix
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
+from cxrlearn.data.pipeline.normalize import normalizer
+from cxrlearn.data.sources import tables
+from cxrlearn.data.sources.expert_labels import read_expert_labels
+from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
-from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS
-from cxrlearn.inference.predict import average_with_mirror
+from cxrlearn.evaluation.expert import expert_metrics
+from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
+from cxrlearn.evaluation.report import write_report
+from cxrlearn.evaluation.subgroups import subgroup_metrics
+from cxrlearn.inference.outputs import probabilities
+from cxrlearn.inference.predict import average_with_mirror, predict_logits
+from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
+from cxrlearn.model.meta import BundleMeta
+from cxrlearn.workflows import EVALUATE_BATCH_SIZE
+from cxrlearn.workflows.train import cache_location
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +72,7 @@ class EvaluationOptions:
     calibrate: bool = False
     threshold_method: str = DEFAULT_METHOD
     cache: str | None = None
-    batch_size: int = 64
+    batch_size: int = EVALUATE_BATCH_SIZE
     workers: int | None = None
     write_bundle: bool = True
     progress: bool = True
@@ -86,19 +105,20 @@ class _Selection:
     info: dict
 
 
-def _run_split(run_dir: Path, meta: dict) -> tuple[Path, pd.DataFrame]:
-    from cxrlearn.data.split import read_split_file
-
-    run_split = run_dir / meta["split"]["file"]
+def _run_split(run_dir: Path, meta: BundleMeta) -> tuple[Path, pd.DataFrame]:
+    if meta.split is None:
+        raise ConfigError(f"{run_dir}: the bundle records no split file; it is needed to check that no training "
+                          "patient is judged")
+    run_split = run_dir / meta.split.file
     if not run_split.is_file():
         raise ConfigError(f"{run_dir}: the bundle's split file {run_split.name} is missing; it is needed to "
                           "check that no training patient is judged")
-    if file_digest(run_split) != meta["split"]["sha256"]:
+    if file_digest(run_split) != meta.split.sha256:
         raise ConfigError(f"{run_split}: changed since training (its SHA-256 differs from the bundle's)")
     return run_split, read_split_file(run_split)
 
 
-def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: dict,
+def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: BundleMeta,
                      options: EvaluationOptions) -> _Selection:
     """The judged images (and val images where thresholds are chosen again), with the leak check applied.
 
@@ -107,8 +127,6 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: di
     * neither: every labelled image present. None may be of a patient of the run's train or val split,
       and the bundle's own thresholds and temperatures (chosen on the run's val split) are used.
     """
-    from cxrlearn.data.nih import read_image_list
-    from cxrlearn.data.split import SPLITS, apply_split, read_split_file
 
     run_split, trained_on = _run_split(run_dir, meta)
     if not options.chooses_thresholds:
@@ -183,22 +201,16 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
     return _Selection(judged, None, what, info)
 
 
-def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
+def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
              device) -> _Judged:
-    from torch.utils.data import DataLoader
 
-    from cxrlearn.data.cache import ImageCache
-    from cxrlearn.data.datamodule import CachedXrayDataset
-    from cxrlearn.inference.predict import predict_logits
-    from cxrlearn.model.bundle import preprocessing_of
-
-    preprocessing = preprocessing_of(meta)
+    preprocessing = meta.preprocessing
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
     dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached),
                                 image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
-    transform = preprocessing.normalizer()
+    transform = normalizer(preprocessing)
     logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
     flipped = None
     if tta:
@@ -209,19 +221,6 @@ def _predict(model, meta: dict, cache_dir: Path, rows: pd.DataFrame, tta: bool, 
 def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
              out: str | os.PathLike, options: EvaluationOptions | None = None) -> dict:
     """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
-    from cxrlearn.data.cache import prepare_cache, table_fingerprint
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_label_table
-    from cxrlearn.evaluation import calibration
-    from cxrlearn.evaluation.expert import expert_metrics
-    from cxrlearn.evaluation.metrics import finding_metrics
-    from cxrlearn.evaluation.operating_points import choose_thresholds, operating_point_table
-    from cxrlearn.evaluation.report import write_report
-    from cxrlearn.evaluation.subgroups import subgroup_metrics
-    from cxrlearn.inference.outputs import probabilities
-    from cxrlearn.model.bundle import load_bundle, write_meta
-    from cxrlearn.data import tables
-    from cxrlearn.workflows.train import cache_location
 
     options = options or EvaluationOptions()
     csv = Path(csv) if csv else tables.label_table()
@@ -231,7 +230,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         raise ConfigError(f"at least 100 bootstrap resamples are needed for a 95% interval, not {options.resamples}")
     model_dir, out = Path(model_dir), Path(out)
     model, meta = load_bundle(model_dir)
-    findings = list(meta["findings"])
+    findings = list(meta.findings)
     table = read_label_table(csv)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
@@ -246,11 +245,12 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
              + (f"operating points and calibration from {len(val_rows):,} validation images" if val_rows is not None
                 else "the bundle's own thresholds and temperatures"))
     # Thresholds chosen on val here, or the bundle's as they are; flip averaging as asked, or as the bundle's were.
-    tta = options.tta if chosen_here else options.tta or bool(meta.get("tta"))
-    if not chosen_here and options.tta and not meta.get("tta") and meta.get("thresholds"):
+    tta = options.tta if chosen_here else options.tta or meta.tta
+    if not chosen_here and options.tta and not meta.tta and meta.thresholds:
         log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
-    cache_dir, size = cache_location(meta["config"], model_dir, fingerprint)
+    size = meta.preprocessing.cache_size
+    cache_dir = cache_location(meta.trained_data.get("cache"), size, model_dir, fingerprint)
     if options.cache:
         cache_dir = Path(options.cache)
     both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
@@ -270,7 +270,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     if val is not None:
         temperature = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
     else:
-        temperature = meta.get("temperature")
+        temperature = meta.temperature
     test_p = probabilities(logits_of(test), findings, temperature)
     patients = test.rows[PATIENT_ID].to_numpy()
 
@@ -287,11 +287,11 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
             "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
             "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
         }
-    elif meta.get("operating_points"):
-        stored = meta["operating_points"]
+    elif meta.operating_points:
+        stored = meta.operating_points
         metrics["operating_points"] = {
             "chosen_on": "the run's validation images (the bundle's thresholds)",
-            "bundle_method": meta.get("threshold_method") or options.threshold_method,
+            "bundle_method": meta.threshold_method or options.threshold_method,
             "thresholds": stored,
             "test": operating_point_table(test.labels, test_p, stored, findings),
         }
@@ -307,7 +307,6 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         metrics["calibration"]["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
     metrics["subgroups"] = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels:
-        from cxrlearn.data.expert_labels import read_expert_labels
 
         metrics["expert"] = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
                                            read_expert_labels(options.expert_labels), options.resamples, options.seed)
@@ -321,12 +320,12 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
     if options.write_bundle and val is not None:
-        meta["thresholds"] = chosen["thresholds"][options.threshold_method]
-        meta["threshold_method"] = options.threshold_method
-        meta["operating_points"] = chosen["thresholds"]
-        meta["temperature"] = temperature  # None: probabilities are the plain sigmoid
-        meta["tta"] = tta  # thresholds were chosen on (un)averaged predictions: predict must match
-        meta["evaluation"] = {"folder": str(out), "mean_auc": metrics["mean_auc"],
+        meta.thresholds = chosen["thresholds"][options.threshold_method]
+        meta.threshold_method = options.threshold_method
+        meta.operating_points = chosen["thresholds"]
+        meta.temperature = temperature  # None: probabilities are the plain sigmoid
+        meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
+        meta.evaluation = {"folder": str(out), "mean_auc": metrics["mean_auc"],
                               "mean_auc_ci95": metrics["mean_auc_ci95"], "judged": selection.what,
                               "date": metrics["provenance"]["date"]}
         write_meta(model_dir, meta)
@@ -335,8 +334,6 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
 
 def _tta_comparison(test: _Judged, findings, temperature, metrics: dict, boot, options) -> dict:
     """Mean AUC with and without flip averaging, and the paired bootstrap interval of the difference."""
-    from cxrlearn.evaluation.metrics import finding_metrics
-    from cxrlearn.inference.outputs import probabilities
 
     plain_p = probabilities(test.logits, findings, temperature)
     plain, plain_boot = finding_metrics(test.labels, plain_p, test.rows[PATIENT_ID].to_numpy(), findings,
@@ -359,31 +356,27 @@ def _tta_comparison(test: _Judged, findings, temperature, metrics: dict, boot, o
     }
 
 
-def _provenance(model_dir: Path, meta: dict, csv, images, split_info: dict, options: EvaluationOptions,
+def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: dict, options: EvaluationOptions,
                 left_out: int, tta: bool) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(options.command) if options.command else None,
-        "bundle": {"folder": str(model_dir), "backbone": meta["backbone"], "preprocessing": meta["preprocessing"],
+        "bundle": {"folder": str(model_dir), "backbone": meta.backbone, "preprocessing": meta.preprocessing.to_dict(),
                    "weights_sha256": file_digest(model_dir / "model.safetensors"),
-                   "trained_split_sha256": meta["split"]["sha256"],
-                   "weights_source": meta.get("weights_source"), "training_versions": meta.get("versions")},
+                   "trained_split_sha256": meta.split.sha256 if meta.split else None,
+                   "weights_source": meta.weights_source, "training_versions": meta.versions},
         "label_table": {"file": Path(csv).name, "sha256": file_digest(csv)},
         "images": str(images),
         "split": split_info,
         "images_left_out_undecodable": left_out,
         "tta": tta,
-        "temperature_scaling": ("the bundle's" if meta.get("temperature") else False) if split_info.get("all_present")
+        "temperature_scaling": ("the bundle's" if meta.temperature else False) if split_info.get("all_present")
         else options.calibrate,
         "versions": _versions(),
     }
 
 
 def _versions() -> dict:
-    from cxrlearn.model.bundle import library_versions
-
-    import sklearn
-
     return {**library_versions(), "scikit-learn": sklearn.__version__}
 
 

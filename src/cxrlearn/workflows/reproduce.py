@@ -6,7 +6,7 @@ resumes from its last checkpoint):
 
 1. ``download``: NIH's 12 archives into ``--data`` (resumable, MD5-checked), or
    nothing when ``--images`` names images already on disk;
-2. ``split``: the custom patient-wise split of the images present (seed 2137);
+2. ``split``: the custom patient-wise split of the images present (the paper's seed);
 3. ``prepare``: the preprocessing cache at the recipe's size;
 4. ``train``: the recipe's config (``--set`` overrides), into ``OUT/model``;
 5. ``evaluate``: the model on the split's test images, with patient-level CIs;
@@ -22,16 +22,39 @@ timing on the machine at hand.
 
 from __future__ import annotations
 
-import logging
 import datetime
 import json
+import logging
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+import torch
+
+from cxrlearn.configs import RECIPES, Recipe
+from cxrlearn.data.cohort.split import read_split_file, split_and_save
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import (
+    ImageCache,
+    decode_and_resize,
+    prepare_cache,
+    prepare_workers,
+    table_fingerprint,
+)
+from cxrlearn.data.sources import tables
+from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
+from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.errors import ConfigError
+from cxrlearn.evaluation.published import PUBLISHED, published_auc
+from cxrlearn.findings import FINDINGS
+from cxrlearn.model.bundle import library_versions, read_meta
+from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.training.config import RunConfig, load_config, resolve_precision
+from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
+from cxrlearn.workflows.train import CHECKPOINTS, cache_location, train
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +63,11 @@ REPORT_MD = "reproduction.md"
 REPORT_JSON = "reproduction.json"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    config: str  # a preset of cxrlearn.configs
-    published: str  # its key in cxrlearn.evaluation.published.PUBLISHED
-    official_published: tuple[str, ...]  # published results to set beside an official-test-list evaluation
-    title: str
-
-
-RECIPES = {
-    "kufel2023": Recipe(
-        config="kufel2023", published="Kufel 2023", official_published=("Wang 2017",),
-        title="Kufel et al. 2023 (J Pers Med 13:1426): EfficientNet-B1, custom patient-wise split, seed 2137",
-    ),
-}
-
-
 @dataclass
 class ReproduceOptions:
     out: Path
     data: Path | None = None  # where the archives are downloaded and unpacked (default OUT/data)
-    parts: str = "1-12"
+    parts: str = ALL_PARTS
     images: Path | None = None  # images already on disk: no download
     official: bool = False
     sets: list[str] = field(default_factory=list)
@@ -124,7 +131,6 @@ def _duration(seconds: float) -> str:
 
 def machine() -> dict:
     """What ran it: processor, cores, memory, GPU."""
-    import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_cores": os.cpu_count(), "python": platform.python_version()}
@@ -141,7 +147,6 @@ def machine() -> dict:
 
 def estimate_prepare(paths: list[str], size: int, workers: int, sample: int = 16) -> float:
     """Seconds to decode and resize ``paths`` into the cache, from timing the first few."""
-    from cxrlearn.data.cache import decode_and_resize
 
     probe = paths[:sample]
     started = time.perf_counter()
@@ -154,25 +159,20 @@ def estimate_prepare(paths: list[str], size: int, workers: int, sample: int = 16
     return per_image * len(paths) / max(1, workers)
 
 
-def estimate_training(config: dict, n_train: int, n_val: int, steps: int = 4) -> dict:
+def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 4) -> dict:
     """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here."""
-    import torch
 
-    from cxrlearn.findings import FINDINGS
-    from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
-    from cxrlearn.training.config import resolve_precision
-
-    data, model_cfg, train = config["data"], config["model"], config["train"]
-    device = "cuda" if torch.cuda.is_available() and train["accelerator"] != "cpu" else "cpu"
-    precision = resolve_precision(train["precision"], train["accelerator"])
+    data, model_cfg, train = config.data, config.model, config.train
+    device = "cuda" if torch.cuda.is_available() and train.accelerator != "cpu" else "cpu"
+    precision = resolve_precision(train.precision, train.accelerator)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    batch, size = int(data["batch_size"]), int(data["image_size"])
+    batch, size = int(data.batch_size), int(data.image_size)
     if device == "cpu":
         batch = min(batch, 16)  # a CPU's rate hardly depends on the batch; keep the probe short
-    model = ChestXrayClassifier(model_cfg["backbone"], HeadConfig(**model_cfg["head"]),
-                                in_chans=int(data["channels"])).to(device).train()
+    model = ChestXrayClassifier(model_cfg.backbone, model_cfg.head,
+                                in_chans=int(data.channels)).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, int(data["channels"]), size, size, device=device)
+    x = torch.randn(batch, int(data.channels), size, size, device=device)
     y = torch.zeros(batch, len(FINDINGS), device=device)
 
     def step():
@@ -194,18 +194,11 @@ def estimate_training(config: dict, n_train: int, n_val: int, steps: int = 4) ->
     # Validation is a forward pass only: about a third of a training step per image.
     epoch = n_train / rate + n_val / (3 * rate)
     return {"device": device, "precision": precision, "images_per_second": round(rate, 1),
-            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train["epochs"]), 1)}
+            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train.epochs), 1)}
 
 
 def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     """Run (or continue) the reproduction; return what ``reproduction.json`` holds."""
-    from cxrlearn.data import tables
-    from cxrlearn.data.cache import prepare_cache, prepare_workers, table_fingerprint
-    from cxrlearn.data.download import download_nih, parse_parts, read_archives
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_label_table
-    from cxrlearn.training.config import load_config
-    from cxrlearn.workflows.train import cache_location
 
     if recipe_name not in RECIPES:
         raise ConfigError(f"no recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
@@ -244,18 +237,17 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
         models.append(("official-", out / "official" / "model", out / "official" / "split.csv", tables.test_list()))
     for prefix, run_dir, split_path, official_list in models:
         config = load_config(recipe.config, sets=options.sets)
-        config["data"]["split"] = str(split_path)
-        config["data"]["images"] = str(images)
-        config["data"]["cache"] = config["data"]["cache"] or str(
-            cache_location(config, out / "model", fingerprint)[0])  # one cache for both models
+        config.data.split = str(split_path)
+        config.data.images = str(images)
+        config.data.cache = config.data.cache or str(
+            cache_location(None, config.data.cached_size, out / "model", fingerprint))  # one cache for both models
         _stage(state, f"{prefix}split", lambda: _write_split(present, config, split_path, official_list, table_path))
 
         def prepare():
-            from cxrlearn.data.split import read_split_file
-
             listed = present[present["image"].isin(set(read_split_file(split_path)["image"]))]
-            cache_dir, size = cache_location(config, run_dir, fingerprint)
-            workers = prepare_workers(config["data"]["prepare_workers"])
+            size = config.data.cached_size
+            cache_dir = cache_location(config.data.cache, size, run_dir, fingerprint)
+            workers = prepare_workers(config.data.prepare_workers)
             missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
             if len(missing):
                 log.info(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
@@ -274,34 +266,26 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
 
 
 def _cached_names(cache_dir: Path) -> set[str]:
-    from cxrlearn.data.cache import ImageCache
-
     try:
         return set(ImageCache(cache_dir).rows)
     except Exception:  # noqa: BLE001 - no cache yet (or a partial one): everything is still to decode
         return set()
 
 
-def _write_split(present, config: dict, split_path: Path, official_list, table_path: Path) -> None:
-    from cxrlearn.data.split import split_and_save
-
-    data = config["data"]
-    split_and_save(present, split_path, table_path, ratios=data["ratios"], seed=int(data["split_seed"]),
+def _write_split(present, config: RunConfig, split_path: Path, official_list, table_path: Path) -> None:
+    data = config.data
+    split_and_save(present, split_path, table_path, ratios=data.ratios, seed=int(data.split_seed),
                    official_test_list=official_list)
     log.info(f"split of the {len(present):,} images present: {split_path}")
 
 
-def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> None:
-    import pandas as pd
-
-    from cxrlearn.workflows.train import CHECKPOINTS, train
-
+def _train(config: RunConfig, run_dir: Path, split_path: Path, progress: bool) -> None:
     split = pd.read_csv(split_path)
     counts = split["split"].value_counts()
     estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
     log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
              f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
-             f"{_duration(estimate['max_seconds'])} for {config['train']['epochs']} epochs (early stopping may end sooner), "
+             f"{_duration(estimate['max_seconds'])} for {config.train.epochs} epochs (early stopping may end sooner), "
              "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
     if resume:
@@ -310,8 +294,6 @@ def _train(config: dict, run_dir: Path, split_path: Path, progress: bool) -> Non
 
 
 def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: ReproduceOptions) -> None:
-    from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
-
     evaluation = EvaluationOptions(subset=None if official_list else "test",
                                    official_test=str(official_list) if official_list else None,
                                    progress=options.progress, command=options.command)
@@ -320,9 +302,6 @@ def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: Re
 
 def write_reproduction(out: Path, recipe: Recipe, state: dict, options: ReproduceOptions) -> dict:
     """``reproduction.json`` and ``reproduction.md`` from the evaluations' metrics and the stage times."""
-    from cxrlearn.evaluation.published import PUBLISHED, published_auc
-    from cxrlearn.findings import FINDINGS
-    from cxrlearn.model.bundle import library_versions, read_meta
 
     parts = [("custom", out / "model", out / "evaluation" / "metrics.json", recipe.published, (recipe.published,))]
     if options.official:
@@ -351,9 +330,9 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
                   "mean_auc": metrics["mean_auc"], "mean_auc_ci95": metrics["mean_auc_ci95"],
                   "mean_over": metrics["mean_over"], "per_finding": rows,
                   "published_mean": {s: PUBLISHED[s]["mean"] for s in beside},
-                  "model": {"folder": str(run_dir), "backbone": meta["backbone"], "image_size": meta["preprocessing"]["input_size"],
-                            "epochs_run": meta["metrics"].get("epochs_run"),
-                            "weights_source": meta.get("weights_source", {}).get("kind")}}
+                  "model": {"folder": str(run_dir), "backbone": meta.backbone, "image_size": meta.preprocessing.input_size,
+                            "epochs_run": meta.metrics.get("epochs_run"),
+                            "weights_source": (meta.weights_source or {}).get("kind")}}
         report["results"][name] = result
         lines += _result_lines(name, result, beside, paper is not None)
     lines += ["## Time per stage", "", "| stage | time |", "| --- | --- |"]
@@ -374,8 +353,6 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
 
 
 def _result_lines(name: str, result: dict, beside, with_difference: bool) -> list[str]:
-    from cxrlearn.evaluation.published import PUBLISHED
-
     def num(v):
         return "—" if v is None else f"{v:.3f}"
 

@@ -15,18 +15,42 @@ Steps, each reusing what an earlier run left where it can:
 
 from __future__ import annotations
 
-import logging
+import io
 import json
+import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
+from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
+from cxrlearn.data.preprocessing import Preprocessing
+from cxrlearn.data.sources import tables
+from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.errors import ConfigError
+from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.findings import FINDINGS
+from cxrlearn.inference.predict import predict_loader
+from cxrlearn.model.backbones import backbone_config
+from cxrlearn.model.bundle import save_bundle
+from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.meta import BundleMeta, SplitRecord
+from cxrlearn.model.pretrained import load_backbone_weights
+from cxrlearn.training.config import RunConfig, dump_config, flatten, resolve_precision, resolve_workers
+from cxrlearn.training.losses import MultiLabelLoss, positive_weights
+from cxrlearn.training.module import MONITOR, ChestXrayModule
 
 log = logging.getLogger(__name__)
 
@@ -35,48 +59,39 @@ SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
 
 
-def label_table_path(config: dict) -> Path:
+def label_table_path(config: RunConfig) -> Path:
     """The config's label table, or NIH's table as shipped with cxrlearn."""
-    from cxrlearn.data import tables
-
-    return Path(config["data"]["csv"]) if config["data"]["csv"] else tables.label_table()
+    return Path(config.data.csv) if config.data.csv else tables.label_table()
 
 
-def cache_location(config: dict, run_dir: Path, fingerprint: str) -> tuple[Path, int]:
-    """Where a run's preprocessing cache is (data.cache, else beside the run folder), and its image size.
+def cache_location(cache: str | None, size: int, run_dir: Path, fingerprint: str) -> Path:
+    """Where a run's preprocessing cache of ``size`` px is: ``data.cache`` when given, else beside the run folder.
 
     Runs and evaluations of the same table and size share one cache.
     """
-    data = config["data"]
-    size = int(data["cache_size"] or data["image_size"])
-    cache_dir = Path(data["cache"]) if data["cache"] else Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{size}"
-    return cache_dir, size
+    return Path(cache) if cache else Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{size}"
 
 
-def prepare_data(config: dict, run_dir: Path, progress: bool = True):
+def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
-    from cxrlearn.data.cache import prepare_cache, table_fingerprint
-    from cxrlearn.data.images import attach_images
-    from cxrlearn.data.nih import read_label_table
-    from cxrlearn.data.split import apply_split, read_split_file, report_path, split_and_save
 
-    data = config["data"]
-    if not data["images"]:
+    data = config.data
+    if not data.images:
         raise ConfigError("training needs data.images (the image folder: --images)")
     table_path = label_table_path(config)
     table = read_label_table(table_path)
     fingerprint = table_fingerprint(table)
-    presence = attach_images(table, data["images"])
+    presence = attach_images(table, data.images)
     log.info(presence.summary())
     present = presence.table
 
     split_path = run_dir / SPLIT_FILE
-    if data["split"]:
-        split = read_split_file(data["split"])
-        if Path(data["split"]).resolve() != split_path.resolve():
-            write_atomic(split_path, Path(data["split"]).read_bytes())
+    if data.split:
+        split = read_split_file(data.split)
+        if Path(data.split).resolve() != split_path.resolve():
+            write_atomic(split_path, Path(data.split).read_bytes())
             # The split's report travels with it; a report of another split must not stay beside it.
-            given_report, run_report = report_path(data["split"]), report_path(split_path)
+            given_report, run_report = report_path(data.split), report_path(split_path)
             if given_report.is_file():
                 write_atomic(run_report, given_report.read_bytes())
             elif run_report.exists():
@@ -84,8 +99,8 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
     elif split_path.exists():  # a resumed run keeps its split
         split = read_split_file(split_path)
     else:
-        split, _, _ = split_and_save(present, split_path, table_path, ratios=data["ratios"],
-                                     seed=int(data["split_seed"]))
+        split, _, _ = split_and_save(present, split_path, table_path, ratios=data.ratios,
+                                     seed=int(data.split_seed))
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
@@ -93,11 +108,12 @@ def prepare_data(config: dict, run_dir: Path, progress: bool = True):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
                     f"(e.g. {', '.join(unknown.iloc[:3])})")
 
-    cache_dir, size = cache_location(config, run_dir, fingerprint)
+    size = config.data.cached_size
+    cache_dir = cache_location(config.data.cache, size, run_dir, fingerprint)
     in_split = present[present["image"].isin(set(split["image"]))]
     summary = prepare_cache(
-        in_split, cache_dir, fingerprint, size=size, workers=data["prepare_workers"],
-        images_dir=str(data["images"]), label_table=table_path.name, progress=progress,
+        in_split, cache_dir, fingerprint, size=size, workers=data.prepare_workers,
+        images_dir=str(data.images), label_table=table_path.name, progress=progress,
     )
     log.info(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
@@ -111,15 +127,12 @@ RESUMABLE = frozenset({
 })
 
 
-def check_same_run(config: dict, run_dir: Path) -> None:
+def check_same_run(config: RunConfig, run_dir: Path) -> None:
     """Refuse ``--resume`` with a split, data or model settings other than the run's own, naming each difference.
 
     A resumed run that changed its split would judge patients it had trained on; one that changed its image
     size or backbone would train a different model under the same name.
     """
-    import yaml
-
-    from cxrlearn.training.config import dump_config, flatten
 
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
@@ -133,7 +146,7 @@ def check_same_run(config: dict, run_dir: Path) -> None:
                if key not in RESUMABLE and saved.get(key) != now.get(key)]
     problems = [f"{key} was {saved.get(key)!r}, now {now.get(key)!r}" for key in changed]
     run_split = run_dir / SPLIT_FILE
-    given = config["data"]["split"]
+    given = config.data.split
     if given and run_split.is_file() and Path(given).resolve() != run_split.resolve():
         if file_digest(given) != file_digest(run_split):
             problems.append(f"the split {given} differs from the run's own {run_split} (other SHA-256)")
@@ -143,33 +156,26 @@ def check_same_run(config: dict, run_dir: Path) -> None:
                           "in another --out")
 
 
-def build_model(config: dict):
+def build_model(config: RunConfig):
     """The classifier with ImageNet weights, and where they came from."""
-    from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
-    from cxrlearn.model.pretrained import load_backbone_weights
 
-    m = config["model"]
+    m = config.model
     model = ChestXrayClassifier(
-        m["backbone"], HeadConfig(**m["head"]), in_chans=int(config["data"]["channels"]),
-        drop_path_rate=float(m["drop_path_rate"]),
+        m.backbone, m.head, in_chans=int(config.data.channels),
+        drop_path_rate=float(m.drop_path_rate),
     )
     source = load_backbone_weights(
-        model.backbone, m["backbone"], m["weights"], use_hub=bool(m["hub"]), in_chans=int(config["data"]["channels"])
+        model.backbone, m.backbone, m.weights, use_hub=bool(m.hub), in_chans=int(config.data.channels)
     )
-    log.info(f"backbone {m['backbone']}: ImageNet weights from {source.kind} ({source.detail})")
+    log.info(f"backbone {m.backbone}: ImageNet weights from {source.kind} ({source.detail})")
     return model, source
 
 
-def _trainer(config: dict, run_dir: Path, callbacks, progress: bool, resume: bool = False):
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from cxrlearn.training.config import resolve_precision
-
-    t = config["train"]
-    devices = int(t["devices"]) if str(t["devices"]).isdigit() else t["devices"]
-    processes = (int(devices) if str(devices).isdigit() else 1) * int(t["num_nodes"])
-    strategy = t["strategy"]
+def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False):
+    t = config.train
+    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
+    processes = (int(devices) if str(devices).isdigit() else 1) * int(t.num_nodes)
+    strategy = t.strategy
     if strategy == "auto" and processes > 1:
         strategy = "ddp"
     # A resumed run logs beside the first one (logs/resumed-N/), never over it.
@@ -183,22 +189,22 @@ def _trainer(config: dict, run_dir: Path, callbacks, progress: bool, resume: boo
     return L.Trainer(
         default_root_dir=run_dir,
         plugins=[_atomic_checkpoints()],
-        max_epochs=int(t["epochs"]),
-        accelerator=t["accelerator"],
+        max_epochs=int(t.epochs),
+        accelerator=t.accelerator,
         devices=devices,
-        num_nodes=int(t["num_nodes"]),
+        num_nodes=int(t.num_nodes),
         strategy=strategy,
-        precision=resolve_precision(t["precision"], t["accelerator"]),
-        benchmark=bool(t["cudnn_benchmark"]),
-        accumulate_grad_batches=int(t["accumulate_grad_batches"]),
+        precision=resolve_precision(t.precision, t.accelerator),
+        benchmark=bool(t.cudnn_benchmark),
+        accumulate_grad_batches=int(t.accumulate_grad_batches),
         callbacks=callbacks,
         logger=loggers,
         use_distributed_sampler=False,  # the DataModule makes its own samplers
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=10,
-        deterministic=bool(t["deterministic"]),
-        limit_train_batches=t["limit_train_batches"],
+        deterministic=bool(t.deterministic),
+        limit_train_batches=t.limit_train_batches,
         num_sanity_val_steps=0,
     )
 
@@ -207,9 +213,6 @@ def _atomic_checkpoints():
     """Lightning's checkpoint writer, but writing beside the checkpoint (then renaming) instead of in the
     system's temporary folder, so that a write killed half-way leaves a temporary file that the next run in
     this folder removes (:func:`cxrlearn._files.remove_stale_temporaries`), not 4 MB lost in /tmp."""
-    import io
-
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
@@ -220,17 +223,8 @@ def _atomic_checkpoints():
     return AtomicCheckpointIO()
 
 
-def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
     """Run the training that ``config`` describes into ``run_dir``; return the bundle folder."""
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-
-    from cxrlearn.data.datamodule import ChestXrayDataModule
-    from cxrlearn.data.preprocessing import Preprocessing
-    from cxrlearn.model.backbones import backbone_config
-    from cxrlearn.training.config import dump_config, resolve_workers
-    from cxrlearn.training.losses import MultiLabelLoss, positive_weights
-    from cxrlearn.training.module import MONITOR, ChestXrayModule
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,31 +240,31 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
             log.info(f"removed {folder / name}, left by an interrupted write")
     write_atomic(run_dir / CONFIG_FILE, dump_config(config))
     started = time.time()
-    L.seed_everything(int(config["train"]["seed"]), workers=True, verbose=False)
+    L.seed_everything(int(config.train.seed), workers=True, verbose=False)
 
     table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
-    data = config["data"]
-    timm_cfg = backbone_config(config["model"]["backbone"])
-    preprocessing = Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=int(data["image_size"]),
-                                          cache_size=data["cache_size"], channels=int(data["channels"]))
+    data = config.data
+    timm_cfg = backbone_config(config.model.backbone)
+    preprocessing = Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=int(data.image_size),
+                                          cache_size=data.cache_size, channels=int(data.channels))
     datamodule = ChestXrayDataModule(
         cache_dir, table, split, preprocessing.mean, preprocessing.std,
-        image_size=preprocessing.input_size, channels=preprocessing.channels, batch_size=int(data["batch_size"]),
-        num_workers=resolve_workers(data["num_workers"]), seed=int(config["train"]["seed"]), fingerprint=fingerprint,
+        image_size=preprocessing.input_size, channels=preprocessing.channels, batch_size=int(data.batch_size),
+        num_workers=resolve_workers(data.num_workers), seed=int(config.train.seed), fingerprint=fingerprint,
     )
     datamodule.setup("fit")
 
     model, weights_source = build_model(config)
-    loss_cfg = dict(config["loss"])
+    loss_cfg = asdict(config.loss)
     pos_weight = None
     if loss_cfg.pop("pos_weight"):
         pos_weight = positive_weights(torch.from_numpy(datamodule.datasets["train"].labels))
     module = ChestXrayModule(
-        model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config["optim"], list(FINDINGS),
-        seed=int(config["train"]["seed"]), freeze_bn=bool(config["model"]["freeze_bn"]),
-        channels_last=bool(config["train"]["channels_last"]),
-        tta=bool(config["train"]["tta"]),
-        trainable_blocks=config["model"]["trainable_blocks"],
+        model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config.optim, list(FINDINGS),
+        seed=int(config.train.seed), freeze_bn=bool(config.model.freeze_bn),
+        channels_last=bool(config.train.channels_last),
+        tta=bool(config.train.tta),
+        trainable_blocks=config.model.trainable_blocks,
     )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINTS, filename="best", monitor=MONITOR, mode="max", auto_insert_metric_name=False,
@@ -281,8 +275,8 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False)
     callbacks = [checkpoint, latest, LearningRateMonitor(logging_interval="epoch")]
-    if int(config["train"]["early_stopping_patience"]) > 0:
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config["train"]["early_stopping_patience"])))
+    if int(config.train.early_stopping_patience) > 0:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config.train.early_stopping_patience)))
     trainer = _trainer(config, run_dir, callbacks, progress, resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     if not trainer.is_global_zero:
@@ -291,7 +285,7 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    metrics = summarise(model, datamodule, bool(config["train"]["tta"]))
+    metrics = summarise(model, datamodule, bool(config.train.tta))
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
@@ -304,9 +298,6 @@ def train(config: dict, run_dir: str | os.PathLike, resume: bool = False, progre
 
 def summarise(model, datamodule, tta: bool) -> dict:
     """Per-finding AUC of ``model`` on the val and test images (single process)."""
-    from cxrlearn.evaluation.metrics import auc_per_finding
-    from cxrlearn.inference.predict import predict_loader
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for name in ("val", "test"):
@@ -321,21 +312,15 @@ def summarise(model, datamodule, tta: bool) -> dict:
 
 
 def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics) -> None:
-    from cxrlearn.model.bundle import save_bundle
-
     sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
     positives = {name: dict(zip(FINDINGS, np.asarray(ds.labels.sum(axis=0), dtype=int).tolist()))
                  for name, ds in datamodule.datasets.items()}
-    meta = {
-        "preprocessing": preprocessing.to_dict(),
-        "findings": list(FINDINGS),
-        "thresholds": {},
-        "config": config,
-        "split": {"file": split_path.name, "sha256": file_digest(split_path)},
-        "data": {"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
-                 "missing_from_cache": datamodule.missing},
-        "weights_source": {"kind": weights_source.kind, "detail": weights_source.detail},
-        "metrics": metrics,
-    }
+    meta = BundleMeta(
+        backbone=model.backbone_name, head=model.head_config, in_chans=model.in_chans, preprocessing=preprocessing,
+        findings=tuple(FINDINGS), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
+        data={"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
+              "missing_from_cache": datamodule.missing},
+        weights_source={"kind": weights_source.kind, "detail": weights_source.detail}, metrics=metrics,
+    )
     save_bundle(run_dir, model, meta)
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrlearn.data.nih import IMAGE, _read_text
+from cxrlearn.data.columns import IMAGE
+from cxrlearn.data.sources.nih import _read_text
 from cxrlearn.errors import DataError
 from cxrlearn.findings import canonical_finding
 

@@ -9,7 +9,7 @@ training image with a single affine warp (flip, rotation and any resize
 together) and a brightness lookup table, both OpenCV's (SIMD uint8 kernels: about
 0.1 ms at 224 px, where Pillow's affine warp takes 0.9 ms). Batches
 then cross to the device as uint8 (4× less than float) and
-:class:`~cxrlearn.data.preprocessing.BatchTransform` converts and normalises them there in one pass.
+:class:`~cxrlearn.data.pipeline.normalize.BatchTransform` converts and normalises them there in one pass.
 
 Randomness is drawn per sample from (seed, epoch, sample index)
 (:meth:`Augmentation.parameters`), never from a global generator: a run is

@@ -3,7 +3,7 @@
 The dataset yields ``(uint8 image (1, H, H), 14-float labels, image name)``,
 augmented for training; the DataModule's ``on_after_batch_transfer`` turns each
 batch into ``(normalised float images (B, C, H, H), labels, names)`` on the
-training device (see :mod:`cxrlearn.data.augment` for why).
+training device (see :mod:`cxrlearn.data.pipeline.augment` for why).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split
+from cxrlearn.data.columns import IMAGE, label_matrix
+from cxrlearn.data.pipeline.augment import Augmentation
+from cxrlearn.data.pipeline.cache import ImageCache, table_fingerprint
+from cxrlearn.data.pipeline.normalize import BatchTransform
+from cxrlearn.data.preprocessing import INPUT_RESAMPLING, resize_square
 from cxrlearn.defaults import SEED
-from cxrlearn.data.augment import Augmentation
-from cxrlearn.data.preprocessing import INPUT_RESAMPLING, BatchTransform, resize_square
-from cxrlearn.data.cache import ImageCache, table_fingerprint
-from cxrlearn.data.nih import IMAGE, label_matrix
-from cxrlearn.data.split import SPLIT, SPLITS, apply_split
 from cxrlearn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     ``table``: the whole label table as read (its fingerprint must match the
     cache's); ``split``: a frame ``image, patient_id, split`` from
-    :func:`~cxrlearn.data.split.make_split` or a split file. ``mean``/``std``:
+    :func:`~cxrlearn.data.cohort.split.make_split` or a split file. ``mean``/``std``:
     the backbone's (:func:`cxrlearn.model.backbones.backbone_config`).
     """
 

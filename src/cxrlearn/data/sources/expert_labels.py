@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrlearn.data.nih import IMAGE, _read_text
+from cxrlearn.data.columns import IMAGE
+from cxrlearn.data.sources.nih import _read_text
 from cxrlearn.errors import DataError
 
 #: The file's column -> canonical name. "Nodule or mass" has no single NIH

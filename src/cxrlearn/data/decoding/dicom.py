@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 from cxrlearn.errors import DataError, ImageTooLarge
 
@@ -71,7 +72,7 @@ def read_dicom(data: bytes, name: str, check_dimensions=None) -> np.ndarray:
     """A DICOM file's bytes as a 2-D uint8 image; :class:`DataError` naming ``name`` when it cannot be.
 
     ``check_dimensions(name, width, height, bytes_per_pixel)``, when given, judges the header's size
-    before the pixel data is decoded (:func:`cxrlearn.data.images.check_dimensions`)."""
+    before the pixel data is decoded (:func:`cxrlearn.data.decoding.images.check_dimensions`)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi
@@ -82,7 +83,6 @@ def read_dicom(data: bytes, name: str, check_dimensions=None) -> np.ndarray:
         raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
         raise DataError(f"{name}: the DICOM file has no pixel data (is it a report or a structured document?)")
-    from PIL import Image
 
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * columns > Image.MAX_IMAGE_PIXELS:  # the same bound Pillow puts on PNGs, checked before decoding

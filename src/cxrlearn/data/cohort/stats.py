@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrlearn.data.nih import AGE, PATIENT_ID, SEX, VIEW, label_matrix
+from cxrlearn.data.columns import AGE, PATIENT_ID, SEX, VIEW, label_matrix
 from cxrlearn.findings import FINDINGS, NO_FINDING
 
 #: Age bands for reports (years, inclusive lower bound).

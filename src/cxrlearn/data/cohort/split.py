@@ -1,7 +1,7 @@
 """A fair, patient-wise, saved train/val/test split.
 
 Kufel et al. 2023 used a "custom split to ensure fair representation" of every
-finding, with seed 2137. Random patient-wise splits of ChestX-ray14 leave rare
+finding, with their seed (:data:`cxrlearn.defaults.SEED`). Random patient-wise splits of ChestX-ray14 leave rare
 findings badly off (Hernia by up to ~50% relative at 70/10/20) and the official
 test list has Pneumothorax at over twice its overall rate. Here the split is:
 
@@ -35,8 +35,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cxrlearn import __version__
+from cxrlearn._files import file_digest
+from cxrlearn.data.columns import IMAGE, PATIENT_ID, SPLIT, label_matrix
+from cxrlearn.data.sources.nih import read_image_list
 from cxrlearn.defaults import RATIOS, SEED
-from cxrlearn.data.nih import IMAGE, PATIENT_ID, label_matrix
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS, NO_FINDING
 
@@ -44,12 +47,11 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_RATIOS: tuple[float, float, float] = RATIOS
 #: The split seed of Kufel et al. 2023.
 DEFAULT_SEED = SEED
-SPLIT = "split"
 SPLIT_COLUMNS = (IMAGE, PATIENT_ID, SPLIT)
 #: What the local search aims for; also the bar the tests hold the full table to.
 PREVALENCE_TOLERANCE = 0.03  # relative deviation of a finding's prevalence
 SHARE_TOLERANCE = 0.01  # absolute deviation of a split's share of images
-METHODS = ("stratified", "random")
+METHODS = ("stratified", "random")  # the first is the default
 STRATA = FINDINGS + (NO_FINDING,)
 
 
@@ -194,7 +196,7 @@ def make_split(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     seed: int = DEFAULT_SEED,
     official_test: Iterable[str] | None = None,
-    method: str = "stratified",
+    method: str = METHODS[0],
 ) -> pd.DataFrame:
     """Split a label table patient-wise into train, val and test.
 
@@ -282,13 +284,10 @@ def write_split(split: pd.DataFrame, path: str | os.PathLike, report: dict | Non
 def split_and_save(table: pd.DataFrame, path: str | os.PathLike, label_table: str | os.PathLike,
                    ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = DEFAULT_SEED,
                    official_test_list: str | os.PathLike | None = None,
-                   method: str = "stratified") -> tuple[pd.DataFrame, dict, str]:
+                   method: str = METHODS[0]) -> tuple[pd.DataFrame, dict, str]:
     """Make the split of ``table`` and save it with its report, whose provenance names the cxrlearn version,
     method, seed and the SHA-256 of the label table (and official test list) it came from — the same for
     ``cxrlearn split``, ``train`` and ``reproduce``. Returns (split, report, the split file's SHA-256)."""
-    from cxrlearn import __version__
-    from cxrlearn._files import file_digest
-    from cxrlearn.data.nih import read_image_list
 
     official = read_image_list(official_test_list) if official_test_list else None
     split = make_split(table, ratios=ratios, seed=seed, official_test=official, method=method)

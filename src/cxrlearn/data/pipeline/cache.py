@@ -26,7 +26,9 @@ import hashlib
 import json
 import mmap
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -35,15 +37,16 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-
-from cxrlearn.data.images import load_grayscale
+from cxrlearn.data.columns import IMAGE, PATH
+from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
-from cxrlearn.data.nih import IMAGE
+from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import DataError
+from cxrlearn.findings import FINDINGS
 
 CACHE_FORMAT = 1
-DEFAULT_IMAGE_SIZE = 256
 META, PIXELS, INDEX, FAILED = "meta.json", "pixels.u8", "index.tsv", "failed.tsv"
 
 
@@ -54,7 +57,6 @@ def table_fingerprint(table: pd.DataFrame) -> str:
     and read with another would silently pair images with the wrong rows of
     metadata when names are reused, so the two must agree.
     """
-    from cxrlearn.findings import FINDINGS
 
     columns = [IMAGE, "patient_id", *FINDINGS]
     ordered = table[columns].sort_values(IMAGE, kind="stable")
@@ -161,16 +163,21 @@ class ImageCache:
 
         ``fingerprint``: :func:`table_fingerprint` of the whole label table as read.
         """
-        if size is not None and size != self.size:
-            raise DataError(
-                f"{self.folder}: the cache holds {self.size}×{self.size} images, not {size}×{size}; "
-                f"prepare a cache of that size in another folder"
-            )
-        if fingerprint != self.meta.get("table_fingerprint"):
-            raise DataError(
-                f"{self.folder}: the cache was built for another label table "
-                f"({self.meta.get('label_table', 'unknown')}); prepare a cache for this table in another folder"
-            )
+        _check_compatible(self.meta, self.folder, fingerprint, size)
+
+
+def _check_compatible(meta: dict, folder: Path, fingerprint: str, size: int | None) -> None:
+    """The one check that a cache folder serves this table at this size (reading it, or adding to it)."""
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{folder}: cache format {meta.get('format')} is not {CACHE_FORMAT}; prepare the cache in a "
+                        "new folder")
+    if size is not None and size != int(meta["size"]):
+        raise DataError(f"{folder}: the cache holds {meta['size']}×{meta['size']} images; it cannot take "
+                        f"{size}×{size} ones. Prepare a cache of that size in another folder (another --out)")
+    if fingerprint != meta.get("table_fingerprint"):
+        raise DataError(f"{folder}: the cache was built for another label table "
+                        f"({meta.get('label_table', 'unknown')}); prepare a cache for this table in another folder "
+                        "(another --out)")
 
 
 def _read_index(path: Path) -> dict[str, int]:
@@ -194,19 +201,7 @@ def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, lab
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            raise DataError(f"{out}: cache format {meta.get('format')} is not {CACHE_FORMAT}; use a new folder")
-        if int(meta["size"]) != size:
-            raise DataError(
-                f"{out}: this cache holds {meta['size']}×{meta['size']} images; it cannot take "
-                f"{size}×{size} ones. Use another --out for --size {size}"
-            )
-        if meta.get("table_fingerprint") != fingerprint:
-            raise DataError(
-                f"{out}: this cache was built for another label table ({meta.get('label_table')}); "
-                "use another --out for this table"
-            )
+        _check_compatible(json.loads(meta_path.read_text()), out, fingerprint, size)
     else:
         meta = {
             "format": CACHE_FORMAT,
@@ -240,8 +235,6 @@ def die_with_parent() -> None:
     Linux delivers SIGTERM at the parent's death (``PR_SET_PDEATHSIG``); elsewhere, and as a second
     line, a thread checks every second whether the worker has been orphaned.
     """
-    import signal
-    import threading
 
     if sys.platform.startswith("linux"):
         try:
@@ -270,7 +263,7 @@ def prepare_cache(
     table: pd.DataFrame,
     out: str | os.PathLike,
     fingerprint: str,
-    size: int = DEFAULT_IMAGE_SIZE,
+    size: int = IMAGE_SIZE,
     workers: int | None = None,
     images_dir: str = "",
     label_table: str = "",
@@ -287,7 +280,6 @@ def prepare_cache(
     ``failed.tsv`` and left out. Returns a summary; raises :class:`DataError` for
     a cache of another size or table.
     """
-    from tqdm.auto import tqdm
 
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise DataError(f"the cache's image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
@@ -296,7 +288,7 @@ def prepare_cache(
     started = time.perf_counter()
     rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
     cached_before = len(rows)
-    todo = [(name, path) for name, path in zip(table[IMAGE], table["path"]) if name not in rows]
+    todo = [(name, path) for name, path in zip(table[IMAGE], table[PATH]) if name not in rows]
     workers = prepare_workers(workers)
     failed: list[tuple[str, str]] = []
     row_bytes = size * size

@@ -3,7 +3,7 @@
 Each archive (``images_001.tar.gz`` … ``images_012.tar.gz``, about 42 GB in all)
 is fetched with resume of partial files (HTTP Range), retries with exponential
 backoff, MD5 verification against NIH's published sums, and safe extraction into
-``DIR/images_NNN/images/*.png``, the layout :func:`cxrlearn.data.images.find_images`
+``DIR/images_NNN/images/*.png``, the layout :func:`cxrlearn.data.decoding.images.find_images`
 reads. ``--parts 1`` gives the first archive's 4,999 images: a real small dataset.
 
 The addresses and sums ship with cxrlearn (``tables/nih_archives.tsv``, from NIH's
@@ -14,8 +14,8 @@ beyond ``urllib``, and each step is short enough to read.
 
 from __future__ import annotations
 
-import logging
 import http.client
+import logging
 import os
 import shutil
 import sys
@@ -26,8 +26,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from tqdm.auto import tqdm
+
 from cxrlearn._files import file_digest
-from cxrlearn.data import tables
+from cxrlearn.data.sources import tables
 from cxrlearn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 COMPLETE = ".complete"
+#: All twelve of NIH's image archives.
+ALL_PARTS = "1-12"
+#: Tries per archive after a failure, and seconds without data before one.
+RETRIES, STALL_TIMEOUT_S = 5, 60.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,6 @@ class _Retry(Exception):
 
 def _fetch_into(url: str, part: Path, timeout: float, progress: bool, label: str) -> None:
     """One attempt: continue ``part`` from its current size. Raises _Retry on transient faults."""
-    from tqdm.auto import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -144,9 +149,9 @@ def download_file(
     url: str,
     dest: str | os.PathLike,
     md5: str,
-    retries: int = 5,
+    retries: int = RETRIES,
     backoff: float = 2.0,
-    timeout: float = 60.0,
+    timeout: float = STALL_TIMEOUT_S,
     progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming ``dest.part``, and verify its MD5.

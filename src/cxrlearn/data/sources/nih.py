@@ -28,20 +28,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrlearn._files import read_bytes
+from cxrlearn.data.columns import (
+    AGE,
+    FOLLOW_UP,
+    HEIGHT,
+    IMAGE,
+    PATIENT_ID,
+    SEX,
+    SEXES,
+    SPACING_X,
+    SPACING_Y,
+    VIEW,
+    WIDTH,
+)
+from cxrlearn.data.sources import tables
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS, NO_FINDING
 
-#: Canonical column names, in order, for the metadata kept from the table.
-IMAGE = "image"
-PATIENT_ID = "patient_id"
-FOLLOW_UP = "follow_up"
-AGE = "age"
-SEX = "sex"
-VIEW = "view"
-WIDTH = "width"
-HEIGHT = "height"
-SPACING_X = "pixel_spacing_x"
-SPACING_Y = "pixel_spacing_y"
+#: NIH's own column of "|"-joined finding names, kept as read.
 FINDING_LABELS = "finding_labels"
 
 # Source header (after stripping) -> canonical name. Several spellings map to the
@@ -75,17 +80,11 @@ _SOURCE_NAME = {
 }
 REQUIRED_COLUMNS = (IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT_ID, AGE, SEX, VIEW)
 OPTIONAL_COLUMNS = (WIDTH, HEIGHT, SPACING_X, SPACING_Y)
-SEXES = ("M", "F")
 
 
 def _read_text(path: Path) -> str:
     """Return the file's text, gunzipping when it is gzip data (whatever its name)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    raw = read_bytes(path, "file", DataError)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -200,7 +199,7 @@ def _canonical_columns(path: Path, header: list[str]) -> dict[str, str]:
 
 def read_label_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     """Read an NIH ChestX-ray14 label table (2017 or 2020 format, plain or gzipped); without a path,
-    NIH's 2020 table as shipped with cxrlearn (:mod:`cxrlearn.data.tables`).
+    NIH's 2020 table as shipped with cxrlearn (:mod:`cxrlearn.data.sources.tables`).
 
     Returns a frame with the columns ``image, patient_id, follow_up, age, sex, view``
     (plus ``width, height, pixel_spacing_x, pixel_spacing_y`` where the table has
@@ -211,7 +210,6 @@ def read_label_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     unparseable values, unknown findings and duplicated images.
     """
     if path is None:
-        from cxrlearn.data import tables
 
         path = tables.label_table()
     path = Path(path)
@@ -263,16 +261,6 @@ def read_label_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     for i, name in enumerate(FINDINGS):
         out[name] = labels[:, i]
     return out
-
-
-def label_matrix(table: pd.DataFrame) -> np.ndarray:
-    """The (N, 14) 0/1 label matrix of a table from :func:`read_label_table`."""
-    return table[list(FINDINGS)].to_numpy(dtype=np.uint8)
-
-
-def no_finding(table: pd.DataFrame) -> np.ndarray:
-    """Boolean mask of the images with none of the 14 findings."""
-    return label_matrix(table).sum(axis=1) == 0
 
 
 def read_image_list(path: str | os.PathLike) -> list[str]:

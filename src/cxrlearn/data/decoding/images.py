@@ -9,8 +9,8 @@ Two layouts are understood, and may be mixed:
 
 from __future__ import annotations
 
-import logging
 import io
+import logging
 import os
 import re
 import warnings
@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from cxrlearn.data.dicom import DICOM_MAGIC_OFFSET, is_dicom, read_dicom
-from cxrlearn.data.nih import IMAGE
+from cxrlearn._files import read_bytes
+from cxrlearn.data.columns import IMAGE, PATH
+from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom, read_dicom
 from cxrlearn.errors import DataError, ImageTooLarge
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence
             "images_001/images/ … images_012/images/ as the archives unpack."
         )
     kept = table.loc[present].copy()
-    kept["path"] = [str(files[name]) for name in kept[IMAGE]]
+    kept[PATH] = [str(files[name]) for name in kept[IMAGE]]
     listed = set(table[IMAGE])
     unlisted = sum(1 for name in files if name not in listed)
     return ImagePresence(kept.reset_index(drop=True), len(table), int(present.sum()), unlisted)
@@ -148,16 +150,7 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
     Raises :class:`DataError` naming the file when it is missing, not an image,
     truncated, or of an unsupported mode.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    return decode_grayscale(data, str(path))
+    return decode_grayscale(read_bytes(path, "image file", DataError), str(path))
 
 
 def decode_grayscale(data: bytes, name: str) -> np.ndarray:
@@ -172,7 +165,7 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     * an alpha channel is composited onto black first, so transparent pixels
       become black rather than revealing whatever colour they hold;
     * DICOM goes through the standard's grayscale pipeline
-      (:func:`cxrlearn.data.dicom.read_dicom`).
+      (:func:`cxrlearn.data.decoding.dicom.read_dicom`).
 
     ``name`` (a path or an upload's name) is what error messages call the image. Whatever the bytes,
     the only exception is :class:`DataError` (:class:`ImageTooLarge` for an image over
@@ -234,7 +227,6 @@ def _to_grayscale(path: str, image: Image.Image) -> np.ndarray:
 
 def check_images(paths: list[str | os.PathLike], progress: bool = True) -> list[tuple[str, str]]:
     """Decode every image; return ``(path, error message)`` for each that fails."""
-    from tqdm.auto import tqdm
 
     failures = []
     for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):

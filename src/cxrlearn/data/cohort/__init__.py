@@ -1,0 +1,1 @@
+"""Who is in which part of the study: the patient-wise split, its report and provenance, and table statistics."""

@@ -1,0 +1,1 @@
+"""The training pipeline: the memory-mapped preprocessing cache, augmentation, and the Lightning DataModule."""
