@@ -34,16 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(evaluated):
-    """The service on a free loopback port, in a thread of this process; stopped after the module."""
+def _run_service(run, **options):
+    """The service on a free loopback port, in a thread of this process; stopped when the generator closes."""
     import uvicorn
 
     from cxrlearn.serving.app import create_app
 
-    run = evaluated[0]
     port = _free_port()
-    app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT)
+    app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT, **options)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -55,6 +53,16 @@ def server(evaluated):
     yield f"http://127.0.0.1:{port}", run
     instance.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(evaluated):
+    yield from _run_service(evaluated[0])
+
+
+@pytest.fixture(scope="module")
+def strict_server(evaluated):
+    yield from _run_service(evaluated[0], strict=True)
 
 
 def _post(url: str, name: str, data: bytes, query: str = "", content_type: str = "application/octet-stream"):
@@ -113,6 +121,18 @@ def test_predict_png_and_dicom_with_heatmap(server, xray):
     status, from_dicom = _post(url, "chest.dcm", dicom, content_type="application/dicom")
     assert status == 200, from_dicom
     assert np.allclose(list(from_dicom["probabilities"].values()), list(body["probabilities"].values()), atol=1e-6)
+
+
+def test_a_turned_xray_gets_a_warning_and_strict_refuses_it(server, strict_server, xray):
+    url, _ = server
+    status, upright = _post(url, "chest.png", _png(xray))
+    assert status == 200 and upright["input_check"] == "ok" and upright["input_score"] < 1
+    status, turned = _post(url, "turned.png", _png(np.rot90(xray).copy()))
+    assert status == 200 and turned["input_check"].startswith("warning: looks rotated"), turned
+    strict_url, _ = strict_server
+    status, refused = _post(strict_url, "turned.png", _png(np.rot90(xray).copy()))
+    assert status == 422 and refused["detail"].startswith("turned.png: refused: looks rotated"), refused
+    assert _post(strict_url, "chest.png", _png(xray))[0] == 200
 
 
 def test_bad_input_gets_a_clear_4xx_and_never_kills_the_service(server, xray):
@@ -222,7 +242,14 @@ def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
         picture = browser.find_element(By.ID, "picture")
         WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", picture) > 0)
         assert "00000013_003.png" in browser.find_element(By.ID, "status").text
+        assert not browser.find_element(By.ID, "input-warning").is_displayed()
         browser.save_screenshot(str(tmp_path / "page.png"))
+        # A turned film: a clear warning above the bars.
+        Image.fromarray(np.rot90(load_grayscale(sample_images / "00000013_003.png")).copy()).save(tmp_path / "t.png")
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "t.png"))
+        warning = browser.find_element(By.ID, "input-warning")
+        WebDriverWait(browser, 60).until(lambda b: warning.is_displayed())
+        assert "looks rotated" in warning.text and "before reading any number" in warning.text
         # A bad file: the page says why, and nothing breaks.
         (tmp_path / "notes.png").write_text("not an image")
         browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))

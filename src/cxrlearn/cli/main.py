@@ -240,9 +240,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
     for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
+    failed = {path for path, _ in failures}
+    read = [p for p in paths if str(p) not in failed]  # read[i] is the file predictions[i] was made from
+    if args.strict:
+        for prediction in predictions:
+            if prediction.flagged:
+                print(f"cxrlearn predict: {prediction.image}: refused (--strict): "
+                      f"{prediction.input_check.removeprefix('warning: ')}", file=sys.stderr)
+        kept = [(path, p) for path, p in zip(read, predictions) if not p.flagged]
+        refused = len(predictions) - len(kept)
+        read, predictions = [path for path, _ in kept], [p for _, p in kept]
+    else:
+        refused = 0
+    if predictor.input_check is None:
+        print(f"warning: {args.model} has no input check: input_check says 'unavailable'", file=sys.stderr)
     if not predictions:
         kept = f"; {args.out} is left as it was" if args.out and args.out.exists() else ""
-        raise DataError(f"none of the {len(paths):,} input file(s) could be read{kept}")
+        why = f"could be read or passed the input check (--strict refused {refused})" if refused else "could be read"
+        raise DataError(f"none of the {len(paths):,} input file(s) {why}{kept}")
     rows = [p.row(predictor.findings) for p in predictions]
     if args.out and args.out.suffix.lower() == ".json":
         write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
@@ -256,13 +271,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
     if args.cam:
         chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
-        failed = {path for path, _ in failures}
-        written = write_overlays(predictor, [p for p in paths if str(p) not in failed], predictions, args.cam, chosen)
+        written = write_overlays(predictor, read, predictions, args.cam, chosen)
         print(f"wrote {len(written):,} Grad-CAM overlays to {args.cam}", file=sys.stderr)
     if args.out:
-        print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else ""),
-              file=sys.stderr)
-    return EXIT_SKIPPED if failures else EXIT_OK
+        print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
+              + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
+    return EXIT_SKIPPED if failures or refused else EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -277,7 +291,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cxrlearn.serving.app import serve
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
-          decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections)
+          decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
+          strict=args.strict)
     return 0
 
 
@@ -465,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
     predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
+    predict.add_argument("--strict", action="store_true",
+                         help="refuse inputs the input check flags (not a frontal chest X-ray like the training "
+                              "images), naming the reason, instead of predicting with a warning")
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
@@ -478,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
     serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    serve.add_argument("--strict", action="store_true",
+                       help="answer 422 (naming the reason) to inputs the input check flags, instead of a warning")
     serve.add_argument("--host", default=HOST)
     serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT)
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")

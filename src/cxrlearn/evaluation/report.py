@@ -160,6 +160,18 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
                                  "AUC vs NIH", "95% CI", "label agreement"], rows)),
             ]
 
+    check = metrics.get("input_check") or {}
+    if check.get("available"):
+        reasons = "; ".join(f"{k}: {v:,}" for k, v in check["reasons"].items()) or "none"
+        blocks += [
+            ("h2", "Input check"),
+            ("p", f"Flagged as unlike the training images: {check['flagged']:,} of {check['judged']:,} judged images "
+                  f"({reasons}). Mean AUC-ROC {_num(check['mean_auc_all'], 4)} on all of them, "
+                  f"{_num(check['mean_auc_unflagged'], 4)} without the flagged ones ({check['note']})."),
+        ]
+    elif "input_check" in metrics:
+        blocks.append(("p", "Input check: unavailable (this bundle was made before cxrlearn learned one)."))
+
     if "tta" in metrics:
         t = metrics["tta"]
         blocks += [

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.data.decoding.images import colour_spread, load_grayscale
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
-from cxrlearn.inference.predict import flip_averaged
+from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror
 from cxrlearn.model.bundle import load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
+from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
 
 #: File types a folder given to ``predict`` is searched for (named files may be of any type).
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
@@ -37,13 +38,21 @@ class Prediction:
     image: str
     probabilities: dict[str, float]
     positive: list[str] | None  # None when the bundle has no thresholds
+    input_check: str = UNAVAILABLE  # ok, or "warning: <reason>" (cxrlearn.model.input_check)
+    input_score: float | None = None  # feature distance over its threshold: above 1 is unlike training
+
+    @property
+    def flagged(self) -> bool:
+        return self.input_check.startswith("warning")
 
     def row(self, findings: Sequence[str]) -> dict:
-        """Flat: ``image``, one column per finding, then ``positive_findings`` and one 0/1 column per finding."""
+        """Flat: ``image``, one column per finding, ``positive_findings`` and one 0/1 column per finding, then
+        ``input_check`` and ``input_score``."""
         out: dict = {"image": self.image, **{name: self.probabilities[name] for name in findings}}
         if self.positive is not None:
             out["positive_findings"] = "|".join(self.positive)
             out.update({f"{name}_positive": int(name in self.positive) for name in findings})
+        out.update(input_check=self.input_check, input_score=self.input_score)
         return out
 
 
@@ -78,6 +87,7 @@ class Predictor:
         self.tta = self.meta.tta
         self.runtime = runtime
         self.device = device
+        self.input_check = InputCheck.load(self.model_dir, self.meta.input_check) if self.meta.input_check else None
         if runtime == "torch":
             self._load_torch()
         else:
@@ -110,33 +120,54 @@ class Predictor:
 
     # ---- the network -------------------------------------------------------------------------------------
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        if self.runtime == "onnx":
-            return self.session.run(None, {"image": batch})[0]
+        return self._features_and_logits(batch)[1]
 
+    def _features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """The backbone's pooled features (None from ONNX, whose file holds the logits only) and the logits."""
+        if self.runtime == "onnx":
+            return None, self.session.run(None, {"image": batch})[0]
         with torch.no_grad():
             x = self.transform(torch.from_numpy(batch).to(self.device))
-            return self.model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+            features = self.model.backbone(x.contiguous(memory_format=torch.channels_last))
+            return features.float().cpu().numpy(), self.model.head(features).float().cpu().numpy()
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
-
         return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
-    def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[Prediction]:
-        """Predictions for decoded grayscale images (any size)."""
+    def _logits_and_verdicts(self, batch: np.ndarray, cheap: list[str | None]) -> tuple[np.ndarray, list[Verdict]]:
+        features, logits = self._features_and_logits(batch)
+        if self.tta:
+            logits = average_with_mirror(logits, self._forward(mirror(batch)))
+        if self.input_check is None:
+            return logits, [Verdict(reason, None) if reason else None for reason in cheap]
+        if features is None:  # ONNX: the layout and pixel checks only
+            turned = self.input_check.turned_reasons(batch[:, 0])
+            return logits, [Verdict(c or t, None) for c, t in zip(cheap, turned)]
+        return logits, self.input_check.judge(batch[:, 0], features, cheap)
 
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str],
+                colours: Sequence[float] | None = None) -> list[Prediction]:
+        """Predictions for decoded grayscale images (any size), each with its input check.
+
+        ``colours``: each source file's colour spread (:func:`cxrlearn.data.decoding.images.colour_spread`).
+        """
         if not images:
             return []
         batch = np.stack([self.model_pixels(image) for image in images])[:, None]
-        probs = probabilities(self.logits(batch), self.findings, self.temperature)
+        cheap = [cheap_reasons(image, colour) for image, colour in zip(images, colours or [0.0] * len(images))]
+        logits, verdicts = self._logits_and_verdicts(batch, cheap)
+        probs = probabilities(logits, self.findings, self.temperature)
         calls = positive_calls(probs, self.findings, self.thresholds) if self.thresholds else None
         return [
             Prediction(
                 image=name,
                 probabilities={f: float(p) for f, p in zip(self.findings, row)},
                 positive=None if calls is None else [f for f, c in zip(self.findings, calls[i]) if c],
+                input_check=verdict.text if verdict else UNAVAILABLE,
+                input_score=verdict.score if verdict else None,
             )
-            for i, (name, row) in enumerate(zip(names, probs))
+            for i, (name, row, verdict) in enumerate(zip(names, probs, verdicts))
         ]
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE, progress: bool = True
@@ -152,14 +183,15 @@ class Predictor:
         failures: list[tuple[str, str]] = []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr)
         for start in range(0, len(paths), batch_size):
-            images, batch_names = [], []
+            images, batch_names, colours = [], [], []
             for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
                 try:
                     images.append(load_grayscale(path))
+                    colours.append(colour_spread(path))
                     batch_names.append(name)
                 except DataError as err:
                     failures.append((str(path), str(err)))
-            predictions += self.predict(images, batch_names)
+            predictions += self.predict(images, batch_names, colours)
             bar.update(min(batch_size, len(paths) - start))
         bar.close()
         return predictions, failures

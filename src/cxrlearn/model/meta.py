@@ -55,6 +55,8 @@ class BundleMeta:
     tta: bool = False
     split: SplitRecord | None = None
     weights_source: dict | None = None
+    #: The learned input check's description (:mod:`cxrlearn.model.input_check`); None: made without one.
+    input_check: dict | None = None
     # Records for people, kept as written.
     config: dict = field(default_factory=dict)
     data: dict | None = None
@@ -148,7 +150,8 @@ class BundleMeta:
         if split is not None:
             check.that(isinstance(split, dict) and isinstance(split.get("file"), str)
                        and isinstance(split.get("sha256"), str), "split", "an object with file and sha256", split)
-        for name in ("config", "metrics", "versions", "data", "evaluation", "operating_points", "weights_source"):
+        for name in ("config", "metrics", "versions", "data", "evaluation", "operating_points", "weights_source",
+                     "input_check"):
             value = raw.get(name)
             check.that(value is None or isinstance(value, dict), name, "an object", value)
         meta = cls(
@@ -157,7 +160,7 @@ class BundleMeta:
             threshold_method=raw.get("threshold_method"), operating_points=raw.get("operating_points"),
             temperature=raw.get("temperature"), tta=raw.get("tta", False),
             split=SplitRecord(split["file"], split["sha256"]) if split else None,
-            weights_source=raw.get("weights_source"), config=raw.get("config") or {}, data=raw.get("data"),
+            weights_source=raw.get("weights_source"), input_check=raw.get("input_check"), config=raw.get("config") or {}, data=raw.get("data"),
             metrics=raw.get("metrics") or {}, versions=raw.get("versions") or {}, evaluation=raw.get("evaluation"),
         )
         trained = meta.trained_data

@@ -38,7 +38,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from cxrlearn.data.decoding.images import decode_grayscale
+from cxrlearn.data.decoding.images import colour_spread, decode_grayscale
 from cxrlearn.defaults import usable_cores
 from cxrlearn.errors import DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import heatmaps, overlay
@@ -136,7 +136,9 @@ def default_decoders() -> int:
 
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S) -> FastAPI:
+               decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False) -> FastAPI:
+    """The service. ``strict``: refuse (422, naming the reason) an input the input check flags, rather than
+    answer it with ``input_check: "warning: ..."``."""
 
     predictor = Predictor(model_dir, runtime=runtime)
     cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch")
@@ -169,13 +171,17 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
         pixels = _decode(data, name, slots)
         with lock:
-            result = predictor.predict([pixels], [name])[0]
+            result = predictor.predict([pixels], [name], [colour_spread(data)])[0]
+            if strict and result.flagged:
+                raise HTTPException(422, f"{name}: refused: {result.input_check.removeprefix('warning: ')}")
             body = {
                 "image": name,
                 "probabilities": result.probabilities,
                 "positive_findings": result.positive,
                 "thresholds": predictor.thresholds or None,
                 "threshold_method": predictor.meta.threshold_method,
+                "input_check": result.input_check,
+                "input_score": result.input_score,
             }
             if cam is not None:
 
@@ -196,10 +202,11 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 
 def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runtime: str = "torch",
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
-          upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS) -> None:
+          upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
+          strict: bool = False) -> None:
     import uvicorn
 
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
-                     upload_timeout_s=upload_timeout_s)
+                     upload_timeout_s=upload_timeout_s, strict=strict)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limit_concurrency,
                 timeout_keep_alive=5)

@@ -43,13 +43,14 @@ from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.expert import expert_metrics
-from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.metrics import auc_per_finding, finding_metrics
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.subgroups import subgroup_metrics
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import average_with_mirror, predict_logits
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
+from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import BundleMeta
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 from cxrlearn.workflows.train import cache_location
@@ -218,6 +219,39 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
     return _Judged(cached, labels, logits, flipped)
 
 
+@torch.no_grad()
+def _input_checks(model, model_dir: Path, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame,
+                  options: EvaluationOptions, device) -> list[Verdict]:
+    """The bundle's input check on the judged images, from their cached pixels (square, so the aspect check is
+    not made here) and the backbone's features: one more pass of the backbone over them."""
+    check = InputCheck.load(model_dir, meta.input_check)
+    preprocessing = meta.preprocessing
+    dataset = CachedXrayDataset(cache_dir, rows[IMAGE].tolist(), label_matrix(rows),
+                                image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
+    transform = normalizer(preprocessing).to(device)
+    model = model.to(device).eval()
+    verdicts: list[Verdict] = []
+    for images, _, _ in DataLoader(dataset, batch_size=options.batch_size, num_workers=0):
+        pixels = images[:, 0].numpy()
+        features = model.backbone(transform(images.to(device))).float().cpu().numpy()
+        verdicts += check.judge(pixels, features, [cheap_reasons(p) for p in pixels])
+    return verdicts
+
+
+def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndarray, findings, mean_auc) -> dict:
+    """How many judged images the input check flags, why, and the mean AUC with and without them."""
+    flagged = np.array([not v.ok for v in verdicts])
+    reasons: dict[str, int] = {}
+    for v in verdicts:
+        if v.reason:
+            kind = v.reason.split(":")[0].split(" (")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+    kept = auc_per_finding(labels[~flagged], probs[~flagged], findings) if (~flagged).any() else {"mean_auc": None}
+    return {"available": True, "flagged": int(flagged.sum()), "judged": len(verdicts), "reasons": reasons,
+            "mean_auc_all": mean_auc, "mean_auc_unflagged": kept["mean_auc"],
+            "note": "from cached pixels: the aspect and colour checks apply to files, not to the cache"}
+
+
 def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
              out: str | os.PathLike, options: EvaluationOptions | None = None) -> dict:
     """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
@@ -276,6 +310,11 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
 
     metrics, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
     metrics["subset"] = selection.what
+    if meta.input_check:
+        verdicts = _input_checks(model, Path(model_dir), meta, cache_dir, test.rows, options, device)
+        metrics["input_check"] = _flagged_summary(verdicts, test.labels, test_p, findings, metrics["mean_auc"])
+    else:
+        metrics["input_check"] = {"available": False}
     if val is not None:
         val_p = probabilities(logits_of(val), findings, temperature)
         chosen = choose_thresholds(val.labels, val_p, findings)

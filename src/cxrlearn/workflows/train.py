@@ -30,6 +30,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, Subset
 
 from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
@@ -46,6 +47,7 @@ from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
 from cxrlearn.model.meta import BundleMeta, SplitRecord
 from cxrlearn.model.pretrained import load_backbone_weights
 from cxrlearn.training.config import RunConfig, dump_config, flatten, resolve_precision, resolve_workers
@@ -289,7 +291,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
-    write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics)
+    check = fit_check(model, datamodule, "cuda" if torch.cuda.is_available() else "cpu")
+    write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
              + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
              + f"; the model bundle is {run_dir}/model.json + model.safetensors")
@@ -311,7 +314,42 @@ def summarise(model, datamodule, tta: bool) -> dict:
     return out
 
 
-def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics) -> None:
+@torch.no_grad()
+def fit_check(model, datamodule, device: str) -> InputCheck | None:
+    """The input check (:mod:`cxrlearn.model.input_check`): fitted on at most ``MAX_FIT_IMAGES`` training images
+    (evenly spaced, without augmentation), thresholded on as many validation images."""
+    if not {"train", "val"} <= set(datamodule.datasets):
+        log.warning("no validation images: the bundle gets no input check")
+        return None
+    model = model.to(device).eval()
+    transform = datamodule.transform.to(device)
+
+    def collect(name: str) -> tuple[np.ndarray, np.ndarray]:
+        dataset = datamodule.datasets[name]
+        augmentation, dataset.augmentation = dataset.augmentation, None
+        try:
+            chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MAX_FIT_IMAGES)).astype(int))
+            loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=datamodule.batch_size,
+                                num_workers=datamodule.num_workers)
+            layouts, features = [], []
+            for images, _, _ in loader:
+                layouts.append(layout(images[:, 0].numpy()))
+                features.append(model.backbone(transform(images.to(device))).float().cpu().numpy())
+        finally:
+            dataset.augmentation = augmentation
+        return np.concatenate(layouts), np.concatenate(features)
+
+    train_layouts, train_features = collect("train")
+    _, val_features = collect("val")
+    check = fit_input_check(train_layouts, train_features, val_features)
+    model.cpu()
+    log.info(f"input check: fitted on {len(train_features):,} training images, threshold at the "
+             f"{check.fitted['percentile']:g}th percentile of {len(val_features):,} validation images")
+    return check
+
+
+def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics,
+                     check: InputCheck | None = None) -> None:
     sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
     positives = {name: dict(zip(FINDINGS, np.asarray(ds.labels.sum(axis=0), dtype=int).tolist()))
                  for name, ds in datamodule.datasets.items()}
@@ -321,6 +359,9 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
         data={"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
               "missing_from_cache": datamodule.missing},
         weights_source={"kind": weights_source.kind, "detail": weights_source.detail}, metrics=metrics,
+        input_check=check.describe() if check else None,
     )
+    if check:
+        check.save(run_dir)
     save_bundle(run_dir, model, meta)
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

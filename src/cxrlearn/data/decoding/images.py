@@ -185,6 +185,28 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
         raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
+def colour_spread(source: str | os.PathLike | bytes) -> float:
+    """How coloured an image file is: the mean over pixels of (largest - smallest colour channel), in grey
+    levels, on a thumbnail; 0 for grayscale files and DICOM. A chest X-ray saved as RGB has about 0.
+
+    Decoding drops colour (:func:`decode_grayscale`); this is what the input check reads of it. A file that
+    cannot be read here gives 0: whether it decodes at all is :func:`load_grayscale`'s to say.
+    """
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        if is_dicom(data[:DICOM_MAGIC_OFFSET + 4], "colour"):
+            return 0.0
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "PA", "RGBX"):
+                return 0.0
+            image.draft("RGB", (128, 128))
+            image.thumbnail((128, 128))
+            rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+        return float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean())
+    except Exception:  # noqa: BLE001 - a file Pillow cannot read has no colour to speak of here
+        return 0.0
+
+
 def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():

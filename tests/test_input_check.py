@@ -1,0 +1,136 @@
+"""Knowing when not to answer: the input check learned at training flags inputs unlike the training images
+(turned, upside down, photographs) and few real frontal X-rays of other patients."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import color, data as samples
+
+from cxrlearn.cli.main import main
+from cxrlearn.data.decoding.images import attach_images, colour_spread, load_grayscale
+from cxrlearn.inference.predictor import Predictor
+from cxrlearn.model.input_check import FILE, UNAVAILABLE, cheap_reasons
+
+#: scikit-image's sample pictures shipped in its wheel: photographs, micrographs, text, textures; none an X-ray.
+PHOTOS = ["camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "clock", "grass",
+          "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina", "cat", "cell"]
+
+
+def gray_photos() -> list[np.ndarray]:
+    out = []
+    for name in PHOTOS:
+        image = getattr(samples, name)()
+        out.append((color.rgb2gray(image[..., :3]) * 255).astype(np.uint8) if image.ndim == 3 else image)
+    return out
+
+
+@pytest.fixture(scope="module")
+def present(nih_table, sample_images):
+    return attach_images(nih_table, sample_images).table
+
+
+@pytest.fixture(scope="module")
+def judged(trained_run, present):
+    """The run's test images (patients it never saw) and the same images turned, as the Predictor judges them."""
+    run, split_path = trained_run
+    split = pd.read_csv(split_path)
+    test = present[present["image"].isin(split.loc[split["split"] == "test", "image"])]
+    images = [load_grayscale(p) for p in test["path"]]
+    predictor = Predictor(run)
+    groups = {"test": images, "rotated 90°": [np.rot90(a).copy() for a in images],
+              "rotated 180°": [np.rot90(a, 2).copy() for a in images],
+              "upside down": [a[::-1].copy() for a in images], "photographs": gray_photos()}
+    return predictor, {name: predictor.predict(group, [str(i) for i in range(len(group))])
+                       for name, group in groups.items()}
+
+
+def flagged(predictions) -> float:
+    return float(np.mean([p.flagged for p in predictions]))
+
+
+def test_the_bundle_carries_a_check_fitted_on_train_and_thresholded_on_val(trained_run):
+    run, _ = trained_run
+    predictor = Predictor(run)
+    assert (run / FILE).is_file() and predictor.meta.input_check["percentile"] == 99.0
+    assert predictor.meta.input_check["train_images"] >= 250 and predictor.meta.input_check["val_images"] >= 200
+
+
+def test_real_frontal_images_of_other_patients_pass(judged):
+    _, groups = judged
+    assert len(groups["test"]) > 300
+    assert flagged(groups["test"]) <= 0.05
+    scores = np.array([p.input_score for p in groups["test"]])
+    assert np.median(scores) < 0.7  # well inside the validation threshold, not at its edge
+
+
+@pytest.mark.parametrize("group", ["rotated 90°", "rotated 180°", "upside down", "photographs"])
+def test_turned_images_and_photographs_are_flagged(judged, group):
+    _, groups = judged
+    assert flagged(groups[group]) >= 0.9, group
+    if group != "photographs":  # the reason names the turn
+        word = group.split()[0]
+        assert np.mean([word in p.input_check for p in groups[group]]) >= 0.8
+
+
+def test_cheap_checks_name_their_reason():
+    xray = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    assert cheap_reasons(xray) is None
+    assert "non-square" in cheap_reasons(xray[:100])
+    assert "near-constant" in cheap_reasons(np.full((256, 256), 128, np.uint8))
+    assert "no large-scale structure" in cheap_reasons(samples.gravel())
+    assert "saturated" in cheap_reasons(np.where(xray > 128, 255, 0).astype(np.uint8))
+    assert "colour" in cheap_reasons(xray, colour=40.0)
+    buffer = io.BytesIO()
+    Image.fromarray(samples.astronaut()).save(buffer, format="PNG")
+    assert colour_spread(buffer.getvalue()) > 30
+    buffer = io.BytesIO()
+    Image.fromarray(xray).convert("RGB").save(buffer, format="PNG")  # a gray X-ray saved as RGB has no colour
+    assert colour_spread(buffer.getvalue()) == 0
+
+
+def test_predict_writes_the_columns_and_strict_refuses(trained_run, present, tmp_path, capsys):
+    run, _ = trained_run
+    upright = load_grayscale(present["path"].iloc[0])
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    Image.fromarray(np.rot90(upright).copy()).save(tmp_path / "turned.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(run), str(tmp_path / "upright.png"), str(tmp_path / "turned.png"),
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = pd.read_csv(out).set_index("image")
+    assert rows.loc["turned.png", "input_check"].startswith("warning: looks rotated")
+    assert rows.loc["upright.png", "input_check"] == "ok" and rows.loc["upright.png", "input_score"] < 1
+    strict = tmp_path / "strict.csv"
+    assert main(["predict", "--model", str(run), str(tmp_path / "upright.png"), str(tmp_path / "turned.png"),
+                 "--out", str(strict), "--strict", "--no-progress"]) == 3
+    assert list(pd.read_csv(strict)["image"]) == ["upright.png"]
+    assert "turned.png: refused (--strict): looks rotated" in capsys.readouterr().err
+
+
+def test_a_bundle_without_a_check_still_predicts_and_says_so(trained_run, tmp_path):
+    import json
+    import shutil
+
+    run, _ = trained_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("checkpoints", "lightning_logs", "*.ckpt"))
+    meta = json.loads((old / "model.json").read_text())
+    del meta["input_check"]
+    (old / "model.json").write_text(json.dumps(meta))
+    (old / FILE).unlink()
+    image = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    before, after = Predictor(run).predict([image], ["x"])[0], Predictor(old).predict([image], ["x"])[0]
+    assert after.input_check == UNAVAILABLE and after.input_score is None
+    assert after.probabilities == before.probabilities
+
+
+def test_evaluation_counts_flagged_images_and_gives_auc_without_them(evaluated):
+    metrics = evaluated[2]
+    check = metrics["input_check"]
+    assert check["available"] and check["judged"] == metrics["n_images"]
+    assert check["flagged"] <= 0.05 * check["judged"] and check["mean_auc_all"] == metrics["mean_auc"]
+    assert check["mean_auc_unflagged"] is not None and abs(check["mean_auc_unflagged"] - metrics["mean_auc"]) < 0.05
