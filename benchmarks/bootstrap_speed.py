@@ -43,7 +43,7 @@ def main() -> None:
     metrics, _ = finding_metrics(labels, scores, patients, FINDINGS, n_resamples=args.resamples)
     whole = time.perf_counter() - started
     print(f"finding_metrics (point AUC, AUC-PR, {args.resamples:,} patient resamples, intervals): {whole:.1f} s; "
-          f"mean AUC {metrics['mean_auc']:.4f} [{metrics['mean_auc_ci95'][0]:.4f}, {metrics['mean_auc_ci95'][1]:.4f}]")
+          f"mean AUC {metrics.mean_auc:.4f} [{metrics.mean_auc_ci95[0]:.4f}, {metrics.mean_auc_ci95[1]:.4f}]")
 
     started = time.perf_counter()
     boot = bootstrap_aucs(labels, scores, patients, n_resamples=args.loop, seed=7)

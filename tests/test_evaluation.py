@@ -16,7 +16,7 @@ from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
-from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.metrics import EvaluationMetrics, finding_metrics
 from cxrlearn.evaluation.operating_points import choose_threshold, confusion
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import read_meta
@@ -46,14 +46,14 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_for_clustered_images():
     scores = (patient_score[patients] + rng.normal(scale=0.01, size=600))[:, None]
     by_patient, _ = finding_metrics(labels, scores, patients, ["x"], n_resamples=400, unit="patient")
     by_image, _ = finding_metrics(labels, scores, patients, ["x"], n_resamples=400, unit="image")
-    width = lambda m: m["auc_ci95"]["x"][1] - m["auc_ci95"]["x"][0]  # noqa: E731
-    assert by_patient["auc"]["x"] == by_image["auc"]["x"]
+    width = lambda m: m.auc_ci95["x"][1] - m.auc_ci95["x"][0]  # noqa: E731
+    assert by_patient.auc["x"] == by_image.auc["x"]
     assert width(by_patient) > 2.0 * width(by_image)
     # With one image per patient the two coincide exactly (same draws).
     single = np.arange(600)
     a, _ = finding_metrics(labels, scores, single, ["x"], n_resamples=200, unit="patient")
     b, _ = finding_metrics(labels, scores, single, ["x"], n_resamples=200, unit="image")
-    assert a["auc_ci95"] == b["auc_ci95"]
+    assert a.auc_ci95 == b.auc_ci95
 
 
 def test_a_finding_without_positives_or_negatives_gets_null_with_the_reason():
@@ -63,12 +63,12 @@ def test_a_finding_without_positives_or_negatives_gets_null_with_the_reason():
     labels[:, 2] = 1
     scores = rng.random((50, 3))
     metrics, _ = finding_metrics(labels, scores, np.arange(50), ["a", "b", "c"], n_resamples=100)
-    assert metrics["auc"]["b"] is None and metrics["undefined"]["b"] == "no positives"
-    assert metrics["auc"]["c"] is None and metrics["undefined"]["c"] == "no negatives"
-    assert metrics["auc_ci95"]["b"] is None and metrics["auc_pr"]["c"] is None
-    assert metrics["mean_over"] == ["a"]
-    assert metrics["mean_auc"] == pytest.approx(roc_auc_score(labels[:, 0], scores[:, 0]), abs=1e-12)
-    json.dumps(metrics)  # JSON-ready: None, not NaN
+    assert metrics.auc["b"] is None and metrics.undefined["b"] == "no positives"
+    assert metrics.auc["c"] is None and metrics.undefined["c"] == "no negatives"
+    assert metrics.auc_ci95["b"] is None and metrics.auc_pr["c"] is None
+    assert metrics.mean_over == ["a"]
+    assert metrics.mean_auc == pytest.approx(roc_auc_score(labels[:, 0], scores[:, 0]), abs=1e-12)
+    assert "NaN" not in json.dumps(metrics.to_dict())  # JSON-ready: None, not NaN
 
 
 def test_threshold_rules_are_optimal_over_every_candidate():
@@ -144,7 +144,7 @@ def test_evaluate_writes_metrics_report_and_figures(evaluated):
     for key in ("mean_auc", "mean_auc_ci95", "auc", "auc_ci95", "positives", "n_images", "n_patients", "mean_over",
                 "auc_pr", "operating_points", "calibration", "subgroups", "expert", "tta", "provenance"):
         assert key in saved, key
-    assert set(saved["auc"]) == set(FINDINGS)
+    assert set(saved["auc"]) == set(FINDINGS) and EvaluationMetrics.read(out / "metrics.json") == metrics
     low, high = saved["mean_auc_ci95"]
     assert low < saved["mean_auc"] < high
     assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,17 +158,17 @@ def test_evaluated_auc_equals_scikit_learn_on_the_same_predictions(evaluated, tr
     predictions = pd.read_csv(out / "predictions.csv")
     judged = predictions[predictions["split"] == "test"]
     split = pd.read_csv(trained_run[1])
-    assert len(judged) == (split["split"] == "test").sum() == metrics["n_images"]
+    assert len(judged) == (split["split"] == "test").sum() == metrics.n_images
     scored = 0
     for name in FINDINGS:
         y, p = judged[f"label_{name}"], judged[name]
         if 0 < y.sum() < len(y):
-            assert metrics["auc"][name] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
-            assert metrics["auc_pr"][name] == pytest.approx(average_precision_score(y, p), abs=1e-9)
+            assert metrics.auc[name] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+            assert metrics.auc_pr[name] == pytest.approx(average_precision_score(y, p), abs=1e-9)
             scored += 1
         else:
-            assert metrics["auc"][name] is None and name not in metrics["mean_over"]
-    assert scored == len(metrics["mean_over"]) >= 10
+            assert metrics.auc[name] is None and name not in metrics.mean_over
+    assert scored == len(metrics.mean_over) >= 10
 
 
 def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(evaluated):
@@ -178,8 +178,8 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
     val = predictions[predictions["split"] == "val"]
     judged = predictions[predictions["split"] == "test"]
     assert meta.threshold_method == "youden" and meta.tta is True
-    assert meta.temperature == metrics["calibration"]["temperature"]
-    assert meta.operating_points == metrics["operating_points"]["thresholds"]
+    assert meta.temperature == metrics.calibration["temperature"]
+    assert meta.operating_points == metrics.operating_points["thresholds"]
     for name in FINDINGS:
         y, p = val[f"label_{name}"].to_numpy(), val[name].to_numpy()
         stored = meta.thresholds[name]
@@ -189,7 +189,7 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
         # Youden's J from scikit-learn's ROC curve on the val predictions alone.
         fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
         assert stored == thresholds[1:][np.argmax((tpr - fpr)[1:])]
-        applied = metrics["operating_points"]["test"]["youden"][name]
+        applied = metrics.operating_points["test"]["youden"][name]
         called = judged[name].to_numpy() >= stored
         positive = judged[f"label_{name}"].to_numpy() == 1
         assert applied["threshold"] == stored
@@ -200,11 +200,11 @@ def test_subgroups_on_real_sample_images(evaluated, nih_table):
     _, out, metrics = evaluated
     judged = pd.read_csv(out / "predictions.csv").query("split == 'test'").merge(
         nih_table[["image", "sex", "view"]], on="image")
-    groups = {(g["attribute"], g["group"]): g for g in metrics["subgroups"]}
+    groups = {(g["attribute"], g["group"]): g for g in metrics.subgroups}
     assert {k for k in groups if k[0] == "sex"} == {("sex", "M"), ("sex", "F")}
     assert {k for k in groups if k[0] == "view"} == {("view", v) for v in set(judged["view"])} <= {("view", "PA"), ("view", "AP")}
     for attribute in ("sex", "age", "view"):
-        assert sum(g["n_images"] for (a, _), g in groups.items() if a == attribute) == metrics["n_images"]
+        assert sum(g["n_images"] for (a, _), g in groups.items() if a == attribute) == metrics.n_images
     women = judged[judged["sex"] == "F"]
     assert groups[("sex", "F")]["n_images"] == len(women)
     assert groups[("sex", "F")]["n_patients"] == women["patient_id"].nunique()
@@ -217,7 +217,7 @@ def test_expert_label_table_on_real_sample_images(evaluated, data_dir):
     expert = read_expert_labels(data_dir / "nih" / EXPERT)
     predictions = pd.read_csv(out / "predictions.csv")
     judged = predictions[predictions["split"] == "test"].merge(expert, on="image")
-    result = metrics["expert"]
+    result = metrics.expert
     assert result["n_images"] == len(judged) > 0
     y = judged["pneumothorax"]
     assert result["expert"]["positives"]["Pneumothorax"] == int(y.sum())
@@ -233,10 +233,10 @@ def test_expert_label_table_on_real_sample_images(evaluated, data_dir):
 
 def test_tta_comparison_is_reported(evaluated):
     _, _, metrics = evaluated
-    t = metrics["tta"]
+    t = metrics.tta
     assert t["difference"] == pytest.approx(t["mean_auc_with_tta"] - t["mean_auc_without_tta"])
     assert t["verdict"] in ("helps", "hurts", "no difference the bootstrap can tell from chance")
-    assert t["mean_auc_with_tta"] == metrics["mean_auc"]
+    assert t["mean_auc_with_tta"] == metrics.mean_auc
 
 
 def test_judging_training_patients_is_refused(trained_run, table_path, sample_images, tmp_path):
@@ -259,9 +259,9 @@ def test_official_test_list_is_judged_and_val_keeps_none_of_its_patients(trained
     official = set(test_list_path.read_text().split())
     present = set(pd.read_csv(split)["image"])
     listed = nih_table[nih_table["image"].isin(official & present)]
-    assert metrics["n_images"] == len(listed) == 171
-    assert metrics["n_patients"] == listed["patient_id"].nunique()
-    assert metrics["provenance"]["split"]["official_test"]["file"] == "test_list.txt"
+    assert metrics.n_images == len(listed) == 171
+    assert metrics.n_patients == listed["patient_id"].nunique()
+    assert metrics.provenance["split"]["official_test"]["file"] == "test_list.txt"
     predictions = pd.read_csv(tmp_path / "official" / "predictions.csv")
     val = predictions[predictions["split"] == "val"]
     assert len(val) > 0 and not set(val["patient_id"]) & set(listed["patient_id"])
@@ -302,10 +302,10 @@ def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, o
     code = main(["evaluate", "--model", str(run), "--images", str(other_patients), "--out", str(out),
                  "--resamples", "200", "--no-progress"])
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = EvaluationMetrics.read(out / "metrics.json")
     names = sorted(p.name for p in other_patients.iterdir())
-    assert metrics["n_images"] == len(names)
-    assert metrics["n_patients"] == nih_table[nih_table["image"].isin(names)]["patient_id"].nunique()
+    assert metrics.n_images == len(names)
+    assert metrics.n_patients == nih_table[nih_table["image"].isin(names)]["patient_id"].nunique()
     assert main(["predict", str(other_patients), "--model", str(run), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
     predicted = pd.read_csv(tmp_path / "p.csv").merge(nih_table[["image", *FINDINGS]], on="image",
@@ -315,14 +315,14 @@ def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, o
     for name in FINDINGS:
         y = predicted[f"{name}_label"]
         if 0 < y.sum() < len(y):
-            assert metrics["auc"][name] == pytest.approx(roc_auc_score(y, predicted[name]), abs=1e-6)
+            assert metrics.auc[name] == pytest.approx(roc_auc_score(y, predicted[name]), abs=1e-6)
             scored += 1
-    assert scored == len(metrics["mean_over"]) >= 10
+    assert scored == len(metrics.mean_over) >= 10
     # The bundle's thresholds, chosen on the run's val split, applied as they are; the bundle is not rewritten.
     meta = read_meta(run)
-    assert metrics["operating_points"]["thresholds"] == meta.operating_points
-    assert "val" not in metrics["operating_points"]
-    assert metrics["calibration"]["temperature"] == meta.temperature
+    assert metrics.operating_points["thresholds"] == meta.operating_points
+    assert "val" not in metrics.operating_points
+    assert metrics.calibration["temperature"] == meta.temperature
 
 
 def test_evaluate_any_folder_refuses_training_and_validation_patients(trained_run, table_path, sample_images,

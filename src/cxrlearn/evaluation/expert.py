@@ -54,7 +54,7 @@ def expert_metrics(
     patients = np.asarray(patient_ids)[rows]
     for key, y in (("expert", expert_y), ("nih", nih_y)):
         metrics, _ = finding_metrics(y, model_scores, patients, names, n_resamples=n_resamples, seed=seed)
-        result[key] = {k: metrics[k] for k in ("auc", "auc_ci95", "positives", "undefined")}
+        result[key] = {k: getattr(metrics, k) for k in ("auc", "auc_ci95", "positives", "undefined")}
     # How often NIH's NLP labels agree with the radiologists on these images.
     result["agreement"] = {name: float((expert_y[:, i] == nih_y[:, i]).mean()) for i, name in enumerate(names)}
     return result

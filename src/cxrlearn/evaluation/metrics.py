@@ -6,11 +6,16 @@ lesson: metrics are plain functions, engines get thin adapters).
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from cxrlearn.errors import DataError
 from cxrlearn.evaluation.bootstrap import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -30,8 +35,67 @@ def undefined_reason(labels: np.ndarray) -> str | None:
     return None
 
 
-def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> dict:
-    """``{"auc": {finding: value or None}, "mean_auc", "mean_over", "undefined": {finding: reason}}``.
+@dataclass
+class AucSummary:
+    """AUC-ROC per finding (None where undefined, with the reason) and their mean over the defined ones."""
+
+    auc: dict[str, float | None]
+    mean_auc: float | None
+    mean_over: list[str]
+    undefined: dict[str, str]
+
+    def to_dict(self) -> dict:
+        """JSON-ready (``metrics.json``); parts that were not measured (None) left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k in FindingMetrics.__dataclass_fields__}
+
+
+@dataclass
+class FindingMetrics(AucSummary):
+    """:class:`AucSummary` with patient-level bootstrap intervals, AUC-PR and counts."""
+
+    auc_ci95: dict[str, list[float] | None] = field(default_factory=dict)
+    auc_pr: dict[str, float | None] = field(default_factory=dict)
+    prevalence: dict[str, float] = field(default_factory=dict)
+    positives: dict[str, int] = field(default_factory=dict)
+    mean_auc_ci95: list[float] | None = None
+    n_images: int = 0
+    n_patients: int = 0
+    bootstrap: dict = field(default_factory=dict)  # unit, resamples, seed, level, method, defined_resamples
+
+
+@dataclass
+class EvaluationMetrics(FindingMetrics):
+    """Everything ``cxrlearn evaluate`` measured (``metrics.json``; the report is rendered from it).
+
+    The per-finding results are this class's own fields; each further part is a record of its own
+    module's making (operating points, calibration, subgroups, expert labels, test-time augmentation,
+    the input check, provenance), kept as that module writes it."""
+
+    subset: str = ""
+    input_check: dict = field(default_factory=dict)
+    operating_points: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    subgroups: list[dict] = field(default_factory=list)
+    expert: dict | None = None
+    tta: dict | None = None
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, measured: FindingMetrics, **parts) -> EvaluationMetrics:
+        return cls(**{name: getattr(measured, name) for name in FindingMetrics.__dataclass_fields__}, **parts)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> EvaluationMetrics:
+        """A ``metrics.json`` written by :meth:`to_dict`; :class:`DataError` naming the file if it is not one."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**values)
+        except (OSError, ValueError, TypeError) as err:
+            raise DataError(f"{path}: not a metrics.json of cxrlearn evaluate ({err})") from None
+
+
+def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> AucSummary:
+    """AUC-ROC per finding and their mean.
 
     A finding without positives or without negatives among the images has no
     AUC (None, with the reason); the mean is over the others and says which.
@@ -48,7 +112,7 @@ def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[s
         auc[name] = float(roc_auc_score(labels[:, i], scores[:, i]))
     scored = [name for name in findings if auc[name] is not None]
     mean = float(np.mean([auc[name] for name in scored])) if scored else None
-    return {"auc": auc, "mean_auc": mean, "mean_over": scored, "undefined": undefined}
+    return AucSummary(auc, mean, scored, undefined)
 
 
 def finding_metrics(
@@ -59,41 +123,37 @@ def finding_metrics(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     unit: str = "patient",
-) -> tuple[dict, BootstrapResult]:
+) -> tuple[FindingMetrics, BootstrapResult]:
     """AUC-ROC with patient-level bootstrap 95% intervals, AUC-PR and counts, per finding and mean.
 
     ``unit="image"`` resamples images instead of patients (for comparison only:
     it ignores that a patient's images are alike, and its intervals are too narrow).
-    Returns the JSON-ready metrics and the bootstrap's per-resample AUCs (for
+    Returns the metrics and the bootstrap's per-resample AUCs (for
     paired comparisons, such as with and without test-time augmentation).
     """
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     patient_ids = np.asarray(patient_ids)
-    result = auc_per_finding(labels, scores, findings)
+    summary = auc_per_finding(labels, scores, findings)
     groups = patient_ids if unit == "patient" else np.arange(len(labels))
     boot = bootstrap_aucs(labels, scores, groups, n_resamples=n_resamples, seed=seed, unit=unit)
-    scored = [i for i, name in enumerate(findings) if result["auc"][name] is not None]
-    result["auc_ci95"] = {
-        name: percentile_interval(boot.aucs[:, i]) if result["auc"][name] is not None else None
-        for i, name in enumerate(findings)
-    }
-    result["auc_pr"] = {
-        name: float(average_precision_score(labels[:, i], scores[:, i])) if result["auc"][name] is not None else None
-        for i, name in enumerate(findings)
-    }
-    result["prevalence"] = {name: float(labels[:, i].mean()) for i, name in enumerate(findings)}
-    result["positives"] = {name: int(labels[:, i].sum()) for i, name in enumerate(findings)}
-    result["mean_auc_ci95"] = percentile_interval(boot.mean_auc(scored)) if scored else None
-    result["n_images"] = int(len(labels))
-    result["n_patients"] = int(len(np.unique(patient_ids)))
-    result["bootstrap"] = {
-        "unit": unit,
-        "resamples": n_resamples,
-        "seed": seed,
-        "level": 0.95,
-        "method": "percentile",
-        # Resamples in which a finding had no positives (or no negatives) give it no AUC.
-        "defined_resamples": {name: int(np.isfinite(boot.aucs[:, i]).sum()) for i, name in enumerate(findings)},
-    }
+    defined = [summary.auc[name] is not None for name in findings]
+    result = FindingMetrics(
+        **asdict(summary),
+        auc_ci95={name: percentile_interval(boot.aucs[:, i]) if ok else None
+                  for i, (name, ok) in enumerate(zip(findings, defined))},
+        auc_pr={name: float(average_precision_score(labels[:, i], scores[:, i])) if ok else None
+                for i, (name, ok) in enumerate(zip(findings, defined))},
+        prevalence={name: float(labels[:, i].mean()) for i, name in enumerate(findings)},
+        positives={name: int(labels[:, i].sum()) for i, name in enumerate(findings)},
+        mean_auc_ci95=percentile_interval(boot.mean_auc([i for i, ok in enumerate(defined) if ok])) if any(defined)
+        else None,
+        n_images=int(len(labels)),
+        n_patients=int(len(np.unique(patient_ids))),
+        bootstrap={
+            "unit": unit, "resamples": n_resamples, "seed": seed, "level": 0.95, "method": "percentile",
+            # Resamples in which a finding had no positives (or no negatives) give it no AUC.
+            "defined_resamples": {name: int(np.isfinite(boot.aucs[:, i]).sum()) for i, name in enumerate(findings)},
+        },
+    )
     return result, boot

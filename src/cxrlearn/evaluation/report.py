@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics
 from cxrlearn.evaluation.operating_points import METHODS
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 
@@ -54,32 +55,32 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, object]]:
+def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks: h1, h2, p, table, img."""
-    prov = metrics["provenance"]
+    prov = metrics.provenance
     bundle = prov["bundle"]
     blocks: list[tuple[str, object]] = [
         ("h1", f"cxrlearn evaluation: {bundle['backbone']} at {bundle['preprocessing']['input_size']} px"),
-        ("p", f"Judged on {metrics['subset']}: {metrics['n_images']:,} images of {metrics['n_patients']:,} patients. "
-              f"Mean AUC-ROC {_num(metrics['mean_auc'])} (95% CI {_ci(metrics['mean_auc_ci95'])}) over "
-              f"{len(metrics['mean_over'])} of {len(findings)} findings."),
-        ("p", f"Intervals: percentile bootstrap over patients ({metrics['bootstrap']['resamples']:,} resamples, "
-              f"seed {metrics['bootstrap']['seed']}); a patient's images are resampled together."),
+        ("p", f"Judged on {metrics.subset}: {metrics.n_images:,} images of {metrics.n_patients:,} patients. "
+              f"Mean AUC-ROC {_num(metrics.mean_auc)} (95% CI {_ci(metrics.mean_auc_ci95)}) over "
+              f"{len(metrics.mean_over)} of {len(findings)} findings."),
+        ("p", f"Intervals: percentile bootstrap over patients ({metrics.bootstrap['resamples']:,} resamples, "
+              f"seed {metrics.bootstrap['seed']}); a patient's images are resampled together."),
     ]
-    if metrics["undefined"]:
+    if metrics.undefined:
         blocks.append(("p", "No AUC (a finding needs positives and negatives among the judged images): "
-                       + "; ".join(f"{k}: {v}" for k, v in metrics["undefined"].items()) + "."))
+                       + "; ".join(f"{k}: {v}" for k, v in metrics.undefined.items()) + "."))
 
     sources = list(PUBLISHED)
     published = {s: published_auc(s) for s in sources}
     rows = [
-        [name, f"{metrics['positives'][name]:,}", _num(metrics["auc"][name]),
-         _ci_marked(metrics["auc_ci95"][name], metrics["positives"][name]),
-         _num(metrics["auc_pr"][name]), _pct(metrics["prevalence"][name])]
+        [name, f"{metrics.positives[name]:,}", _num(metrics.auc[name]),
+         _ci_marked(metrics.auc_ci95[name], metrics.positives[name]),
+         _num(metrics.auc_pr[name]), _pct(metrics.prevalence[name])]
         + [_num(published[s][name]) for s in sources]
         for name in findings
     ]
-    rows.append(["**mean**", "", _num(metrics["mean_auc"]), _ci(metrics["mean_auc_ci95"]), "", ""]
+    rows.append(["**mean**", "", _num(metrics.mean_auc), _ci(metrics.mean_auc_ci95), "", ""]
                 + [_num(PUBLISHED[s]["mean"], 4) for s in sources])
     blocks += [
         ("h2", "Per-finding AUC"),
@@ -91,7 +92,7 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
         ("img", (ROC_FIGURE, "ROC curve of each finding on the judged images")),
     ]
 
-    op = metrics["operating_points"]
+    op = metrics.operating_points
     if "unavailable" in op:
         blocks += [("h2", "Operating points"), ("p", op["unavailable"])]
     else:
@@ -112,7 +113,7 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
                             [[name] + [_num(op["thresholds"][m][name]) for m in METHODS] for name in findings])),
         ]
 
-    cal = metrics["calibration"]
+    cal = metrics.calibration
     header = ["finding", "ECE"]
     if "temperature" in cal:
         header = ["finding", "ECE (temperature-scaled)", "ECE (raw)", "temperature"]
@@ -135,11 +136,11 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
         ("table", Table(["attribute", "group", "images", "patients", "mean AUC", "95% CI", "findings scored"],
                         [[g["attribute"], g["group"], f"{g['n_images']:,}", f"{g['n_patients']:,}",
                           _num(g["mean_auc"]), _ci(g["mean_auc_ci95"]), str(len(g["mean_over"]))]
-                         for g in metrics["subgroups"]])),
+                         for g in metrics.subgroups])),
     ]
 
-    if "expert" in metrics:
-        expert = metrics["expert"]
+    if metrics.expert is not None:
+        expert = metrics.expert
         blocks.append(("h2", "Against radiologists' labels (Google 2019)"))
         if expert["n_images"] == 0:
             blocks.append(("p", expert["note"] + "."))
@@ -160,7 +161,7 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
                                  "AUC vs NIH", "95% CI", "label agreement"], rows)),
             ]
 
-    check = metrics.get("input_check") or {}
+    check = metrics.input_check
     if check.get("available"):
         reasons = "; ".join(f"{k}: {v:,}" for k, v in check["reasons"].items()) or "none"
         blocks += [
@@ -169,11 +170,11 @@ def build_blocks(metrics: dict, findings: Sequence[str]) -> list[tuple[str, obje
                   f"({reasons}). Mean AUC-ROC {_num(check['mean_auc_all'], 4)} on all of them, "
                   f"{_num(check['mean_auc_unflagged'], 4)} without the flagged ones ({check['note']})."),
         ]
-    elif "input_check" in metrics:
+    elif check:
         blocks.append(("p", "Input check: unavailable (this bundle was made before cxrlearn learned one)."))
 
-    if "tta" in metrics:
-        t = metrics["tta"]
+    if metrics.tta is not None:
+        t = metrics.tta
         blocks += [
             ("h2", "Test-time augmentation"),
             ("p", f"Averaging each image with its mirror: mean AUC {_num(t['mean_auc_with_tta'], 4)} against "
@@ -266,17 +267,17 @@ def _grid(count: int):
     return plt, figure, axes.flat
 
 
-def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], metrics: dict) -> None:
+def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], metrics: FindingMetrics) -> None:
     plt, figure, axes = _grid(len(findings))
     for i, (ax, name) in enumerate(zip(axes, findings)):
         ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls="--")
-        if metrics["auc"][name] is None:
-            ax.text(0.5, 0.5, f"no AUC:\n{metrics['undefined'][name]}", ha="center", va="center")
+        if metrics.auc[name] is None:
+            ax.text(0.5, 0.5, f"no AUC:\n{metrics.undefined[name]}", ha="center", va="center")
         else:
             fpr, tpr, _ = roc_curve(labels[:, i], probs[:, i])
             ax.plot(fpr, tpr, color="#1f5fa8", lw=1.5)
-            low, high = metrics["auc_ci95"][name] or (np.nan, np.nan)
-            ax.text(0.97, 0.04, f"AUC {metrics['auc'][name]:.3f}\n[{low:.3f}, {high:.3f}]\nn+ = {metrics['positives'][name]}",
+            low, high = metrics.auc_ci95[name] or (np.nan, np.nan)
+            ax.text(0.97, 0.04, f"AUC {metrics.auc[name]:.3f}\n[{low:.3f}, {high:.3f}]\nn+ = {metrics.positives[name]}",
                     ha="right", va="bottom", fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.set_xlim(0, 1)
@@ -285,8 +286,8 @@ def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings:
         ax.tick_params(labelsize=7)
         ax.set_xlabel("1 - specificity", fontsize=8)
         ax.set_ylabel("sensitivity", fontsize=8)
-    figure.suptitle(f"ROC curves, {metrics['n_images']:,} images of {metrics['n_patients']:,} patients "
-                    f"(mean AUC {metrics['mean_auc']:.3f})" if metrics["mean_auc"] is not None else "ROC curves")
+    figure.suptitle(f"ROC curves, {metrics.n_images:,} images of {metrics.n_patients:,} patients "
+                    f"(mean AUC {metrics.mean_auc:.3f})" if metrics.mean_auc is not None else "ROC curves")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -315,10 +316,10 @@ def plot_reliability(path: Path, calibration: dict, findings: Sequence[str]) -> 
     plt.close(figure)
 
 
-def write_report(out: Path, metrics: dict, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> None:
+def write_report(out: Path, metrics: EvaluationMetrics, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> None:
     """``report.md``, ``report.html`` and the figures in ``out``."""
     plot_roc_curves(out / ROC_FIGURE, labels, probs, findings, metrics)
-    plot_reliability(out / RELIABILITY_FIGURE, metrics["calibration"]["test"], findings)
+    plot_reliability(out / RELIABILITY_FIGURE, metrics.calibration["test"], findings)
     blocks = build_blocks(metrics, findings)
     (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
     (out / "report.html").write_text(render_html(blocks), encoding="utf-8")

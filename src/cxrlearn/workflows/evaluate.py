@@ -43,7 +43,7 @@ from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.expert import expert_metrics
-from cxrlearn.evaluation.metrics import auc_per_finding, finding_metrics
+from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics, auc_per_finding, finding_metrics
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.subgroups import subgroup_metrics
@@ -246,14 +246,14 @@ def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndar
         if v.reason:
             kind = v.reason.split(":")[0].split(" (")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
-    kept = auc_per_finding(labels[~flagged], probs[~flagged], findings) if (~flagged).any() else {"mean_auc": None}
+    kept = auc_per_finding(labels[~flagged], probs[~flagged], findings).mean_auc if (~flagged).any() else None
     return {"available": True, "flagged": int(flagged.sum()), "judged": len(verdicts), "reasons": reasons,
-            "mean_auc_all": mean_auc, "mean_auc_unflagged": kept["mean_auc"],
+            "mean_auc_all": mean_auc, "mean_auc_unflagged": kept,
             "note": "from cached pixels: the aspect and colour checks apply to files, not to the cache"}
 
 
 def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
-             out: str | os.PathLike, options: EvaluationOptions | None = None) -> dict:
+             out: str | os.PathLike, options: EvaluationOptions | None = None) -> EvaluationMetrics:
     """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
 
     options = options or EvaluationOptions()
@@ -308,17 +308,17 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     test_p = probabilities(logits_of(test), findings, temperature)
     patients = test.rows[PATIENT_ID].to_numpy()
 
-    metrics, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
-    metrics["subset"] = selection.what
+    measured, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
+    metrics = EvaluationMetrics.of(measured, subset=selection.what)
     if meta.input_check:
         verdicts = _input_checks(model, Path(model_dir), meta, cache_dir, test.rows, options, device)
-        metrics["input_check"] = _flagged_summary(verdicts, test.labels, test_p, findings, metrics["mean_auc"])
+        metrics.input_check = _flagged_summary(verdicts, test.labels, test_p, findings, metrics.mean_auc)
     else:
-        metrics["input_check"] = {"available": False}
+        metrics.input_check = {"available": False}
     if val is not None:
         val_p = probabilities(logits_of(val), findings, temperature)
         chosen = choose_thresholds(val.labels, val_p, findings)
-        metrics["operating_points"] = {
+        metrics.operating_points = {
             "chosen_on": f"{len(val.rows):,} validation images",
             "bundle_method": options.threshold_method,
             "thresholds": chosen["thresholds"],
@@ -328,33 +328,33 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         }
     elif meta.operating_points:
         stored = meta.operating_points
-        metrics["operating_points"] = {
+        metrics.operating_points = {
             "chosen_on": "the run's validation images (the bundle's thresholds)",
             "bundle_method": meta.threshold_method or options.threshold_method,
             "thresholds": stored,
             "test": operating_point_table(test.labels, test_p, stored, findings),
         }
     else:
-        metrics["operating_points"] = {
+        metrics.operating_points = {
             "unavailable": f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
                            "--subset test ...` on the run's own images first, which chooses them on its val split"}
-    metrics["calibration"] = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(
+    metrics.calibration = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(
         test.labels, test_p, findings)}
     if temperature is not None:
         raw = probabilities(logits_of(test), findings)
-        metrics["calibration"]["temperature"] = temperature
-        metrics["calibration"]["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
-    metrics["subgroups"] = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
+        metrics.calibration["temperature"] = temperature
+        metrics.calibration["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
+    metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels:
 
-        metrics["expert"] = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
+        metrics.expert = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
                                            read_expert_labels(options.expert_labels), options.resamples, options.seed)
     if tta:
-        metrics["tta"] = _tta_comparison(test, findings, temperature, metrics, boot, options)
-    metrics["provenance"] = _provenance(model_dir, meta, csv, images, selection.info, options, left_out, tta)
+        metrics.tta = _tta_comparison(test, findings, temperature, metrics, boot, options)
+    metrics.provenance = _provenance(model_dir, meta, csv, images, selection.info, options, left_out, tta)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / METRICS_FILE).write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
     parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
@@ -364,24 +364,23 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         meta.operating_points = chosen["thresholds"]
         meta.temperature = temperature  # None: probabilities are the plain sigmoid
         meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
-        meta.evaluation = {"folder": str(out), "mean_auc": metrics["mean_auc"],
-                              "mean_auc_ci95": metrics["mean_auc_ci95"], "judged": selection.what,
-                              "date": metrics["provenance"]["date"]}
+        meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
+                           "judged": selection.what, "date": metrics.provenance["date"]}
         write_meta(model_dir, meta)
     return metrics
 
 
-def _tta_comparison(test: _Judged, findings, temperature, metrics: dict, boot, options) -> dict:
+def _tta_comparison(test: _Judged, findings, temperature, metrics: FindingMetrics, boot, options) -> dict:
     """Mean AUC with and without flip averaging, and the paired bootstrap interval of the difference."""
 
     plain_p = probabilities(test.logits, findings, temperature)
     plain, plain_boot = finding_metrics(test.labels, plain_p, test.rows[PATIENT_ID].to_numpy(), findings,
                                         options.resamples, options.seed)
-    columns = [findings.index(name) for name in metrics["mean_over"]]
+    columns = [findings.index(name) for name in metrics.mean_over]
     # The same seed and patients give the same resamples: the difference is paired.
     difference = boot.mean_auc(columns) - plain_boot.mean_auc(columns)
     interval = percentile_interval(difference)
-    delta = metrics["mean_auc"] - plain["mean_auc"]
+    delta = metrics.mean_auc - plain.mean_auc
     if interval and interval[0] > 0:
         verdict = "helps"
     elif interval and interval[1] < 0:
@@ -389,9 +388,9 @@ def _tta_comparison(test: _Judged, findings, temperature, metrics: dict, boot, o
     else:
         verdict = "no difference the bootstrap can tell from chance"
     return {
-        "mean_auc_with_tta": metrics["mean_auc"], "mean_auc_without_tta": plain["mean_auc"],
+        "mean_auc_with_tta": metrics.mean_auc, "mean_auc_without_tta": plain.mean_auc,
         "difference": delta, "difference_ci95": interval, "verdict": verdict,
-        "auc_without_tta": plain["auc"],
+        "auc_without_tta": plain.auc,
     }
 
 

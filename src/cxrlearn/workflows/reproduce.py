@@ -48,6 +48,7 @@ from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.errors import ConfigError
+from cxrlearn.evaluation.metrics import EvaluationMetrics
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import library_versions, read_meta
@@ -313,22 +314,22 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
               "stages": state["stages"], "results": {}}
     lines = [f"# Reproduction: {recipe.title}", ""]
     for name, run_dir, path, target, beside in parts:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
+        metrics = EvaluationMetrics.read(path)
         meta = read_meta(run_dir)
         paper = published_auc(target) if target else None
         rows = {}
         for finding in FINDINGS:
-            auc = metrics["auc"][finding]
-            entry = {"auc": auc, "auc_ci95": metrics["auc_ci95"][finding],
-                     "positives": metrics["positives"][finding]}
+            auc = metrics.auc[finding]
+            entry = {"auc": auc, "auc_ci95": metrics.auc_ci95[finding],
+                     "positives": metrics.positives[finding]}
             for source in beside:
                 entry[source] = published_auc(source)[finding]
             if paper is not None:
                 entry["difference"] = None if auc is None else round(auc - paper[finding], 4)
             rows[finding] = entry
-        result = {"judged": metrics["subset"], "n_images": metrics["n_images"], "n_patients": metrics["n_patients"],
-                  "mean_auc": metrics["mean_auc"], "mean_auc_ci95": metrics["mean_auc_ci95"],
-                  "mean_over": metrics["mean_over"], "per_finding": rows,
+        result = {"judged": metrics.subset, "n_images": metrics.n_images, "n_patients": metrics.n_patients,
+                  "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
+                  "mean_over": metrics.mean_over, "per_finding": rows,
                   "published_mean": {s: PUBLISHED[s]["mean"] for s in beside},
                   "model": {"folder": str(run_dir), "backbone": meta.backbone, "image_size": meta.preprocessing.input_size,
                             "epochs_run": meta.metrics.get("epochs_run"),

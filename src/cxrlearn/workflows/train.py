@@ -307,9 +307,7 @@ def summarise(model, datamodule, tta: bool) -> dict:
         if name in datamodule.datasets:
             loader = datamodule.eval_loader(name)
             probs, labels, _ = predict_loader(model, loader, datamodule.transform, tta=tta, device=device)
-            result = auc_per_finding(labels, probs, FINDINGS)
-            result["n_images"] = len(labels)
-            out[name] = result
+            out[name] = {**auc_per_finding(labels, probs, FINDINGS).to_dict(), "n_images": len(labels)}
     model.cpu()
     return out
 
