@@ -315,7 +315,11 @@ def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, o
     for name in FINDINGS:
         y = predicted[f"{name}_label"]
         if 0 < y.sum() < len(y):
-            assert metrics.auc[name] == pytest.approx(roc_auc_score(y, predicted[name]), abs=1e-6)
+            # evaluate runs batches of 64 cached images, predict batches of 16 files: oneDNN's results differ by
+            # about 1e-6 between batch sizes, which can swap one near-tied pair (an AUC step of
+            # 1 / (positives x negatives), about 1e-5 here). A wrong pipeline would be off by far more.
+            step = 1.0 / (y.sum() * (len(y) - y.sum()))
+            assert metrics.auc[name] == pytest.approx(roc_auc_score(y, predicted[name]), abs=1.5 * step)
             scored += 1
     assert scored == len(metrics.mean_over) >= 10
     # The bundle's thresholds, chosen on the run's val split, applied as they are; the bundle is not rewritten.

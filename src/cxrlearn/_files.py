@@ -14,6 +14,16 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
+def source_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a label source: a file's bytes, or, for a dataset's folder of label files, of the names and
+    digests of the files directly in it (its image folders are not read)."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    lines = "".join(f"{f.name}\t{file_digest(f)}\n" for f in sorted(path.iterdir()) if f.is_file())
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
 def read_bytes(path: str | os.PathLike, what: str, error: type[Exception]) -> bytes:
     """A file's bytes, or ``error`` naming the file and what is wrong (missing, a folder, unreadable)."""
     try:

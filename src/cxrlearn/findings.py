@@ -1,7 +1,12 @@
-"""The 14 findings of NIH ChestX-ray14: the one place their names and order live.
+"""Finding names: NIH ChestX-ray14's 14 (the default vocabulary) and the harmonised names across datasets.
 
-Order is the canonical one used by NIH's papers (Wang et al., CVPR 2017) and by
-Kufel et al. 2023; label vectors, model outputs and reports all follow it.
+``FINDINGS``: NIH's 14, in the canonical order of NIH's papers (Wang et al., CVPR 2017) and Kufel et
+al. 2023; a model trained on NIH's table predicts them in this order. A model trained on another table
+predicts that table's findings (the bundle carries its list).
+
+``HARMONISED``: one vocabulary across the public datasets, so that a model of one can be judged on
+another and tables of several can be merged. Each dataset's reader maps its own labels onto these names
+where the meanings match, and leaves the rest out (docs/datasets.md: what maps to what, and what not).
 """
 
 FINDINGS: tuple[str, ...] = (
@@ -38,3 +43,22 @@ def canonical_finding(name: str) -> str:
     if name in FINDING_ALIASES:
         return FINDING_ALIASES[name]
     raise KeyError(name)
+
+
+#: Harmonised finding names (docs/datasets.md). A name here means the same finding in every dataset that
+#: has it; near misses are kept apart (NIH's "Infiltration" is not CheXpert's broader "Lung Opacity").
+HARMONISED: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum",
+    "Fibrosis", "Fracture", "Hernia", "Infiltration", "Lung Lesion", "Lung Opacity", "Mass", "Nodule",
+    "Nodule or Mass", "Pleural Effusion", "Pleural Other", "Pleural Thickening", "Pneumonia", "Pneumothorax",
+    "Support Devices",
+)
+
+#: NIH's names that differ from the harmonised ones (the others are the same word).
+NIH_HARMONISED: dict[str, str] = {"Effusion": "Pleural Effusion", "Pleural_Thickening": "Pleural Thickening"}
+
+
+def harmonised(name: str) -> str | None:
+    """The harmonised name of a finding named as NIH or the harmonised vocabulary name it, or None."""
+    name = NIH_HARMONISED.get(name, name)
+    return name if name in HARMONISED else None

@@ -34,11 +34,12 @@ from cxrlearn.data.cohort.split import (
     split_and_save,
 )
 from cxrlearn.data.cohort.stats import format_stats, table_stats
-from cxrlearn.data.columns import PATH
+from cxrlearn.data.columns import PATH, UNCERTAIN_POLICIES
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.boxes import read_boxes
+from cxrlearn.data.sources.datasets import READERS, read_labels
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.defaults import IMAGE_SIZE
@@ -81,11 +82,30 @@ def _want_file(path: Path | None, option: str) -> None:
         raise DataError(f"{option} {path} is a folder; name the file to write")
 
 
-def _load_table(csv: Path, images: Path | None):
-    """The label table, restricted to the images present when a folder is given."""
+def _columns(items: list[str]) -> dict:
+    """``--column image=Path --column patient=mrn`` as ``{"image": "Path", "patient": "mrn"}``."""
+    out = {}
+    for item in items or []:
+        role, sep, name = item.partition("=")
+        if not sep or not name:
+            raise DataError(f"--column {item!r}: expected ROLE=COLUMN (roles: image, patient, view, sex, age)")
+        out[role.strip()] = name.strip()
+    return out
 
-    table = read_label_table(csv)
-    print(f"{csv.name}: {len(table):,} images of {table['patient_id'].nunique():,} patients", file=sys.stderr)
+
+def _labels(args: argparse.Namespace):
+    """The label table the options name, and its file: --table/--dataset (another table), else NIH's (--csv or
+    the shipped one)."""
+    if args.table or args.dataset:
+        table = read_labels(args.table, args.dataset, _columns(args.column), None, args.uncertain)
+        return table, Path(args.table or args.dataset)
+    return read_label_table(args.csv), Path(args.csv)
+
+
+def _load_table(args: argparse.Namespace, images: Path | None):
+    """The label table, restricted to the images present when a folder is given."""
+    table, source = _labels(args)
+    print(f"{source.name}: {len(table):,} images of {table['patient_id'].nunique():,} patients", file=sys.stderr)
     if images is None:
         return table
     presence = attach_images(table, images)
@@ -95,8 +115,8 @@ def _load_table(csv: Path, images: Path | None):
 
 def _cmd_split(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
-    table = _load_table(args.csv, args.images)
-    _, report, digest = split_and_save(table, args.out, args.csv, ratios=args.ratios, seed=args.seed,
+    table = _load_table(args, args.images)
+    _, report, digest = split_and_save(table, args.out, args.table or args.csv, ratios=args.ratios, seed=args.seed,
                                        official_test_list=args.official_test, method=args.method)
     print(format_split_report(report))
     print(f"wrote {args.out} (sha256 {digest[:12]}…) and {report_path(args.out)}")
@@ -105,7 +125,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     _want_file(args.json, "--json")
-    table = _load_table(args.csv, args.images)
+    table = _load_table(args, args.images)
     result: dict = {"all": table_stats(table)}
     if args.split:
         table = apply_split(table, read_split_file(args.split), source=str(args.split))
@@ -114,7 +134,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             if len(part):
                 result[name] = table_stats(part)
     for name, stats in result.items():
-        print(format_stats(stats, title=name if args.split else args.csv.name))
+        print(format_stats(stats, title=name if args.split else Path(args.table or args.csv).name))
         print()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +145,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     _want_file(args.report, "--report")
-    table = _load_table(args.csv, args.images)
+    table = _load_table(args, args.images)
     failures = check_images(list(table[PATH]))
     for path, message in failures:
         print(message, file=sys.stderr)
@@ -137,7 +157,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     _want_folder(args.out, "--out")
-    table = read_label_table(args.csv)
+    table, source = _labels(args)
     presence = attach_images(table, args.images)
     print(presence.summary(), file=sys.stderr)
     summary = prepare_cache(
@@ -147,7 +167,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         size=args.size,
         workers=args.workers,
         images_dir=str(args.images),
-        label_table=args.csv.name,
+        label_table=Path(source).name,
     )
     print(summary.text())
     if summary.failed:
@@ -180,6 +200,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides[section][name] = str(value) if isinstance(value, Path) else value
+    if args.table or args.dataset:
+        overrides["data"].update(table=str(args.table) if args.table else None, dataset=args.dataset,
+                                 uncertain=args.uncertain)
+        overrides["data"]["columns"] = _columns(args.column)
+    if args.init_from:
+        overrides["model"]["init_from"] = str(args.init_from)
     _want_folder(args.out, "--out")
     config = load_config(args.config, overrides, args.set)
     train(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -194,6 +220,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         resamples=args.resamples, seed=args.seed, tta=args.tta, calibrate=args.calibrate,
         threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
         write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
+        table=str(args.table) if args.table else None, dataset=args.dataset, columns=_columns(args.column),
+        uncertain=args.uncertain,
     )
     _want_folder(args.out, "--out")
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
@@ -340,6 +368,18 @@ def _ratios(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", type=Path, help="another label table: the generic format (CSV or Parquet: image, "
+                        "patient and one column per finding holding 1, 0, blank or -1), or with --dataset a "
+                        "public dataset's own label file or folder")
+    parser.add_argument("--dataset", choices=sorted(READERS), help="read --table with this dataset's reader")
+    parser.add_argument("--column", action="append", metavar="ROLE=NAME",
+                        help="the generic table's column for a role: image, patient, view, sex or age "
+                             "(default image=image, patient=patient)")
+    parser.add_argument("--uncertain", choices=list(UNCERTAIN_POLICIES), default="ignore",
+                        help="what an uncertain (-1) label becomes: ignore (unknown), positive or negative")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxrlearn",
@@ -351,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     table_args = argparse.ArgumentParser(add_help=False)
     table_args.add_argument("--csv", type=Path, help="NIH label table (Data_Entry_2017*.csv[.gz]); "
                             "default: the copy of NIH's 2020 table shipped with cxrlearn")
+    _add_table_options(table_args)
 
     split = commands.add_parser(
         "split", parents=[table_args], help="make a fair patient-wise train/val/test split",
@@ -404,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML config (e.g. configs/kufel2023.yaml)")
     train.add_argument("--images", type=Path, help="image folder")
     train.add_argument("--csv", type=Path, help="NIH label table")
+    _add_table_options(train)
+    train.add_argument("--init-from", type=Path, metavar="RUN",
+                       help="start from this cxrlearn run's backbone and head (shared findings keep their head rows)")
     train.add_argument("--split", type=Path, help="split file; default: the custom split of the images present")
     train.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
     train.add_argument("--image-size", type=int)
@@ -536,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_log()
-    if "csv" in args and args.csv is None and args.command != "train":
+    if "csv" in args and args.csv is None and args.command not in ("train", "evaluate"):
         args.csv = tables.label_table()
     try:
         return args.run(args)

@@ -32,13 +32,16 @@ CHUNK = 100
 
 
 class _SortedFinding:
-    """One finding's scores sorted once, with each image's block of tied scores."""
+    """One finding's scores sorted once, with each image's block of tied scores. An image whose label is
+    unknown (NaN) is neither positive nor negative: it weighs nothing in any resample."""
 
     def __init__(self, labels: np.ndarray, scores: np.ndarray):
         scores = np.asarray(scores, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.float64)
         self.order = np.argsort(scores, kind="stable")
         ordered = scores[self.order]
-        positive = np.asarray(labels).astype(bool)[self.order]
+        positive = (labels == 1)[self.order]
+        self.negative = (labels == 0)[self.order]
         new_block = np.r_[True, ordered[1:] != ordered[:-1]]
         block = np.cumsum(new_block) - 1
         first = np.flatnonzero(new_block)
@@ -54,7 +57,7 @@ class _SortedFinding:
         # Cumulative negative weight along the sorted scores. Weights are small integers,
         # so float32 sums are exact while below 2**24 (16.7 M images a resample).
         dtype = np.float32 if weights_sorted.shape[1] < 2**23 else np.float64
-        negatives = np.cumsum(np.where(self.positive, 0, weights_sorted), axis=1, dtype=dtype)
+        negatives = np.cumsum(np.where(self.negative, weights_sorted, 0), axis=1, dtype=dtype)
         below = np.where(self.before >= 0, negatives[:, np.maximum(self.before, 0)], 0)
         # Negatives strictly below count fully, tied ones half: (below + up to block end) / 2.
         credit = 0.5 * (below + negatives[:, self.block_end])

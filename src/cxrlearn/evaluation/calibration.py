@@ -43,7 +43,9 @@ def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = DEFAU
 
 def calibration_per_finding(labels: np.ndarray, probabilities: np.ndarray, findings: Sequence[str],
                             bins: int = DEFAULT_BINS) -> dict:
-    return {name: reliability(labels[:, i], probabilities[:, i], bins) for i, name in enumerate(findings)}
+    known = ~np.isnan(np.asarray(labels, dtype=np.float64))
+    return {name: reliability(labels[known[:, i], i], probabilities[known[:, i], i], bins)
+            for i, name in enumerate(findings)}
 
 
 def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -64,6 +66,7 @@ def fit_temperatures(logits: np.ndarray, labels: np.ndarray, findings: Sequence[
     """``{finding: T}``; 1.0 (no change) where validation has only one class of a finding."""
     out = {}
     for i, name in enumerate(findings):
-        column = labels[:, i]
-        out[name] = fit_temperature(logits[:, i], column) if 0 < column.sum() < len(column) else 1.0
+        known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
+        column = labels[known, i]
+        out[name] = fit_temperature(logits[known, i], column) if 0 < column.sum() < len(column) else 1.0
     return out

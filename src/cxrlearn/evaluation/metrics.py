@@ -26,11 +26,15 @@ from cxrlearn.evaluation.bootstrap import (
 
 
 def undefined_reason(labels: np.ndarray) -> str | None:
-    """Why a finding has no AUC on these labels (no positives or no negatives), or None."""
-    positives = int(np.asarray(labels).sum())
+    """Why a finding has no AUC on these labels (no known labels, no positives or no negatives), or None."""
+    labels = np.asarray(labels, dtype=np.float64)
+    known = labels[~np.isnan(labels)]
+    if len(known) == 0:
+        return "no known labels"
+    positives = int(known.sum())
     if positives == 0:
         return "no positives"
-    if positives == len(labels):
+    if positives == len(known):
         return "no negatives"
     return None
 
@@ -53,6 +57,7 @@ class AucSummary:
 class FindingMetrics(AucSummary):
     """:class:`AucSummary` with patient-level bootstrap intervals, AUC-PR and counts."""
 
+    known: dict[str, int] = field(default_factory=dict)  # images whose label of the finding is known
     auc_ci95: dict[str, list[float] | None] = field(default_factory=dict)
     auc_pr: dict[str, float | None] = field(default_factory=dict)
     prevalence: dict[str, float] = field(default_factory=dict)
@@ -72,6 +77,7 @@ class EvaluationMetrics(FindingMetrics):
     the input check, provenance), kept as that module writes it."""
 
     subset: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # finding -> why it was not judged
     input_check: dict = field(default_factory=dict)
     operating_points: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
@@ -97,10 +103,11 @@ class EvaluationMetrics(FindingMetrics):
 def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> AucSummary:
     """AUC-ROC per finding and their mean.
 
-    A finding without positives or without negatives among the images has no
-    AUC (None, with the reason); the mean is over the others and says which.
+    Each finding is judged on the images whose label of it is known (``labels`` NaN where unknown). A
+    finding without positives or without negatives among them has no AUC (None, with the reason); the mean
+    is over the others and says which.
     """
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     auc, undefined = {}, {}
     for i, name in enumerate(findings):
@@ -109,7 +116,8 @@ def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[s
             auc[name] = None
             undefined[name] = reason
             continue
-        auc[name] = float(roc_auc_score(labels[:, i], scores[:, i]))
+        known = ~np.isnan(labels[:, i])
+        auc[name] = float(roc_auc_score(labels[known, i], scores[known, i]))
     scored = [name for name in findings if auc[name] is not None]
     mean = float(np.mean([auc[name] for name in scored])) if scored else None
     return AucSummary(auc, mean, scored, undefined)
@@ -131,9 +139,11 @@ def finding_metrics(
     Returns the metrics and the bootstrap's per-resample AUCs (for
     paired comparisons, such as with and without test-time augmentation).
     """
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     patient_ids = np.asarray(patient_ids)
+    known = ~np.isnan(labels)
+    positive = labels == 1
     summary = auc_per_finding(labels, scores, findings)
     groups = patient_ids if unit == "patient" else np.arange(len(labels))
     boot = bootstrap_aucs(labels, scores, groups, n_resamples=n_resamples, seed=seed, unit=unit)
@@ -142,10 +152,11 @@ def finding_metrics(
         **asdict(summary),
         auc_ci95={name: percentile_interval(boot.aucs[:, i]) if ok else None
                   for i, (name, ok) in enumerate(zip(findings, defined))},
-        auc_pr={name: float(average_precision_score(labels[:, i], scores[:, i])) if ok else None
+        auc_pr={name: float(average_precision_score(labels[known[:, i], i], scores[known[:, i], i])) if ok else None
                 for i, (name, ok) in enumerate(zip(findings, defined))},
-        prevalence={name: float(labels[:, i].mean()) for i, name in enumerate(findings)},
-        positives={name: int(labels[:, i].sum()) for i, name in enumerate(findings)},
+        known={name: int(known[:, i].sum()) for i, name in enumerate(findings)},
+        prevalence={name: float(positive[:, i].sum() / max(1, known[:, i].sum())) for i, name in enumerate(findings)},
+        positives={name: int(positive[:, i].sum()) for i, name in enumerate(findings)},
         mean_auc_ci95=percentile_interval(boot.mean_auc([i for i, ok in enumerate(defined) if ok])) if any(defined)
         else None,
         n_images=int(len(labels)),

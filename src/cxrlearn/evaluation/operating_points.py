@@ -56,7 +56,8 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence
     for i, name in enumerate(findings):
         reason = undefined_reason(labels[:, i])
         for method in METHODS:
-            out[method][name] = None if reason else choose_threshold(labels[:, i], scores[:, i], method)
+            known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
+            out[method][name] = None if reason else choose_threshold(labels[known, i], scores[known, i], method)
         if reason:
             undefined[name] = f"{reason} in validation"
     return {"thresholds": out, "undefined": undefined}
@@ -80,10 +81,13 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
 
 
 def operating_point_table(labels: np.ndarray, scores: np.ndarray, thresholds: dict, findings: Sequence[str]) -> dict:
-    """``{method: {finding: confusion at its threshold, or None}}`` on these images."""
+    """``{method: {finding: confusion at its threshold, or None}}`` on these images (each finding on the
+    images whose label of it is known)."""
+    known = ~np.isnan(np.asarray(labels, dtype=np.float64))
     return {
         method: {
-            name: None if chosen[name] is None else confusion(labels[:, i], scores[:, i], chosen[name])
+            name: None if chosen[name] is None else confusion(labels[known[:, i], i], scores[known[:, i], i],
+                                                              chosen[name])
             for i, name in enumerate(findings)
         }
         for method, chosen in thresholds.items()

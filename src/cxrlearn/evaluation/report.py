@@ -19,6 +19,7 @@ from sklearn.metrics import roc_curve
 from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics
 from cxrlearn.evaluation.operating_points import METHODS
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
+from cxrlearn.findings import FINDINGS
 
 ROC_FIGURE = "roc_curves.png"
 RELIABILITY_FIGURE = "reliability.png"
@@ -71,26 +72,38 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
         blocks.append(("p", "No AUC (a finding needs positives and negatives among the judged images): "
                        + "; ".join(f"{k}: {v}" for k, v in metrics.undefined.items()) + "."))
 
-    sources = list(PUBLISHED)
+    # Published values are NIH's 14 findings': beside a model of other findings there is nothing to set.
+    sources = list(PUBLISHED) if set(findings) <= set(FINDINGS) else []
     published = {s: published_auc(s) for s in sources}
+    partial = any(metrics.known.get(name, metrics.n_images) < metrics.n_images for name in findings)
     rows = [
-        [name, f"{metrics.positives[name]:,}", _num(metrics.auc[name]),
-         _ci_marked(metrics.auc_ci95[name], metrics.positives[name]),
-         _num(metrics.auc_pr[name]), _pct(metrics.prevalence[name])]
+        [name] + ([f"{metrics.known[name]:,}"] if partial else [])
+        + [f"{metrics.positives[name]:,}", _num(metrics.auc[name]),
+           _ci_marked(metrics.auc_ci95[name], metrics.positives[name]),
+           _num(metrics.auc_pr[name]), _pct(metrics.prevalence[name])]
         + [_num(published[s][name]) for s in sources]
         for name in findings
     ]
-    rows.append(["**mean**", "", _num(metrics.mean_auc), _ci(metrics.mean_auc_ci95), "", ""]
+    rows.append(["**mean**"] + ([""] if partial else []) + ["", _num(metrics.mean_auc), _ci(metrics.mean_auc_ci95),
+                                                             "", ""]
                 + [_num(PUBLISHED[s]["mean"], 4) for s in sources])
     blocks += [
         ("h2", "Per-finding AUC"),
-        ("table", Table(["finding", "positives", "AUC-ROC", "95% CI", "AUC-PR", "prevalence"] + sources, rows)),
+        ("table", Table(["finding"] + (["known labels"] if partial else [])
+                        + ["positives", "AUC-ROC", "95% CI", "AUC-PR", "prevalence"] + sources, rows)),
         ("p", f"† fewer than {FEW_POSITIVES} positives: the interval rests on very few images and is unreliable. "
-              "Published values are context, not a like-for-like target: other data, splits and models. "
-              + " ".join(f"{s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})."
-                         for s in sources)),
+              + ("Published values are context, not a like-for-like target: other data, splits and models. "
+                 + " ".join(f"{s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})."
+                            for s in sources) if sources else "")),
         ("img", (ROC_FIGURE, "ROC curve of each finding on the judged images")),
     ]
+    if metrics.skipped:
+        blocks.insert(-1, ("p", "Not judged: " + "; ".join(f"{name} ({why})" for name, why in metrics.skipped.items())
+                                + ". A finding is judged when the model predicts it and the table labels it, by the "
+                                  "same name or the same harmonised name (docs/datasets.md)."))
+    if partial:
+        blocks.insert(-1, ("p", "Each finding is judged on the images whose label of it is known (the others "
+                                "were not labelled for it); its prevalence is over those."))
 
     op = metrics.operating_points
     if "unavailable" in op:
@@ -274,7 +287,8 @@ def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings:
         if metrics.auc[name] is None:
             ax.text(0.5, 0.5, f"no AUC:\n{metrics.undefined[name]}", ha="center", va="center")
         else:
-            fpr, tpr, _ = roc_curve(labels[:, i], probs[:, i])
+            known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
+            fpr, tpr, _ = roc_curve(labels[known, i], probs[known, i])
             ax.plot(fpr, tpr, color="#1f5fa8", lw=1.5)
             low, high = metrics.auc_ci95[name] or (np.nan, np.nan)
             ax.text(0.97, 0.04, f"AUC {metrics.auc[name]:.3f}\n[{low:.3f}, {high:.3f}]\nn+ = {metrics.positives[name]}",

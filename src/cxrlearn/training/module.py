@@ -24,22 +24,27 @@ from cxrlearn.training.config import OptimConfig
 from cxrlearn.training.losses import MultiLabelLoss
 
 MONITOR = "val/mean_auc"
+#: The target an unknown label becomes for torchmetrics, which leaves it out (``ignore_index``).
+UNKNOWN = -1
 
 
 class LabelCounts(Metric):
-    """Positives per finding and images seen, summed across processes."""
+    """Positives and known labels per finding, and images seen, summed across processes."""
 
     def __init__(self, num_labels: int):
         super().__init__()
         self.add_state("positives", torch.zeros(num_labels), dist_reduce_fx="sum")
+        self.add_state("known", torch.zeros(num_labels), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, labels: torch.Tensor) -> None:
-        self.positives += labels.sum(dim=0).to(self.positives)
+        known = ~torch.isnan(labels)
+        self.positives += torch.where(known, labels, torch.zeros_like(labels)).sum(dim=0).to(self.positives)
+        self.known += known.sum(dim=0).to(self.known)
         self.count += labels.shape[0]
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.positives, self.count
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.positives, self.known, self.count
 
 
 def trainable_parameters(model: ChestXrayClassifier, blocks: int | None) -> set[int]:
@@ -90,7 +95,7 @@ class ChestXrayModule(L.LightningModule):
         self.tta = tta
         self.trainable = trainable_parameters(model, trainable_blocks)
         n = len(findings)
-        self.val_auroc = MultilabelAUROC(num_labels=n, average=None, thresholds=None)
+        self.val_auroc = MultilabelAUROC(num_labels=n, average=None, thresholds=None, ignore_index=UNKNOWN)
         self.val_counts = LabelCounts(n)
         self._epoch_images = 0
         self._epoch_start = 0.0
@@ -164,14 +169,14 @@ class ChestXrayModule(L.LightningModule):
         images, labels, _ = batch
         logits = self.predict_logits(images)
         self.log("val/loss", self.loss(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
-        targets = labels.int()
+        targets = torch.where(torch.isnan(labels), torch.full_like(labels, UNKNOWN), labels).int()
         self.val_auroc.update(torch.sigmoid(logits.float()), targets)
         self.val_counts.update(labels)
 
     def on_validation_epoch_end(self) -> None:
         aucs = self.val_auroc.compute()
-        positives, count = self.val_counts.compute()
-        defined = (positives > 0) & (positives < count)
+        positives, known, count = self.val_counts.compute()
+        defined = (positives > 0) & (positives < known)
         values = {}
         for name, auc, ok in zip(self.findings, aucs.tolist(), defined.tolist()):
             if ok:

@@ -29,14 +29,15 @@ import sklearn
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlearn._files import file_digest
+from cxrlearn._files import file_digest, source_digest
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
-from cxrlearn.data.columns import IMAGE, PATIENT_ID, label_matrix
+from cxrlearn.data.columns import IMAGE, PATIENT_ID, finding_columns, label_values
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.data.sources import tables
+from cxrlearn.data.sources.datasets import read_labels
 from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.errors import ConfigError, DataError
@@ -47,6 +48,7 @@ from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics, auc_p
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.subgroups import subgroup_metrics
+from cxrlearn.findings import FINDINGS, harmonised
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import average_with_mirror, predict_logits
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
@@ -78,6 +80,11 @@ class EvaluationOptions:
     write_bundle: bool = True
     progress: bool = True
     command: list[str] = field(default_factory=list)
+    # Another label table than the run's own (external validation): a dataset's files, or the generic format.
+    table: str | None = None
+    dataset: str | None = None
+    columns: dict | None = None
+    uncertain: str = "ignore"
 
     @property
     def chooses_thresholds(self) -> bool:
@@ -203,12 +210,12 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
 
 
 def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
-             device) -> _Judged:
-
+             device, findings: list[str], columns: list[int]) -> _Judged:
+    """Logits of the model's outputs ``columns`` (the judged ``findings``) on the cached ``rows``."""
     preprocessing = meta.preprocessing
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
-    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_matrix(cached),
+    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_values(cached, findings),
                                 image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
     transform = normalizer(preprocessing)
@@ -216,7 +223,8 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
     flipped = None
     if tta:
         flipped, _, _ = predict_logits(model, loader, transform, device=device, progress=options.progress, flip=True)
-    return _Judged(cached, labels, logits, flipped)
+        flipped = flipped[:, columns]
+    return _Judged(cached, labels, logits[:, columns], flipped)
 
 
 @torch.no_grad()
@@ -226,7 +234,7 @@ def _input_checks(model, model_dir: Path, meta: BundleMeta, cache_dir: Path, row
     not made here) and the backbone's features: one more pass of the backbone over them."""
     check = InputCheck.load(model_dir, meta.input_check)
     preprocessing = meta.preprocessing
-    dataset = CachedXrayDataset(cache_dir, rows[IMAGE].tolist(), label_matrix(rows),
+    dataset = CachedXrayDataset(cache_dir, rows[IMAGE].tolist(), np.zeros((len(rows), 1), np.float32),
                                 image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
     transform = normalizer(preprocessing).to(device)
     model = model.to(device).eval()
@@ -252,20 +260,63 @@ def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndar
             "note": "from cached pixels: the aspect and colour checks apply to files, not to the cache"}
 
 
+def _judged_table(meta: BundleMeta, csv, options: EvaluationOptions) -> tuple[pd.DataFrame, Path]:
+    """The label table to judge with, and its file or folder: ``options.table``/``dataset`` (another table);
+    else ``csv`` (NIH's); else the run's own, as its config recorded it."""
+    if options.table or options.dataset:
+        return (read_labels(options.table, options.dataset, options.columns, None, options.uncertain),
+                Path(options.table) if options.table else tables.label_table())
+    if csv:
+        return read_label_table(csv), Path(csv)
+    trained = meta.trained_data
+    if trained.get("table") or trained.get("dataset") not in (None, "nih"):
+        dataset = trained.get("dataset") or None
+        return (read_labels(trained.get("table"), dataset, trained.get("columns"), trained.get("findings"),
+                            trained.get("uncertain", "ignore")), Path(trained["table"]))
+    given = trained.get("csv")
+    return read_label_table(given), Path(given) if given else tables.label_table()
+
+
+def _shared_findings(table: pd.DataFrame, predicted: list[str]) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """The findings both the model predicts and the table labels (by name, or by harmonised name: the
+    table's column renamed to the model's), in the model's order; and each one left out, with why."""
+    labelled = finding_columns(table)
+    by_harmonised = {harmonised(name) or name: name for name in labelled}
+    renames, shared, skipped = {}, [], {}
+    for name in predicted:
+        column = name if name in labelled else by_harmonised.get(harmonised(name) or name)
+        if column is None:
+            skipped[name] = "the table has no labels for it"
+            continue
+        renames[column] = name
+        shared.append(name)
+    for name in labelled:
+        if name not in renames:
+            skipped[name] = "the model does not predict it"
+    if not shared:
+        raise DataError(f"the model predicts {', '.join(predicted)}; the table labels {', '.join(labelled)}: "
+                        "no finding in common (by name or harmonised name), nothing to judge")
+    if skipped:
+        log.warning("judged on the shared findings only; left out: "
+                    + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+    unused = [c for c in labelled if c not in renames]
+    return table.drop(columns=unused).rename(columns=renames), shared, skipped
+
+
 def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
              out: str | os.PathLike, options: EvaluationOptions | None = None) -> EvaluationMetrics:
     """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
 
     options = options or EvaluationOptions()
-    csv = Path(csv) if csv else tables.label_table()
     if options.threshold_method not in METHODS:
         raise ConfigError(f"threshold method {options.threshold_method!r} is not one of {', '.join(METHODS)}")
     if options.resamples < 100:
         raise ConfigError(f"at least 100 bootstrap resamples are needed for a 95% interval, not {options.resamples}")
     model_dir, out = Path(model_dir), Path(out)
     model, meta = load_bundle(model_dir)
-    findings = list(meta.findings)
-    table = read_label_table(csv)
+    table, csv = _judged_table(meta, csv, options)
+    table, findings, skipped = _shared_findings(table, list(meta.findings))
+    columns = [list(meta.findings).index(name) for name in findings]  # of the model's outputs
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, images)
     log.info(presence.summary())
@@ -284,7 +335,9 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
     size = meta.preprocessing.cache_size
-    cache_dir = cache_location(meta.trained_data.get("cache"), size, model_dir, fingerprint)
+    # The run's own cache serves its own table; another table's images get a cache of their own.
+    own_table = not (options.table or options.dataset)
+    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, size, model_dir, fingerprint)
     if options.cache:
         cache_dir = Path(options.cache)
     both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
@@ -292,8 +345,9 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
     log.info(summary.text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    val = _predict(model, meta, cache_dir, val_rows, tta, options, device) if val_rows is not None else None
-    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device)
+    val = _predict(model, meta, cache_dir, val_rows, tta, options, device, findings, columns) \
+        if val_rows is not None else None
+    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device, findings, columns)
     left_out = len(judged_rows) - len(test.rows)
     if left_out:
         log.warning(f"{left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
@@ -309,7 +363,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     patients = test.rows[PATIENT_ID].to_numpy()
 
     measured, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
-    metrics = EvaluationMetrics.of(measured, subset=selection.what)
+    metrics = EvaluationMetrics.of(measured, subset=selection.what, skipped=skipped)
     if meta.input_check:
         verdicts = _input_checks(model, Path(model_dir), meta, cache_dir, test.rows, options, device)
         metrics.input_check = _flagged_summary(verdicts, test.labels, test_p, findings, metrics.mean_auc)
@@ -345,8 +399,10 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
         metrics.calibration["temperature"] = temperature
         metrics.calibration["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
-    if options.expert_labels:
-
+    if options.expert_labels and not set(FINDINGS) <= set(findings):
+        metrics.expert = {"n_images": 0, "note": "Google's expert labels judge NIH's findings; this model is judged "
+                                                  "on other ones"}
+    elif options.expert_labels:
         metrics.expert = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
                                            read_expert_labels(options.expert_labels), options.resamples, options.seed)
     if tta:
@@ -403,7 +459,7 @@ def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: dict
                    "weights_sha256": file_digest(model_dir / "model.safetensors"),
                    "trained_split_sha256": meta.split.sha256 if meta.split else None,
                    "weights_source": meta.weights_source, "training_versions": meta.versions},
-        "label_table": {"file": Path(csv).name, "sha256": file_digest(csv)},
+        "label_table": {"file": Path(csv).name, "sha256": source_digest(csv)},
         "images": str(images),
         "split": split_info,
         "images_left_out_undecodable": left_out,
@@ -424,7 +480,7 @@ def _write_predictions(path: Path, findings, parts: list[tuple[_Judged, np.ndarr
     for part, probs in parts:
         frame = part.rows[[IMAGE, PATIENT_ID, SPLIT]].copy()
         frame = pd.concat([frame, pd.DataFrame(probs, columns=findings, index=frame.index),
-                           pd.DataFrame(part.labels.astype(int), columns=[f"label_{f}" for f in findings],
-                                        index=frame.index)], axis=1)
+                           pd.DataFrame(part.labels, columns=[f"label_{f}" for f in findings],
+                                        index=frame.index).astype("Int64")], axis=1)  # blank where unknown
         frames.append(frame)
     pd.concat(frames).to_csv(path, index=False)  # full precision: metrics can be recomputed from it exactly

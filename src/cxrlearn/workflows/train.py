@@ -25,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -34,23 +35,24 @@ from torch.utils.data import DataLoader, Subset
 
 from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
+from cxrlearn.data.columns import finding_columns
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources import tables
-from cxrlearn.data.sources.nih import read_label_table
+from cxrlearn.data.sources.datasets import read_labels
 from cxrlearn.errors import ConfigError
 from cxrlearn.evaluation.metrics import auc_per_finding
-from cxrlearn.findings import FINDINGS
+from cxrlearn.findings import FINDINGS, harmonised
 from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
-from cxrlearn.model.bundle import save_bundle
+from cxrlearn.model.bundle import load_bundle, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
 from cxrlearn.model.meta import BundleMeta, SplitRecord
-from cxrlearn.model.pretrained import load_backbone_weights
-from cxrlearn.training.config import RunConfig, dump_config, flatten, resolve_precision, resolve_workers
+from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
+from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
 from cxrlearn.training.module import MONITOR, ChestXrayModule
 
@@ -62,8 +64,16 @@ CONFIG_FILE = "config.yaml"
 
 
 def label_table_path(config: RunConfig) -> Path:
-    """The config's label table, or NIH's table as shipped with cxrlearn."""
-    return Path(config.data.csv) if config.data.csv else tables.label_table()
+    """The config's label table (its file or folder): data.table, else data.csv, else NIH's as shipped."""
+    given = config.data.table or config.data.csv
+    return Path(given) if given else tables.label_table()
+
+
+def read_run_labels(data: DataConfig) -> pd.DataFrame:
+    """The run's label table as its config says (:func:`cxrlearn.data.sources.datasets.read_labels`): a dataset's
+    own files, the generic format, or NIH's table."""
+    dataset = data.dataset or (None if data.table else "nih")
+    return read_labels(data.table or data.csv, dataset, data.columns, data.findings, data.uncertain)
 
 
 def cache_location(cache: str | None, size: int, run_dir: Path, fingerprint: str) -> Path:
@@ -81,7 +91,7 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     if not data.images:
         raise ConfigError("training needs data.images (the image folder: --images)")
     table_path = label_table_path(config)
-    table = read_label_table(table_path)
+    table = read_run_labels(data)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, data.images)
     log.info(presence.summary())
@@ -158,19 +168,56 @@ def check_same_run(config: RunConfig, run_dir: Path) -> None:
                           "in another --out")
 
 
-def build_model(config: RunConfig):
-    """The classifier with ImageNet weights, and where they came from."""
-
+def build_model(config: RunConfig, findings: list[str]):
+    """The classifier for ``findings`` with ImageNet weights (or a cxrlearn run's: ``model.init_from``), and
+    where they came from."""
     m = config.model
     model = ChestXrayClassifier(
-        m.backbone, m.head, in_chans=int(config.data.channels),
+        m.backbone, m.head, num_findings=len(findings), in_chans=int(config.data.channels),
         drop_path_rate=float(m.drop_path_rate),
     )
-    source = load_backbone_weights(
-        model.backbone, m.backbone, m.weights, use_hub=bool(m.hub), in_chans=int(config.data.channels)
-    )
-    log.info(f"backbone {m.backbone}: ImageNet weights from {source.kind} ({source.detail})")
+    if m.init_from:
+        source = init_from_bundle(model, findings, m.init_from)
+    else:
+        source = load_backbone_weights(
+            model.backbone, m.backbone, m.weights, use_hub=bool(m.hub), in_chans=int(config.data.channels)
+        )
+    log.info(f"backbone {m.backbone}: weights from {source.kind} ({source.detail})")
     return model, source
+
+
+def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: str | os.PathLike) -> WeightsSource:
+    """Start from a cxrlearn run's backbone and head. A finding the two share (by name, or by harmonised name:
+    NIH's ``Effusion`` is ``Pleural Effusion``) keeps its row of the last layer; a new one starts from a fresh
+    row. The backbone, the input channels and the head's width must be the run's."""
+    donor, meta = load_bundle(folder)
+    mine = (model.backbone_name, model.in_chans, model.head_config)
+    theirs = (meta.backbone, meta.in_chans, meta.head)
+    if mine != theirs:
+        raise ConfigError(f"model.init_from {folder}: that run is {theirs[0]} with {theirs[1]} input channel(s) and "
+                          f"head {theirs[2]}; this one is {mine[0]} with {mine[1]} and {mine[2]}: they must agree")
+    state = donor.state_dict()
+    last = f"head.{len(model.head) - 1}"
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(last + ".")} | {
+        k: own[k] for k in own if k.startswith(last + ".")})
+    by_name = {name: i for i, name in enumerate(meta.findings)}
+    by_name |= {harmonised(name): i for i, name in enumerate(meta.findings) if harmonised(name) and
+                harmonised(name) not in by_name}
+    kept, new = [], []
+    with torch.no_grad():
+        for row, name in enumerate(findings):
+            source = by_name.get(name, by_name.get(harmonised(name) or ""))
+            if source is None:
+                new.append(name)
+                continue
+            model.head[-1].weight[row] = state[f"{last}.weight"][source]
+            model.head[-1].bias[row] = state[f"{last}.bias"][source]
+            kept.append(name if meta.findings[source] == name else f"{name} (from {meta.findings[source]})")
+    log.info(f"init from {folder}: kept the head rows of {len(kept)} finding(s)"
+             + (f" ({', '.join(kept)})" if kept else "") + f"; {len(new)} new" + (f" ({', '.join(new)})" if new else ""))
+    return WeightsSource("cxrlearn-run", f"{folder}: backbone and head; head rows kept for {', '.join(kept) or 'none'}; "
+                                         f"new for {', '.join(new) or 'none'}")
 
 
 def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False):
@@ -249,20 +296,21 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     timm_cfg = backbone_config(config.model.backbone)
     preprocessing = Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=int(data.image_size),
                                           cache_size=data.cache_size, channels=int(data.channels))
+    findings = finding_columns(table)
     datamodule = ChestXrayDataModule(
-        cache_dir, table, split, preprocessing.mean, preprocessing.std,
+        cache_dir, table, split, preprocessing.mean, preprocessing.std, findings=findings,
         image_size=preprocessing.input_size, channels=preprocessing.channels, batch_size=int(data.batch_size),
         num_workers=resolve_workers(data.num_workers), seed=int(config.train.seed), fingerprint=fingerprint,
     )
     datamodule.setup("fit")
 
-    model, weights_source = build_model(config)
+    model, weights_source = build_model(config, findings)
     loss_cfg = asdict(config.loss)
     pos_weight = None
     if loss_cfg.pop("pos_weight"):
         pos_weight = positive_weights(torch.from_numpy(datamodule.datasets["train"].labels))
     module = ChestXrayModule(
-        model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config.optim, list(FINDINGS),
+        model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config.optim, findings,
         seed=int(config.train.seed), freeze_bn=bool(config.model.freeze_bn),
         channels_last=bool(config.train.channels_last),
         tta=bool(config.train.tta),
@@ -287,19 +335,20 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    metrics = summarise(model, datamodule, bool(config.train.tta))
+    metrics = summarise(model, datamodule, bool(config.train.tta), findings)
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
     check = fit_check(model, datamodule, "cuda" if torch.cuda.is_available() else "cpu")
-    write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check)
+    write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check,
+                     findings)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
              + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
              + f"; the model bundle is {run_dir}/model.json + model.safetensors")
     return run_dir
 
 
-def summarise(model, datamodule, tta: bool) -> dict:
+def summarise(model, datamodule, tta: bool, findings: list[str]) -> dict:
     """Per-finding AUC of ``model`` on the val and test images (single process)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
@@ -307,7 +356,7 @@ def summarise(model, datamodule, tta: bool) -> dict:
         if name in datamodule.datasets:
             loader = datamodule.eval_loader(name)
             probs, labels, _ = predict_loader(model, loader, datamodule.transform, tta=tta, device=device)
-            out[name] = {**auc_per_finding(labels, probs, FINDINGS).to_dict(), "n_images": len(labels)}
+            out[name] = {**auc_per_finding(labels, probs, findings).to_dict(), "n_images": len(labels)}
     model.cpu()
     return out
 
@@ -347,13 +396,13 @@ def fit_check(model, datamodule, device: str) -> InputCheck | None:
 
 
 def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics,
-                     check: InputCheck | None = None) -> None:
+                     check: InputCheck | None = None, findings: list[str] = FINDINGS) -> None:
     sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
-    positives = {name: dict(zip(FINDINGS, np.asarray(ds.labels.sum(axis=0), dtype=int).tolist()))
+    positives = {name: dict(zip(findings, np.nansum(ds.labels, axis=0).astype(int).tolist()))
                  for name, ds in datamodule.datasets.items()}
     meta = BundleMeta(
         backbone=model.backbone_name, head=model.head_config, in_chans=model.in_chans, preprocessing=preprocessing,
-        findings=tuple(FINDINGS), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
+        findings=tuple(findings), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
         data={"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
               "missing_from_cache": datamodule.missing},
         weights_source={"kind": weights_source.kind, "detail": weights_source.detail}, metrics=metrics,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrlearn.data.columns import AGE, PATIENT_ID, SEX, VIEW, label_matrix
-from cxrlearn.findings import FINDINGS, NO_FINDING
+from cxrlearn.data.columns import AGE, PATIENT_ID, SEX, VIEW, finding_columns, label_values
+from cxrlearn.findings import NO_FINDING
 
 #: Age bands for reports (years, inclusive lower bound).
 AGE_BANDS: tuple[tuple[str, int, int], ...] = (
@@ -28,17 +28,21 @@ def age_band(age: pd.Series | np.ndarray) -> np.ndarray:
 
 
 def table_stats(table: pd.DataFrame) -> dict:
-    """Counts per finding, co-occurrence, patients, views, age and sex of a table."""
-    labels = label_matrix(table).astype(np.int64)
+    """Counts per finding (known labels and positives), co-occurrence, patients, views, age and sex of a table.
+
+    A finding's prevalence is over the images whose label for it is known; views, sex and age are given
+    where the table has them."""
+    findings = finding_columns(table)
+    values = label_values(table, findings)
+    known = ~np.isnan(values)
+    labels = np.nan_to_num(values, nan=0.0).astype(np.int64)
     n = len(table)
     positives = labels.sum(axis=0)
+    counted = known.sum(axis=0)
     per_image = labels.sum(axis=1)
     co_occurrence = labels.T @ labels
-    age = table[AGE].to_numpy()
-    bands = age_band(age)
     images_per_patient = table.groupby(PATIENT_ID).size().to_numpy()
-    first_image = table.drop_duplicates(PATIENT_ID)
-    return {
+    stats: dict = {
         "images": n,
         "patients": int(table[PATIENT_ID].nunique()),
         "images_per_patient": {
@@ -47,8 +51,8 @@ def table_stats(table: pd.DataFrame) -> dict:
             "max": int(images_per_patient.max()),
         },
         "findings": {
-            name: {"positives": int(p), "prevalence": round(float(p) / n, 6)}
-            for name, p in zip(FINDINGS, positives)
+            name: {"known": int(k), "positives": int(p), "prevalence": round(float(p) / k, 6) if k else None}
+            for name, k, p in zip(findings, counted, positives)
         },
         NO_FINDING: {"images": int((per_image == 0).sum()), "share": round(float((per_image == 0).mean()), 6)},
         "findings_per_image": {
@@ -56,14 +60,22 @@ def table_stats(table: pd.DataFrame) -> dict:
             for k in range(5)
         },
         "co_occurrence": {
-            a: {b: int(co_occurrence[i, j]) for j, b in enumerate(FINDINGS)} for i, a in enumerate(FINDINGS)
+            a: {b: int(co_occurrence[i, j]) for j, b in enumerate(findings)} for i, a in enumerate(findings)
         },
-        "views": {k: int(v) for k, v in table[VIEW].value_counts().sort_index().items()},
-        "sex": {
+    }
+    if VIEW in table.columns:
+        stats["views"] = {k: int(v) for k, v in table[VIEW].value_counts().sort_index().items()}
+    if SEX in table.columns:
+        first_image = table.drop_duplicates(PATIENT_ID)
+        stats["sex"] = {
             "images": {k: int(v) for k, v in table[SEX].value_counts().sort_index().items()},
             "patients": {k: int(v) for k, v in first_image[SEX].value_counts().sort_index().items()},
-        },
-        "age": {
+        }
+    age = table[AGE].to_numpy(dtype=float) if AGE in table.columns else np.array([])
+    age = age[~np.isnan(age)]
+    if len(age):
+        bands = age_band(age)
+        stats["age"] = {
             "mean": round(float(age.mean()), 2),
             "sd": round(float(age.std()), 2),
             "median": float(np.median(age)),
@@ -72,8 +84,8 @@ def table_stats(table: pd.DataFrame) -> dict:
             "min": int(age.min()),
             "max": int(age.max()),
             "bands": {name: int((bands == name).sum()) for name, _, _ in AGE_BANDS},
-        },
-    }
+        }
+    return stats
 
 
 def format_stats(stats: dict, title: str = "table") -> str:
@@ -83,30 +95,34 @@ def format_stats(stats: dict, title: str = "table") -> str:
     lines = [
         f"== {title}: {n:,} images of {stats['patients']:,} patients "
         f"(images per patient: median {ipp['median']:g}, mean {ipp['mean']:.2f}, max {ipp['max']})",
-        f"{'finding':<20}{'positives':>10}{'prevalence':>12}",
+        f"{'finding':<26}{'known':>10}{'positives':>10}{'prevalence':>12}",
     ]
     for name, entry in stats["findings"].items():
-        lines.append(f"{name:<20}{entry['positives']:>10,}{entry['prevalence']:>12.3%}")
+        prevalence = "—" if entry["prevalence"] is None else f"{entry['prevalence']:.3%}"
+        lines.append(f"{name:<26}{entry['known']:>10,}{entry['positives']:>10,}{prevalence:>12}")
     nf = stats[NO_FINDING]
-    lines.append(f"{NO_FINDING:<20}{nf['images']:>10,}{nf['share']:>12.3%}")
+    lines.append(f"{NO_FINDING:<26}{'':>10}{nf['images']:>10,}{nf['share']:>12.3%}")
     lines.append(
         "findings per image: " + ", ".join(f"{k}: {v:,}" for k, v in stats["findings_per_image"].items())
     )
     lines.append("co-occurrence (images with both; diagonal = positives):")
-    short = [name[:5] for name in FINDINGS]
+    short = [name[:5] for name in stats["findings"]]
     lines.append(f"{'':<20}" + "".join(f"{s:>7}" for s in short))
     for a, row in stats["co_occurrence"].items():
         lines.append(f"{a:<20}" + "".join(f"{v:>7,}" for v in row.values()))
-    lines.append("views: " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in stats["views"].items()))
-    sex = stats["sex"]
-    lines.append(
-        "sex (images): " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in sex["images"].items())
-        + "; (patients): " + ", ".join(f"{k} {v:,}" for k, v in sex["patients"].items())
-    )
-    age = stats["age"]
-    lines.append(
-        f"age: mean {age['mean']:.1f} (sd {age['sd']:.1f}), median {age['median']:g} "
-        f"[{age['q1']:g}-{age['q3']:g}], range {age['min']}-{age['max']}; bands: "
-        + ", ".join(f"{k} {v:,}" for k, v in age["bands"].items())
-    )
+    if "views" in stats:
+        lines.append("views: " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in stats["views"].items()))
+    if "sex" in stats:
+        sex = stats["sex"]
+        lines.append(
+            "sex (images): " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in sex["images"].items())
+            + "; (patients): " + ", ".join(f"{k} {v:,}" for k, v in sex["patients"].items())
+        )
+    if "age" in stats:
+        age = stats["age"]
+        lines.append(
+            f"age: mean {age['mean']:.1f} (sd {age['sd']:.1f}), median {age['median']:g} "
+            f"[{age['q1']:g}-{age['q3']:g}], range {age['min']}-{age['max']}; bands: "
+            + ", ".join(f"{k} {v:,}" for k, v in age["bands"].items())
+        )
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from cxrlearn.errors import DataError, ImageTooLarge
 log = logging.getLogger(__name__)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 #: The most decoded pixel bytes one image may take, checked from its header before any pixel is decoded
 #: (16-bit pixels count two bytes, RGB three). A chest radiograph is at most about 4,300 × 4,300 pixels
@@ -123,22 +123,32 @@ class ImagePresence:
 def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence:
     """Keep the rows of ``table`` whose image is under ``root``, adding a ``path`` column.
 
-    Raises :class:`DataError` when none of the table's images is there, saying
-    where it looked, so a wrong folder is caught before any work starts.
+    An image is a file name (found anywhere under ``root``, as NIH's archives unpack) or a path relative
+    to ``root`` (``train/patient00001/study1/view1_frontal.jpg``, as CheXpert and MIMIC-CXR list theirs).
+    Raises :class:`DataError` when none of the table's images is there, saying where it looked, so a
+    wrong folder is caught before any work starts.
     """
     root = Path(root)
-    files = find_images(root)
-    present = table[IMAGE].isin(files.keys())
+    relative = table[IMAGE].str.contains("/", regex=False).to_numpy()
+    files = find_images(root) if not relative.all() else {}
+    paths = np.full(len(table), "", dtype=object)
+    for i in np.flatnonzero(relative):
+        candidate = root / table[IMAGE].iloc[i]
+        if candidate.is_file():
+            paths[i] = str(candidate)
+    named = ~relative
+    paths[named] = [str(files[name]) if name in files else "" for name in table[IMAGE].to_numpy()[named]]
+    present = paths != ""
     if not present.any():
         looked = ", ".join(str(f) for f in _image_folders(root))
         raise DataError(
             f"none of the table's {len(table):,} images is in {root} "
             f"(looked in {looked}; found {len(files):,} image files with other names). "
-            "Expected NIH file names such as 00000001_000.png, in a flat folder or in "
-            "images_001/images/ … images_012/images/ as the archives unpack."
+            "Expected the table's file names (NIH's are such as 00000001_000.png, in a flat folder or in "
+            "images_001/images/ … images_012/images/ as the archives unpack), or paths relative to this folder."
         )
     kept = table.loc[present].copy()
-    kept[PATH] = [str(files[name]) for name in kept[IMAGE]]
+    kept[PATH] = paths[present]
     listed = set(table[IMAGE])
     unlisted = sum(1 for name in files if name not in listed)
     return ImagePresence(kept.reset_index(drop=True), len(table), int(present.sum()), unlisted)

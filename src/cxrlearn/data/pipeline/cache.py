@@ -39,12 +39,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cxrlearn.data.columns import IMAGE, PATH
+from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
 from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import DataError
-from cxrlearn.findings import FINDINGS
 
 CACHE_FORMAT = 1
 META, PIXELS, INDEX, FAILED = "meta.json", "pixels.u8", "index.tsv", "failed.tsv"
@@ -58,7 +57,7 @@ def table_fingerprint(table: pd.DataFrame) -> str:
     metadata when names are reused, so the two must agree.
     """
 
-    columns = [IMAGE, "patient_id", *FINDINGS]
+    columns = [IMAGE, PATIENT_ID, *finding_columns(table)]
     ordered = table[columns].sort_values(IMAGE, kind="stable")
     text = ordered.to_csv(index=False, lineterminator="\n")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -21,7 +21,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split
-from cxrlearn.data.columns import IMAGE, label_matrix
+from cxrlearn.data.columns import IMAGE, finding_columns, label_values
 from cxrlearn.data.pipeline.augment import Augmentation
 from cxrlearn.data.pipeline.cache import ImageCache, table_fingerprint
 from cxrlearn.data.pipeline.normalize import BatchTransform
@@ -137,10 +137,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         seed: int = SEED,
         augmentation: Augmentation | None = Augmentation(),
         fingerprint: str | None = None,
+        findings: Sequence[str] | None = None,
     ):
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.table = table
+        self.findings = list(findings or finding_columns(table))
         self.split = split
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -172,7 +174,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             self.datasets[name] = CachedXrayDataset(
                 self.cache_dir,
                 part[IMAGE].tolist(),
-                label_matrix(part),
+                label_values(part, self.findings),  # NaN where a label is unknown
                 augmentation=self.augmentation if name == "train" else None,
                 seed=self.seed,
                 image_size=self.image_size,

@@ -1,0 +1,90 @@
+"""The datasets cxrlearn reads by name (``--dataset NAME``), and tables of several merged into one.
+
+Every reader returns cxrlearn's frame (:mod:`cxrlearn.data.columns`). NIH's keeps NIH's 14 names (the
+models trained on it predict those); the others name their findings in the harmonised vocabulary
+(:data:`cxrlearn.findings.HARMONISED`), and :func:`merge_tables` harmonises NIH's too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from cxrlearn.data.columns import DATASET, PATIENT_ID, finding_columns
+from cxrlearn.data.sources.chexpert import read_chexpert
+from cxrlearn.data.sources.generic import TableColumns, read_table
+from cxrlearn.data.sources.mimic import read_mimic
+from cxrlearn.data.sources.nih import read_label_table
+from cxrlearn.data.sources.padchest import read_padchest
+from cxrlearn.data.sources.vindr import read_vindr
+from cxrlearn.errors import DataError
+from cxrlearn.findings import NIH_HARMONISED
+
+#: Name -> reader of (path, uncertain policy). NIH's table has no uncertain labels; PadChest's and
+#: VinDr-CXR's neither (VinDr-CXR's readers' marks are aggregated by majority).
+READERS: dict[str, Callable[[str | os.PathLike, str], pd.DataFrame]] = {
+    "nih": lambda path, uncertain: read_label_table(path),
+    "chexpert": read_chexpert,
+    "mimic": read_mimic,
+    "padchest": lambda path, uncertain: read_padchest(path),
+    "vindr": lambda path, uncertain: read_vindr(path),
+}
+
+
+def read_dataset(name: str, path: str | os.PathLike | None, uncertain: str = "ignore") -> pd.DataFrame:
+    """The label table of dataset ``name`` at ``path`` (NIH's: the shipped table when ``path`` is None)."""
+    if name not in READERS:
+        raise DataError(f"unknown dataset {name!r}; cxrlearn reads {', '.join(READERS)} (or any table: --table)")
+    if path is None and name != "nih":
+        raise DataError(f"--dataset {name}: say where its label files are")
+    return READERS[name](path, uncertain)
+
+
+def read_labels(table: str | os.PathLike | None = None, dataset: str | None = None, columns: dict | None = None,
+                findings: list[str] | None = None, uncertain: str = "ignore") -> pd.DataFrame:
+    """A run's label table, as its config says: ``dataset`` read by its own reader from ``table``; else the
+    generic format at ``table`` (``columns`` naming its columns); else NIH's table as shipped. ``findings``
+    keeps only those (in that order)."""
+    if dataset is not None:
+        frame = read_dataset(dataset, table, uncertain)
+    elif table is not None:
+        frame = read_table(table, TableColumns.from_dict(columns or {}), findings, uncertain)
+    else:
+        frame = read_label_table(None)
+    if findings:
+        present = finding_columns(frame)
+        absent = [f for f in findings if f not in present]
+        if absent:
+            raise DataError(f"data.findings names {', '.join(map(repr, absent))}, not among the table's findings "
+                            f"({', '.join(present)})")
+        frame = frame.drop(columns=[f for f in present if f not in findings])
+        frame = frame[[c for c in frame.columns if c not in findings] + list(findings)]
+    return frame
+
+
+def harmonise_nih(table: pd.DataFrame) -> pd.DataFrame:
+    """NIH's table with its findings under their harmonised names (``Effusion`` -> ``Pleural Effusion``)."""
+    return table.rename(columns=NIH_HARMONISED)
+
+
+def merge_tables(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One table from several datasets' (name -> table, NIH's harmonised first): a ``dataset`` column, patient
+    ids prefixed by the dataset (no two datasets share a patient), and every finding any of them has; a
+    finding a dataset lacks is unknown (NaN) there, never negative."""
+    if not tables:
+        raise DataError("nothing to merge")
+    parts, findings = [], []
+    for name, table in tables.items():
+        table = harmonise_nih(table) if name == "nih" else table
+        findings += [f for f in finding_columns(table) if f not in findings]
+        parts.append(table.assign(**{DATASET: name, PATIENT_ID: name + ":" + table[PATIENT_ID].astype(str)}))
+    merged = pd.concat(parts, ignore_index=True, sort=False)
+    for finding in findings:
+        merged[finding] = merged[finding].astype(np.float32)  # absent in a dataset: NaN
+    repeated = merged.duplicated("image")
+    if repeated.any():
+        raise DataError(f"image {merged['image'][repeated].iloc[0]!r} is listed twice in {merged[DATASET][repeated].iloc[0]}")
+    return merged

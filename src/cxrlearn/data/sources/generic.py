@@ -1,0 +1,153 @@
+"""Any labelled table: a hospital's own studies, or a public dataset's labels written out as one CSV or Parquet.
+
+One row per image: an image column (a file name, or a path relative to the image folder), a patient
+column, optional view, sex and age columns, and one column per finding holding 1, 0, blank (unknown:
+not labelled for this image) or -1 (uncertain, as CheXpert's labeller writes it; what it becomes is the
+``uncertain`` policy: unknown, positive or negative). Column names are the caller's
+(:class:`TableColumns`, ``data.columns`` in a config); the findings are the named ones, or every other
+column; a ``dataset`` column (a merged table written out) is kept as such. The result is the frame
+:mod:`cxrlearn.data.columns` describes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrlearn._files import read_bytes
+from cxrlearn.data.columns import AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW
+from cxrlearn.errors import DataError
+
+#: The values a finding column may hold, and what each means (NaN: unknown).
+LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": np.nan}
+_SEXES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Which of a table's columns hold what (``data.columns`` in a config)."""
+
+    image: str = "image"
+    patient: str = "patient"
+    view: str | None = None
+    sex: str | None = None
+    age: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TableColumns:
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise DataError(f"data.columns: unknown key(s) {', '.join(sorted(unknown))} (known: image, patient, "
+                            "view, sex, age)")
+        return cls(**values)
+
+
+def read_frame(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV (plain or gzipped) or Parquet file as text columns; :class:`DataError` naming the file."""
+    path = Path(path)
+    data = read_bytes(path, "label table", DataError)
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame = pd.read_parquet(io.BytesIO(data))
+            return frame.astype(object).where(frame.notna(), "").astype(str)
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                           compression="gzip" if data[:2] == b"\x1f\x8b" else None)
+    except ImportError as err:
+        raise DataError(f"{path}: reading Parquet needs pyarrow ({err})") from None
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as err:
+        raise DataError(f"{path}: not a readable CSV or Parquet table ({err})") from None
+
+
+def label_files(path: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """``path`` itself, or the files of ``names`` in the folder ``path`` (those present; at least one)."""
+    path = Path(path)
+    files = [path / name for name in names if (path / name).is_file()] if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: neither {' nor '.join(names)} is here")
+    return files
+
+
+def require_columns(path, frame: pd.DataFrame, needed, what: str) -> None:
+    """:class:`DataError` naming the file and the columns it lacks to be ``what``."""
+    missing = sorted(c for c in needed if c not in frame.columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}: not {what}")
+
+
+def labels_from(path, raw: pd.Series, column: str, uncertain: str, first_line: int = 2) -> np.ndarray:
+    """One finding column's text as 1.0 / 0.0 / NaN, uncertain (-1) following the policy; a value of any other
+    kind is refused naming the file, column and line."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise DataError(f"data.uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, not {uncertain!r}")
+    text = raw.astype(str).str.strip()
+    bad = ~text.isin(LABEL_VALUES.keys())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: column {column!r} line {row + first_line}: {text.iloc[row]!r} is not a label "
+                        "(1, 0, -1 for uncertain, or blank for unknown)")
+    values = text.map(LABEL_VALUES).to_numpy(dtype=np.float32)
+    values[values == -1.0] = UNCERTAIN_POLICIES[uncertain]
+    return values
+
+
+def canonical_sex(raw: pd.Series) -> pd.Series:
+    """``M``/``F`` from the common spellings; anything else (blank, "O", "Unknown") is unknown (None)."""
+    return raw.astype(str).str.strip().str.lower().map(_SEXES).astype(object)
+
+
+def canonical_age(path, raw: pd.Series, column: str, first_line: int = 2) -> np.ndarray:
+    values = pd.to_numeric(raw.astype(str).str.strip().replace("", np.nan), errors="coerce").to_numpy(dtype=float)
+    bad = (~np.isnan(values) & ((values < 0) | (values > 150))) | (raw.astype(str).str.strip().ne("")
+                                                                     & np.isnan(values)).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: column {column!r} line {row + first_line}: {raw.iloc[row]!r} is not an age in years")
+    return values
+
+
+def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), findings: list[str] | None = None,
+               uncertain: str = "ignore") -> pd.DataFrame:
+    """A labelled table in the generic format, as cxrlearn's frame (image, patient_id, [view, sex, age], findings)."""
+    frame = read_frame(path)
+    given = {"image": columns.image, "patient": columns.patient, "view": columns.view, "sex": columns.sex,
+             "age": columns.age}
+    missing = [f"{role} ({name!r})" for role, name in given.items() if name and name not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no column for {', '.join(missing)}; its columns are {', '.join(frame.columns)}. "
+                        "Name them with data.columns (for example --set data.columns.image=Path)")
+    used = {name for name in given.values() if name} | ({DATASET} if DATASET in frame.columns else set())
+    findings = list(findings) if findings else [c for c in frame.columns if c not in used]
+    absent = [f for f in findings if f not in frame.columns]
+    if absent:
+        raise DataError(f"{path}: finding column(s) {', '.join(map(repr, absent))} not in the table")
+    if not findings:
+        raise DataError(f"{path}: no finding columns (every column is the image, patient or metadata)")
+    clash = [f for f in findings if f in METADATA]
+    if clash:
+        raise DataError(f"{path}: finding column(s) {', '.join(clash)} have the names of cxrlearn's own columns; "
+                        "rename them")
+    out = pd.DataFrame({IMAGE: frame[columns.image].str.strip(), PATIENT_ID: frame[columns.patient].str.strip()})
+    for role, target in (("image", IMAGE), ("patient", PATIENT_ID)):
+        empty = out[target].eq("")
+        if empty.any():
+            raise DataError(f"{path}: column {given[role]!r} line {int(np.flatnonzero(empty)[0]) + 2} is empty")
+    repeated = out[IMAGE].duplicated()
+    if repeated.any():
+        raise DataError(f"{path}: image {out[IMAGE][repeated].iloc[0]!r} is listed twice "
+                        f"(line {int(np.flatnonzero(repeated)[0]) + 2})")
+    if DATASET in frame.columns:  # a merged table written out (cxrlearn.data.sources.datasets.merge_tables)
+        out[DATASET] = frame[DATASET].str.strip()
+    if columns.view:
+        out[VIEW] = frame[columns.view].str.strip().str.upper()
+    if columns.sex:
+        out[SEX] = canonical_sex(frame[columns.sex])
+    if columns.age:
+        out[AGE] = canonical_age(path, frame[columns.age], columns.age)
+    for finding in findings:
+        out[finding] = labels_from(path, frame[finding], finding, uncertain)
+    return out
