@@ -107,6 +107,12 @@ def test_a_generic_table_with_its_own_column_names(tmp_path):
     assert np.isnan(table["Effusion"].iloc[1]) and np.isnan(table["Mass"].iloc[1])  # blank; uncertain ignored
     assert read_table(path, TableColumns(image="file", patient="mrn", sex="sex", age="age"),
                       uncertain="positive")["Mass"].iloc[1] == 1
+    # The same table as Parquet (numbers as numbers, blanks as nulls) reads the same.
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame["Effusion"] = pd.to_numeric(frame["Effusion"]).astype("Int64")
+    frame.to_parquet(tmp_path / "labels.parquet")
+    parquet = read_table(tmp_path / "labels.parquet", TableColumns(image="file", patient="mrn", sex="sex", age="age"))
+    pd.testing.assert_frame_equal(parquet, table)
     path.write_text("file,mrn,Effusion\na.png,p1,yes\n")
     with pytest.raises(DataError, match=r"labels.csv: column 'Effusion' line 2: 'yes' is not a label"):
         read_table(path, TableColumns(image="file", patient="mrn"))
