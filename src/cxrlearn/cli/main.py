@@ -383,7 +383,8 @@ def _add_table_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxrlearn",
-        description="Train, evaluate and serve chest X-ray classifiers for the 14 findings of NIH ChestX-ray14.",
+        description="Train, evaluate and serve chest X-ray classifiers: NIH ChestX-ray14's 14 findings by default, "
+        "or the findings of your own table or another public dataset.",
     )
     parser.add_argument("--version", action="version", version=f"cxrlearn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -517,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
-        description="One row per image: image, the 14 probabilities, positive_findings and one <finding>_positive "
+        description="One row per image: image, one probability per finding of the model, positive_findings and one <finding>_positive "
         "column each at the bundle's thresholds. Unreadable files are reported and skipped (exit status 3); "
         "when none can be read nothing is written (exit status 2).",
     )

@@ -33,7 +33,7 @@ def predict_logits(
     model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
     device: str | torch.device = "cpu", progress: bool = False, flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Logits (N, 14), labels (N, 14) and names for every batch of ``loader``.
+    """Logits (N, findings), labels (N, findings; NaN where unknown) and names for every batch of ``loader``.
 
     ``tta`` averages the logits of each image and its horizontal mirror;
     ``flip`` gives the mirror's alone (to compare the two).
@@ -57,7 +57,7 @@ def predict_loader(
     model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Probabilities (N, 14), labels (N, 14) and names for every batch of ``loader``."""
+    """Probabilities (N, findings), labels (N, findings) and names for every batch of ``loader``."""
     logits, labels, names = predict_logits(model, loader, transform, tta=tta, device=device)
     return sigmoid(logits), labels, names
 

@@ -1,7 +1,7 @@
 """The classifier: a timm backbone, then Kufel et al. 2023's head.
 
 GlobalAveragePooling → Dense(units, activation) → BatchNormalization → Dropout →
-Dense(14). The model returns logits; sigmoid is applied at inference
+Dense(findings: 14 for NIH's table, the table's own otherwise). The model returns logits; sigmoid is applied at inference
 (:meth:`ChestXrayClassifier.predict_proba`), so training can use the numerically
 stable ``BCEWithLogits``.
 

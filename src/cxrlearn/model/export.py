@@ -2,7 +2,7 @@
 
 The graph takes what every runtime can make without knowing ImageNet's
 statistics: ``image``, uint8 of shape (batch, 1, S, S) — the decoded
-grayscale X-ray resized as in training — and returns ``logits`` (batch, 14).
+grayscale X-ray resized as in training — and returns ``logits`` (batch, findings).
 Normalisation (the backbone's mean and std, and the gray-to-RGB repeat) is
 inside the graph. Sigmoid, temperatures and thresholds stay outside, in
 :mod:`cxrlearn.inference.outputs`, so that PyTorch and ONNX Runtime share

@@ -58,7 +58,7 @@ STRATA = FINDINGS + (NO_FINDING,)
 
 @dataclass(frozen=True)
 class _Patients:
-    """Per-patient image counts and positive counts (14 findings + No Finding)."""
+    """Per-patient image counts and positive counts (the findings, then No Finding)."""
 
     ids: np.ndarray  # (P,) sorted patient ids
     images: np.ndarray  # (P,) images per patient

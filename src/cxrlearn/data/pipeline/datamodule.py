@@ -1,6 +1,6 @@
 """Training data: a map-style dataset over the preprocessing cache, and a Lightning DataModule.
 
-The dataset yields ``(uint8 image (1, H, H), 14-float labels, image name)``,
+The dataset yields ``(uint8 image (1, H, H), float labels (one per finding, NaN where unknown), image name)``,
 augmented for training; the DataModule's ``on_after_batch_transfer`` turns each
 batch into ``(normalised float images (B, C, H, H), labels, names)`` on the
 training device (see :mod:`cxrlearn.data.pipeline.augment` for why).
