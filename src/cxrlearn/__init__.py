@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _LAZY = {
     "read_label_table": "cxrlearn.data.sources.nih",
+    "read_labels": "cxrlearn.data.sources.datasets",
+    "merge_tables": "cxrlearn.data.sources.datasets",
     "make_split": "cxrlearn.data.cohort.split",
     "read_split_file": "cxrlearn.data.cohort.split",
     "load_grayscale": "cxrlearn.data.decoding.images",
