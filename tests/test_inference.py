@@ -309,6 +309,9 @@ def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
     b = np.array([[p.probabilities[f] for f in FINDINGS] for p in onnx_p])
     assert np.abs(a - b).max() <= 1e-4
     assert [p.positive for p in torch_p] == [p.positive for p in onnx_p]
+    # The input check runs on the ONNX file's own features output too.
+    assert [p.input_check for p in torch_p] == [p.input_check for p in onnx_p]
+    assert np.allclose([p.input_score for p in torch_p], [p.input_score for p in onnx_p], rtol=1e-3)
     contract = read_contract(onnx_file)
     assert contract["findings"] == list(FINDINGS) and contract["input"]["dtype"] == "uint8"
     assert contract["image_size"] == 64 and contract["tta"] is True

@@ -123,9 +123,11 @@ class Predictor:
         return self._features_and_logits(batch)[1]
 
     def _features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """The backbone's pooled features (None from ONNX, whose file holds the logits only) and the logits."""
+        """The backbone's pooled features and the logits (features None from an ONNX file exported before they
+        were one of its outputs)."""
         if self.runtime == "onnx":
-            return None, self.session.run(None, {"image": batch})[0]
+            outputs = self.session.run(None, {"image": batch})
+            return (outputs[1] if len(outputs) > 1 else None), outputs[0]
         with torch.no_grad():
             x = self.transform(torch.from_numpy(batch).to(self.device))
             features = self.model.backbone(x.contiguous(memory_format=torch.channels_last))
@@ -141,7 +143,7 @@ class Predictor:
             logits = average_with_mirror(logits, self._forward(mirror(batch)))
         if self.input_check is None:
             return logits, [Verdict(reason, None) if reason else None for reason in cheap]
-        if features is None:  # ONNX: the layout and pixel checks only
+        if features is None:  # an older ONNX export: the layout and pixel checks only
             turned = self.input_check.turned_reasons(batch[:, 0])
             return logits, [Verdict(c or t, None) for c, t in zip(cheap, turned)]
         return logits, self.input_check.judge(batch[:, 0], features, cheap)

@@ -2,7 +2,9 @@
 
 The graph takes what every runtime can make without knowing ImageNet's
 statistics: ``image``, uint8 of shape (batch, 1, S, S) — the decoded
-grayscale X-ray resized as in training — and returns ``logits`` (batch, findings).
+grayscale X-ray resized as in training — and returns ``logits`` (batch, findings) and ``features``
+(batch, width): the backbone's pooled features, which the input check
+(:mod:`cxrlearn.model.input_check`) measures.
 Normalisation (the backbone's mean and std, and the gray-to-RGB repeat) is
 inside the graph. Sigmoid, temperatures and thresholds stay outside, in
 :mod:`cxrlearn.inference.outputs`, so that PyTorch and ONNX Runtime share
@@ -36,15 +38,16 @@ METADATA_KEY = "cxrlearn"
 
 
 class _WithPreprocessing(nn.Module):
-    """uint8 (B, 1, S, S) -> logits: the bundle's normalisation, then the classifier."""
+    """uint8 (B, 1, S, S) -> (logits, pooled features): the bundle's normalisation, then the classifier."""
 
     def __init__(self, model: nn.Module, transform: nn.Module):
         super().__init__()
         self.model = model
         self.transform = transform
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(self.transform(image))
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.backbone(self.transform(image))
+        return self.model.head(features), features
 
 
 def contract(meta: dict, weights_sha256: str) -> dict:
@@ -57,6 +60,7 @@ def contract(meta: dict, weights_sha256: str) -> dict:
                              "steps but the last (which is inside the graph)"},
         "output": {"name": "logits", "shape": ["batch", len(meta.findings)],
                    "probability": "sigmoid(logit / temperature[finding])"},
+        "features": {"name": "features", "meaning": "the backbone's pooled features, for the input check"},
         "preprocessing": pre.steps(),
         "preprocessing_values": pre.to_dict(),
         "image_size": pre.input_size,
@@ -85,7 +89,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(
-        wrapper, (example,), input_names=["image"], output_names=["logits"], opset_version=opset, dynamo=True,
+        wrapper, (example,), input_names=["image"], output_names=["logits", "features"], opset_version=opset, dynamo=True,
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False,
     )
     proto = program.model_proto
