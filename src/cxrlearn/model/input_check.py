@@ -9,7 +9,9 @@ Three kinds of evidence, each with the reason it gives:
    An image that this Gaussian finds more likely *turned* by 90°, 180° or 270°, flipped upside down, or
    with its grey levels inverted, than *as it is*, is flagged with that reason. The test compares the
    image with itself, so it needs no threshold: on the run's validation images the nearest other
-   orientation is at least about twice as far as the image's own.
+   orientation is at least about twice as far as the image's own. The turn is named as the reason only
+   when the turned image's layout is as usual as a validation image's (below their 99th percentile);
+   otherwise the image is unlike a chest X-ray in any orientation, and the reason says so.
 3. **Features** (learned): the Mahalanobis distance of the backbone's pooled features from their
    distribution on the training images (class-agnostic; Lee et al., NeurIPS 2018, with a shrunk
    covariance), flagged above the 99th percentile of the run's validation images. ``input_score`` is
@@ -127,7 +129,7 @@ class InputCheck:
     feature_mean: np.ndarray
     feature_precision: np.ndarray
     threshold: float  # squared feature distance at the validation percentile
-    fitted: dict  # how: images, percentile, method
+    fitted: dict  # how: images, percentile, method; layout_threshold (the same, of the layout distance)
 
     def describe(self) -> dict:
         """What ``model.json`` says of it (the arrays are in :data:`FILE`)."""
@@ -162,12 +164,16 @@ class InputCheck:
         """Per image: the turn (or inversion) under which it fits the training layout better than as it is."""
         own = _distance(layout(model_pixels), self.layout_mean, self.layout_precision)
         best = np.full(len(own), np.inf)
-        reasons: list[str | None] = [None] * len(own)
+        turns: list[str | None] = [None] * len(own)
         for reason, turn in TURNS.items():
             turned = _distance(layout(turn(model_pixels)), self.layout_mean, self.layout_precision)
             for i in np.flatnonzero((turned < own) & (turned < best)):
-                best[i], reasons[i] = turned[i], f"looks {reason}: it fits the training images better turned back"
-        return reasons
+                best[i], turns[i] = turned[i], reason
+        usual = float(self.fitted.get("layout_threshold") or np.inf)
+        return [None if turn is None
+                else f"looks {turn}: it fits the training images better put right" if best[i] <= usual
+                else "unlike a chest X-ray in any orientation (its layout fits none)"
+                for i, turn in enumerate(turns)]
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Feature distance over the threshold: above 1 is unlike the training images."""
@@ -187,9 +193,10 @@ class InputCheck:
         return verdicts
 
 
-def fit_input_check(train_layouts: np.ndarray, train_features: np.ndarray, val_features: np.ndarray) -> InputCheck:
+def fit_input_check(train_layouts: np.ndarray, train_features: np.ndarray, val_features: np.ndarray,
+                    val_layouts: np.ndarray | None = None) -> InputCheck:
     """The learned parts from the training images' layouts (:func:`layout` of their network inputs) and
-    pooled features; the threshold from the validation images' features."""
+    pooled features; the thresholds from the validation images' features (and layouts)."""
     if len(train_features) < 2 or len(val_features) < 1:
         raise ConfigError("the input check needs at least 2 training images and 1 validation image")
     layout_mean, layout_precision = _gaussian(train_layouts)
@@ -199,4 +206,7 @@ def fit_input_check(train_layouts: np.ndarray, train_features: np.ndarray, val_f
                         "8x8 layout Gaussian for orientation and inversion, and pixel checks",
               "train_images": int(len(train_features)), "val_images": int(len(val_features)),
               "percentile": PERCENTILE}
+    if val_layouts is not None:
+        fitted["layout_threshold"] = float(np.percentile(_distance(val_layouts, layout_mean, layout_precision),
+                                                         PERCENTILE))
     return InputCheck(layout_mean, layout_precision, feature_mean, feature_precision, threshold, fitted)

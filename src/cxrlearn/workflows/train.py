@@ -387,8 +387,8 @@ def fit_check(model, datamodule, device: str) -> InputCheck | None:
         return np.concatenate(layouts), np.concatenate(features)
 
     train_layouts, train_features = collect("train")
-    _, val_features = collect("val")
-    check = fit_input_check(train_layouts, train_features, val_features)
+    val_layouts, val_features = collect("val")
+    check = fit_input_check(train_layouts, train_features, val_features, val_layouts)
     model.cpu()
     log.info(f"input check: fitted on {len(train_features):,} training images, threshold at the "
              f"{check.fitted['percentile']:g}th percentile of {len(val_features):,} validation images")
