@@ -9,6 +9,8 @@ another and tables of several can be merged. Each dataset's reader maps its own 
 where the meanings match, and leaves the rest out (docs/datasets.md: what maps to what, and what not).
 """
 
+from typing import Sequence
+
 FINDINGS: tuple[str, ...] = (
     "Atelectasis",
     "Cardiomegaly",
@@ -62,3 +64,17 @@ def harmonised(name: str) -> str | None:
     """The harmonised name of a finding named as NIH or the harmonised vocabulary name it, or None."""
     name = NIH_HARMONISED.get(name, name)
     return name if name in HARMONISED else None
+
+
+def match_findings(wanted: Sequence[str], available: Sequence[str]) -> dict[str, str]:
+    """Each name of ``wanted`` that ``available`` also has, by the same name or else the same harmonised name
+    (NIH's ``Effusion`` is ``Pleural Effusion``), mapped to the name ``available`` gives it."""
+    by_harmonised: dict[str, str] = {}
+    for name in available:
+        by_harmonised.setdefault(harmonised(name) or name, name)
+    matches = {}
+    for name in wanted:
+        match = name if name in available else by_harmonised.get(harmonised(name) or name)
+        if match is not None:
+            matches[name] = match
+    return matches

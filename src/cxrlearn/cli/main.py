@@ -39,9 +39,8 @@ from cxrlearn.data.decoding.images import attach_images, check_images, find_imag
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.boxes import read_boxes
-from cxrlearn.data.sources.datasets import READERS, read_labels
+from cxrlearn.data.sources.datasets import READERS, labels_path, read_labels
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
-from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import CxrlearnError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
@@ -96,27 +95,25 @@ def _columns(items: list[str]) -> dict:
 def _labels(args: argparse.Namespace):
     """The label table the options name, and its file: --table/--dataset (another table), else NIH's (--csv or
     the shipped one)."""
-    if args.table or args.dataset:
-        table = read_labels(args.table, args.dataset, _columns(args.column), None, args.uncertain)
-        return table, Path(args.table or args.dataset)
-    return read_label_table(args.csv), Path(args.csv)
+    table = read_labels(args.table, args.dataset, _columns(args.column), None, args.uncertain, csv=args.csv)
+    return table, labels_path(args.table, args.csv)
 
 
 def _load_table(args: argparse.Namespace, images: Path | None):
-    """The label table, restricted to the images present when a folder is given."""
+    """The label table, restricted to the images present when a folder is given, and its file or folder."""
     table, source = _labels(args)
     print(f"{source.name}: {len(table):,} images of {table['patient_id'].nunique():,} patients", file=sys.stderr)
     if images is None:
-        return table
+        return table, source
     presence = attach_images(table, images)
     print(presence.summary(), file=sys.stderr)
-    return presence.table
+    return presence.table, source
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
-    table = _load_table(args, args.images)
-    _, report, digest = split_and_save(table, args.out, args.table or args.csv, ratios=args.ratios, seed=args.seed,
+    table, source = _load_table(args, args.images)
+    _, report, digest = split_and_save(table, args.out, source, ratios=args.ratios, seed=args.seed,
                                        official_test_list=args.official_test, method=args.method)
     print(format_split_report(report))
     print(f"wrote {args.out} (sha256 {digest[:12]}…) and {report_path(args.out)}")
@@ -125,7 +122,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     _want_file(args.json, "--json")
-    table = _load_table(args, args.images)
+    table, source = _load_table(args, args.images)
     result: dict = {"all": table_stats(table)}
     if args.split:
         table = apply_split(table, read_split_file(args.split), source=str(args.split))
@@ -134,7 +131,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             if len(part):
                 result[name] = table_stats(part)
     for name, stats in result.items():
-        print(format_stats(stats, title=name if args.split else Path(args.table or args.csv).name))
+        print(format_stats(stats, title=name if args.split else source.name))
         print()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +142,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     _want_file(args.report, "--report")
-    table = _load_table(args, args.images)
+    table, _ = _load_table(args, args.images)
     failures = check_images(list(table[PATH]))
     for path, message in failures:
         print(message, file=sys.stderr)
@@ -279,7 +276,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for prediction in predictions:
             if prediction.flagged:
                 print(f"cxrlearn predict: {prediction.image}: refused (--strict): "
-                      f"{prediction.input_check.removeprefix('warning: ')}", file=sys.stderr)
+                      f"{prediction.verdict.reason}", file=sys.stderr)
         kept = [(path, p) for path, p in zip(read, predictions) if not p.flagged]
         refused = len(predictions) - len(kept)
         read, predictions = [path for path, _ in kept], [p for _, p in kept]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from scipy.special import expit
@@ -32,11 +34,14 @@ def flip_averaged(forward, images):
 def predict_logits(
     model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
     device: str | torch.device = "cpu", progress: bool = False, flip: bool = False,
+    inspect: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Logits (N, findings), labels (N, findings; NaN where unknown) and names for every batch of ``loader``.
 
     ``tta`` averages the logits of each image and its horizontal mirror;
-    ``flip`` gives the mirror's alone (to compare the two).
+    ``flip`` gives the mirror's alone (to compare the two). ``inspect``, when given, is called with each
+    batch's uint8 images and the backbone's pooled features of them, from the same pass as the logits
+    (the input check needs both).
     """
 
     model = model.to(device).eval()
@@ -46,7 +51,12 @@ def predict_logits(
         x = transform(images.to(device))
         if flip:
             x = mirror(x)
-        logits = flip_averaged(model, x) if tta else model(x)
+        features = model.backbone(x)
+        if inspect is not None:
+            inspect(images, features)
+        logits = model.head(features)  # model(x), with the features kept
+        if tta:
+            logits = average_with_mirror(logits, model(mirror(x)))
         logits_out.append(logits.float().cpu().numpy())
         labels.append(y.numpy())
         names.extend(batch_names)

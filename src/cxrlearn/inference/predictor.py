@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cxrlearn.data.decoding.images import colour_spread, load_grayscale
+from cxrlearn.data.decoding.images import load_grayscale_and_colour
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
@@ -38,12 +38,21 @@ class Prediction:
     image: str
     probabilities: dict[str, float]
     positive: list[str] | None  # None when the bundle has no thresholds
-    input_check: str = UNAVAILABLE  # ok, or "warning: <reason>" (cxrlearn.model.input_check)
-    input_score: float | None = None  # feature distance over its threshold: above 1 is unlike training
+    verdict: Verdict | None = None  # the input check's (cxrlearn.model.input_check); None: the bundle has none
+
+    @property
+    def input_check(self) -> str:
+        """``ok``, ``warning: <reason>``, or that the check is unavailable."""
+        return self.verdict.text if self.verdict else UNAVAILABLE
+
+    @property
+    def input_score(self) -> float | None:
+        """The feature distance over its threshold (above 1 is unlike training), where computed."""
+        return self.verdict.score if self.verdict else None
 
     @property
     def flagged(self) -> bool:
-        return self.input_check.startswith("warning")
+        return self.verdict is not None and not self.verdict.ok
 
     def row(self, findings: Sequence[str]) -> dict:
         """Flat: ``image``, one column per finding, ``positive_findings`` and one 0/1 column per finding, then
@@ -143,9 +152,6 @@ class Predictor:
             logits = average_with_mirror(logits, self._forward(mirror(batch)))
         if self.input_check is None:
             return logits, [Verdict(reason, None) if reason else None for reason in cheap]
-        if features is None:  # an older ONNX export: the layout and pixel checks only
-            turned = self.input_check.turned_reasons(batch[:, 0])
-            return logits, [Verdict(c or t, None) for c, t in zip(cheap, turned)]
         return logits, self.input_check.judge(batch[:, 0], features, cheap)
 
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str],
@@ -166,8 +172,7 @@ class Predictor:
                 image=name,
                 probabilities={f: float(p) for f, p in zip(self.findings, row)},
                 positive=None if calls is None else [f for f, c in zip(self.findings, calls[i]) if c],
-                input_check=verdict.text if verdict else UNAVAILABLE,
-                input_score=verdict.score if verdict else None,
+                verdict=verdict,
             )
             for i, (name, row, verdict) in enumerate(zip(names, probs, verdicts))
         ]
@@ -188,8 +193,9 @@ class Predictor:
             images, batch_names, colours = [], [], []
             for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
                 try:
-                    images.append(load_grayscale(path))
-                    colours.append(colour_spread(path))
+                    pixels, colour = load_grayscale_and_colour(path)
+                    images.append(pixels)
+                    colours.append(colour)
                     batch_names.append(name)
                 except DataError as err:
                     failures.append((str(path), str(err)))

@@ -179,17 +179,19 @@ class InputCheck:
         """Feature distance over the threshold: above 1 is unlike the training images."""
         return _distance(features, self.feature_mean, self.feature_precision) / self.threshold
 
-    def judge(self, model_pixels: np.ndarray, features: np.ndarray, cheap: list[str | None] | None = None
+    def judge(self, model_pixels: np.ndarray, features: np.ndarray | None, cheap: list[str | None] | None = None
               ) -> list[Verdict]:
-        """Verdicts for (N, S, S) uint8 network inputs and their (N, D) pooled features."""
-        scores = self.scores(features)
+        """Verdicts for (N, S, S) uint8 network inputs and their (N, D) pooled features (None where the runtime
+        gives none, as an ONNX file exported before they were an output: the other checks only)."""
         turned = self.turned_reasons(model_pixels)
-        cheap = cheap or [None] * len(scores)
+        scores = self.scores(features) if features is not None else [None] * len(turned)
+        cheap = cheap or [None] * len(turned)
         verdicts = []
         for first, turn, score in zip(cheap, turned, scores):
+            unusual = score is not None and score > 1
             reason = first or turn or (f"unlike the training images (feature distance {score:.1f}× the threshold)"
-                                       if score > 1 else None)
-            verdicts.append(Verdict(reason, round(float(score), 4)))
+                                       if unusual else None)
+            verdicts.append(Verdict(reason, None if score is None else round(float(score), 4)))
         return verdicts
 
 

@@ -173,7 +173,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
         with lock:
             result = predictor.predict([pixels], [name], [colour_spread(data)])[0]
             if strict and result.flagged:
-                raise HTTPException(422, f"{name}: refused: {result.input_check.removeprefix('warning: ')}")
+                raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
             body = {
                 "image": name,
                 "probabilities": result.probabilities,

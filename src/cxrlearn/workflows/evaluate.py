@@ -36,8 +36,7 @@ from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
 from cxrlearn.data.pipeline.normalize import normalizer
-from cxrlearn.data.sources import tables
-from cxrlearn.data.sources.datasets import read_labels
+from cxrlearn.data.sources.datasets import labels_path, read_labels
 from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.errors import ConfigError, DataError
@@ -48,7 +47,7 @@ from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics, auc_p
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.subgroups import subgroup_metrics
-from cxrlearn.findings import FINDINGS, harmonised
+from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import average_with_mirror, predict_logits
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
@@ -101,6 +100,7 @@ class _Judged:
     labels: np.ndarray
     logits: np.ndarray
     flipped: np.ndarray | None = None  # logits of the mirrored images (tta)
+    verdicts: list[Verdict] | None = None  # the bundle's input check on each image (None: not asked for)
 
 
 @dataclass
@@ -210,8 +210,9 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
 
 
 def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
-             device, findings: list[str], columns: list[int]) -> _Judged:
-    """Logits of the model's outputs ``columns`` (the judged ``findings``) on the cached ``rows``."""
+             device, findings: list[str], columns: list[int], check: InputCheck | None = None) -> _Judged:
+    """Logits of the model's outputs ``columns`` (the judged ``findings``) on the cached ``rows``; with ``check``,
+    its verdicts too, from the same pass (cached pixels are square, so the aspect check is not made here)."""
     preprocessing = meta.preprocessing
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
@@ -219,31 +220,19 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
                                 image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
     transform = normalizer(preprocessing)
-    logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress)
+    verdicts: list[Verdict] = []
+
+    def judge(images: torch.Tensor, features: torch.Tensor) -> None:
+        pixels = images[:, 0].numpy()
+        verdicts.extend(check.judge(pixels, features.float().cpu().numpy(), [cheap_reasons(p) for p in pixels]))
+
+    logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress,
+                                       inspect=judge if check is not None else None)
     flipped = None
     if tta:
         flipped, _, _ = predict_logits(model, loader, transform, device=device, progress=options.progress, flip=True)
         flipped = flipped[:, columns]
-    return _Judged(cached, labels, logits[:, columns], flipped)
-
-
-@torch.no_grad()
-def _input_checks(model, model_dir: Path, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame,
-                  options: EvaluationOptions, device) -> list[Verdict]:
-    """The bundle's input check on the judged images, from their cached pixels (square, so the aspect check is
-    not made here) and the backbone's features: one more pass of the backbone over them."""
-    check = InputCheck.load(model_dir, meta.input_check)
-    preprocessing = meta.preprocessing
-    dataset = CachedXrayDataset(cache_dir, rows[IMAGE].tolist(), np.zeros((len(rows), 1), np.float32),
-                                image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
-    transform = normalizer(preprocessing).to(device)
-    model = model.to(device).eval()
-    verdicts: list[Verdict] = []
-    for images, _, _ in DataLoader(dataset, batch_size=options.batch_size, num_workers=0):
-        pixels = images[:, 0].numpy()
-        features = model.backbone(transform(images.to(device))).float().cpu().numpy()
-        verdicts += check.judge(pixels, features, [cheap_reasons(p) for p in pixels])
-    return verdicts
+    return _Judged(cached, labels, logits[:, columns], flipped, verdicts if check is not None else None)
 
 
 def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndarray, findings, mean_auc) -> dict:
@@ -265,34 +254,24 @@ def _judged_table(meta: BundleMeta, csv, options: EvaluationOptions) -> tuple[pd
     else ``csv`` (NIH's); else the run's own, as its config recorded it."""
     if options.table or options.dataset:
         return (read_labels(options.table, options.dataset, options.columns, None, options.uncertain),
-                Path(options.table) if options.table else tables.label_table())
+                labels_path(options.table))
     if csv:
         return read_label_table(csv), Path(csv)
     trained = meta.trained_data
-    if trained.get("table") or trained.get("dataset") not in (None, "nih"):
-        dataset = trained.get("dataset") or None
-        return (read_labels(trained.get("table"), dataset, trained.get("columns"), trained.get("findings"),
-                            trained.get("uncertain", "ignore")), Path(trained["table"]))
-    given = trained.get("csv")
-    return read_label_table(given), Path(given) if given else tables.label_table()
+    return (read_labels(trained.get("table"), trained.get("dataset"), trained.get("columns"), trained.get("findings"),
+                        trained.get("uncertain", "ignore"), csv=trained.get("csv")),
+            labels_path(trained.get("table"), trained.get("csv")))
 
 
 def _shared_findings(table: pd.DataFrame, predicted: list[str]) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
     """The findings both the model predicts and the table labels (by name, or by harmonised name: the
     table's column renamed to the model's), in the model's order; and each one left out, with why."""
     labelled = finding_columns(table)
-    by_harmonised = {harmonised(name) or name: name for name in labelled}
-    renames, shared, skipped = {}, [], {}
-    for name in predicted:
-        column = name if name in labelled else by_harmonised.get(harmonised(name) or name)
-        if column is None:
-            skipped[name] = "the table has no labels for it"
-            continue
-        renames[column] = name
-        shared.append(name)
-    for name in labelled:
-        if name not in renames:
-            skipped[name] = "the model does not predict it"
+    matches = match_findings(predicted, labelled)
+    shared = [name for name in predicted if name in matches]
+    renames = {matches[name]: name for name in shared}
+    skipped = {name: "the table has no labels for it" for name in predicted if name not in matches}
+    skipped |= {name: "the model does not predict it" for name in labelled if name not in renames}
     if not shared:
         raise DataError(f"the model predicts {', '.join(predicted)}; the table labels {', '.join(labelled)}: "
                         "no finding in common (by name or harmonised name), nothing to judge")
@@ -347,7 +326,8 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     device = "cuda" if torch.cuda.is_available() else "cpu"
     val = _predict(model, meta, cache_dir, val_rows, tta, options, device, findings, columns) \
         if val_rows is not None else None
-    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device, findings, columns)
+    check = InputCheck.load(model_dir, meta.input_check) if meta.input_check else None
+    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device, findings, columns, check)
     left_out = len(judged_rows) - len(test.rows)
     if left_out:
         log.warning(f"{left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
@@ -364,9 +344,8 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
 
     measured, boot = finding_metrics(test.labels, test_p, patients, findings, options.resamples, options.seed)
     metrics = EvaluationMetrics.of(measured, subset=selection.what, skipped=skipped)
-    if meta.input_check:
-        verdicts = _input_checks(model, Path(model_dir), meta, cache_dir, test.rows, options, device)
-        metrics.input_check = _flagged_summary(verdicts, test.labels, test_p, findings, metrics.mean_auc)
+    if test.verdicts is not None:
+        metrics.input_check = _flagged_summary(test.verdicts, test.labels, test_p, findings, metrics.mean_auc)
     else:
         metrics.input_check = {"available": False}
     if val is not None:

@@ -40,11 +40,10 @@ from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
-from cxrlearn.data.sources import tables
-from cxrlearn.data.sources.datasets import read_labels
+from cxrlearn.data.sources.datasets import labels_path, read_labels
 from cxrlearn.errors import ConfigError
 from cxrlearn.evaluation.metrics import auc_per_finding
-from cxrlearn.findings import FINDINGS, harmonised
+from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import load_bundle, save_bundle
@@ -63,17 +62,10 @@ SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
 
 
-def label_table_path(config: RunConfig) -> Path:
-    """The config's label table (its file or folder): data.table, else data.csv, else NIH's as shipped."""
-    given = config.data.table or config.data.csv
-    return Path(given) if given else tables.label_table()
-
-
 def read_run_labels(data: DataConfig) -> pd.DataFrame:
     """The run's label table as its config says (:func:`cxrlearn.data.sources.datasets.read_labels`): a dataset's
     own files, the generic format, or NIH's table."""
-    dataset = data.dataset or (None if data.table else "nih")
-    return read_labels(data.table or data.csv, dataset, data.columns, data.findings, data.uncertain)
+    return read_labels(data.table, data.dataset, data.columns, data.findings, data.uncertain, csv=data.csv)
 
 
 def cache_location(cache: str | None, size: int, run_dir: Path, fingerprint: str) -> Path:
@@ -90,7 +82,7 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     data = config.data
     if not data.images:
         raise ConfigError("training needs data.images (the image folder: --images)")
-    table_path = label_table_path(config)
+    table_path = labels_path(data.table, data.csv)
     table = read_run_labels(data)
     fingerprint = table_fingerprint(table)
     presence = attach_images(table, data.images)
@@ -201,19 +193,17 @@ def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: st
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(last + ".")} | {
         k: own[k] for k in own if k.startswith(last + ".")})
-    by_name = {name: i for i, name in enumerate(meta.findings)}
-    by_name |= {harmonised(name): i for i, name in enumerate(meta.findings) if harmonised(name) and
-                harmonised(name) not in by_name}
+    matches = match_findings(findings, meta.findings)
     kept, new = [], []
     with torch.no_grad():
         for row, name in enumerate(findings):
-            source = by_name.get(name, by_name.get(harmonised(name) or ""))
-            if source is None:
+            if name not in matches:
                 new.append(name)
                 continue
+            source = meta.findings.index(matches[name])
             model.head[-1].weight[row] = state[f"{last}.weight"][source]
             model.head[-1].bias[row] = state[f"{last}.bias"][source]
-            kept.append(name if meta.findings[source] == name else f"{name} (from {meta.findings[source]})")
+            kept.append(name if matches[name] == name else f"{name} (from {matches[name]})")
     log.info(f"init from {folder}: kept the head rows of {len(kept)} finding(s)"
              + (f" ({', '.join(kept)})" if kept else "") + f"; {len(new)} new" + (f" ({', '.join(new)})" if new else ""))
     return WeightsSource("cxrlearn-run", f"{folder}: backbone and head; head rows kept for {', '.join(kept) or 'none'}; "
@@ -403,7 +393,7 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
     meta = BundleMeta(
         backbone=model.backbone_name, head=model.head_config, in_chans=model.in_chans, preprocessing=preprocessing,
         findings=tuple(findings), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
-        data={"label_table": label_table_path(config).name, "images": sizes, "positives": positives,
+        data={"label_table": labels_path(config.data.table, config.data.csv).name, "images": sizes, "positives": positives,
               "missing_from_cache": datamodule.missing},
         weights_source={"kind": weights_source.kind, "detail": weights_source.detail}, metrics=metrics,
         input_check=check.describe() if check else None,

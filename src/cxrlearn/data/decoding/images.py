@@ -163,6 +163,12 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
     return decode_grayscale(read_bytes(path, "image file", DataError), str(path))
 
 
+def load_grayscale_and_colour(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """:func:`load_grayscale` and :func:`colour_spread` of one file, read from disk once."""
+    data = read_bytes(path, "image file", DataError)
+    return decode_grayscale(data, str(path)), colour_spread(data)
+
+
 def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     """Decode an image's bytes (PNG, JPEG, TIFF or DICOM) to a 2-D uint8 grayscale array.
 

@@ -8,12 +8,14 @@ models trained on it predict those); the others name their findings in the harmo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from cxrlearn.data.columns import DATASET, PATIENT_ID, finding_columns
+from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.chexpert import read_chexpert
 from cxrlearn.data.sources.generic import TableColumns, read_table
 from cxrlearn.data.sources.mimic import read_mimic
@@ -43,17 +45,25 @@ def read_dataset(name: str, path: str | os.PathLike | None, uncertain: str = "ig
     return READERS[name](path, uncertain)
 
 
+def labels_path(table: str | os.PathLike | None = None, csv: str | os.PathLike | None = None) -> Path:
+    """The file or folder :func:`read_labels` reads for these settings."""
+    given = table or csv
+    return Path(given) if given else tables.label_table()
+
+
 def read_labels(table: str | os.PathLike | None = None, dataset: str | None = None, columns: dict | None = None,
-                findings: list[str] | None = None, uncertain: str = "ignore") -> pd.DataFrame:
-    """A run's label table, as its config says: ``dataset`` read by its own reader from ``table``; else the
-    generic format at ``table`` (``columns`` naming its columns); else NIH's table as shipped. ``findings``
-    keeps only those (in that order)."""
-    if dataset is not None:
+                findings: list[str] | None = None, uncertain: str = "ignore",
+                csv: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A label table, as a config or the command line says (``data.table``, ``data.dataset``, ``data.columns``,
+    ``data.findings``, ``data.uncertain``, ``data.csv``): another dataset's files at ``table``, read by its own
+    reader; else the generic format at ``table`` (``columns`` naming its columns); else NIH's table at
+    ``table`` or ``csv`` (as shipped when neither is given). ``findings`` keeps only those (in that order)."""
+    if dataset not in (None, "nih"):
         frame = read_dataset(dataset, table, uncertain)
-    elif table is not None:
+    elif table is not None and dataset is None:
         frame = read_table(table, TableColumns.from_dict(columns or {}), findings, uncertain)
     else:
-        frame = read_label_table(None)
+        frame = read_label_table(table or csv)
     if findings:
         present = finding_columns(frame)
         absent = [f for f in findings if f not in present]
