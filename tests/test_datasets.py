@@ -16,7 +16,7 @@ from cxrlearn.data.columns import DATASET, IMAGE, PATIENT_ID, SOURCE_SPLIT, VIEW
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.sources.chexpert import read_chexpert
 from cxrlearn.data.sources.datasets import merge_tables, read_dataset
-from cxrlearn.data.sources.generic import TableColumns, read_table
+from cxrlearn.data.sources.generic import TableColumns, read_table, write_table
 from cxrlearn.data.sources.mimic import read_mimic
 from cxrlearn.data.sources.padchest import read_padchest
 from cxrlearn.data.sources.vindr import read_vindr
@@ -129,10 +129,11 @@ def test_relative_image_paths_are_found_under_the_image_folder(tmp_path):
     assert presence.n_present == 1 and presence.table["path"].iloc[0] == str(image)
 
 
-def test_merged_nih_and_chexpert_split_patient_wise_with_right_counts(nih_table):
+def test_merged_nih_and_chexpert_split_patient_wise_with_right_counts(nih_table, tmp_path):
     nih = nih_table.iloc[:3000]
     chexpert = read_dataset("chexpert", FIXTURES / "chexpert")
     merged = merge_tables({"nih": nih, "chexpert": chexpert})
+    findings = finding_columns(merged)
     assert len(merged) == len(nih) + len(chexpert)
     assert "Pleural Effusion" in merged and "Effusion" not in merged  # NIH's name, harmonised
     from_chexpert = merged[merged[DATASET] == "chexpert"]
@@ -150,15 +151,13 @@ def test_merged_nih_and_chexpert_split_patient_wise_with_right_counts(nih_table)
     assert effusion["known"] == len(nih) + int(chexpert["Pleural Effusion"].notna().sum())
     assert effusion["positives"] == int(nih["Effusion"].sum() + (chexpert["Pleural Effusion"] == 1).sum())
     assert stats["findings"]["Hernia"]["known"] == len(nih)
-    # Written out and read back as a generic table, the merged table splits the same way.
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "merged.csv"
-        merged.to_csv(path, index=False)
-        again = read_table(path, TableColumns(image="image", patient="patient_id", view="view", sex="sex", age="age"),
-                           findings=finding_columns(merged))
-    assert make_split(again, seed=5).equals(split)
+    # Written out and read back as a generic table (default columns), it is the same table and splits the same.
+    for name in ("merged.csv", "merged.parquet"):
+        again = read_table(write_table(merged, tmp_path / name))
+        columns = list(again.columns)
+        assert set(columns) <= set(merged.columns) and finding_columns(again) == findings
+        pd.testing.assert_frame_equal(again, merged[columns], check_dtype=False)
+        assert make_split(again, seed=5).equals(split)
 
 
 @pytest.mark.parametrize("name,path", [("chexpert", "chexpert"), ("mimic", "mimic"), ("vindr", "vindr"),
@@ -185,3 +184,55 @@ def test_a_file_of_another_dataset_is_refused_naming_what_it_lacks(tmp_path):
         read_mimic(FIXTURES / "chexpert")
     with pytest.raises(DataError, match=r"unknown dataset 'openi'"):
         read_dataset("openi", FIXTURES)
+
+
+def test_merge_from_the_cli_then_split_the_merged_table(tmp_path, capsys, sample_images):
+    """``cxrlearn merge``: NIH's shipped table, two public datasets' own files and a hospital's table in the
+    generic format, into one Parquet that ``split --table`` splits patient-wise, each dataset on its own, and
+    whose images are found under one folder."""
+    from cxrlearn.cli.main import main
+
+    own = tmp_path / "own.csv"
+    own.write_text("file,mrn,Effusion,Cardiomegaly\n" + "".join(
+        f"h{i}.png,m{i // 2},{i % 2},{'' if i % 3 else 1}\n" for i in range(40)))
+    out = tmp_path / "merged.parquet"
+    sources = ["nih", f"chexpert={FIXTURES / 'chexpert'}", f"vindr={FIXTURES / 'vindr'}", f"hospital={own}",
+               "--column", "image=file", "--column", "patient=mrn"]
+    assert main(["merge", "--out", str(out), *sources, "--image-folder", "chexpert=CheXpert-v1.0-small"]) == 0
+    said = capsys.readouterr().out
+    assert "Hernia: unknown in chexpert, vindr, hospital" in said
+    merged = read_table(out)
+    assert merged[DATASET].value_counts().to_dict() == {"nih": 112120, "chexpert": 10, "vindr": len(
+        read_vindr(FIXTURES / "vindr")), "hospital": 40}
+    hospital = merged[merged[DATASET] == "hospital"]
+    assert hospital["Pleural Effusion"].tolist() == [i % 2 for i in range(40)]  # the hospital's "Effusion", harmonised
+    assert hospital["Cardiomegaly"].isna().sum() == 26 and hospital["Hernia"].isna().all()
+    assert hospital[PATIENT_ID].iloc[2] == "hospital:m1"
+    split_file = tmp_path / "split.csv"
+    assert main(["split", "--table", str(out), "--out", str(split_file)]) == 0
+    split = pd.read_csv(split_file, dtype=str).merge(merged[[IMAGE, DATASET]], on=IMAGE)
+    assert len(split) == len(merged) and split.groupby(PATIENT_ID)["split"].nunique().max() == 1
+    nih_share = split[split[DATASET] == "nih"]["split"].value_counts(normalize=True)
+    assert abs(nih_share["train"] - 0.7) < 0.01 and abs(nih_share["test"] - 0.2) < 0.01
+    assert set(split[split[DATASET] == "hospital"]["split"]) == {"train", "val", "test"}
+    # One image folder: NIH's file names anywhere under it, CheXpert's paths under their folder there.
+    root = tmp_path / "images"
+    nih_images = sorted(sample_images.glob("*.png"))[:3]
+    (root / "images_001" / "images").mkdir(parents=True)
+    for image in nih_images:
+        (root / "images_001" / "images" / image.name).write_bytes(image.read_bytes())
+    chexpert = read_chexpert(FIXTURES / "chexpert")
+    for image in chexpert[IMAGE][:4]:
+        (root / "CheXpert-v1.0-small" / image).parent.mkdir(parents=True, exist_ok=True)
+        (root / "CheXpert-v1.0-small" / image).write_bytes(b"found, not read")
+    present = attach_images(merged, root).table
+    assert present.groupby(DATASET)[IMAGE].count().to_dict() == {"chexpert": 4, "nih": 3}
+    assert set(present[IMAGE]) >= {"CheXpert-v1.0-small/" + image for image in chexpert[IMAGE][:4]}
+    # A part named twice, a dataset without its files, a folder for file names: refused by name, nothing written.
+    again = tmp_path / "again.parquet"
+    assert main(["merge", "--out", str(again), "nih", "nih"]) == 2
+    assert "'nih' is given twice" in capsys.readouterr().err
+    assert main(["merge", "--out", str(again), "chexpert"]) == 2
+    assert "'chexpert': expected NAME=PATH" in capsys.readouterr().err
+    assert main(["merge", "--out", str(again), *sources, "--image-folder", "hospital=scans"]) == 2
+    assert "hospital: its images are file names ('h0.png')" in capsys.readouterr().err and not again.exists()

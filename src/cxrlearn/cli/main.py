@@ -34,12 +34,13 @@ from cxrlearn.data.cohort.split import (
     split_and_save,
 )
 from cxrlearn.data.cohort.stats import format_stats, table_stats
-from cxrlearn.data.columns import PATH, UNCERTAIN_POLICIES
+from cxrlearn.data.columns import DATASET, PATH, PATIENT_ID, UNCERTAIN_POLICIES, finding_columns
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.boxes import read_boxes
-from cxrlearn.data.sources.datasets import READERS, labels_path, read_labels
+from cxrlearn.data.sources.datasets import READERS, labels_path, merge_tables, read_labels
+from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
 from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import CxrlearnError, DataError
@@ -137,6 +138,39 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    _want_file(args.out, "--out")
+    parts = {}
+    for spec in args.sources:
+        name, _, path = spec.partition("=")
+        name = name.strip()
+        if not name or (not path and name != "nih"):
+            raise DataError(f"{spec!r}: expected NAME=PATH (a dataset's label files, or a table in the generic "
+                            "format), or nih alone for the shipped NIH table")
+        if name in parts:
+            raise DataError(f"{name!r} is given twice: name each part once")
+        dataset = name if name in READERS else None
+        parts[name] = read_labels(Path(path) if path else None, dataset, _columns(args.column), None, args.uncertain)
+        print(f"{name}: {len(parts[name]):,} images of {parts[name][PATIENT_ID].nunique():,} patients, "
+              f"{len(finding_columns(parts[name]))} findings", file=sys.stderr)
+    folders = {}
+    for item in args.image_folder or []:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise DataError(f"--image-folder {item!r}: expected NAME=FOLDER")
+        folders[name.strip()] = folder
+    merged = merge_tables(parts, folders)
+    write_table(merged, args.out)
+    findings = finding_columns(merged)
+    print(f"wrote {args.out}: {len(merged):,} images of {merged[PATIENT_ID].nunique():,} patients, "
+          f"{len(findings)} findings")
+    for finding in findings:
+        lacking = [name for name, part in merged.groupby(DATASET, sort=False) if part[finding].isna().all()]
+        if lacking:
+            print(f"  {finding}: unknown in {', '.join(lacking)}")
     return 0
 
 
@@ -370,9 +404,13 @@ def _add_table_options(parser: argparse.ArgumentParser) -> None:
                         "patient and one column per finding holding 1, 0, blank or -1), or with --dataset a "
                         "public dataset's own label file or folder")
     parser.add_argument("--dataset", choices=sorted(READERS), help="read --table with this dataset's reader")
+    _add_reading_options(parser)
+
+
+def _add_reading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--column", action="append", metavar="ROLE=NAME",
                         help="the generic table's column for a role: image, patient, view, sex or age "
-                             "(default image=image, patient=patient)")
+                             "(default image=image, patient=patient; view, sex, age when so named)")
     parser.add_argument("--uncertain", choices=list(UNCERTAIN_POLICIES), default="ignore",
                         help="what an uncertain (-1) label becomes: ignore (unknown), positive or negative")
 
@@ -412,6 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--images", type=Path, help="only the images present in this folder")
     stats.add_argument("--json", type=Path, help="also save the statistics as JSON")
     stats.set_defaults(run=_cmd_stats)
+
+    merge = commands.add_parser(
+        "merge", help="merge the label tables of several datasets into one table for --table",
+        description="One table (generic format) from several: each SOURCE is NAME=PATH, a dataset cxrlearn reads "
+        f"({', '.join(sorted(READERS))}) and its label file or folder, or any other name and a table in the "
+        "generic format (--column names its columns); 'nih' alone is the shipped NIH table. Findings are "
+        "harmonised; a finding a dataset lacks is unknown there, never negative; patient ids are prefixed by "
+        "the dataset. The split then splits each dataset on its own.",
+    )
+    merge.add_argument("sources", nargs="+", metavar="SOURCE", help="NAME=PATH, or nih")
+    merge.add_argument("--out", type=Path, required=True, help="table to write (.parquet, .csv or .csv.gz)")
+    merge.add_argument("--image-folder", action="append", metavar="NAME=FOLDER",
+                       help="put NAME's relative image paths under FOLDER, a folder of the image folder that "
+                            "training reads (--images); file names (NIH's) are found anywhere under it")
+    _add_reading_options(merge)
+    merge.set_defaults(run=_cmd_merge)
 
     prepare = commands.add_parser(
         "prepare",

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cxrlearn.data.columns import DATASET, PATIENT_ID, finding_columns
+from cxrlearn.data.columns import DATASET, IMAGE, PATIENT_ID, finding_columns
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.chexpert import read_chexpert
 from cxrlearn.data.sources.generic import TableColumns, read_table
@@ -80,15 +80,30 @@ def harmonise_nih(table: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=NIH_HARMONISED)
 
 
-def merge_tables(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One table from several datasets' (name -> table, NIH's harmonised first): a ``dataset`` column, patient
-    ids prefixed by the dataset (no two datasets share a patient), and every finding any of them has; a
-    finding a dataset lacks is unknown (NaN) there, never negative."""
+def merge_tables(tables: dict[str, pd.DataFrame], image_folders: dict[str, str] | None = None) -> pd.DataFrame:
+    """One table from several datasets' (name -> table; NIH's finding names harmonised in each): a ``dataset``
+    column, patient ids prefixed by the dataset (no two datasets share a patient), and every finding any of them
+    has; a finding a dataset lacks is unknown (NaN) there, never negative.
+
+    ``image_folders`` (name -> folder) puts a dataset's relative image paths under a folder of the one image
+    folder training reads (``chexpert`` -> ``CheXpert-v1.0-small``); file names (NIH's) are found anywhere
+    under it and need none."""
     if not tables:
         raise DataError("nothing to merge")
+    image_folders = dict(image_folders or {})
+    unknown = sorted(set(image_folders) - set(tables))
+    if unknown:
+        raise DataError(f"an image folder is given for {', '.join(map(repr, unknown))}, not among the tables "
+                        f"({', '.join(tables)})")
     parts, findings = [], []
     for name, table in tables.items():
-        table = harmonise_nih(table) if name == "nih" else table
+        if name in image_folders:
+            table = table.assign(**{IMAGE: _under(name, table[IMAGE], image_folders[name])})
+        both = [c for c in finding_columns(table) if NIH_HARMONISED.get(c) in table.columns]
+        if both:
+            raise DataError(f"{name}: has both {both[0]!r} and {NIH_HARMONISED[both[0]]!r}, one finding under two "
+                            "names: keep one")
+        table = harmonise_nih(table)  # NIH's names, in NIH's table or a table that uses them
         findings += [f for f in finding_columns(table) if f not in findings]
         parts.append(table.assign(**{DATASET: name, PATIENT_ID: name + ":" + table[PATIENT_ID].astype(str)}))
     merged = pd.concat(parts, ignore_index=True, sort=False)
@@ -98,3 +113,15 @@ def merge_tables(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     if repeated.any():
         raise DataError(f"image {merged['image'][repeated].iloc[0]!r} is listed twice in {merged[DATASET][repeated].iloc[0]}")
     return merged
+
+
+def _under(name: str, images: pd.Series, folder: str) -> pd.Series:
+    """A dataset's relative image paths under ``folder``; file names are refused (they are found anywhere)."""
+    folder = folder.strip().strip("/")
+    named = ~images.str.contains("/", regex=False)
+    if named.any():
+        raise DataError(f"{name}: its images are file names ({images[named].iloc[0]!r}), found anywhere under the "
+                        "image folder: give no folder for them")
+    if not folder:
+        raise DataError(f"{name}: an empty image folder")
+    return folder + "/" + images.str.lstrip("/")

@@ -5,7 +5,8 @@ column, optional view, sex and age columns, and one column per finding holding 1
 not labelled for this image) or -1 (uncertain, as CheXpert's labeller writes it; what it becomes is the
 ``uncertain`` policy: unknown, positive or negative). Column names are the caller's
 (:class:`TableColumns`, ``data.columns`` in a config); the findings are the named ones, or every other
-column; a ``dataset`` column (a merged table written out) is kept as such. The result is the frame
+column; ``view``, ``sex``, ``age`` and ``dataset`` columns are read as such unless named otherwise, so a table
+:func:`write_table` wrote (a merged one, say) reads back as it was. The result is the frame
 :mod:`cxrlearn.data.columns` describes.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrlearn._files import read_bytes
+from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.columns import AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW
 from cxrlearn.errors import DataError
 
@@ -120,6 +121,10 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
     if missing:
         raise DataError(f"{path}: no column for {', '.join(missing)}; its columns are {', '.join(frame.columns)}. "
                         "Name them with data.columns (for example --set data.columns.image=Path)")
+    for role in ("view", "sex", "age"):  # a column under cxrlearn's own name (a table write_table wrote)
+        if given[role] is None and role in frame.columns:
+            given[role] = role
+    columns = TableColumns(**given)
     used = {name for name in given.values() if name} | ({DATASET} if DATASET in frame.columns else set())
     findings = list(findings) if findings else [c for c in frame.columns if c not in used]
     absent = [f for f in findings if f not in frame.columns]
@@ -151,3 +156,25 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
     for finding in findings:
         out[finding] = labels_from(path, frame[finding], finding, uncertain)
     return out
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """cxrlearn's frame as a table in the generic format (Parquet for ``.parquet``, else CSV; gzipped for ``.gz``):
+    image, patient, the metadata it has (dataset, view, sex, age) and each finding as 1, 0 or blank (unknown).
+    :func:`read_table` with the default columns reads it back as it was."""
+    path = Path(path)
+    findings = [c for c in table.columns if c not in METADATA]
+    out = pd.DataFrame({"image": table[IMAGE], "patient": table[PATIENT_ID]})
+    for column in (DATASET, VIEW, SEX, AGE):
+        if column in table.columns:
+            out[column] = table[column]
+    for finding in findings:
+        out[finding] = pd.array(table[finding].to_numpy(dtype=np.float64), dtype="Float64").astype("Int8")
+    buffer = io.BytesIO()
+    if path.suffix.lower() == ".parquet":
+        out.to_parquet(buffer, index=False)
+    else:
+        out.to_csv(buffer, index=False, compression={"method": "gzip", "mtime": 0} if path.suffix.lower() == ".gz"
+                   else None)
+    write_atomic(path, buffer.getvalue())
+    return path
