@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from xray_files import bomb_png, dicom_bytes
 
@@ -19,6 +20,7 @@ from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.gradcam import heatmaps
 from cxrlearn.inference.predictor import Predictor
+from cxrlearn.model.device import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +230,13 @@ def test_predict_cli_errors_name_the_input(evaluated, tmp_path, capsys):
     assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--runtime", "onnx",
                  "--onnx", str(tmp_path / "none.onnx")]) == 2
     assert "none.onnx: no ONNX model; make it with `cxrlearn export" in capsys.readouterr().err
+    # A device that is not here is refused by name; auto is the GPU where there is one, else the CPU.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--device", f"cuda:{gpus}"]) == 2
+    assert f"device 'cuda:{gpus}': this machine has {gpus or 'no'} CUDA GPU" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), str(tmp_path / "notes.txt"), "--device", "gpu"]) == 2
+    assert "device 'gpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert resolve_device() == ("cuda" if gpus else "cpu") and resolve_device("CPU") == "cpu"
 
 
 # ---- Grad-CAM --------------------------------------------------------------------------------------------

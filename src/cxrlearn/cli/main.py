@@ -295,7 +295,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = find_inputs(args.inputs)
     if not paths:
         raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
-    predictor = Predictor(args.model, runtime=args.runtime, onnx_path=args.onnx)
+    predictor = Predictor(args.model, runtime=args.runtime, onnx_path=args.onnx, device=args.device)
     if not predictor.thresholds:
         print(f"warning: {args.model} has no thresholds yet (run `cxrlearn evaluate`): no positive calls",
               file=sys.stderr)
@@ -347,7 +347,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cxrlearn.model.export import export_onnx
 
     out = export_onnx(args.model, args.out, opset=args.opset)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): input 'image' uint8 (batch, 1, S, S), output 'logits'")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): input 'image' uint8 (batch, 1, S, S), "
+          "outputs 'logits' and 'features'")
     return 0
 
 
@@ -356,7 +357,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
-          strict=args.strict)
+          strict=args.strict, device=args.device)
     return 0
 
 
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    predict.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N "
+                         "(--runtime torch)")
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
     predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
     predict.add_argument("--strict", action="store_true",
@@ -602,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=HOST)
     serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT)
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    serve.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
     serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20)
     serve.add_argument("--upload-timeout", type=float, default=UPLOAD_TIMEOUT_S,
                        help="seconds an upload may take to arrive whole (default %(default)s)")

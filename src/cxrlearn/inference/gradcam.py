@@ -31,7 +31,7 @@ def grad_cam(model, x: torch.Tensor, finding: int) -> np.ndarray:
     cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     low, high = float(cam.min()), float(cam.max())
-    return ((cam - low) / (high - low)).numpy() if high > low else np.zeros(tuple(cam.shape), dtype=np.float32)
+    return ((cam - low) / (high - low)).cpu().numpy() if high > low else np.zeros(tuple(cam.shape), dtype=np.float32)
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -27,6 +27,7 @@ from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror
 from cxrlearn.model.bundle import load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
+from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
 
 #: File types a folder given to ``predict`` is searched for (named files may be of any type).
@@ -83,7 +84,7 @@ class Predictor:
     """A model bundle ready to predict: ``Predictor(run_dir).predict([pixels], names)``."""
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
-                 device: str = "cpu"):
+                 device: str = "auto"):
 
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
@@ -95,7 +96,7 @@ class Predictor:
         self.temperature: dict | None = self.meta.temperature
         self.tta = self.meta.tta
         self.runtime = runtime
-        self.device = device
+        self.device = resolve_device(device)
         self.input_check = InputCheck.load(self.model_dir, self.meta.input_check) if self.meta.input_check else None
         if runtime == "torch":
             self._load_torch()

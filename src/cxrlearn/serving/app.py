@@ -136,12 +136,14 @@ def default_decoders() -> int:
 
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False) -> FastAPI:
+               decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False,
+               device: str = "auto") -> FastAPI:
     """The service. ``strict``: refuse (422, naming the reason) an input the input check flags, rather than
-    answer it with ``input_check: "warning: ..."``."""
+    answer it with ``input_check: "warning: ..."``. ``device``: where the torch model runs (``auto``: a CUDA
+    GPU when there is one)."""
 
-    predictor = Predictor(model_dir, runtime=runtime)
-    cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch")
+    predictor = Predictor(model_dir, runtime=runtime, device=device)
+    cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch", device=device)
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(decoders or default_decoders())
     app = FastAPI(title="cxrlearn", description="Chest X-ray findings (NIH ChestX-ray14)", version="1")
@@ -203,10 +205,10 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runtime: str = "torch",
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
           upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
-          strict: bool = False) -> None:
+          strict: bool = False, device: str = "auto") -> None:
     import uvicorn
 
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
-                     upload_timeout_s=upload_timeout_s, strict=strict)
+                     upload_timeout_s=upload_timeout_s, strict=strict, device=device)
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limit_concurrency,
                 timeout_keep_alive=5)

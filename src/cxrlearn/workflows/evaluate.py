@@ -51,6 +51,7 @@ from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import average_with_mirror, predict_logits
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
+from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import BundleMeta
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
@@ -323,7 +324,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     summary = prepare_cache(both, cache_dir, fingerprint, size=size, workers=options.workers,
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
     log.info(summary.text())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     val = _predict(model, meta, cache_dir, val_rows, tta, options, device, findings, columns) \
         if val_rows is not None else None
     check = InputCheck.load(model_dir, meta.input_check) if meta.input_check else None

@@ -53,6 +53,7 @@ from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import library_versions, read_meta
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.device import resolve_device
 from cxrlearn.training.config import RunConfig, load_config, resolve_precision
 from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
 from cxrlearn.workflows.train import CHECKPOINTS, cache_location, train
@@ -164,7 +165,7 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
     """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here."""
 
     data, model_cfg, train = config.data, config.model, config.train
-    device = "cuda" if torch.cuda.is_available() and train.accelerator != "cpu" else "cpu"
+    device = resolve_device("cpu" if train.accelerator == "cpu" else "auto")
     precision = resolve_precision(train.precision, train.accelerator)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     batch, size = int(data.batch_size), int(data.image_size)

@@ -48,6 +48,7 @@ from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import load_bundle, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
 from cxrlearn.model.meta import BundleMeta, SplitRecord
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
@@ -329,7 +330,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
-    check = fit_check(model, datamodule, "cuda" if torch.cuda.is_available() else "cpu")
+    check = fit_check(model, datamodule, resolve_device())
     write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check,
                      findings)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
@@ -340,7 +341,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
 
 def summarise(model, datamodule, tta: bool, findings: list[str]) -> dict:
     """Per-finding AUC of ``model`` on the val and test images (single process)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     out = {}
     for name in ("val", "test"):
         if name in datamodule.datasets:
