@@ -215,6 +215,16 @@ def test_merge_from_the_cli_then_split_the_merged_table(tmp_path, capsys, sample
     nih_share = split[split[DATASET] == "nih"]["split"].value_counts(normalize=True)
     assert abs(nih_share["train"] - 0.7) < 0.01 and abs(nih_share["test"] - 0.2) < 0.01
     assert set(split[split[DATASET] == "hospital"]["split"]) == {"train", "val", "test"}
+    # Its statistics: the whole table, then each dataset's own.
+    stats_file = tmp_path / "stats.json"
+    assert main(["stats", "--table", str(out), "--json", str(stats_file)]) == 0
+    stats = __import__("json").loads(stats_file.read_text())
+    assert list(stats) == ["all", "dataset nih", "dataset chexpert", "dataset vindr", "dataset hospital"]
+    assert stats["dataset hospital"]["images"] == 40 and stats["dataset hospital"]["patients"] == 20
+    assert stats["dataset hospital"]["findings"]["Pleural Effusion"] == {"known": 40, "positives": 20,
+                                                                         "prevalence": 0.5}
+    assert stats["dataset chexpert"]["findings"]["Hernia"]["known"] == 0
+    assert stats["all"]["findings"]["Hernia"]["known"] == 112120
     # One image folder: NIH's file names anywhere under it, CheXpert's paths under their folder there.
     root = tmp_path / "images"
     nih_images = sorted(sample_images.glob("*.png"))[:3]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import attach_images
@@ -145,6 +146,7 @@ def test_a_model_is_judged_on_another_tables_shared_findings(trained_run, own_ta
     run, split = trained_run
     table = pd.read_csv(own_table, dtype=str, keep_default_na=False)
     table["mrn"] = table["mrn"].str.removeprefix("H")  # the same patients as the run's split: its leak check holds
+    table["dataset"] = np.where(table["mrn"].astype(int) % 3 == 0, "site-b", "site-a")  # as a merged table has
     external = tmp_path / "external.csv"
     table.to_csv(external, index=False)
     options = EvaluationOptions(split=str(split), subset="test", table=str(external),
@@ -158,3 +160,16 @@ def test_a_model_is_judged_on_another_tables_shared_findings(trained_run, own_ta
     assert metrics.skipped["Nodule or Mass"] == metrics.skipped["Infiltrate"] == "the model does not predict it"
     assert "Not judged: " in (tmp_path / "external" / "report.md").read_text()
     assert json.loads((tmp_path / "external" / "metrics.json").read_text())["skipped"]["Hernia"]
+    # A merged table's evaluation is also given dataset by dataset, each on its own images.
+    by_dataset = {g["group"]: g for g in metrics.subgroups if g["attribute"] == "dataset"}
+    assert set(by_dataset) == {"site-a", "site-b"}
+    assert sum(g["n_images"] for g in by_dataset.values()) == metrics.n_images
+    judged = pd.read_csv(tmp_path / "external" / "predictions.csv", dtype={"image": str}).query("split == 'test'")
+    judged = judged.merge(table[["file", "dataset"]], left_on="image", right_on="file")
+    site = judged[judged["dataset"] == "site-b"]
+    assert by_dataset["site-b"]["n_images"] == len(site)
+    for name in by_dataset["site-b"]["mean_over"]:
+        known = site[f"label_{name}"].notna()
+        assert by_dataset["site-b"]["auc"][name] == pytest.approx(
+            roc_auc_score(site.loc[known, f"label_{name}"], site.loc[known, name]), abs=1e-9)
+    assert "site-b" in (tmp_path / "external" / "report.md").read_text()

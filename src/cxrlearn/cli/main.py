@@ -125,6 +125,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     _want_file(args.json, "--json")
     table, source = _load_table(args, args.images)
     result: dict = {"all": table_stats(table)}
+    if DATASET in table and table[DATASET].nunique() > 1:  # a merged table: each dataset's own counts too
+        for name, part in table.groupby(DATASET, sort=False):
+            result[f"dataset {name}"] = table_stats(part)
     if args.split:
         table = apply_split(table, read_split_file(args.split), source=str(args.split))
         for name in SPLITS:
@@ -132,7 +135,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             if len(part):
                 result[name] = table_stats(part)
     for name, stats in result.items():
-        print(format_stats(stats, title=name if args.split else source.name))
+        print(format_stats(stats, title=source.name if len(result) == 1 else name))
         print()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""AUC by sex, age band and view position: where is the model weaker?
+"""AUC by dataset (a merged table's), sex, age band and view position: where is the model weaker?
 
 Each subgroup gets the full per-finding treatment of
 :func:`~cxrlearn.evaluation.metrics.finding_metrics` (with patient-level
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlearn.data.cohort.stats import AGE_BANDS, age_band
-from cxrlearn.data.columns import AGE, PATIENT_ID, SEX, VIEW
+from cxrlearn.data.columns import AGE, DATASET, PATIENT_ID, SEX, VIEW
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from cxrlearn.evaluation.metrics import finding_metrics
 
@@ -23,11 +23,13 @@ def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray,
                      n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
     """One entry per (attribute, group): counts, per-finding AUC and mean AUC with its interval.
 
-    ``rows``: the evaluated images' table rows (``sex``, ``age``, ``view`` where the table has them,
-    ``patient_id``), aligned with ``labels`` and ``scores``. Images whose attribute is unknown are in no
-    group of it.
+    ``rows``: the evaluated images' table rows (``dataset``, ``sex``, ``age``, ``view`` where the table has
+    them, ``patient_id``), aligned with ``labels`` and ``scores``. Images whose attribute is unknown are in no
+    group of it; a finding a dataset has no labels for gets no AUC in that dataset's group.
     """
     groups = {}
+    if DATASET in rows and rows[DATASET].nunique() > 1:  # a merged table: how does each source fare?
+        groups["dataset"] = rows[DATASET].fillna("").astype(str).to_numpy()
     if SEX in rows:
         groups["sex"] = rows[SEX].fillna("").astype(str).to_numpy()
     if AGE in rows:
