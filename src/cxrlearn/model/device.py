@@ -6,9 +6,6 @@ import torch
 
 from cxrlearn.errors import ConfigError
 
-#: What ``--device`` accepts besides ``cuda:N``.
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def resolve_device(requested: str = "auto") -> str:
     """``auto``: the first CUDA GPU when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked,

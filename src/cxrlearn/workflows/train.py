@@ -361,6 +361,9 @@ def fit_check(model, datamodule, device: str) -> InputCheck | None:
         return None
     model = model.to(device).eval()
     transform = datamodule.transform.to(device)
+    counts = {name: min(len(datamodule.datasets[name]), MAX_FIT_IMAGES) for name in ("train", "val")}
+    log.info(f"input check: the backbone's features of {counts['train']:,} training and {counts['val']:,} "
+             f"validation images ({device})")
 
     def collect(name: str) -> tuple[np.ndarray, np.ndarray]:
         dataset = datamodule.datasets[name]

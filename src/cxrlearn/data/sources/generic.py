@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from cxrlearn._files import read_bytes, write_atomic
-from cxrlearn.data.columns import AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW
+from cxrlearn.data.columns import (AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW,
+                                   finding_columns)
 from cxrlearn.errors import DataError
 
 #: The values a finding column may hold, and what each means (NaN: unknown).
@@ -163,7 +164,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     image, patient, the metadata it has (dataset, view, sex, age) and each finding as 1, 0 or blank (unknown).
     :func:`read_table` with the default columns reads it back as it was."""
     path = Path(path)
-    findings = [c for c in table.columns if c not in METADATA]
+    findings = finding_columns(table)
     out = pd.DataFrame({"image": table[IMAGE], "patient": table[PATIENT_ID]})
     for column in (DATASET, VIEW, SEX, AGE):
         if column in table.columns:
