@@ -14,10 +14,10 @@ def test_public_names_import_from_the_package_and_are_the_library_functions():
     assert make_split is defined
     assert {"Predictor", "load_bundle", "make_split", "train", "evaluate"} <= set(cxrlearn.__all__)
     assert all(callable(f) for f in (Predictor, evaluate, load_bundle, make_split, read_label_table, train))
-    from cxrlearn import merge_tables, read_labels
+    from cxrlearn import merge_tables, read_labels, write_table
     from cxrlearn.data.sources.datasets import read_labels as reader
 
-    assert read_labels is reader and callable(merge_tables)
+    assert read_labels is reader and callable(merge_tables) and callable(write_table)
 
 
 def test_importing_the_package_loads_no_heavy_dependency():

@@ -20,6 +20,7 @@ _LAZY = {
     "read_label_table": "cxrlearn.data.sources.nih",
     "read_labels": "cxrlearn.data.sources.datasets",
     "merge_tables": "cxrlearn.data.sources.datasets",
+    "write_table": "cxrlearn.data.sources.generic",
     "make_split": "cxrlearn.data.cohort.split",
     "read_split_file": "cxrlearn.data.cohort.split",
     "load_grayscale": "cxrlearn.data.decoding.images",
