@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cxrlearn.data.decoding.images import load_grayscale_and_colour
+from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
@@ -29,10 +29,6 @@ from cxrlearn.model.bundle import load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
-
-#: File types a folder given to ``predict`` is searched for (named files may be of any type).
-INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
-
 
 @dataclass
 class Prediction:
@@ -67,12 +63,13 @@ class Prediction:
 
 
 def find_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named, and image/DICOM files found in folders named (recursively, sorted)."""
+    """Files named (of any type), and the image/DICOM files (:data:`IMAGE_SUFFIXES`) found in folders named
+    (recursively, sorted)."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.exists():
             found.append(path)
         else:
