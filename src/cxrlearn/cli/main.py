@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="table to write (.parquet, .csv or .csv.gz)")
     merge.add_argument("--image-folder", action="append", metavar="NAME=FOLDER",
                        help="put NAME's relative image paths under FOLDER, a folder of the image folder that "
-                            "training reads (--images); file names (NIH's) are found anywhere under it")
+                            "training reads (--images); file names (NIH's) are found as NIH's archives unpack there")
     _add_reading_options(merge)
     merge.set_defaults(run=_cmd_merge)
 

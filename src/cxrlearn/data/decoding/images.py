@@ -123,8 +123,9 @@ class ImagePresence:
 def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence:
     """Keep the rows of ``table`` whose image is under ``root``, adding a ``path`` column.
 
-    An image is a file name (found anywhere under ``root``, as NIH's archives unpack) or a path relative
-    to ``root`` (``train/patient00001/study1/view1_frontal.jpg``, as CheXpert and MIMIC-CXR list theirs).
+    An image is a file name (found in ``root``, ``root/images`` or ``images_NNN/images`` as NIH's archives
+    unpack: :func:`find_images`) or a path relative to ``root``
+    (``train/patient00001/study1/view1_frontal.jpg``, as CheXpert and MIMIC-CXR list theirs).
     Raises :class:`DataError` when none of the table's images is there, saying where it looked, so a
     wrong folder is caught before any work starts.
     """

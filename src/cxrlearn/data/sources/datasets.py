@@ -86,8 +86,8 @@ def merge_tables(tables: dict[str, pd.DataFrame], image_folders: dict[str, str] 
     has; a finding a dataset lacks is unknown (NaN) there, never negative.
 
     ``image_folders`` (name -> folder) puts a dataset's relative image paths under a folder of the one image
-    folder training reads (``chexpert`` -> ``CheXpert-v1.0-small``); file names (NIH's) are found anywhere
-    under it and need none."""
+    folder training reads (``chexpert`` -> ``CheXpert-v1.0-small``); file names (NIH's) are found by name where
+    NIH's archives unpack in it and need none."""
     if not tables:
         raise DataError("nothing to merge")
     image_folders = dict(image_folders or {})
@@ -116,12 +116,13 @@ def merge_tables(tables: dict[str, pd.DataFrame], image_folders: dict[str, str] 
 
 
 def _under(name: str, images: pd.Series, folder: str) -> pd.Series:
-    """A dataset's relative image paths under ``folder``; file names are refused (they are found anywhere)."""
+    """A dataset's relative image paths under ``folder``; file names are refused (:func:`find_images`
+    finds them by name)."""
     folder = folder.strip().strip("/")
     named = ~images.str.contains("/", regex=False)
     if named.any():
-        raise DataError(f"{name}: its images are file names ({images[named].iloc[0]!r}), found anywhere under the "
-                        "image folder: give no folder for them")
+        raise DataError(f"{name}: its images are file names ({images[named].iloc[0]!r}), found by name in the "
+                        "image folder as NIH's archives unpack: give no folder for them")
     if not folder:
         raise DataError(f"{name}: an empty image folder")
     return folder + "/" + images.str.lstrip("/")
