@@ -82,15 +82,20 @@ def _want_file(path: Path | None, option: str) -> None:
         raise DataError(f"{option} {path} is a folder; name the file to write")
 
 
-def _columns(items: list[str]) -> dict:
-    """``--column image=Path --column patient=mrn`` as ``{"image": "Path", "patient": "mrn"}``."""
+def _pairs(items: list[str] | None, option: str, form: str) -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` options as a dict; one without ``=`` or a value is refused, naming the option."""
     out = {}
     for item in items or []:
-        role, sep, name = item.partition("=")
-        if not sep or not name:
-            raise DataError(f"--column {item!r}: expected ROLE=COLUMN (roles: image, patient, view, sex, age)")
-        out[role.strip()] = name.strip()
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise DataError(f"{option} {item!r}: expected {form}")
+        out[key.strip()] = value.strip()
     return out
+
+
+def _columns(items: list[str] | None) -> dict[str, str]:
+    """``--column image=Path --column patient=mrn`` as ``{"image": "Path", "patient": "mrn"}``."""
+    return _pairs(items, "--column", "ROLE=COLUMN (roles: image, patient, view, sex, age)")
 
 
 def _labels(args: argparse.Namespace):
@@ -146,6 +151,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
+    folders = _pairs(args.image_folder, "--image-folder", "NAME=FOLDER")  # refused before any table is read
     parts = {}
     for spec in args.sources:
         name, _, path = spec.partition("=")
@@ -159,12 +165,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         parts[name] = read_labels(Path(path) if path else None, dataset, _columns(args.column), None, args.uncertain)
         print(f"{name}: {len(parts[name]):,} images of {parts[name][PATIENT_ID].nunique():,} patients, "
               f"{len(finding_columns(parts[name]))} findings", file=sys.stderr)
-    folders = {}
-    for item in args.image_folder or []:
-        name, sep, folder = item.partition("=")
-        if not sep:
-            raise DataError(f"--image-folder {item!r}: expected NAME=FOLDER")
-        folders[name.strip()] = folder
     merged = merge_tables(parts, folders)
     write_table(merged, args.out)
     findings = finding_columns(merged)
