@@ -38,7 +38,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
-from cxrlearn.data.decoding.images import colour_spread, decode_grayscale
+from cxrlearn.data.decoding.images import decode_grayscale_and_colour
 from cxrlearn.defaults import usable_cores
 from cxrlearn.errors import DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import heatmaps, overlay
@@ -59,18 +59,20 @@ def _check_name(name: str | None) -> str:
     return name
 
 
-def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> np.ndarray:
-    """Decoded grayscale pixels of an upload; every failure is the upload's and becomes a 4xx.
+def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> tuple[np.ndarray, float]:
+    """Decoded grayscale pixels of an upload and its colour spread; every failure is the upload's and becomes
+    a 4xx.
 
     Images whose decoded pixels would exceed the budget are refused from their headers (413), before any
-    pixel is decoded; at most as many decodes as ``slots`` allows run at once.
+    pixel is decoded; at most as many decodes as ``slots`` allows run at once (the colour spread's
+    thumbnail among them, not under the inference lock).
     """
 
     if not data:
         raise HTTPException(422, f"{name}: the upload is empty")
     try:
         with slots:
-            return decode_grayscale(data, name)
+            return decode_grayscale_and_colour(data, name)
     except ImageTooLarge as err:
         raise HTTPException(413, str(err)) from None
     except DataError as err:
@@ -171,9 +173,9 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(413, f"{name}: upload over the limit of {max_upload_bytes:,} bytes")
         if cam is not None and cam != "top" and cam not in predictor.findings:
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
-        pixels = _decode(data, name, slots)
+        pixels, colour = _decode(data, name, slots)
         with lock:
-            result = predictor.predict([pixels], [name], [colour_spread(data)])[0]
+            result = predictor.predict([pixels], [name], [colour])[0]
             if strict and result.flagged:
                 raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
             body = {

@@ -166,8 +166,12 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
 
 def load_grayscale_and_colour(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """:func:`load_grayscale` and :func:`colour_spread` of one file, read from disk once."""
-    data = read_bytes(path, "image file", DataError)
-    return decode_grayscale(data, str(path)), colour_spread(data)
+    return decode_grayscale_and_colour(read_bytes(path, "image file", DataError), str(path))
+
+
+def decode_grayscale_and_colour(data: bytes, name: str) -> tuple[np.ndarray, float]:
+    """:func:`decode_grayscale` and :func:`colour_spread` of an image's bytes (a file's, or an upload's)."""
+    return decode_grayscale(data, name), colour_spread(data)
 
 
 def decode_grayscale(data: bytes, name: str) -> np.ndarray:
