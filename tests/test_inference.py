@@ -312,12 +312,19 @@ def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
 
     run = evaluated[0]
     paths = [sample_images / n for n in sorted(find_images(sample_images))[:40]]
-    torch_p, _ = Predictor(run).predict_files(paths, batch_size=16, progress=False)
+    on_torch = Predictor(run)
+    torch_p, _ = on_torch.predict_files(paths, batch_size=16, progress=False)
     onnx_p, _ = Predictor(onnx_file.parent, runtime="onnx").predict_files(paths, batch_size=7, progress=False)
     a = np.array([[p.probabilities[f] for f in FINDINGS] for p in torch_p])
     b = np.array([[p.probabilities[f] for f in FINDINGS] for p in onnx_p])
     assert np.abs(a - b).max() <= 1e-4
-    assert [p.positive for p in torch_p] == [p.positive for p in onnx_p]
+    # The same positive calls, except where a probability lies within that parity bound of its threshold:
+    # thresholds are chosen on val probabilities, so a val image among these sits exactly on one, and
+    # either runtime may fall on either side of it (seen with OMP_NUM_THREADS=1).
+    thresholds = np.array([on_torch.thresholds[f] for f in FINDINGS])
+    decided = np.abs(a - thresholds) > 1e-4
+    calls = lambda predictions: np.array([[f in p.positive for f in FINDINGS] for p in predictions])  # noqa: E731
+    assert decided.mean() > 0.95 and (calls(torch_p) == calls(onnx_p))[decided].all()
     # The input check runs on the ONNX file's own features output too.
     assert [p.input_check for p in torch_p] == [p.input_check for p in onnx_p]
     assert np.allclose([p.input_score for p in torch_p], [p.input_score for p in onnx_p], rtol=1e-3)
