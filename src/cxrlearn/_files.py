@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -36,11 +39,37 @@ def read_bytes(path: str | os.PathLike, what: str, error: type[Exception]) -> by
         raise error(f"{path}: cannot read: {err.strerror or err}") from None
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then a rename.
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under umask 022).
 
-    A run killed mid-write leaves the old file (or none) and a ``.tmp-*`` file that
-    :func:`remove_stale_temporaries` clears, never a truncated one.
+    The umask can only be read by setting it, so it is set back at once, under a lock (threads share it).
+    """
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename or a new name in ``folder`` durable: after a power cut the file is there under its name."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a file system that cannot open folders: nothing more can be done
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename, then the folder synced.
+
+    The file gets the mode a new file gets under the user's umask (``mkstemp``'s own 0600 would keep a
+    colleague or a service account from reading a model). A run killed mid-write leaves the old file (or
+    none) and a ``.tmp-*`` file that :func:`remove_stale_temporaries` clears, never a truncated one.
     """
 
     path = Path(path)
@@ -51,8 +80,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         with os.fdopen(handle, "wb") as out:
             out.write(raw)
             out.flush()
+            os.fchmod(out.fileno(), new_file_mode())
             os.fsync(out.fileno())
         os.replace(temporary, path)
+        fsync_folder(path.parent)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -21,3 +21,15 @@ class ConfigError(CxrlearnError):
 class ImageTooLarge(DataError):
     """An image whose decoded pixels would exceed the budget (:data:`cxrlearn.data.decoding.images.MAX_DECODED_BYTES`),
     refused from its header before decoding. The service answers it with 413."""
+
+
+class Interrupted(BaseException):
+    """The work was stopped from outside: Ctrl-C (SIGINT) or SIGTERM, as SLURM and Kubernetes stop a job.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it. ``kept`` says
+    what was kept and ``resume`` how to continue (both may be empty); the CLI prints them and exits 130.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT", kept: str = "", resume: str = ""):
+        super().__init__(signal_name)
+        self.signal_name, self.kept, self.resume = signal_name, kept, resume

@@ -66,6 +66,45 @@ def harmonised(name: str) -> str | None:
     return name if name in HARMONISED else None
 
 
+#: Other names hospitals and datasets write for harmonised findings, in the form :func:`finding_key` makes
+#: (lower case, single spaces). Case, spaces, underscores and hyphens never matter; these are the words that do.
+SYNONYMS: dict[str, str] = {
+    "infiltrate": "Infiltration", "infiltrates": "Infiltration", "effusion": "Pleural Effusion",
+    "effusions": "Pleural Effusion", "pleural effusions": "Pleural Effusion", "pneumothoraces": "Pneumothorax",
+    "lung nodule": "Nodule", "pulmonary nodule": "Nodule", "nodules": "Nodule", "masses": "Mass",
+    "lung mass": "Mass", "nodule mass": "Nodule or Mass", "nodule/mass": "Nodule or Mass",
+    "pulmonary edema": "Edema", "oedema": "Edema", "pulmonary oedema": "Edema", "consolidations": "Consolidation",
+    "pulmonary fibrosis": "Fibrosis", "enlarged heart": "Cardiomegaly", "cardiac enlargement": "Cardiomegaly",
+    "fractures": "Fracture", "support device": "Support Devices", "lung opacities": "Lung Opacity",
+    "lung lesions": "Lung Lesion", "hiatal hernia": "Hernia",
+}
+
+
+def finding_key(name: str) -> str:
+    """A finding name with case, underscores, hyphens and repeated spaces taken out: what two spellings of
+    one name share (``Pleural_Thickening``, ``pleural thickening``, ``PLEURAL-THICKENING``)."""
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _known_by_key() -> dict[str, str]:
+    known = {finding_key(n): n for n in FINDINGS}
+    known |= {finding_key(n): n for n in HARMONISED}  # the harmonised name wins where both share a key
+    return known | SYNONYMS
+
+
+_KNOWN = _known_by_key()
+
+
+def canonical_column(name: str) -> str:
+    """The name a table's finding column is read under: NIH's and the harmonised names as written; another
+    spelling or a common synonym of one of them as that name (``Infiltrate`` -> ``Infiltration``, ``pleural
+    effusion`` -> ``Pleural Effusion``); any other name as it is (a finding of the table's own)."""
+    name = name.strip()
+    if name in FINDINGS or name in HARMONISED:
+        return name
+    return _KNOWN.get(finding_key(name), name)
+
+
 def match_findings(wanted: Sequence[str], available: Sequence[str]) -> dict[str, str]:
     """Each name of ``wanted`` that ``available`` also has, by the same name or else the same harmonised name
     (NIH's ``Effusion`` is ``Pleural Effusion``), mapped to the name ``available`` gives it."""

@@ -13,9 +13,12 @@ unexpected failure (a bug) exits 1 with Python's traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -43,7 +46,7 @@ from cxrlearn.data.sources.datasets import READERS, labels_path, merge_tables, r
 from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
 from cxrlearn.defaults import IMAGE_SIZE
-from cxrlearn.errors import CxrlearnError, DataError
+from cxrlearn.errors import CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.model import ONNX_OPSET
 from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
@@ -98,10 +101,21 @@ def _columns(items: list[str] | None) -> dict[str, str]:
     return _pairs(items, "--column", "ROLE=COLUMN (roles: image, patient, view, sex, age)")
 
 
+def _findings(args: argparse.Namespace) -> list[str] | None:
+    """``--findings A,B`` as a list (None when not given)."""
+    if not getattr(args, "findings", None):
+        return None
+    names = [name.strip() for name in args.findings.split(",") if name.strip()]
+    if not names:
+        raise DataError(f"--findings {args.findings!r}: name at least one finding column")
+    return names
+
+
 def _labels(args: argparse.Namespace):
     """The label table the options name, and its file: --table/--dataset (another table), else NIH's (--csv or
     the shipped one)."""
-    table = read_labels(args.table, args.dataset, _columns(args.column), None, args.uncertain, csv=args.csv)
+    table = read_labels(args.table, args.dataset, _columns(args.column), _findings(args), args.uncertain,
+                        csv=args.csv)
     return table, labels_path(args.table, args.csv)
 
 
@@ -143,8 +157,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(format_stats(stats, title=source.name if len(result) == 1 else name))
         print()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -162,7 +175,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if name in parts:
             raise DataError(f"{name!r} is given twice: name each part once")
         dataset = name if name in READERS else None
-        parts[name] = read_labels(Path(path) if path else None, dataset, _columns(args.column), None, args.uncertain)
+        parts[name] = read_labels(Path(path) if path else None, dataset, _columns(args.column),
+                                  None if dataset else _findings(args), args.uncertain)
         print(f"{name}: {len(parts[name]):,} images of {parts[name][PATIENT_ID].nunique():,} patients, "
               f"{len(finding_columns(parts[name]))} findings", file=sys.stderr)
     merged = merge_tables(parts, folders)
@@ -238,6 +252,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["data"].update(table=str(args.table) if args.table else None, dataset=args.dataset,
                                  uncertain=args.uncertain)
         overrides["data"]["columns"] = _columns(args.column)
+    if args.findings:
+        overrides["data"]["findings"] = _findings(args)
     if args.init_from:
         overrides["model"]["init_from"] = str(args.init_from)
     _want_folder(args.out, "--out")
@@ -255,7 +271,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
         write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
         table=str(args.table) if args.table else None, dataset=args.dataset, columns=_columns(args.column),
-        uncertain=args.uncertain,
+        uncertain=args.uncertain, findings=_findings(args),
     )
     _want_folder(args.out, "--out")
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
@@ -371,7 +387,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     result = pointing_game(Predictor(args.model), find_images(args.images), read_boxes(args.boxes),
                            overlays=args.out / "overlays", progress=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pointing_game.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_atomic(args.out / "pointing_game.json", json.dumps(result, indent=2) + "\n")
     if not result["boxes"]:
         print("none of the boxed images is in the image folder")
         return 1
@@ -417,6 +433,10 @@ def _add_reading_options(parser: argparse.ArgumentParser) -> None:
                              "(default image=image, patient=patient; view, sex, age when so named)")
     parser.add_argument("--uncertain", choices=list(UNCERTAIN_POLICIES), default="ignore",
                         help="what an uncertain (-1) label becomes: ignore (unknown), positive or negative")
+    parser.add_argument("--findings", metavar="A,B,...",
+                        help="the table's finding columns, comma-separated (default: every column that is not the "
+                             "image, patient, view, sex or age); the other columns (an accession, a site) are ignored "
+                             "(merge: the generic-format tables' columns)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -635,6 +655,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Ctrl-C (SIGINT) and SIGTERM (how SLURM and Kubernetes stop a job) raise :class:`Interrupted` in this
+    process, so that the work in progress can keep what it has (Lightning turns a plain KeyboardInterrupt into
+    exit status 1). Processes forked from this one (data loader workers) ignore them: this one stops them."""
+    main_pid = os.getpid()
+
+    def handler(number, frame):
+        if os.getpid() == main_pid:
+            raise Interrupted(signal.Signals(number).name)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _continue_command(resume: str) -> str:
+    """The command that continues interrupted work: this one again, with ``resume``'s option added if asked."""
+    words = ["cxrlearn", *sys.argv[1:]]
+    if resume and resume not in words:
+        words.append(resume)
+    return shlex.join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -642,12 +689,17 @@ def main(argv: list[str] | None = None) -> int:
     if "csv" in args and args.csv is None and args.command not in ("train", "evaluate"):
         args.csv = tables.label_table()
     try:
-        return args.run(args)
+        with _signals_interrupt():
+            return args.run(args)
     except CxrlearnError as err:
         print(f"cxrlearn {args.command}: error: {err}", file=sys.stderr)
         return EXIT_REFUSED
-    except KeyboardInterrupt:
-        print(f"cxrlearn {args.command}: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as err:
+        kept = getattr(err, "kept", "")
+        resume = getattr(err, "resume", "")
+        what = f"kept {kept}; continue with: {_continue_command(resume)}" if kept else "nothing to keep"
+        print(f"cxrlearn {args.command}: interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {what}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

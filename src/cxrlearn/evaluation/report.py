@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from cxrlearn._files import write_atomic
 from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics
 from cxrlearn.evaluation.operating_points import METHODS
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
@@ -335,5 +336,5 @@ def write_report(out: Path, metrics: EvaluationMetrics, labels: np.ndarray, prob
     plot_roc_curves(out / ROC_FIGURE, labels, probs, findings, metrics)
     plot_reliability(out / RELIABILITY_FIGURE, metrics.calibration["test"], findings)
     blocks = build_blocks(metrics, findings)
-    (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(render_html(blocks), encoding="utf-8")
+    write_atomic(out / "report.md", render_markdown(blocks))
+    write_atomic(out / "report.html", render_html(blocks))

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrlearn._files import file_digest
+from cxrlearn._files import file_digest, write_atomic
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError
 from cxrlearn.model import ONNX_OPSET
@@ -98,9 +98,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     entry.value = json.dumps(contract(meta, file_digest(model_dir / WEIGHTS)))
     proto.producer_name = "cxrlearn"
     onnx.checker.check_model(proto)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    write_atomic(out, proto.SerializeToString())
     return out
 
 

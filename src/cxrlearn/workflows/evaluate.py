@@ -29,7 +29,7 @@ import sklearn
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlearn._files import file_digest, source_digest
+from cxrlearn._files import file_digest, source_digest, write_atomic
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
 from cxrlearn.data.columns import IMAGE, PATIENT_ID, finding_columns, label_values
 from cxrlearn.data.decoding.images import attach_images
@@ -39,7 +39,7 @@ from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.data.sources.datasets import labels_path, read_labels
 from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.data.sources.nih import read_image_list, read_label_table
-from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.errors import ConfigError, DataError, Interrupted
 from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.expert import expert_metrics
@@ -85,6 +85,7 @@ class EvaluationOptions:
     dataset: str | None = None
     columns: dict | None = None
     uncertain: str = "ignore"
+    findings: list[str] | None = None  # the table's finding columns (default: every column without a role)
 
     @property
     def chooses_thresholds(self) -> bool:
@@ -254,7 +255,7 @@ def _judged_table(meta: BundleMeta, csv, options: EvaluationOptions) -> tuple[pd
     """The label table to judge with, and its file or folder: ``options.table``/``dataset`` (another table);
     else ``csv`` (NIH's); else the run's own, as its config recorded it."""
     if options.table or options.dataset:
-        return (read_labels(options.table, options.dataset, options.columns, None, options.uncertain),
+        return (read_labels(options.table, options.dataset, options.columns, options.findings, options.uncertain),
                 labels_path(options.table))
     if csv:
         return read_label_table(csv), Path(csv)
@@ -285,9 +286,19 @@ def _shared_findings(table: pd.DataFrame, predicted: list[str]) -> tuple[pd.Data
 
 def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images: str | os.PathLike,
              out: str | os.PathLike, options: EvaluationOptions | None = None) -> EvaluationMetrics:
-    """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics."""
+    """Evaluate the bundle in ``model_dir`` on images of ``images``; write results to ``out``; return the metrics.
 
-    options = options or EvaluationOptions()
+    Interrupted, it raises :class:`Interrupted`: the images decoded into the cache so far are kept, and the
+    same command continues from them; the bundle and ``out`` are written only at the end, whole."""
+    try:
+        return _evaluate(model_dir, csv, images, out, options or EvaluationOptions())
+    except (KeyboardInterrupt, Interrupted) as err:
+        raise Interrupted(getattr(err, "signal_name", "SIGINT"), "the images decoded into the preprocessing cache "
+                          "so far (the model bundle is unchanged)", "") from None
+
+
+def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> EvaluationMetrics:
+
     if options.threshold_method not in METHODS:
         raise ConfigError(f"threshold method {options.threshold_method!r} is not one of {', '.join(METHODS)}")
     if options.resamples < 100:
@@ -390,7 +401,7 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     metrics.provenance = _provenance(model_dir, meta, csv, images, selection.info, options, left_out, tta)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / METRICS_FILE, json.dumps(metrics.to_dict(), indent=2) + "\n")
     parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)

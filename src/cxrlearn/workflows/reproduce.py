@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cxrlearn._files import write_atomic
 from cxrlearn.configs import RECIPES, Recipe
 from cxrlearn.data.cohort.split import read_split_file, split_and_save
 from cxrlearn.data.decoding.images import attach_images
@@ -47,7 +48,7 @@ from cxrlearn.data.pipeline.cache import (
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
-from cxrlearn.errors import ConfigError
+from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import EvaluationMetrics
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.findings import FINDINGS
@@ -92,7 +93,7 @@ class _State:
                 + "); rerun with the same options to continue it, or choose another --out")
         self.data["settings"] = settings
         self.data.setdefault("stages", {})
-        self._save()
+        self.save()
 
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
@@ -100,24 +101,29 @@ class _State:
     def finish(self, stage: str, seconds: float, **details) -> None:
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **details,
                                       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        self._save()
+        self.save()
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
-        temporary.replace(self.path)
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def _stage(state: _State, name: str, work, **details) -> None:
-    """Run ``work()`` unless the stage is recorded as finished; record it with its time."""
+    """Run ``work()`` unless the stage is recorded as finished; record it with its time, which counts the time
+    spent in earlier, interrupted attempts at it too."""
     if state.done(name):
         log.info(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
         return
-    log.info(f"[{name}] …")
+    earlier = state.data.setdefault("unfinished", {}).get(name, 0.0)
+    log.info(f"[{name}] …" + (f" (continued after {earlier:.0f} s in earlier attempts)" if earlier else ""))
     started = time.time()
-    work()
-    seconds = time.time() - started
+    try:
+        work()
+    except BaseException:
+        state.data["unfinished"][name] = round(earlier + time.time() - started, 1)
+        state.save()
+        raise
+    seconds = earlier + time.time() - started
+    state.data["unfinished"].pop(name, None)
     state.finish(name, seconds, **details)
     log.info(f"[{name}] done in {seconds:.0f} s")
 
@@ -200,7 +206,17 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
 
 
 def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
-    """Run (or continue) the reproduction; return what ``reproduction.json`` holds."""
+    """Run (or continue) the reproduction; return what ``reproduction.json`` holds. Interrupted, it raises
+    :class:`Interrupted`: the finished stages are kept, and the same command continues at the first other."""
+    try:
+        return _reproduce(recipe_name, options)
+    except (KeyboardInterrupt, Interrupted) as err:
+        raise Interrupted(getattr(err, "signal_name", "SIGINT"),
+                          f"the finished stages ({Path(options.out) / STATE_FILE}) and the interrupted stage's work "
+                          "so far (downloaded archives, the cache, training's last checkpoint)", "") from None
+
+
+def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
 
     if recipe_name not in RECIPES:
         raise ConfigError(f"no recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
@@ -349,8 +365,8 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
               f"- settings: {json.dumps(state['settings'])}", ""]
     if report["command"]:
         lines += [f"Command: `{report['command']}`", ""]
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / REPORT_MD).write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    write_atomic(out / REPORT_MD, "\n".join(lines))
     return report
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Subset
 
@@ -41,12 +41,12 @@ from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
-from cxrlearn.errors import ConfigError
+from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
-from cxrlearn.model.bundle import load_bundle, save_bundle
+from cxrlearn.model.bundle import load_bundle, read_meta, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
@@ -77,12 +77,42 @@ def cache_location(cache: str | None, size: int, run_dir: Path, fingerprint: str
     return Path(cache) if cache else Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{size}"
 
 
+def check_before_work(config: RunConfig) -> None:
+    """Refuse, naming the key, every setting that can be found wrong without reading data: run before a split,
+    cache or file of the run is written, so a typo costs a second, not a cache build and a litter of files."""
+
+    data, model = config.data, config.model
+    if not data.images:
+        raise ConfigError("training needs data.images (the image folder: --images)")
+    _want(data.images, "data.images (--images)", folder=True)
+    for key, value in (("data.table (--table)", data.table), ("data.csv (--csv)", data.csv)):
+        if value:
+            _want(value, key, folder=None if key.startswith("data.table") else False)
+    for key, value in (("data.split (--split)", data.split), ("model.weights", model.weights)):
+        if value:
+            _want(value, key, folder=False)
+    if data.cache and Path(data.cache).exists() and not Path(data.cache).is_dir():
+        raise ConfigError(f"data.cache (--cache) {data.cache}: is a file; the cache is a folder")
+    backbone_config(model.backbone)  # an unknown backbone is refused by name, with similar names
+    if model.init_from:
+        read_meta(model.init_from)  # a folder that is not a bundle (or a damaged one) is refused by name
+
+
+def _want(path: str, key: str, folder: bool | None) -> None:
+    """``path`` must exist (a folder when ``folder``, a file when it is False, either when None)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key} {path}: no such {'folder' if folder else 'file'}")
+    if folder and not path.is_dir():
+        raise ConfigError(f"{key} {path}: is a file; a folder is needed here")
+    if folder is False and path.is_dir():
+        raise ConfigError(f"{key} {path}: is a folder; a file is needed here")
+
+
 def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
 
     data = config.data
-    if not data.images:
-        raise ConfigError("training needs data.images (the image folder: --images)")
     table_path = labels_path(data.table, data.csv)
     table = read_run_labels(data)
     fingerprint = table_fingerprint(table)
@@ -249,6 +279,22 @@ def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume
     )
 
 
+class KeepInterruptedEpoch(Callback):
+    """On Ctrl-C or SIGTERM during fitting, save the state reached as ``last.ckpt``, mid-epoch if need be, so that
+    ``--resume`` continues from there: a run stopped in its first epoch can be resumed too. (Lightning then
+    replays the interrupted epoch's remaining batches from a fresh loader and warns that the loader is not
+    resumable.) One process only: in a DDP run a save needs every process, and the end of the last epoch is kept."""
+
+    def __init__(self, path: Path):
+        self.path, self.saved = path, ""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, Interrupted)) or trainer.world_size > 1:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved = (f"epoch {trainer.current_epoch + 1}, step {trainer.global_step:,}: {self.path}")
+
+
 def _atomic_checkpoints():
     """Lightning's checkpoint writer, but writing beside the checkpoint (then renaming) instead of in the
     system's temporary folder, so that a write killed half-way leaves a temporary file that the next run in
@@ -264,10 +310,23 @@ def _atomic_checkpoints():
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
-    """Run the training that ``config`` describes into ``run_dir``; return the bundle folder."""
+    """Run the training that ``config`` describes into ``run_dir``; return the bundle folder.
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Interrupted (Ctrl-C, SIGTERM), it raises :class:`Interrupted` saying what was kept and how to continue."""
+    try:
+        return _train(config, Path(run_dir), resume, progress)
+    except (KeyboardInterrupt, Interrupted) as err:
+        if isinstance(err, Interrupted) and err.kept:
+            raise
+        last = Path(run_dir) / CHECKPOINTS / "last.ckpt"
+        signal_name = getattr(err, "signal_name", "SIGINT")
+        if last.exists():
+            raise Interrupted(signal_name, f"training's progress at the last finished epoch: {last}", "--resume") from None
+        raise Interrupted(signal_name, f"the split and the preprocessing cache made so far ({run_dir})", "") from None
+
+
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
+    check_before_work(config)
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.exists():
         raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
@@ -275,6 +334,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         raise ConfigError(f"{run_dir} holds an earlier run; pass --resume to continue it, or choose another --out")
     if resume:
         check_same_run(config, run_dir)  # before anything in the run folder is written
+    run_dir.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, run_dir / CHECKPOINTS):
         for name in remove_stale_temporaries(folder):
             log.info(f"removed {folder / name}, left by an interrupted write")
@@ -315,11 +375,18 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     # needs the latest epoch whatever its score, so "last" is a checkpoint of its own.
     latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False)
-    callbacks = [checkpoint, latest, LearningRateMonitor(logging_interval="epoch")]
+    interrupted = KeepInterruptedEpoch(last)
+    callbacks = [checkpoint, latest, interrupted, LearningRateMonitor(logging_interval="epoch")]
     if int(config.train.early_stopping_patience) > 0:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config.train.early_stopping_patience)))
     trainer = _trainer(config, run_dir, callbacks, progress, resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    except (KeyboardInterrupt, Interrupted) as err:
+        if interrupted.saved:
+            raise Interrupted(getattr(err, "signal_name", "SIGINT"), f"training's progress at {interrupted.saved}",
+                              "--resume") from None
+        raise
     if not trainer.is_global_zero:
         return run_dir
 

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlearn import __version__
-from cxrlearn._files import file_digest, source_digest
+from cxrlearn._files import file_digest, source_digest, write_atomic
 from cxrlearn.data.columns import DATASET, IMAGE, PATIENT_ID, SPLIT, finding_columns, label_values
 from cxrlearn.data.sources.nih import read_image_list
 from cxrlearn.defaults import RATIOS, SEED
@@ -307,11 +307,10 @@ def report_path(split_path: str | os.PathLike) -> Path:
 def write_split(split: pd.DataFrame, path: str | os.PathLike, report: dict | None = None) -> str:
     """Write the split file (and its report beside it); return the file's SHA-256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = split_to_csv(split)
-    path.write_text(text, encoding="utf-8", newline="")
+    write_atomic(path, text)
     if report is not None:
-        report_path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_atomic(report_path(path), json.dumps(report, indent=2) + "\n")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

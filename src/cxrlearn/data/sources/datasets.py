@@ -23,7 +23,7 @@ from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.data.sources.padchest import read_padchest
 from cxrlearn.data.sources.vindr import read_vindr
 from cxrlearn.errors import DataError
-from cxrlearn.findings import NIH_HARMONISED
+from cxrlearn.findings import NIH_HARMONISED, canonical_column
 
 #: Name -> reader of (path, uncertain policy). NIH's table has no uncertain labels; PadChest's and
 #: VinDr-CXR's neither (VinDr-CXR's readers' marks are aggregated by majority).
@@ -66,6 +66,7 @@ def read_labels(table: str | os.PathLike | None = None, dataset: str | None = No
         frame = read_label_table(table or csv)
     if findings:
         present = finding_columns(frame)
+        findings = [f if f in present else canonical_column(f) for f in findings]
         absent = [f for f in findings if f not in present]
         if absent:
             raise DataError(f"data.findings names {', '.join(map(repr, absent))}, not among the table's findings "

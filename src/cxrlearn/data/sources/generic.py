@@ -13,6 +13,7 @@ column; ``view``, ``sex``, ``age`` and ``dataset`` columns are read as such unle
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +25,9 @@ from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.columns import (AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW,
                                    finding_columns)
 from cxrlearn.errors import DataError
+from cxrlearn.findings import canonical_column
+
+log = logging.getLogger(__name__)
 
 #: The values a finding column may hold, and what each means (NaN: unknown).
 LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": np.nan}
@@ -127,10 +131,14 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
             given[role] = role
     columns = TableColumns(**given)
     used = {name for name in given.values() if name} | ({DATASET} if DATASET in frame.columns else set())
-    findings = list(findings) if findings else [c for c in frame.columns if c not in used]
-    absent = [f for f in findings if f not in frame.columns]
-    if absent:
-        raise DataError(f"{path}: finding column(s) {', '.join(map(repr, absent))} not in the table")
+    others = [c for c in frame.columns if c not in used]
+    if findings:
+        findings = _chosen_columns(path, findings, others)
+        ignored = [c for c in others if c not in findings]
+        if ignored:
+            log.info(f"{Path(path).name}: column(s) {', '.join(ignored)} ignored (not among the findings named)")
+    else:
+        findings = others
     if not findings:
         raise DataError(f"{path}: no finding columns (every column is the image, patient or metadata)")
     clash = [f for f in findings if f in METADATA]
@@ -154,9 +162,36 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
         out[SEX] = canonical_sex(frame[columns.sex])
     if columns.age:
         out[AGE] = canonical_age(path, frame[columns.age], columns.age)
-    for finding in findings:
-        out[finding] = labels_from(path, frame[finding], finding, uncertain)
+    for column, name in _finding_names(path, findings).items():
+        out[name] = labels_from(path, frame[column], column, uncertain)
     return out
+
+
+def _chosen_columns(path, wanted: list[str], columns: list[str]) -> list[str]:
+    """The table's columns that ``wanted`` names, by the column's name or its canonical finding name
+    (``--findings Infiltration`` finds an ``Infiltrate`` column); one named that the table lacks is refused."""
+    by_name = {c: c for c in columns} | {canonical_column(c): c for c in columns if canonical_column(c) not in columns}
+    absent = [w for w in wanted if w.strip() not in by_name and canonical_column(w) not in by_name]
+    if absent:
+        raise DataError(f"{path}: finding column(s) {', '.join(map(repr, absent))} not in the table "
+                        f"(its columns: {', '.join(columns)})")
+    return [by_name.get(w.strip()) or by_name[canonical_column(w)] for w in wanted]
+
+
+def _finding_names(path, columns: list[str]) -> dict[str, str]:
+    """Each finding column and the name it is read under (:func:`cxrlearn.findings.canonical_column`): two
+    columns that name one finding are refused, naming both."""
+    names: dict[str, str] = {}
+    for column in columns:
+        name = canonical_column(column)
+        twin = next((c for c, n in names.items() if n == name), None)
+        if twin is not None:
+            raise DataError(f"{path}: columns {twin!r} and {column!r} both name the finding {name!r}: keep one")
+        names[column] = name
+    renamed = [f"{c} -> {n}" for c, n in names.items() if c != n]
+    if renamed:
+        log.info(f"{Path(path).name}: finding column(s) read under their harmonised names: {', '.join(renamed)}")
+    return names
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
