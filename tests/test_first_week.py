@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -205,3 +206,97 @@ def test_two_columns_that_name_one_finding_are_refused(present, tmp_path):
     path = _hospital_table(present, tmp_path / "labels.csv", {"Infiltration": [0] * 60})
     with pytest.raises(Exception, match="columns 'Infiltrate' and 'Infiltration' both name the finding"):
         read_labels(path, None, {"image": "file", "patient": "mrn"})
+
+
+# 5. prepare and train meet -------------------------------------------------------------------------------------
+
+def test_config_reference_lists_every_key_and_is_current():
+    """docs/config.md is generated from the config module: a key added without its meaning, or a changed default
+    or range, fails here until the reference is regenerated."""
+    from cxrlearn.training import config
+
+    keys = set(config.flatten(config.DEFAULTS))
+    assert keys == set(config.HELP), f"keys without a line in HELP: {keys - set(config.HELP)}"
+    assert keys == set(config._schema())
+    written = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    assert written == config.reference(), \
+        "docs/config.md is out of date: python -m cxrlearn.training.config > docs/config.md"
+    for key in keys:
+        assert f"| `{key}` |" in written
+
+
+def test_train_uses_the_cache_prepare_made(table_path, sample_images, present, tmp_path, capsys):
+    split = split_file(present, tmp_path / "split.csv", 48, 16)
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in pd.read_csv(split)["image"]:
+        (images / image).symlink_to(sample_images / image)
+    cache = tmp_path / "prepared"
+    assert main(["prepare", "--csv", str(table_path), "--images", str(images), "--size", "64", "--out",
+                 str(cache)]) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing == f"train on it with: cxrlearn train ... --images {images} --cache {cache} " \
+                      "--set data.cache_size=64"
+    pixels_written = (cache / "pixels.u8").stat().st_mtime_ns
+    index = (cache / "index.tsv").read_bytes()
+    assert main(["train", "--csv", str(table_path), "--images", str(images), "--split", str(split), "--cache",
+                 str(cache), "--backbone", "tf_efficientnet_lite0", "--image-size", "64", "--epochs", "1",
+                 "--set", "model.hub=false", "--set", "data.num_workers=0", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    assert not (tmp_path / "cache").exists()  # no second cache beside the run
+    assert (cache / "pixels.u8").stat().st_mtime_ns == pixels_written  # nothing to add: all cached
+    assert (cache / "index.tsv").read_bytes() == index
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["data"]["cache"] == str(cache)
+
+
+# 7. Calibration that says when it fails --------------------------------------------------------------------------
+
+def test_a_temperature_at_its_bound_is_reported_and_kept_at_one(evaluated):
+    import numpy as np
+
+    from cxrlearn.evaluation.calibration import LOG_T_BOUNDS, fit_temperature, fit_temperatures
+    from cxrlearn.evaluation.report import build_blocks, render_markdown
+
+    rng = np.random.default_rng(5)
+    true_logits = rng.normal(scale=2.0, size=4000)
+    labels = np.stack([rng.random(4000) < 1 / (1 + np.exp(-true_logits)),  # calibratable: 2x overconfident
+                       rng.random(4000) < 0.3], axis=1).astype(np.float32)  # B: logits say nothing about it
+    logits = np.stack([2 * true_logits, 8 * rng.normal(size=4000)], axis=1)
+    assert fit_temperature(logits[:, 1], labels[:, 1]) == pytest.approx(np.exp(LOG_T_BOUNDS[1]), rel=1e-3)
+    fit = fit_temperatures(logits, labels, ["A", "B"])
+    assert fit.temperature["A"] == pytest.approx(2.0, rel=0.1)
+    assert fit.temperature["B"] == 1.0 and list(fit.failed) == ["B"]
+    assert "reached the bound of its range" in fit.failed["B"]
+
+    # The report says so per finding.
+    metrics = copy.deepcopy(evaluated[2])  # the session's fixture stays as it is
+    findings = list(metrics.auc)
+    metrics.calibration["temperature_failed"] = {findings[0]: fit.failed["B"]}
+    text = render_markdown(build_blocks(metrics, findings))
+    assert f"Temperature scaling failed for {findings[0]}: the fitted temperature reached the bound" in text
+
+
+# 6. Heatmaps a reader can use ----------------------------------------------------------------------------------
+
+def test_cam_overlays_are_at_the_images_own_resolution_with_a_caption(evaluated, data_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cxrlearn.data.decoding.images import load_grayscale
+    from cxrlearn.inference.gradcam import heatmaps, overlay
+    from cxrlearn.inference.predictor import Predictor
+
+    run, _, _ = evaluated
+    image = sorted((data_dir / "nih-sample" / "images-1024").glob("*.png"))[0]
+    out = tmp_path / "cam"
+    assert main(["predict", "--model", str(run), str(image), "--out", str(tmp_path / "p.csv"), "--cam", str(out),
+                 "--cam-findings", "Effusion", "--no-progress"]) == 0
+    picture = np.asarray(Image.open(out / f"{image.stem}_Effusion.png"))
+    decoded = load_grayscale(image)
+    assert decoded.shape == (1024, 1024)
+    assert picture.shape[1] == 1024 and picture.shape[0] > 1024  # the image's own size, and a caption below it
+    heat = heatmaps(Predictor(run), decoded, ["Effusion"])["Effusion"]
+    assert np.abs(picture[:1024].astype(int) - overlay(decoded, heat).astype(int)).max() <= 1
+    caption = picture[1024:]
+    assert (caption > 128).any(axis=2).mean() > 0.02  # text and the colour scale are drawn
+    assert caption[..., 0].max() > 200 and caption[..., 2].max() > 200  # the scale runs from blue to red

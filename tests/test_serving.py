@@ -116,7 +116,10 @@ def test_predict_png_and_dicom_with_heatmap(server, xray):
     heat = body["heatmap"]
     assert heat["finding"] == max(expected.probabilities, key=expected.probabilities.get)
     overlay = Image.open(io.BytesIO(base64.b64decode(heat["overlay_png"])))
-    assert overlay.size == (64, 64) and overlay.mode == "RGB"
+    # At the upload's own resolution (not the 64 px network input), with a caption below it.
+    assert overlay.size[0] == xray.shape[1] and overlay.size[1] > xray.shape[0] and overlay.mode == "RGB"
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(heat["image_png"]))))
+    assert np.array_equal(shown, xray)  # the page shows the uploaded image itself
     dicom = dicom_bytes(4080 - xray.astype(np.uint16) * 16, bits=12, photometric="MONOCHROME1", window=(2040.5, 4081))
     status, from_dicom = _post(url, "chest.dcm", dicom, content_type="application/dicom")
     assert status == 200, from_dicom
@@ -241,6 +244,13 @@ def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
         assert all(r.find_element(By.CSS_SELECTOR, ".value").text.endswith("%") for r in rows)
         picture = browser.find_element(By.ID, "picture")
         WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", picture) > 0)
+        # The heatmap over the upload at the upload's own 256 px (not the network's 64), then the upload itself.
+        assert browser.execute_script("return arguments[0].naturalWidth", picture) == 256
+        assert browser.execute_script("return arguments[0].naturalHeight", picture) > 256
+        browser.find_element(By.ID, "show-heat").click()
+        assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                      picture) == [256, 256]
+        browser.find_element(By.ID, "show-heat").click()
         assert "00000013_003.png" in browser.find_element(By.ID, "status").text
         assert not browser.find_element(By.ID, "input-warning").is_displayed()
         browser.save_screenshot(str(tmp_path / "page.png"))

@@ -220,6 +220,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(summary.text())
     if summary.failed:
         print(f"the images that could not be used are listed in {args.out / 'failed.tsv'}")
+    print(f"train on it with: cxrlearn train ... --images {args.images} --cache {args.out}"
+          + ("" if args.size == IMAGE_SIZE else f" --set data.cache_size={args.size}"))
     return 0
 
 
@@ -240,7 +242,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides: dict = {"data": {}, "model": {}, "train": {}}
     for key, section, name in [
         ("images", "data", "images"), ("csv", "data", "csv"), ("split", "data", "split"),
-        ("image_size", "data", "image_size"), ("batch_size", "data", "batch_size"),
+        ("image_size", "data", "image_size"), ("batch_size", "data", "batch_size"), ("cache", "data", "cache"),
         ("backbone", "model", "backbone"), ("epochs", "train", "epochs"), ("devices", "train", "devices"),
         ("accelerator", "train", "accelerator"), ("num_nodes", "train", "num_nodes"),
         ("precision", "train", "precision"),
@@ -525,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", type=Path, metavar="RUN",
                        help="start from this cxrlearn run's backbone and head (shared findings keep their head rows)")
     train.add_argument("--split", type=Path, help="split file; default: the custom split of the images present")
+    train.add_argument("--cache", type=Path, metavar="DIR",
+                       help="preprocessing cache (one `cxrlearn prepare` made, or a new folder; data.cache); default: "
+                            "RUN/../cache/<table>-<size>, shared by the runs beside it")
     train.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
     train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -62,11 +63,35 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(best.x))
 
 
-def fit_temperatures(logits: np.ndarray, labels: np.ndarray, findings: Sequence[str]) -> dict:
-    """``{finding: T}``; 1.0 (no change) where validation has only one class of a finding."""
-    out = {}
+@dataclass
+class TemperatureFit:
+    """Temperatures per finding, and the findings whose fit failed, with why (their temperature is kept at 1)."""
+
+    temperature: dict[str, float]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def at_bound(temperature: float, tolerance: float = 1e-3) -> bool:
+    """Whether a fitted temperature sits at an end of the searched range: the optimum lies beyond it, so
+    scaling did not work (a bound such as e^3 pulls every probability towards 50%)."""
+    log_t = np.log(temperature)
+    return bool(min(abs(log_t - LOG_T_BOUNDS[0]), abs(log_t - LOG_T_BOUNDS[1])) < tolerance)
+
+
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray, findings: Sequence[str]) -> TemperatureFit:
+    """A temperature per finding, fitted on validation; 1.0 (no change) where validation has only one class of a
+    finding, or where the fit ends at the bound of its range (named in ``failed``)."""
+    fit = TemperatureFit({})
     for i, name in enumerate(findings):
         known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
         column = labels[known, i]
-        out[name] = fit_temperature(logits[known, i], column) if 0 < column.sum() < len(column) else 1.0
-    return out
+        if not 0 < column.sum() < len(column):
+            fit.temperature[name] = 1.0
+            continue
+        t = fit_temperature(logits[known, i], column)
+        if at_bound(t):
+            fit.failed[name] = (f"the fitted temperature reached the bound of its range ({t:.3g}): scaling cannot "
+                                "calibrate this finding on these validation images; kept at 1")
+            t = 1.0
+        fit.temperature[name] = t
+    return fit

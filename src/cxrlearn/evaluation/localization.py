@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from cxrlearn.data.columns import IMAGE
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.sources.boxes import BOX_SPACE, FINDING
-from cxrlearn.inference.gradcam import heatmaps, overlay
+from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 
 
 def _inside(x: float, y: float, box) -> bool:
@@ -45,7 +45,8 @@ def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overla
         results.append({"image": name, "finding": getattr(box, FINDING), "hit": bool(_inside(x, y, box)),
                         "centre_hit": bool(_inside(centre, centre, box)), "peak": [float(x), float(y)]})
         if overlays is not None:
-            _save_overlay(Path(overlays), predictor.model_pixels(decoded), heat, box, scale, overlay)
+            probability = predictor.predict([decoded], [name])[0].probabilities[getattr(box, FINDING)]
+            _save_overlay(Path(overlays), decoded, heat, box, probability, (predictor.thresholds or {}))
     frame = pd.DataFrame(results, columns=["image", "finding", "hit", "centre_hit", "peak"])
     per_finding = {
         name: {"boxes": int(len(group)), "hits": int(group["hit"].sum()), "hit_rate": float(group["hit"].mean()),
@@ -62,13 +63,17 @@ def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overla
     }
 
 
-def _save_overlay(folder: Path, pixels: np.ndarray, heat: np.ndarray, box, scale: float, overlay) -> None:
+def _save_overlay(folder: Path, decoded: np.ndarray, heat: np.ndarray, box, probability: float,
+                  thresholds: dict) -> None:
+    """The annotated overlay at the image's own resolution, with the radiologist's box drawn on it."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
-    picture = overlay(pixels, heat)
-    corner = (int(box.x / scale), int(box.y / scale))
-    far = (int((box.x + box.w) / scale), int((box.y + box.h) / scale))
-    cv2.rectangle(picture, corner, far, (255, 255, 255), 1)
+    finding = getattr(box, FINDING)
+    picture = annotated_overlay(decoded, heat, finding, probability, thresholds.get(finding))
+    sy, sx = decoded.shape[0] / BOX_SPACE, decoded.shape[1] / BOX_SPACE
+    corner = (int(box.x * sx), int(box.y * sy))
+    far = (int((box.x + box.w) * sx), int((box.y + box.h) * sy))
+    cv2.rectangle(picture, corner, far, (255, 255, 255), max(1, decoded.shape[1] // 256))
     stem = Path(getattr(box, IMAGE)).stem
-    Image.fromarray(picture).save(folder / f"{stem}_{getattr(box, FINDING)}.png")
+    Image.fromarray(picture).save(folder / f"{stem}_{finding}.png")

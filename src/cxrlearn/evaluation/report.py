@@ -137,10 +137,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
         if "temperature" in cal:
             row += [_num(cal["test_uncalibrated"][name]["ece"]), _num(cal["temperature"][name], 2)]
         rows.append(row)
+    failed = cal.get("temperature_failed") or {}
     blocks += [
         ("h2", "Calibration"),
         ("p", f"Expected calibration error over {cal['bins']} equal-width bins of predicted probability."),
         ("table", Table(header, rows)),
+        *[("p", f"Temperature scaling failed for {name}: {why}.") for name, why in failed.items()],
         ("img", (RELIABILITY_FIGURE, "Reliability diagram of each finding")),
     ]
 

@@ -45,6 +45,42 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarra
     return np.rint((1 - alpha) * base + alpha * colours.astype(np.float32)).astype(np.uint8)
 
 
+#: The mark every picture carries: a research tool's heatmap, not a reading.
+NOT_FOR_DIAGNOSIS = "Grad-CAM heatmap - research use, not for diagnosis"
+
+
+def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probability: float,
+                      threshold: float | None) -> np.ndarray:
+    """The heatmap over the X-ray at the X-ray's own resolution (the heatmap is upsampled; the network's input is
+    the whole image resized, so the two line up), above a caption: the finding, its probability and threshold
+    and the call they make, a colour scale, and the not-for-diagnosis mark. RGB uint8, as tall as the image plus
+    the caption."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = overlay(gray, heat)
+    width = picture.shape[1]
+    font_px = max(12, width // 48)
+    font = ImageFont.load_default(size=font_px)
+    margin, line = font_px // 2, int(font_px * 1.35)
+    bar_height = font_px
+    caption = Image.new("RGB", (width, margin * 3 + line * 2 + bar_height + line), (0, 0, 0))
+    draw = ImageDraw.Draw(caption)
+    call = "" if threshold is None else f"  (threshold {threshold:.1%}: {'positive' if probability >= threshold else 'negative'})"
+    draw.text((margin, margin), f"{finding}: probability {probability:.1%}{call}", fill=(255, 255, 255), font=font)
+    draw.text((margin, margin + line), NOT_FOR_DIAGNOSIS, fill=(200, 200, 200), font=font)
+    # The colour scale: the overlay's colours from the least to the most heat of this image.
+    top = margin * 2 + line * 2
+    span = max(1, width - 2 * margin)
+    ramp = np.linspace(0.0, 1.0, span, dtype=np.float32)[None, :].repeat(bar_height, axis=0)
+    scale = overlay(np.zeros_like(ramp, dtype=np.uint8), ramp, alpha=1.0)
+    caption.paste(Image.fromarray(scale), (margin, top))
+    draw.text((margin, top + bar_height + 2), "low", fill=(255, 255, 255), font=font)
+    high = "high (Grad-CAM, scaled to this image's maximum)"
+    draw.text((width - margin - draw.textlength(high, font=font), top + bar_height + 2), high, fill=(255, 255, 255),
+              font=font)
+    return np.concatenate([picture, np.asarray(caption, dtype=np.uint8)], axis=0)
+
+
 def heatmaps(predictor, decoded: np.ndarray, findings: list[str]) -> dict[str, np.ndarray]:
     """Grad-CAM of each named finding for one decoded image, at the model's input size (PyTorch runtime)."""
     if predictor.runtime != "torch":

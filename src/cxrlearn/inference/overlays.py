@@ -9,7 +9,7 @@ from PIL import Image
 
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.errors import DataError
-from cxrlearn.inference.gradcam import heatmaps, overlay
+from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Prediction, Predictor
 
 
@@ -37,7 +37,8 @@ def distinct_names(paths: list[Path]) -> dict[Path, str]:
 
 def write_overlays(predictor: Predictor, paths: Sequence[Path], predictions: Sequence[Prediction], out: Path,
                    findings: Sequence[str] | None = None) -> list[Path]:
-    """One overlay per image and finding, ``out/<name>_<finding>.png``: the given findings, else the image's
+    """One overlay per image and finding, ``out/<name>_<finding>.png``, at the image's own resolution with the
+    finding, probability, threshold and a colour scale written on it: the given findings, else the image's
     positive ones, else its most probable. ``paths[i]`` is the file ``predictions[i]`` was made from.
 
     Grad-CAM needs gradients, so an ONNX predictor's overlays come from the same bundle run by torch.
@@ -55,6 +56,8 @@ def write_overlays(predictor: Predictor, paths: Sequence[Path], predictions: Seq
         decoded = load_grayscale(path)
         for finding, heat in heatmaps(cam_predictor, decoded, chosen).items():
             target = out / f"{stems[Path(path)]}_{finding}.png"
-            Image.fromarray(overlay(predictor.model_pixels(decoded), heat)).save(target)
+            picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
+                                        (predictor.thresholds or {}).get(finding))
+            Image.fromarray(picture).save(target)
             written.append(target)
     return written

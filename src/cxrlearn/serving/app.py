@@ -2,7 +2,9 @@
 
 ``POST /v1/predict``   multipart ``file`` (PNG, JPEG, TIFF or DICOM) -> probabilities, positive
                        findings at the bundle's thresholds, and with ``?cam=FINDING`` (or
-                       ``cam=top``) a Grad-CAM overlay as a base64 PNG
+                       ``cam=top``) the uploaded image and its Grad-CAM overlay (at the image's own
+                       resolution, finding, probability, threshold and colour scale written on it)
+                       as base64 PNGs
 ``GET /v1/model``      the bundle's metadata (findings, thresholds, image size, metrics, versions)
 ``GET /healthz``       liveness
 ``GET /``              a web page: drop an X-ray, see the 14 probabilities and the heatmap
@@ -41,7 +43,7 @@ from PIL import Image
 from cxrlearn.data.decoding.images import decode_grayscale_and_colour
 from cxrlearn.defaults import usable_cores
 from cxrlearn.errors import DataError, ImageTooLarge
-from cxrlearn.inference.gradcam import heatmaps, overlay
+from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Predictor
 from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
 
@@ -191,9 +193,10 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 
                 finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
                 heat = heatmaps(cam_predictor, pixels, [finding])[finding]
-                model_pixels = predictor.model_pixels(pixels)
-                body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(overlay(model_pixels, heat)),
-                                   "image_png": _png_base64(model_pixels)}
+                picture = annotated_overlay(pixels, heat, finding, result.probabilities[finding],
+                                            (predictor.thresholds or {}).get(finding))
+                body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
+                                   "image_png": _png_base64(pixels)}
         return body
 
     @app.get("/", response_class=HTMLResponse)

@@ -96,6 +96,80 @@ DEFAULTS: dict = {
 }
 
 
+#: What each key means: one line each, shown in docs/config.md (:func:`reference`), which a test keeps
+#: complete and in step with this module.
+HELP: dict[str, str] = {
+    "data.images": "the image folder: flat, or `images_NNN/images/` as NIH's archives unpack (`--images`)",
+    "data.csv": "NIH's label table; null: the copy shipped with cxrlearn (`--csv`)",
+    "data.table": "another label table: the generic format, or a public dataset's own files with `data.dataset` "
+                  "(`--table`)",
+    "data.dataset": "read `data.table` with this dataset's reader (`--dataset`)",
+    "data.columns.image": "the generic table's image column (`--column image=NAME`)",
+    "data.columns.patient": "the generic table's patient column (`--column patient=NAME`)",
+    "data.columns.view": "the generic table's view-position column, if any",
+    "data.columns.sex": "the generic table's sex column, if any",
+    "data.columns.age": "the generic table's age column (years), if any",
+    "data.findings": "the table's finding columns to learn, by their names or harmonised names (`--findings`); "
+                     "null: every column without a role",
+    "data.uncertain": "what an uncertain (-1) label becomes: ignore (unknown), positive or negative (`--uncertain`)",
+    "data.split": "a split file (image, patient_id, split); null: the custom split of the images present, saved "
+                  "in the run folder (`--split`)",
+    "data.ratios": "train, val and test shares of the custom split",
+    "data.split_seed": "the custom split's seed (Kufel et al. 2023: 2137)",
+    "data.cache": "the preprocessing cache folder, e.g. one `cxrlearn prepare` made (`--cache`); null: "
+                  "`RUN/../cache/<table>-<size>`, shared by the runs beside it",
+    "data.cache_size": "side of the cached images in pixels; null: `data.image_size`",
+    "data.image_size": "side of the network's square input in pixels (`--image-size`)",
+    "data.channels": "input channels: 3 (the gray image repeated, for ImageNet weights) or 1",
+    "data.batch_size": "images per training step and per process (`--batch-size`)",
+    "data.num_workers": "loader processes; auto: one per CPU core, at most 16",
+    "data.prepare_workers": "processes decoding images into the cache; null: one per CPU core",
+    "model.backbone": "a timm model name (`--backbone`); Kufel et al. 2023: efficientnet_b1",
+    "model.weights": "a local file of ImageNet weights for the backbone",
+    "model.hub": "try timm's pretrained weights online (3 s probe) before the offline ones",
+    "model.head.units": "width of the head's Dense layer",
+    "model.head.activation": "the Dense layer's activation",
+    "model.head.dropout": "dropout before the last layer",
+    "model.drop_path_rate": "stochastic depth in the backbone",
+    "model.freeze_bn": "keep the backbone's BatchNorm statistics as pretrained",
+    "model.trainable_blocks": "fine-tune only the last N stages of the backbone; null: all of it",
+    "model.init_from": "a cxrlearn run folder to start from: its backbone and head, shared findings keeping their "
+                       "head rows (`--init-from`)",
+    "optim.name": "the optimiser: adam (the paper) or adamw",
+    "optim.lr": "learning rate of the head (and of the backbone, times `optim.backbone_lr_scale`)",
+    "optim.weight_decay": "weight decay",
+    "optim.backbone_lr_scale": "the backbone's learning rate as a share of `optim.lr`",
+    "optim.scheduler": "plateau (ReduceLROnPlateau on validation mean AUC, the paper), cosine (with warm-up) or none",
+    "optim.plateau_factor": "ReduceLROnPlateau's factor",
+    "optim.plateau_patience": "ReduceLROnPlateau's patience, in epochs",
+    "optim.warmup_epochs": "linear warm-up of the cosine schedule, in epochs",
+    "optim.head_only_epochs": "epochs that train the head alone on a frozen backbone before fine-tuning",
+    "optim.unfreeze_warmup": "ramp the backbone's learning rate up over the epoch that unfreezes it",
+    "loss.name": "bce (the paper), focal or asymmetric",
+    "loss.pos_weight": "weigh each finding's positives by its negatives-to-positives ratio",
+    "loss.focal_gamma": "focal loss's gamma",
+    "loss.focal_alpha": "focal loss's alpha",
+    "loss.asl_gamma_neg": "asymmetric loss's gamma for negatives",
+    "loss.asl_gamma_pos": "asymmetric loss's gamma for positives",
+    "loss.asl_clip": "asymmetric loss's probability margin for negatives",
+    "train.epochs": "the most epochs (`--epochs`)",
+    "train.early_stopping_patience": "stop after this many epochs without a better validation mean AUC; 0: never",
+    "train.seed": "the training seed: weights of the new layers, augmentation, batch order",
+    "train.precision": "32-true, bf16-mixed, 16-mixed, or auto: bf16/fp16 mixed on a GPU, fp32 on a CPU "
+                       "(`--precision`)",
+    "train.cudnn_benchmark": "let cuDNN time its convolution algorithms at the start",
+    "train.channels_last": "NHWC memory layout: faster convolutions on GPUs and oneDNN CPUs",
+    "train.accumulate_grad_batches": "batches whose gradients add up to one optimiser step",
+    "train.accelerator": "auto, cpu, gpu, cuda or mps (`--accelerator`)",
+    "train.devices": "devices per node, or auto (`--devices`)",
+    "train.num_nodes": "machines of a multi-node run (`--num-nodes`)",
+    "train.strategy": "Lightning's strategy; auto: ddp when devices x nodes > 1",
+    "train.tta": "average each image with its mirror when judging",
+    "train.limit_train_batches": "train on this many batches (or this share of them) an epoch; null: all",
+    "train.deterministic": "deterministic algorithms only (slower)",
+}
+
+
 def _merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in update.items():
         path = f"{where}{key}"
@@ -384,3 +458,27 @@ def resolve_workers(workers) -> int:
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def reference() -> str:
+    """docs/config.md: every key with its type and range, default and meaning, from :data:`DEFAULTS`, the
+    rules that validate a config and :data:`HELP`."""
+    defaults, rules = flatten(DEFAULTS), _schema()
+    lines = ["# Configuration reference", "",
+             "Every key of a training config (`cxrlearn train --config FILE`, or `--set KEY=VALUE`), with the values "
+             "it accepts, its default and what it means. Presets: `configs/kufel2023.yaml` (the paper's recipe) and "
+             "`configs/cpu-sample.yaml`. Generated from `cxrlearn/training/config.py` "
+             "(`python -m cxrlearn.training.config > docs/config.md`); a test keeps the two in step.", ""]
+    for section in DEFAULTS:
+        lines += [f"## {section}", "", "| key | accepts | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, default in defaults.items():
+            if key.split(".")[0] == section:
+                shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+                shown = shown.removesuffix("\n...").strip()
+                lines.append(f"| `{key}` | {rules[key][1]} | `{shown}` | {HELP[key]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference(), end="")

@@ -348,7 +348,10 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
         return average_with_mirror(part.logits, part.flipped) if tta else part.logits
 
     if val is not None:
-        temperature = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
+        fitted = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
+        temperature = fitted.temperature if fitted else None
+        for name, why in (fitted.failed if fitted else {}).items():
+            log.warning(f"calibration of {name}: {why}")
     else:
         temperature = meta.temperature
     test_p = probabilities(logits_of(test), findings, temperature)
@@ -388,6 +391,8 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if temperature is not None:
         raw = probabilities(logits_of(test), findings)
         metrics.calibration["temperature"] = temperature
+        if val is not None and fitted is not None:
+            metrics.calibration["temperature_failed"] = fitted.failed
         metrics.calibration["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels and not set(FINDINGS) <= set(findings):
