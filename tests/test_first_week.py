@@ -300,3 +300,31 @@ def test_cam_overlays_are_at_the_images_own_resolution_with_a_caption(evaluated,
     caption = picture[1024:]
     assert (caption > 128).any(axis=2).mean() > 0.02  # text and the colour scale are drawn
     assert caption[..., 0].max() > 200 and caption[..., 2].max() > 200  # the scale runs from blue to red
+
+
+# 10. Answers that can be traced ---------------------------------------------------------------------------------
+
+def test_predictions_name_the_bundle_and_cxrlearn(evaluated, sample_images, tmp_path):
+    from cxrlearn import __version__
+    from cxrlearn.model.bundle import bundle_digest
+
+    run, _, _ = evaluated
+    images = [str(p) for p in sorted(sample_images.glob("*.png"))[:4]]
+    assert main(["predict", "--model", str(run), *images, "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert main(["predict", "--model", str(run), *images, "--out", str(tmp_path / "p.json"), "--no-progress"]) == 0
+    table = pd.read_csv(tmp_path / "p.csv")
+    digest = bundle_digest(run)
+    assert list(table.columns[-2:]) == ["model_sha256", "cxrlearn_version"]
+    assert (table["model_sha256"] == digest).all() and (table["cxrlearn_version"].astype(str) == __version__).all()
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert {(r["model_sha256"], r["cxrlearn_version"]) for r in rows} == {(digest, __version__)}
+    # Another threshold is another model's answer: the digest follows model.json too.
+    copy_dir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    meta = json.loads((copy_dir / "model.json").read_text())
+    first = next(iter(meta["thresholds"]))
+    meta["thresholds"][first] = 0.5
+    (copy_dir / "model.json").write_text(json.dumps(meta))
+    assert bundle_digest(copy_dir) != digest

@@ -65,18 +65,21 @@ def strict_server(evaluated):
     yield from _run_service(evaluated[0], strict=True)
 
 
-def _post(url: str, name: str, data: bytes, query: str = "", content_type: str = "application/octet-stream"):
-    """POST one multipart file; return (status, parsed JSON body)."""
+def _post(url: str, name: str, data: bytes, query: str = "", content_type: str = "application/octet-stream",
+          headers: dict | None = None, with_headers: bool = False):
+    """POST one multipart file; return (status, parsed JSON body), and the response headers if asked."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
             f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     request = urllib.request.Request(f"{url}/v1/predict{query}", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            answer = response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        answer = err.code, json.loads(err.read() or b"{}"), err.headers
+    return answer if with_headers else answer[:2]
 
 
 def _get(url: str):
@@ -215,7 +218,8 @@ def test_the_service_is_bounded(server):
         assert response.status == 200
 
 
-def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
+def _browser():
+    """Debian's chromium, headless, driven by selenium (skipped where absent, but never under CI)."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         message = "Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)"
@@ -224,15 +228,20 @@ def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
         pytest.skip(message)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _ = server
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    browser = _browser()
     try:
         browser.get(f"{url}/")
         assert "cxrlearn" in browser.title
@@ -265,5 +274,83 @@ def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
         browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
         WebDriverWait(browser, 30).until(lambda b: "Could not use notes.png" in b.find_element(By.ID, "status").text)
         assert "not an image file" in browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
+
+
+# ---- tracing and the API key (issue 18, item 10) -----------------------------------------------------------
+
+def test_answers_name_their_model_and_request(server, xray, caplog):
+    import logging
+
+    from cxrlearn import __version__
+    from cxrlearn.model.bundle import bundle_digest
+
+    url, run = server
+    with caplog.at_level(logging.INFO, logger="cxrlearn.serving.app"):
+        status, body, headers = _post(url, "chest.png", _png(xray), headers={"X-Request-ID": "ward-7:0042"},
+                                      with_headers=True)
+        assert status == 200
+        assert body["model_sha256"] == bundle_digest(run) and len(body["model_sha256"]) == 64
+        assert body["cxrlearn_version"] == __version__
+        assert body["request_id"] == headers["X-Request-ID"] == "ward-7:0042"
+        deadline = time.time() + 5  # the line is logged once the response is sent: it may follow the answer
+        while not any("request ward-7:0042: POST /v1/predict 200" in r.getMessage() for r in caplog.records):
+            assert time.time() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    # Without a usable id (or with one that could forge log lines), a new one; errors carry it too.
+    status, body, headers = _post(url, "empty.png", b"", headers={"X-Request-ID": "a\tb"}, with_headers=True)
+    assert status == 422 and len(headers["X-Request-ID"]) == 32 and headers["X-Request-ID"] != "a\tb"
+    _, model = _get(f"{url}/v1/model")
+    assert json.loads(model)["model_sha256"] == bundle_digest(run)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(evaluated, tmp_path_factory):
+    yield from _run_service(evaluated[0], api_key="k" * 20 + "-secret")
+
+
+def test_a_service_with_a_key_refuses_requests_without_it(keyed_server, xray, tmp_path):
+    from cxrlearn.errors import ConfigError
+    from cxrlearn.serving.app import read_api_key
+
+    url, _ = keyed_server
+    key = "k" * 20 + "-secret"
+    assert _post(url, "chest.png", _png(xray))[0] == 401
+    assert _post(url, "chest.png", _png(xray), headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert _post(url, "chest.png", _png(xray), headers={"Authorization": f"Bearer {key}"})[0] == 200
+    assert _post(url, "chest.png", _png(xray), headers={"X-API-Key": key})[0] == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _get(f"{url}/v1/model")
+    assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"] == "Bearer"
+    assert _get(f"{url}/healthz")[0] == 200  # liveness checks need no key
+    assert _get(f"{url}/")[0] == 200  # nor the page, which asks for it
+    (tmp_path / "key").write_text(key + "\n")
+    assert read_api_key(tmp_path / "key") == key
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        read_api_key(tmp_path / "short")
+    with pytest.raises(ConfigError, match="no such API key file"):
+        read_api_key(tmp_path / "missing")
+
+
+def test_the_page_asks_for_the_key_once(keyed_server, sample_images):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = keyed_server
+    browser = _browser()
+    try:
+        browser.get(f"{url}/")
+        WebDriverWait(browser, 30).until(expected_conditions.alert_is_present())
+        prompt = browser.switch_to.alert
+        assert "API key" in prompt.text
+        prompt.send_keys("k" * 20 + "-secret")
+        prompt.accept()
+        WebDriverWait(browser, 30).until(lambda b: "px" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(sample_images / "00000013_003.png"))
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#bars .row")) == len(FINDINGS))
+        assert not expected_conditions.alert_is_present()(browser)  # asked once, not again
     finally:
         browser.quit()

@@ -343,7 +343,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         kept = f"; {args.out} is left as it was" if args.out and args.out.exists() else ""
         why = f"could be read or passed the input check (--strict refused {refused})" if refused else "could be read"
         raise DataError(f"none of the {len(paths):,} input file(s) {why}{kept}")
-    rows = [p.row(predictor.findings) for p in predictions]
+    rows = [p.row(predictor.findings, predictor.provenance) for p in predictions]
     if args.out and args.out.suffix.lower() == ".json":
         write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     else:
@@ -378,7 +378,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
-          strict=args.strict, device=args.device)
+          strict=args.strict, device=args.device, api_key_file=args.api_key_file)
     return 0
 
 
@@ -639,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an upload may take to arrive whole (default %(default)s)")
     serve.add_argument("--decoders", type=_bounded_int(1, 64, "a count"),
                        help="images decoded at once (default: one per core, at most 4)")
+    serve.add_argument("--api-key-file", type=Path, metavar="FILE",
+                       help="require the key on FILE's first line on /v1/ (Authorization: Bearer KEY or X-API-Key); "
+                            "the page asks for it once")
     serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)

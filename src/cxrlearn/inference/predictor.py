@@ -19,16 +19,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cxrlearn import __version__
 from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror
-from cxrlearn.model.bundle import load_bundle, read_meta
+from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which model gave an answer: the bundle's digest (:func:`cxrlearn.model.bundle.bundle_digest`) and the
+    cxrlearn that ran it. Written beside every prediction, so a result in a spreadsheet or a log can be traced."""
+
+    model_sha256: str
+    cxrlearn_version: str
+
+    def columns(self) -> dict[str, str]:
+        return {"model_sha256": self.model_sha256, "cxrlearn_version": self.cxrlearn_version}
+
 
 @dataclass
 class Prediction:
@@ -51,14 +65,16 @@ class Prediction:
     def flagged(self) -> bool:
         return self.verdict is not None and not self.verdict.ok
 
-    def row(self, findings: Sequence[str]) -> dict:
+    def row(self, findings: Sequence[str], provenance: Provenance | None = None) -> dict:
         """Flat: ``image``, one column per finding, ``positive_findings`` and one 0/1 column per finding, then
-        ``input_check`` and ``input_score``."""
+        ``input_check`` and ``input_score``, then ``model_sha256`` and ``cxrlearn_version`` when given."""
         out: dict = {"image": self.image, **{name: self.probabilities[name] for name in findings}}
         if self.positive is not None:
             out["positive_findings"] = "|".join(self.positive)
             out.update({f"{name}_positive": int(name in self.positive) for name in findings})
         out.update(input_check=self.input_check, input_score=self.input_score)
+        if provenance is not None:
+            out.update(provenance.columns())
         return out
 
 
@@ -87,6 +103,7 @@ class Predictor:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
+        self.provenance = Provenance(bundle_digest(self.model_dir), __version__)
         self.findings: list[str] = list(self.meta.findings)
         self.preprocessing = self.meta.preprocessing
         self.thresholds: dict = self.meta.thresholds

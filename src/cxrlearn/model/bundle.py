@@ -12,6 +12,7 @@ serve read them from here, never from defaults in code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,9 +24,10 @@ import torch
 from safetensors.torch import load_file, save
 
 import cxrlearn
-from cxrlearn._files import write_atomic
+from cxrlearn._files import file_digest, write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.meta import INPUT_CHECK_FILE as CHECK_FILE
 from cxrlearn.model.meta import META, BundleMeta
 
 WEIGHTS = "model.safetensors"
@@ -36,6 +38,16 @@ def library_versions() -> dict:
     return {"cxrlearn": cxrlearn.__version__, "torch": torch.__version__,
             **{name: version(name) for name in ("timm", "lightning", "numpy")},
             "python": platform.python_version()}
+
+
+def bundle_digest(folder: str | os.PathLike) -> str:
+    """The SHA-256 that names this bundle's answers: over ``model.json`` (thresholds, temperatures,
+    preprocessing), the weights and the input check, so any change to what a prediction depends on changes it.
+    Written beside every prediction (with cxrlearn's version), so a result can be traced to its model."""
+    folder = Path(folder)
+    lines = "".join(f"{name}\t{file_digest(folder / name)}\n" for name in (META, WEIGHTS, CHECK_FILE)
+                    if (folder / name).is_file())
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: BundleMeta) -> Path:

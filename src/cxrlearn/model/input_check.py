@@ -36,8 +36,9 @@ from sklearn.covariance import LedoitWolf
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.bundle import read_safetensors
+from cxrlearn.model.meta import INPUT_CHECK_FILE
 
-FILE = "input_check.safetensors"
+FILE = INPUT_CHECK_FILE
 OK = "ok"
 #: The side of the layout thumbnail.
 LAYOUT_SIDE = 8

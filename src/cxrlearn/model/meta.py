@@ -24,6 +24,8 @@ from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
 
 META = "model.json"
+#: The input check's arrays (:mod:`cxrlearn.model.input_check`), beside ``model.json``.
+INPUT_CHECK_FILE = "input_check.safetensors"
 #: The layout this cxrlearn writes, and those it reads.
 BUNDLE_FORMAT = 2
 READABLE_FORMATS = (1, 2)

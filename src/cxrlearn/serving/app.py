@@ -28,24 +28,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
+import logging
 import os
+import re
 import threading
+import time
+import uuid
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
 
 from cxrlearn.data.decoding.images import decode_grayscale_and_colour
 from cxrlearn.defaults import usable_cores
-from cxrlearn.errors import DataError, ImageTooLarge
+from cxrlearn._files import read_bytes
+from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Predictor
 from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
+
+log = logging.getLogger(__name__)
 
 
 def _png_base64(rgb_or_gray: np.ndarray) -> str:
@@ -81,12 +89,69 @@ def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> tuple[
         raise HTTPException(422, str(err)) from None
 
 
-async def _send_json(send, status: int, detail: str) -> None:
+async def _send_json(send, status: int, detail: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+#: What a client's ``X-Request-ID`` may be to be echoed: letters, digits and ``-_.:``, at most 128 of them.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def read_api_key(path: str | os.PathLike) -> str:
+    """The key in ``path`` (its first line), refused by name when the file is missing, empty or too short."""
+    text = read_bytes(path, "API key file", ConfigError).decode("utf-8", errors="replace").strip()
+    key = text.splitlines()[0].strip() if text else ""
+    if len(key) < 16:
+        raise ConfigError(f"--api-key-file {path}: the key must be at least 16 characters on its first line")
+    return key
+
+
+class Traced:
+    """ASGI middleware: every response carries ``X-Request-ID`` (the client's, when it sent a usable one, else a
+    new one) and every request is logged once with it; with ``api_key``, ``/v1/`` answers 401 unless the request
+    carries the key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``). The page and ``/healthz`` stay open,
+    so that a browser can load the page and ask for the key, and a load balancer can check liveness."""
+
+    def __init__(self, app, api_key: str | None = None):
+        self.app, self.api_key = app, api_key
+
+    def _authorised(self, headers: dict) -> bool:
+        given = headers.get(b"x-api-key", b"").decode("latin-1")
+        bearer = headers.get(b"authorization", b"").decode("latin-1")
+        if bearer[:7].lower() == "bearer ":
+            given = given or bearer[7:].strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        asked = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = asked if _REQUEST_ID.fullmatch(asked) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status, started = 500, time.perf_counter()
+
+        async def traced(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"].startswith("/v1/") and not self._authorised(headers):
+                return await _send_json(traced, 401, "this service needs its API key: send it as "
+                                                     "'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                                        ((b"www-authenticate", b"Bearer"),))
+            return await self.app(scope, receive, traced)
+        finally:
+            log.info(f"request {request_id}: {scope['method']} {scope['path']} {status} "
+                     f"{1000 * (time.perf_counter() - started):.0f} ms")
 
 
 class BoundedBodies:
@@ -141,10 +206,10 @@ def default_decoders() -> int:
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False,
-               device: str = "auto") -> FastAPI:
+               device: str = "auto", api_key: str | None = None) -> FastAPI:
     """The service. ``strict``: refuse (422, naming the reason) an input the input check flags, rather than
     answer it with ``input_check: "warning: ..."``. ``device``: where the torch model runs (``auto``: a CUDA
-    GPU when there is one)."""
+    GPU when there is one). ``api_key``: required on ``/v1/`` (:class:`Traced`)."""
 
     predictor = Predictor(model_dir, runtime=runtime, device=device)
     cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch", device=device)
@@ -154,6 +219,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     page = resources.files("cxrlearn.serving").joinpath("page.html").read_text(encoding="utf-8")
     # Room for the multipart framing around the file itself.
     app.add_middleware(BoundedBodies, max_bytes=max_upload_bytes + 64 * 1024, timeout_s=upload_timeout_s)
+    app.add_middleware(Traced, api_key=api_key)  # added last, so it runs first: 401s and 413s carry the id too
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:
@@ -163,11 +229,11 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     def model_info() -> dict:
         meta = predictor.meta
         described = {k: v for k, v in meta.to_dict().items() if k not in ("config", "data", "metrics", "operating_points")}
-        return {"runtime": runtime, **described,
+        return {"runtime": runtime, **described, **predictor.provenance.columns(),
                 "metrics": {k: (meta.metrics.get(k) or {}).get("mean_auc") for k in ("val", "test")}}
 
     @app.post("/v1/predict")
-    def predict(file: UploadFile = File(..., description="a chest X-ray: PNG, JPEG, TIFF or DICOM"),
+    def predict(request: Request, file: UploadFile = File(..., description="a chest X-ray: PNG, JPEG, TIFF or DICOM"),
                 cam: str | None = Query(None, description="a finding name, or 'top' for the most probable")) -> dict:
         name = _check_name(file.filename)
         data = file.file.read(max_upload_bytes + 1)
@@ -188,6 +254,8 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
                 "threshold_method": predictor.meta.threshold_method,
                 "input_check": result.input_check,
                 "input_score": result.input_score,
+                **predictor.provenance.columns(),
+                "request_id": request.state.request_id,
             }
             if cam is not None:
 
@@ -210,10 +278,12 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runtime: str = "torch",
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
           upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
-          strict: bool = False, device: str = "auto") -> None:
+          strict: bool = False, device: str = "auto", api_key_file: str | os.PathLike | None = None) -> None:
     import uvicorn
 
+    api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
-                     upload_timeout_s=upload_timeout_s, strict=strict, device=device)
+                     upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key)
+    # Each request is logged once by Traced, with its request id; uvicorn's own access line would lack it.
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limit_concurrency,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, access_log=False)
