@@ -328,3 +328,28 @@ def test_predictions_name_the_bundle_and_cxrlearn(evaluated, sample_images, tmp_
     meta["thresholds"][first] = 0.5
     (copy_dir / "model.json").write_text(json.dumps(meta))
     assert bundle_digest(copy_dir) != digest
+
+
+# 8. A model card with every bundle -----------------------------------------------------------------------------
+
+def test_the_model_card_is_written_from_the_bundle_and_printed_by_card(evaluated, capsys):
+    from cxrlearn.model.bundle import bundle_digest
+
+    run, out, metrics = evaluated
+    card = (run / "MODEL_CARD.md").read_text(encoding="utf-8")  # rewritten by the evaluation
+    meta = json.loads((run / "model.json").read_text())
+    assert card.startswith(f"# Model card: {meta['backbone']}, 14 chest X-ray findings")
+    for heading in ("Intended use", "What it is not for", "Training data", "Performance", "Operating points",
+                    "The input check", "Known limitations", "Versions and digests"):
+        assert f"## {heading}" in card
+    assert "not a medical device" in card and bundle_digest(run) in card and meta["split"]["sha256"] in card
+    assert f"{metrics.n_images:,} images of {metrics.n_patients:,} patients" in card
+    first = next(f for f in metrics.auc if metrics.auc[f] is not None)
+    low, high = metrics.auc_ci95[first]
+    assert f"| {first} | {metrics.positives[first]:,} | {metrics.auc[first]:.3f} | {low:.3f}–{high:.3f} |" in card
+    assert f"| {first} | {meta['thresholds'][first]:.3f} |" in card
+    assert "| sex |" in card  # subgroups
+    for split, count in meta["data"]["images"].items():
+        assert f"{split} {count:,}" in card
+    assert main(["card", str(run)]) == 0
+    assert capsys.readouterr().out == card

@@ -382,6 +382,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_card(args: argparse.Namespace) -> int:
+    from cxrlearn.evaluation.model_card import model_card
+
+    sys.stdout.write(model_card(args.model))
+    return 0
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     from cxrlearn.evaluation.localization import pointing_game
     from cxrlearn.inference.predictor import Predictor
@@ -645,6 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)
+
+    card = commands.add_parser("card", help="print a model bundle's model card (RUN/MODEL_CARD.md)",
+                               description="The model card, from the bundle's own metadata and last evaluation: "
+                               "intended use, training data, per-finding AUC with intervals, subgroups, operating "
+                               "points, the input check, limitations, versions and digests.")
+    card.add_argument("model", type=Path, metavar="RUN", help="run folder holding the model bundle")
+    card.set_defaults(run=_cmd_card)
 
     localize = commands.add_parser(
         "localize", help="pointing game: does the Grad-CAM peak fall in the radiologists' boxes?")

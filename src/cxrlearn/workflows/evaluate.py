@@ -44,6 +44,7 @@ from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
 from cxrlearn.evaluation.expert import expert_metrics
 from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics, auc_per_finding, finding_metrics
+from cxrlearn.evaluation.model_card import write_model_card
 from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.subgroups import subgroup_metrics
@@ -419,6 +420,7 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
         meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
                            "judged": selection.what, "date": metrics.provenance["date"]}
         write_meta(model_dir, meta)
+        write_model_card(model_dir)
     return metrics
 
 

@@ -43,6 +43,7 @@ from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
 from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import auc_per_finding
+from cxrlearn.evaluation.model_card import write_model_card
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
@@ -473,3 +474,4 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
         check.save(run_dir)
     save_bundle(run_dir, model, meta)
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_model_card(run_dir)
