@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 
 def grad_cam(model, x: torch.Tensor, finding: int) -> np.ndarray:
@@ -55,8 +56,6 @@ def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probabil
     the whole image resized, so the two line up), above a caption: the finding, its probability and threshold
     and the call they make, a colour scale, and the not-for-diagnosis mark. RGB uint8, as tall as the image plus
     the caption."""
-    from PIL import Image, ImageDraw, ImageFont
-
     picture = overlay(gray, heat)
     width = picture.shape[1]
     font_px = max(12, width // 48)
