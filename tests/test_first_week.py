@@ -353,3 +353,44 @@ def test_the_model_card_is_written_from_the_bundle_and_printed_by_card(evaluated
         assert f"{split} {count:,}" in card
     assert main(["card", str(run)]) == 0
     assert capsys.readouterr().out == card
+
+
+# 9. Experiment tracking where teams keep it ---------------------------------------------------------------------
+
+def test_train_logs_to_an_mlflow_file_store(table_path, sample_images, present, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cxrlearn._files import file_digest
+
+    monkeypatch.chdir(tmp_path)
+    split = split_file(present, tmp_path / "split.csv", 48, 16)
+    run = tmp_path / "run"
+    assert main(["train", "--csv", str(table_path), "--images", str(sample_images), "--split", str(split),
+                 "--backbone", "tf_efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--set",
+                 "model.hub=false", "--set", "data.num_workers=0", "--set", "train.early_stopping_patience=0",
+                 "--set", f"data.cache={tmp_path / 'cache'}", "--out", str(run), "--no-progress",
+                 "--mlflow", "file:./mlruns"]) == 0
+    ids = json.loads((run / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri="file:./mlruns")
+    logged = client.get_run(ids["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["model.backbone"] == "tf_efficientnet_lite0"
+    assert logged.data.params["data.image_size"] == "64"
+    assert logged.data.params["split_sha256"] == file_digest(run / "split.csv")
+    history = client.get_metric_history(ids["run_id"], "val/mean_auc")
+    assert len(history) == 2  # one a epoch
+    artifacts = {a.path for a in client.list_artifacts(ids["run_id"], "bundle")}
+    assert {"bundle/model.json", "bundle/model.safetensors", "bundle/MODEL_CARD.md", "bundle/config.yaml"} <= artifacts
+    assert mlflow.__name__ == "mlflow"
+
+
+def test_mlflow_missing_is_a_one_line_error(table_path, sample_images, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert main(["train", "--csv", str(table_path), "--images", str(sample_images), "--out", str(tmp_path / "run"),
+                 "--mlflow", "file:./mlruns"]) == 2
+    assert "MLflow is not installed; install the extra: pip install 'cxrlearn[mlflow]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

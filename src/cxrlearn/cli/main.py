@@ -260,7 +260,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["model"]["init_from"] = str(args.init_from)
     _want_folder(args.out, "--out")
     config = load_config(args.config, overrides, args.set)
-    train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    train(config, args.out, resume=args.resume, progress=not args.no_progress, tracking=args.mlflow)
     return 0
 
 
@@ -548,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")
     train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs and the model bundle")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.add_argument("--mlflow", metavar="URI", help="log parameters, per-epoch metrics, the split's digest and the "
+                       "bundle to MLflow (file:./mlruns, or a tracking server's URL); needs cxrlearn[mlflow]")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(run=_cmd_train)
 

@@ -15,6 +15,7 @@ Steps, each reusing what an earlier run left where it can:
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -30,7 +31,7 @@ import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Subset
 
 from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
@@ -242,7 +243,48 @@ def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: st
                                          f"new for {', '.join(new) or 'none'}")
 
 
-def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False):
+MLFLOW_RUN = "mlflow.json"
+#: The files of the bundle and its run that go to MLflow as artifacts (under ``bundle/``), when present.
+BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors", "MODEL_CARD.md", "metrics.json",
+                    CONFIG_FILE, SPLIT_FILE, "split.report.json")
+
+
+def check_tracking(uri: str | None) -> None:
+    """``--mlflow`` needs MLflow, an optional extra: a one-line error naming it, before any work."""
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"--mlflow {uri}: MLflow is not installed; install the extra: pip install 'cxrlearn[mlflow]'")
+
+
+def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
+    """Lightning's MLFlowLogger for ``uri`` (``file:./mlruns`` or a tracking server): a resumed run logs into its
+    first MLflow run (its id kept in ``RUN/mlflow.json``)."""
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 keeps file stores in maintenance mode and refuses them unless told; a team's tracking server
+        # (or a database store) is the long-term home, a folder the simplest one to start with.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    saved = run_dir / MLFLOW_RUN
+    run_id = json.loads(saved.read_text(encoding="utf-8")).get("run_id") if resume and saved.is_file() else None
+    logger = MLFlowLogger(experiment_name="cxrlearn", run_name=run_dir.name, tracking_uri=uri, run_id=run_id,
+                          log_model=False)
+    if run_id is None:
+        logger.log_hyperparams(flatten(config.to_dict()))
+        write_atomic(saved, json.dumps({"tracking_uri": uri, "experiment_id": logger.experiment_id,
+                                        "run_id": logger.run_id}, indent=2) + "\n")
+    return logger
+
+
+def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: dict) -> None:
+    """The split's digest, the final metrics and the bundle's files, into the run's MLflow run."""
+    logger.experiment.log_param(logger.run_id, "split_sha256", file_digest(split_path))
+    logger.log_metrics({f"final_{name}_mean_auc": metrics[name]["mean_auc"] for name in ("val", "test")
+                        if metrics.get(name, {}).get("mean_auc") is not None})
+    for name in BUNDLE_ARTIFACTS:
+        if (run_dir / name).is_file():
+            logger.experiment.log_artifact(logger.run_id, str(run_dir / name), artifact_path="bundle")
+    log.info(f"MLflow: logged the bundle to run {logger.run_id} ({uri})")
+
+
+def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False, tracker=None):
     t = config.train
     devices = int(t.devices) if str(t.devices).isdigit() else t.devices
     processes = (int(devices) if str(devices).isdigit() else 1) * int(t.num_nodes)
@@ -257,6 +299,8 @@ def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume
             n += 1
         version = f"resumed-{n}"
     loggers = [CSVLogger(run_dir, name="logs", version=version), TensorBoardLogger(run_dir, name="logs", version=version)]
+    if tracker is not None:
+        loggers.append(tracker)
     return L.Trainer(
         default_root_dir=run_dir,
         plugins=[_atomic_checkpoints()],
@@ -310,12 +354,14 @@ def _atomic_checkpoints():
     return AtomicCheckpointIO()
 
 
-def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
-    """Run the training that ``config`` describes into ``run_dir``; return the bundle folder.
+def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+          tracking: str | None = None) -> Path:
+    """Run the training that ``config`` describes into ``run_dir``; return the bundle folder. ``tracking``: an
+    MLflow tracking URI to log parameters, per-epoch metrics, the split's digest and the bundle to.
 
     Interrupted (Ctrl-C, SIGTERM), it raises :class:`Interrupted` saying what was kept and how to continue."""
     try:
-        return _train(config, Path(run_dir), resume, progress)
+        return _train(config, Path(run_dir), resume, progress, tracking)
     except (KeyboardInterrupt, Interrupted) as err:
         if isinstance(err, Interrupted) and err.kept:
             raise
@@ -326,8 +372,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         raise Interrupted(signal_name, f"the split and the preprocessing cache made so far ({run_dir})", "") from None
 
 
-def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
     check_before_work(config)
+    check_tracking(tracking)
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.exists():
         raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
@@ -380,7 +427,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Pa
     callbacks = [checkpoint, latest, interrupted, LearningRateMonitor(logging_interval="epoch")]
     if int(config.train.early_stopping_patience) > 0:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config.train.early_stopping_patience)))
-    trainer = _trainer(config, run_dir, callbacks, progress, resume)
+    tracker = _mlflow_logger(tracking, config, run_dir, resume) if tracking else None
+    trainer = _trainer(config, run_dir, callbacks, progress, resume, tracker)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     except (KeyboardInterrupt, Interrupted) as err:
@@ -401,6 +449,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> Pa
     check = fit_check(model, datamodule, resolve_device())
     write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check,
                      findings)
+    if tracker is not None:
+        _log_bundle(tracker, tracking, run_dir, split_path, metrics)
     log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
              + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
              + f"; the model bundle is {run_dir}/model.json + model.safetensors")
