@@ -394,3 +394,43 @@ def test_mlflow_missing_is_a_one_line_error(table_path, sample_images, tmp_path,
                  "--mlflow", "file:./mlruns"]) == 2
     assert "MLflow is not installed; install the extra: pip install 'cxrlearn[mlflow]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# 11. Smaller things ----------------------------------------------------------------------------------------------
+
+def test_download_without_a_name_server_fails_at_once_naming_the_host(tmp_path, capsys, monkeypatch):
+    import socket
+
+    def no_name_server(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name_server)  # as on a machine without a network
+    archives = tmp_path / "archives.tsv"
+    archives.write_text("archive\turl\tmd5\nimages_001.tar.gz\thttps://nihcc.example.org/images_001.tar.gz\t"
+                        + "0" * 32 + "\n")
+    started = time.monotonic()
+    assert main(["download", "nih", "--to", str(tmp_path / "nih"), "--archives", str(archives), "--parts", "1"]) == 2
+    assert time.monotonic() - started < 5  # not 64 s of retries
+    err = capsys.readouterr().err
+    assert "cannot resolve the host nihcc.example.org (Temporary failure in name resolution)" in err
+
+
+def test_stats_names_findings_in_full_and_counts_the_split_in_all(table_path, sample_images, tmp_path, capsys):
+    split = tmp_path / "split.csv"
+    assert main(["split", "--csv", str(table_path), "--images", str(sample_images), "--out", str(split)]) == 0
+    capsys.readouterr()
+    assert main(["stats", "--csv", str(table_path), "--split", str(split), "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "13. Pleural_Thickening" in printed and "14. Hernia" in printed
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["all"]["images"] == len(pd.read_csv(split)) == sum(stats[s]["images"] for s in ("train", "val", "test"))
+
+
+def test_merge_names_both_sources_of_a_repeated_image(present, tmp_path, capsys):
+    path = _hospital_table(present, tmp_path / "labels.csv")
+    other = pd.read_csv(path).head(5)
+    other.to_csv(tmp_path / "other.csv", index=False)
+    assert main(["merge", "--out", str(tmp_path / "m.csv"), f"a={path}", f"b={tmp_path / 'other.csv'}",
+                 "--column", "image=file", "--column", "patient=mrn"]) == 2
+    assert f"image 'h{present.sort_values('image')['image'].iloc[0]}' is listed in both a and b" \
+        in capsys.readouterr().err

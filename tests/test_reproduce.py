@@ -43,6 +43,7 @@ def test_reproduce_killed_during_training_continues_where_it_stopped(sample_imag
     assert report["label_table"]["file"] == "Data_Entry_2017_v2020.csv.gz" and len(report["label_table"]["sha256"]) == 64
     assert report["seed"] == 2137 and report["method"] == "stratified"
 
+    killed_after = last.stat().st_mtime - state["unfinished"]["train"]["started"]  # at least, training ran so long
     rerun = subprocess.run(command(sample_images, out), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "[split] done earlier" in rerun.stderr and "[prepare] done earlier" in rerun.stderr
@@ -62,7 +63,13 @@ def test_reproduce_killed_during_training_continues_where_it_stopped(sample_imag
     assert result["n_images"] == json.loads((out / "evaluation" / "metrics.json").read_text())["n_images"] > 0
     assert result["model"]["epochs_run"] == 3
     assert set(report["stages"]) == {"download", "split", "prepare", "train", "evaluate"}
+    # The training stage's time counts the killed attempt too; the heading names the model trained.
+    assert "[train] … (continued after" in rerun.stderr
+    assert report["stages"]["train"]["seconds"] >= killed_after > 0
+    assert report["recipe"] == ("Kufel et al. 2023 (J Pers Med 13:1426): tf_efficientnet_lite0 at 64 px, custom "
+                                "patient-wise split, seed 2137")
     markdown = (out / "reproduction.md").read_text()
+    assert markdown.startswith(f"# Reproduction: {report['recipe']}")
     assert all(f"| {name} |" in markdown for name in FINDINGS) and "Kufel 2023" in markdown
     assert "## Time per stage" in markdown and "## Machine and versions" in markdown
 

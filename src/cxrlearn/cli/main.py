@@ -143,12 +143,13 @@ def _cmd_split(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     _want_file(args.json, "--json")
     table, source = _load_table(args, args.images)
+    if args.split:  # "all" is then the split's images, which its parts add up to
+        table = apply_split(table, read_split_file(args.split), source=str(args.split))
     result: dict = {"all": table_stats(table)}
     if DATASET in table and table[DATASET].nunique() > 1:  # a merged table: each dataset's own counts too
         for name, part in table.groupby(DATASET, sort=False):
             result[f"dataset {name}"] = table_stats(part)
     if args.split:
-        table = apply_split(table, read_split_file(args.split), source=str(args.split))
         for name in SPLITS:
             part = table[table["split"] == name]
             if len(part):
@@ -561,8 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", parents=[table_args],
         help="per-finding AUC with patient-level CIs, operating points, calibration, subgroups, and a report",
-        description="Judge a trained model on the test split of its run (or another split's subset, or NIH's "
-        "official test list); choose thresholds on the split's val images and store them in the bundle.",
+        description="Judge a trained model on labelled images: every image of --images that the label table labels "
+        "(external validation: images of the run's train or val patients are refused, and the bundle's own "
+        "thresholds and temperatures are applied as they are); or, with --subset (and the run's split or "
+        "--split), that split's subset, choosing thresholds (and with --calibrate temperatures) on its val "
+        "images and storing them in the bundle; or NIH's official test list (--official-test).",
     )
     evaluate.add_argument("--model", type=Path, required=True, help="run folder holding model.json + model.safetensors")
     evaluate.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")

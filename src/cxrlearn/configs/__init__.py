@@ -29,12 +29,16 @@ class Recipe:
     config: str  # a preset of cxrlearn.configs
     published: str  # its key in cxrlearn.evaluation.published.PUBLISHED
     official_published: tuple[str, ...]  # published results to set beside an official-test-list evaluation
-    title: str
+    citation: str
+
+    def title(self, backbone: str, image_size: int, split_seed: int) -> str:
+        """What is reproduced, naming the model actually trained (a ``--set`` may change the paper's)."""
+        return f"{self.citation}: {backbone} at {image_size} px, custom patient-wise split, seed {split_seed}"
 
 
 RECIPES = {
     "kufel2023": Recipe(
         config="kufel2023", published="Kufel 2023", official_published=("Wang 2017",),
-        title=f"Kufel et al. 2023 (J Pers Med 13:1426): EfficientNet-B1, custom patient-wise split, seed {SEED}",
+        citation="Kufel et al. 2023 (J Pers Med 13:1426)",
     ),
 }

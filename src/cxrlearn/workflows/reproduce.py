@@ -22,6 +22,7 @@ timing on the machine at hand.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -52,12 +53,13 @@ from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import EvaluationMetrics
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.findings import FINDINGS
+from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import library_versions, read_meta
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.device import resolve_device
 from cxrlearn.training.config import RunConfig, load_config, resolve_precision
 from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
-from cxrlearn.workflows.train import CHECKPOINTS, cache_location, train
+from cxrlearn.workflows.train import CHECKPOINTS, cache_location, check_before_work, train
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +115,34 @@ def _stage(state: _State, name: str, work, **details) -> None:
     if state.done(name):
         log.info(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
         return
-    earlier = state.data.setdefault("unfinished", {}).get(name, 0.0)
+    unfinished = state.data.setdefault("unfinished", {})
+    earlier = _earlier_attempts(unfinished.get(name), state.path.parent)
     log.info(f"[{name}] …" + (f" (continued after {earlier:.0f} s in earlier attempts)" if earlier else ""))
     started = time.time()
+    unfinished[name] = {"earlier": round(earlier, 1), "started": started}
+    state.save()
     try:
         work()
-    except BaseException:
-        state.data["unfinished"][name] = round(earlier + time.time() - started, 1)
+    except BaseException:  # interrupted, or failed: this attempt's time is known
+        unfinished[name]["spent"] = round(time.time() - started, 1)
         state.save()
         raise
     seconds = earlier + time.time() - started
-    state.data["unfinished"].pop(name, None)
+    unfinished.pop(name, None)
     state.finish(name, seconds, **details)
     log.info(f"[{name}] done in {seconds:.0f} s")
+
+
+def _earlier_attempts(entry: dict | None, out: Path) -> float:
+    """Seconds spent on a stage by attempts that did not finish it: as recorded when one was interrupted, or, for
+    one killed outright (SIGKILL, a lost machine), until the last file it wrote under ``out``."""
+    if not entry:
+        return 0.0
+    if "spent" in entry:
+        return entry["earlier"] + entry["spent"]
+    latest = max((p.stat().st_mtime for p in out.rglob("*") if p.is_file() and p.name != STATE_FILE),
+                 default=entry["started"])
+    return entry["earlier"] + max(0.0, latest - entry["started"])
 
 
 def _duration(seconds: float) -> str:
@@ -228,9 +245,14 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     images = Path(options.images) if options.images else data_dir
     settings = {"recipe": recipe_name, "images": str(images), "download": None if options.images else options.parts,
                 "official": options.official, "sets": list(options.sets)}
-    load_config(recipe.config, sets=options.sets)  # before anything is written: a bad --set fails here
+    planned = load_config(recipe.config, sets=options.sets)  # before anything is written: a bad --set fails here
+    if options.images:  # a wrong backbone or a missing folder is refused before the split, cache and download
+        check_before_work(dataclasses.replace(planned, data=dataclasses.replace(planned.data, images=str(images))))
+    else:
+        backbone_config(planned.model.backbone)
     state = _State(out, settings)
-    log.info(f"reproducing {recipe.title} in {out}")
+    log.info(f"reproducing {recipe.title(planned.model.backbone, planned.data.image_size, planned.data.split_seed)} "
+             f"in {out}")
 
     if options.images:
         if not state.done("download"):
@@ -325,11 +347,13 @@ def write_reproduction(out: Path, recipe: Recipe, state: dict, options: Reproduc
     if options.official:
         parts.append(("official", out / "official" / "model", out / "official-evaluation" / "metrics.json", None,
                       recipe.official_published))
-    report = {"recipe": recipe.title, "command": " ".join(options.command) or None,
+    config = load_config(recipe.config, sets=options.sets)
+    report = {"recipe": recipe.title(config.model.backbone, config.data.image_size, config.data.split_seed),
+              "command": " ".join(options.command) or None,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": library_versions(), "settings": state["settings"],
               "stages": state["stages"], "results": {}}
-    lines = [f"# Reproduction: {recipe.title}", ""]
+    lines = [f"# Reproduction: {report['recipe']}", ""]
     for name, run_dir, path, target, beside in parts:
         metrics = EvaluationMetrics.read(path)
         meta = read_meta(run_dir)

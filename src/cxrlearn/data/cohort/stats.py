@@ -105,11 +105,11 @@ def format_stats(stats: dict, title: str = "table") -> str:
     lines.append(
         "findings per image: " + ", ".join(f"{k}: {v:,}" for k, v in stats["findings_per_image"].items())
     )
-    lines.append("co-occurrence (images with both; diagonal = positives):")
-    short = [name[:5] for name in stats["findings"]]
-    lines.append(f"{'':<20}" + "".join(f"{s:>7}" for s in short))
-    for a, row in stats["co_occurrence"].items():
-        lines.append(f"{a:<20}" + "".join(f"{v:>7,}" for v in row.values()))
+    lines.append("co-occurrence (images with both; diagonal = positives; columns numbered as the rows):")
+    width = max([len(name) for name in stats["co_occurrence"]] + [8]) + 4
+    lines.append(f"{'':<{width}}" + "".join(f"{i:>7}" for i in range(1, len(stats["co_occurrence"]) + 1)))
+    for i, (a, row) in enumerate(stats["co_occurrence"].items(), start=1):
+        lines.append(f"{i:>2}. {a:<{width - 4}}" + "".join(f"{v:>7,}" for v in row.values()))
     if "views" in stats:
         lines.append("views: " + ", ".join(f"{k} {v:,} ({v / n:.1%})" for k, v in stats["views"].items()))
     if "sex" in stats:

@@ -18,10 +18,12 @@ import http.client
 import logging
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -114,7 +116,13 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool, label: str
             raise _Retry(f"HTTP {err.code}") from None
         raise DataError(f"{label}: the server answered HTTP {err.code} ({err.reason}) for {url}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-        raise _Retry(str(getattr(err, "reason", err))) from None
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, socket.gaierror):  # no name server answers for it: retrying will not help now
+            host = urllib.parse.urlsplit(url).hostname
+            raise DataError(f"{label}: cannot resolve the host {host} ({reason.strerror or reason}): no network "
+                            "here, or no name server that knows it; run the same command again when there is "
+                            "(what was downloaded is kept)") from None
+        raise _Retry(str(reason)) from None
     with response:
         if offset and response.status == 206:
             mode = "ab"
