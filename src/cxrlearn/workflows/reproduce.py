@@ -56,6 +56,7 @@ from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import library_versions, read_meta
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.input_check import MAX_FIT_IMAGES
 from cxrlearn.model.device import resolve_device
 from cxrlearn.training.config import RunConfig, load_config, resolve_precision
 from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
@@ -184,8 +185,10 @@ def estimate_prepare(paths: list[str], size: int, workers: int, sample: int = 16
     return per_image * len(paths) / max(1, workers)
 
 
-def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 4) -> dict:
-    """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here."""
+def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 4, n_test: int = 0) -> dict:
+    """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here, with
+    the passes after training: the val and test AUCs and the input check's features of up to
+    ``MAX_FIT_IMAGES`` training and validation images."""
 
     data, model_cfg, train = config.data, config.model, config.train
     device = resolve_device("cpu" if train.accelerator == "cpu" else "auto")
@@ -218,8 +221,9 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
     rate = steps * batch / (time.perf_counter() - started)
     # Validation is a forward pass only: about a third of a training step per image.
     epoch = n_train / rate + n_val / (3 * rate)
+    after = (n_val + n_test + min(n_train, MAX_FIT_IMAGES) + min(n_val, MAX_FIT_IMAGES)) / (3 * rate)
     return {"device": device, "precision": precision, "images_per_second": round(rate, 1),
-            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train.epochs), 1)}
+            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train.epochs) + after, 1)}
 
 
 def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
@@ -322,10 +326,12 @@ def _write_split(present, config: RunConfig, split_path: Path, official_list, ta
 def _train(config: RunConfig, run_dir: Path, split_path: Path, progress: bool) -> None:
     split = pd.read_csv(split_path)
     counts = split["split"].value_counts()
-    estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)))
+    estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)),
+                                 n_test=int(counts.get("test", 0)))
     log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
              f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
-             f"{_duration(estimate['max_seconds'])} for {config.train.epochs} epochs (early stopping may end sooner), "
+             f"{_duration(estimate['max_seconds'])} for {config.train.epochs} epochs and the passes after them (early "
+             "stopping may end sooner), "
              "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
     if resume:
