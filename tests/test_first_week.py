@@ -78,10 +78,11 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 
 def test_sigterm_in_the_first_epoch_exits_130_keeps_the_epoch_and_resumes(table_path, sample_images, present,
                                                                          tmp_path):
-    split = split_file(present, tmp_path / "split.csv", 400, 60)
+    # An epoch of 900 images at 128 px takes about 20 s on two cores: the signal, 3 s in, lands inside it.
+    split = split_file(present, tmp_path / "split.csv", 900, 60)
     run = tmp_path / "run"
     args = ["train", "--csv", str(table_path), "--images", str(sample_images), "--split", str(split),
-            "--backbone", "tf_efficientnet_lite0", "--image-size", "64", "--batch-size", "8", "--epochs", "1",
+            "--backbone", "tf_efficientnet_lite0", "--image-size", "128", "--batch-size", "16", "--epochs", "1",
             "--set", "model.hub=false", "--set", "data.num_workers=2", "--set", "train.early_stopping_patience=0",
             "--set", f"data.cache={tmp_path / 'cache'}", "--out", str(run), "--no-progress"]
     process = _cli(*args)

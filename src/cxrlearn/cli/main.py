@@ -422,6 +422,17 @@ def _bounded_int(low: int, high: int, what: str):
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, over 0 and at most an hour (not -1, nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds over 0 and at most 3600")
+    return value
+
+
 def _ratios(text: str) -> float:
     try:
         return float(text)
@@ -519,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--parts", default=ALL_PARTS, help="archives to fetch, e.g. 1 or 1-3,7 (default %(default)s)")
     download.add_argument("--archives", type=Path, help="archive list (archive, url, md5); default: cxrlearn's copy of NIH's")
     download.add_argument("--keep-archives", action="store_true", help="keep the .tar.gz files after unpacking")
-    download.add_argument("--retries", type=int, default=RETRIES, help="tries per archive after a failure (default %(default)s)")
-    download.add_argument("--timeout", type=float, default=STALL_TIMEOUT_S, help="seconds without data before a retry")
+    download.add_argument("--retries", type=_bounded_int(0, 100, "a count"), default=RETRIES,
+                          help="tries per archive after a failure (default %(default)s)")
+    download.add_argument("--timeout", type=_seconds, default=STALL_TIMEOUT_S,
+                          help="seconds without data before a retry (default %(default)s)")
     download.set_defaults(run=_cmd_download)
 
     train = commands.add_parser(

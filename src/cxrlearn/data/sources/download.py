@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -45,6 +46,11 @@ ALL_PARTS = "1-12"
 RETRIES, STALL_TIMEOUT_S = 5, 60.0
 
 
+#: What an archive's name may be: a plain file name (no folder, no leading dot, no ``..``), so that neither the
+#: download nor the folder it is extracted into can be anywhere but inside ``--to``.
+ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(tar\.gz|tgz|tar)")
+
+
 @dataclass(frozen=True)
 class Archive:
     name: str  # images_001.tar.gz
@@ -66,6 +72,8 @@ def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: the archive list is not UTF-8 text (byte {err.start})") from None
         except OSError as err:
             raise DataError(f"{path}: cannot read the archive list: {err.strerror or err}") from None
     lines = [line for line in text.splitlines() if line.strip()]
@@ -74,9 +82,14 @@ def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
     archives = []
     for number, line in enumerate(lines[1:], start=2):
         cells = line.split("\t")
-        if len(cells) < 3 or len(cells[2]) != 32:
+        if len(cells) < 3 or not re.fullmatch(r"[0-9a-fA-F]{32}", cells[2].strip()):
             raise DataError(f"{source}: line {number} is not archive<TAB>url<TAB>md5 (32 hex digits)")
-        archives.append(Archive(cells[0].strip(), cells[1].strip(), cells[2].strip().lower()))
+        name = cells[0].strip()
+        if not ARCHIVE_NAME.fullmatch(name):
+            raise DataError(f"{source}: line {number}: archive {name!r} is not a plain file name like "
+                            "images_001.tar.gz (letters, digits, '_' or '-', then .tar.gz or .tgz): it is "
+                            "downloaded into, and extracted beside, the --to folder only")
+        archives.append(Archive(name, cells[1].strip(), cells[2].strip().lower()))
     return archives
 
 
@@ -235,6 +248,9 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> in
     archive, folder = Path(archive), Path(folder)
     if (folder / COMPLETE).exists():
         return _extracted_files(folder)
+    if folder.exists():  # not one this download made (it would hold the marker): never delete it
+        raise DataError(f"{folder} is already there and was not extracted by cxrlearn download (no {COMPLETE} "
+                        f"in it); move it away, or name another --to, and run the same command again")
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -250,8 +266,6 @@ def extract_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> in
         raise
     count = sum(1 for m in members if m.isfile())
     (staging / COMPLETE).write_text(f"{archive.name}\t{count}\n")
-    if folder.exists():
-        shutil.rmtree(folder)
     staging.rename(folder)
     return count
 

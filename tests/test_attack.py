@@ -1,0 +1,67 @@
+"""The second attack's cases (issue 19), replayed: each was a data loss, a leak or a traceback, and each is
+refused by name now, with nothing lost. Seeded and bounded; files and services on loopback only."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from cxrlearn.cli.main import main
+from cxrlearn.data.sources.download import COMPLETE, extract_archive, read_archives
+
+MD5 = "0" * 32
+
+
+# 4. download never deletes or writes outside its folder ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["/abs/path/x.tar.gz", ".hidden.tar.gz", "../x.tar.gz", "a/b.tar.gz", "x.zip",
+                                  "images_001.tar.gz/.."])
+def test_archive_names_that_could_escape_or_delete_are_refused(tmp_path, capsys, name):
+    to = tmp_path / "nih"
+    (to / "images_005").mkdir(parents=True)
+    (to / "images_005" / "kept.png").write_bytes(b"earlier work")
+    archives = tmp_path / "archives.tsv"
+    archives.write_text(f"archive\turl\tmd5\n{name}\thttp://127.0.0.1:9/x\t{MD5}\n")
+    assert main(["download", "nih", "--to", str(to), "--archives", str(archives), "--parts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"line 2: archive {name!r} is not a plain file name" in err
+    assert (to / "images_005" / "kept.png").read_bytes() == b"earlier work"
+    assert sorted(p.name for p in to.iterdir()) == ["images_005"]
+
+
+def _tar(path, files: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_extraction_never_replaces_a_folder_it_did_not_make(tmp_path):
+    archive = tmp_path / "images_005.tar.gz"
+    _tar(archive, {"images/a.png": b"new"})
+    folder = tmp_path / "images_005"
+    folder.mkdir()
+    (folder / "mine.png").write_bytes(b"earlier work")
+    with pytest.raises(Exception, match="was not extracted by cxrlearn download"):
+        extract_archive(archive, folder)
+    assert (folder / "mine.png").read_bytes() == b"earlier work"
+    # A folder it made (with its marker) is reused as it is.
+    other = tmp_path / "images_006"
+    assert extract_archive(archive, other) == 1 and (other / COMPLETE).is_file()
+    assert extract_archive(archive, other) == 1
+
+
+def test_download_options_and_lists_are_checked(tmp_path, capsys):
+    for value in ("-1", "nan", "inf", "0"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["download", "nih", "--to", str(tmp_path / "x"), "--timeout", value])
+        assert stopped.value.code == 2
+        assert "is not a number of seconds over 0" in capsys.readouterr().err
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("archive\turl\tmd5\nbild_ä.tar.gz\thttp://x/\t".encode("latin-1") + MD5.encode() + b"\n")
+    with pytest.raises(Exception, match="not UTF-8 text"):
+        read_archives(latin)
+    assert not (tmp_path / "x").exists()
