@@ -65,3 +65,33 @@ def test_download_options_and_lists_are_checked(tmp_path, capsys):
     with pytest.raises(Exception, match="not UTF-8 text"):
         read_archives(latin)
     assert not (tmp_path / "x").exists()
+
+
+# 5. Paths in tables stay inside --images ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image", ["/etc/hostname", "../outside.png", "a/../../b.png", "a\\..\\b.png", "~/x.png"])
+def test_table_paths_outside_the_image_folder_are_refused_naming_the_line(tmp_path, capsys, image):
+    table = tmp_path / "labels.csv"
+    table.write_text(f"image,patient,Effusion\nok/a.png,p1,0\n{image},p2,1\n")
+    (tmp_path / "images").mkdir()
+    assert main(["check", "--table", str(table), "--images", str(tmp_path / "images")]) == 2
+    assert f"column 'image' line 3: {image!r} is not a path inside the image folder" in capsys.readouterr().err
+
+
+def test_an_image_folder_outside_the_image_folder_is_refused(tmp_path, capsys):
+    table = tmp_path / "labels.csv"
+    table.write_text("image,patient,Effusion\nok/a.png,p1,0\n")
+    assert main(["merge", "--out", str(tmp_path / "m.csv"), f"site={table}", "--image-folder",
+                 "site=../../../etc"]) == 2
+    assert "--image-folder site=../../../etc: not a folder inside the image folder" in capsys.readouterr().err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_attach_images_refuses_such_paths_from_any_reader(tmp_path):
+    import pandas as pd
+
+    from cxrlearn.data.decoding.images import attach_images
+
+    table = pd.DataFrame({"image": ["a.png", "/etc/hostname"], "patient_id": ["1", "2"]})
+    with pytest.raises(Exception, match=r"row 2: image '/etc/hostname' is not a path inside the image folder"):
+        attach_images(table, tmp_path)

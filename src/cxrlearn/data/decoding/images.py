@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -120,6 +120,22 @@ class ImagePresence:
         return text
 
 
+def outside(path: str) -> bool:
+    """Whether a table's image path could lead out of the image folder: absolute, a drive, ``..`` or a
+    backslash (a Windows separator, read as part of a name elsewhere)."""
+    parts = PurePosixPath(path).parts
+    return path.startswith(("/", "~")) or ".." in parts or "\\" in path or (len(path) > 1 and path[1] == ":")
+
+
+def refuse_paths_outside(images: pd.Series, source: str) -> None:
+    """:class:`DataError` naming the first image path of ``source`` that is not inside the image folder."""
+    bad = images.astype(str).map(outside).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{source}: row {row + 1}: image {images.iloc[row]!r} is not a path inside the image folder "
+                        "(absolute paths, '..' and backslashes are refused): give paths relative to --images")
+
+
 def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence:
     """Keep the rows of ``table`` whose image is under ``root``, adding a ``path`` column.
 
@@ -130,6 +146,7 @@ def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence
     wrong folder is caught before any work starts.
     """
     root = Path(root)
+    refuse_paths_outside(table[IMAGE], "the label table")
     relative = table[IMAGE].str.contains("/", regex=False).to_numpy()
     files = find_images(root) if not relative.all() else {}
     paths = np.full(len(table), "", dtype=object)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrlearn.data.columns import DATASET, IMAGE, PATIENT_ID, finding_columns
+from cxrlearn.data.decoding.images import outside
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.chexpert import read_chexpert
 from cxrlearn.data.sources.generic import TableColumns, read_table
@@ -123,6 +124,9 @@ def merge_tables(tables: dict[str, pd.DataFrame], image_folders: dict[str, str] 
 def _under(name: str, images: pd.Series, folder: str) -> pd.Series:
     """A dataset's relative image paths under ``folder``; file names are refused (:func:`find_images`
     finds them by name)."""
+    if outside(folder.strip()):
+        raise DataError(f"--image-folder {name}={folder}: not a folder inside the image folder (absolute paths, "
+                        "'..' and backslashes are refused)")
     folder = folder.strip().strip("/")
     named = ~images.str.contains("/", regex=False)
     if named.any():

@@ -24,6 +24,7 @@ import pandas as pd
 from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.columns import (AGE, DATASET, IMAGE, METADATA, PATIENT_ID, SEX, UNCERTAIN_POLICIES, VIEW,
                                    finding_columns)
+from cxrlearn.data.decoding.images import outside
 from cxrlearn.errors import DataError
 from cxrlearn.findings import canonical_column
 
@@ -150,6 +151,11 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
         empty = out[target].eq("")
         if empty.any():
             raise DataError(f"{path}: column {given[role]!r} line {int(np.flatnonzero(empty)[0]) + 2} is empty")
+    escaping = out[IMAGE].map(outside).to_numpy()
+    if escaping.any():
+        row = int(np.flatnonzero(escaping)[0])
+        raise DataError(f"{path}: column {given['image']!r} line {row + 2}: {out[IMAGE].iloc[row]!r} is not a path "
+                        "inside the image folder (absolute paths, '..' and backslashes are refused)")
     repeated = out[IMAGE].duplicated()
     if repeated.any():
         raise DataError(f"{path}: image {out[IMAGE][repeated].iloc[0]!r} is listed twice "
