@@ -95,3 +95,56 @@ def test_attach_images_refuses_such_paths_from_any_reader(tmp_path):
     table = pd.DataFrame({"image": ["a.png", "/etc/hostname"], "patient_id": ["1", "2"]})
     with pytest.raises(Exception, match=r"row 2: image '/etc/hostname' is not a path inside the image folder"):
         attach_images(table, tmp_path)
+
+
+# 6. No silent wrong answer from a bundle ---------------------------------------------------------------------------
+
+@pytest.fixture
+def copied_run(evaluated, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated[0], run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    return run
+
+
+def _edit_meta(run, change) -> None:
+    import json
+
+    meta = json.loads((run / "model.json").read_text())
+    change(meta)
+    (run / "model.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("std", [1e-300] * 3, "preprocessing.std must be 3 numbers from 0.001 to 100.0"),
+    ("mean", [1e300] * 3, "preprocessing.mean must be 3 numbers from -1.0 to 2.0"),
+])
+def test_normalisation_numbers_that_cannot_give_an_answer_are_refused_at_load(copied_run, sample_images, capsys,
+                                                                             field, value, message):
+    _edit_meta(copied_run, lambda meta: meta["preprocessing"].__setitem__(field, value))
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    assert main(["predict", "--model", str(copied_run), image, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_finite_weights_or_outputs_are_an_error_not_a_blank(copied_run, sample_images, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cxrlearn.data.decoding.images import load_grayscale
+    from cxrlearn.errors import ConfigError
+    from cxrlearn.inference.predictor import Predictor
+
+    predictor = Predictor(copied_run)
+    predictor.model.head[-1].bias.data[:] = float("inf")  # as weights damaged after loading would give
+    pixels = load_grayscale(sorted(sample_images.glob("*.png"))[0])
+    with pytest.raises(ConfigError, match="non-finite outputs for x.png"):
+        predictor.predict([pixels], ["x.png"])
+    state = load_file(str(copied_run / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(copied_run / "model.safetensors"))
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    assert main(["predict", "--model", str(copied_run), image, "--no-progress"]) == 2
+    assert f"{name} holds non-finite numbers" in capsys.readouterr().err

@@ -40,6 +40,12 @@ def resize_square(pixels: np.ndarray, size: int, resampling: str) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((size, size), RESAMPLING[resampling]), dtype=np.uint8)
 
 
+#: The ranges a normalisation's mean and std may take (pixels are scaled to 0-1 before it): every timm model's
+#: lie well inside them, and numbers outside them (a std of 1e-300, a mean of 1e300) can only give
+#: non-finite inputs, hence blank probabilities.
+MEAN_RANGE, STD_RANGE = (-1.0, 2.0), (1e-3, 100.0)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Decoded grayscale pixels -> the network's input (module docstring)."""
@@ -64,8 +70,14 @@ class Preprocessing:
             values = getattr(self, name)
             if len(values) != 3 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
                 raise ConfigError(f"preprocessing.{name} must be 3 numbers, not {list(values)!r}")
-        if not all(v > 0 for v in self.std):
-            raise ConfigError(f"preprocessing.std must be 3 positive numbers, not {list(self.std)!r}")
+        low, high = MEAN_RANGE
+        if not all(low <= v <= high for v in self.mean):
+            raise ConfigError(f"preprocessing.mean must be 3 numbers from {low} to {high} (pixels are scaled to "
+                              f"0-1 first), not {list(self.mean)!r}")
+        low, high = STD_RANGE
+        if not all(low <= v <= high for v in self.std):
+            raise ConfigError(f"preprocessing.std must be 3 numbers from {low} to {high} (pixels are scaled to "
+                              f"0-1 first), not {list(self.std)!r}")
         for name in ("cache_resampling", "input_resampling"):
             if getattr(self, name) not in RESAMPLING:
                 raise ConfigError(f"preprocessing.{name} must be one of {', '.join(RESAMPLING)}, "

@@ -181,6 +181,10 @@ class Predictor:
         cheap = [cheap_reasons(image, colour) for image, colour in zip(images, colours or [0.0] * len(images))]
         logits, verdicts = self._logits_and_verdicts(batch, cheap)
         probs = probabilities(logits, self.findings, self.temperature)
+        broken = ~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
+        if broken.any():  # never a blank answer passed off as one: the bundle's numbers are at fault
+            raise ConfigError(f"{self.model_dir}: the model gave non-finite outputs for {names[int(np.argmax(broken))]} "
+                              "(its weights or preprocessing numbers are damaged): no answer is given")
         calls = positive_calls(probs, self.findings, self.thresholds) if self.thresholds else None
         return [
             Prediction(

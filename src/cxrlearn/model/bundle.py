@@ -107,6 +107,10 @@ def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, BundleM
         raise ConfigError(f"{Path(folder) / META}: {err}") from None
     weights = Path(folder) / WEIGHTS
     state = read_safetensors(weights, f"{folder}: the bundle has no {WEIGHTS}", load_file)
+    damaged = next((name for name, tensor in state.items()
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if damaged is not None:
+        raise ConfigError(f"{weights}: {damaged} holds non-finite numbers (NaN or infinity): the weights are damaged")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

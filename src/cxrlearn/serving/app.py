@@ -243,7 +243,10 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
         pixels, colour = _decode(data, name, slots)
         with lock:
-            result = predictor.predict([pixels], [name], [colour])[0]
+            try:
+                result = predictor.predict([pixels], [name], [colour])[0]
+            except ConfigError as err:  # the bundle's fault, not the upload's: said, never a blank answer
+                raise HTTPException(500, str(err)) from None
             if strict and result.flagged:
                 raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
             body = {
