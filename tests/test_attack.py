@@ -148,3 +148,29 @@ def test_non_finite_weights_or_outputs_are_an_error_not_a_blank(copied_run, samp
     image = str(sorted(sample_images.glob("*.png"))[0])
     assert main(["predict", "--model", str(copied_run), image, "--no-progress"]) == 2
     assert f"{name} holds non-finite numbers" in capsys.readouterr().err
+
+
+# 3. No patient in two splits, ever ---------------------------------------------------------------------------------
+
+def test_a_dataset_column_cannot_split_a_patient(nih_table, sample_images, tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from cxrlearn.data.decoding.images import attach_images
+
+    present = attach_images(nih_table, sample_images).table.sort_values("image").reset_index(drop=True)
+    table = pd.DataFrame({"image": present["image"], "patient": present["patient_id"].astype(str),
+                          "dataset": ["site-a" if i % 2 else "site-b" for i in range(len(present))],
+                          "Effusion": present["Effusion"].astype(int), "Nodule": present["Nodule"].astype(int)})
+    straddling = table.groupby("patient")["dataset"].nunique().gt(1).sum()
+    assert straddling > 50  # the attack's case: one patient's images under two dataset names
+    path = tmp_path / "labels.csv"
+    table.to_csv(path, index=False)
+    split = tmp_path / "split.csv"
+    assert main(["split", "--table", str(path), "--out", str(split)]) == 0
+    assert "patients in more than one split: 0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "split.report.json").read_text())["shared_patients"] == 0
+    made = pd.read_csv(split, dtype=str)
+    assert made.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(made["split"]) == {"train", "val", "test"} and len(made) == len(table)

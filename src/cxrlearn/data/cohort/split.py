@@ -216,6 +216,13 @@ def _local_search(
     return assignment
 
 
+def _home_dataset(table: pd.DataFrame) -> pd.Series:
+    """Each image's patient's dataset: the one most of the patient's images name (the first by name on a tie)."""
+    counts = table.groupby([PATIENT_ID, DATASET], sort=True).size().rename("n").reset_index()
+    home = counts.sort_values(["n", DATASET], ascending=[False, True], kind="stable").drop_duplicates(PATIENT_ID)
+    return table[PATIENT_ID].map(home.set_index(PATIENT_ID)[DATASET]).rename("home_dataset")
+
+
 def make_split(
     table: pd.DataFrame,
     ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -237,9 +244,11 @@ def make_split(
         raise DataError("cannot split an empty table")
     if DATASET in table.columns and table[DATASET].nunique() > 1:
         # Tables of several datasets: each is split on its own, in the ratios, stratified on its own findings.
+        # A patient is its patient id alone, whatever the dataset column says: one whose images a table gives
+        # to several datasets goes, whole, with the dataset of most of them.
         listed = set(official_test) if official_test is not None else None
         parts = []
-        for _, part in table.groupby(DATASET, sort=True):
+        for _, part in table.groupby(_home_dataset(table), sort=True):
             uses_list = listed is not None and part[IMAGE].isin(listed).any()
             own = part[[c for c in part.columns if c != DATASET and not part[c].isna().all()]]
             parts.append(make_split(own, ratios, seed, listed if uses_list else None, method))
@@ -330,6 +339,9 @@ def split_and_save(table: pd.DataFrame, path: str | os.PathLike, label_table: st
         about["official_test_list"] = {"file": Path(official_test_list).name,
                                        "sha256": file_digest(official_test_list)}
     report = split_report(table, split, ratios=ratios, official_test=official is not None, **about)
+    if report["shared_patients"]:  # never written, never trained on: a split's whole point is that it cannot be
+        raise DataError(f"the split would put {report['shared_patients']:,} patient(s) in two splits; nothing is "
+                        "written")
     return split, report, write_split(split, path, report)
 
 
