@@ -174,3 +174,56 @@ def test_a_dataset_column_cannot_split_a_patient(nih_table, sample_images, tmp_p
     made = pd.read_csv(split, dtype=str)
     assert made.groupby("patient_id")["split"].nunique().max() == 1
     assert set(made["split"]) == {"train", "val", "test"} and len(made) == len(table)
+
+
+# 2. A continued run cannot change its data -------------------------------------------------------------------------
+
+def test_a_continued_run_cannot_change_its_table_or_split(table_path, nih_table, sample_images, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from test_training import split_file
+    from cxrlearn.data.decoding.images import attach_images
+
+    present = attach_images(nih_table, sample_images).table
+    split = split_file(present, tmp_path / "given.csv", 48, 16)
+    run = tmp_path / "run"
+    base = ["train", "--images", str(sample_images), "--backbone", "tf_efficientnet_lite0", "--image-size", "64",
+            "--set", "model.hub=false", "--set", "data.num_workers=0", "--set", f"data.cache={tmp_path / 'cache'}",
+            "--out", str(run), "--no-progress"]
+    # A split of the images present, made by the run (48 + 16 images: a copy of the table limited to them).
+    rows = pd.read_csv(table_path)
+    small = tmp_path / "small.csv"
+    rows[rows["Image Index"].isin(pd.read_csv(split)["image"])].to_csv(small, index=False)
+    assert main([*base, "--csv", str(small), "--epochs", "1"]) == 0
+    capsys.readouterr()
+
+    # The same table moved: allowed. The same name with other labels: refused by name.
+    moved = tmp_path / "moved.csv"
+    shutil.copyfile(small, moved)
+    changed = pd.read_csv(small)
+    changed.loc[changed.index[:5], "Finding Labels"] = "Hernia"
+    relabelled = tmp_path / "relabelled.csv"
+    changed.to_csv(relabelled, index=False)
+    assert main([*base, "--csv", str(relabelled), "--epochs", "2", "--resume"]) == 2
+    assert "holds other labels or images than the table this run started with" in capsys.readouterr().err
+
+    # The run's own split edited (a test image moved to train): refused.
+    own = pd.read_csv(run / "split.csv")
+    edited = own.copy()
+    edited.loc[edited["split"] != "train", "split"] = "train"
+    edited.loc[edited.index[0], "split"] = "val"
+    saved = (run / "split.csv").read_bytes()
+    edited.to_csv(run / "split.csv", index=False)
+    assert main([*base, "--csv", str(moved), "--epochs", "2", "--resume"]) == 2
+    assert "split.csv was changed after this run made or took it" in capsys.readouterr().err
+    (run / "split.csv").write_bytes(saved)
+
+    # Killed after its split, before its first checkpoint: a rerun with other split settings is refused...
+    shutil.rmtree(run / "checkpoints")
+    assert main([*base, "--csv", str(moved), "--epochs", "1", "--set", "data.split_seed=7"]) == 2
+    assert "data.split_seed was 2137, now 7" in capsys.readouterr().err
+    # ... and with its own settings it continues, from the moved table, with its own split.
+    assert main([*base, "--csv", str(moved), "--epochs", "1"]) == 0
+    assert (run / "split.csv").read_bytes() == saved

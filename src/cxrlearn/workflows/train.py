@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
+#: The digests of the run's label table (its content's fingerprint) and split, checked whenever it continues.
+INPUTS_FILE = "inputs.json"
 
 
 def read_run_labels(data: DataConfig) -> pd.DataFrame:
@@ -111,6 +113,21 @@ def _want(path: str, key: str, folder: bool | None) -> None:
         raise ConfigError(f"{key} {path}: is a folder; a file is needed here")
 
 
+def _recorded_inputs(run_dir: Path) -> dict:
+    """What ``RUN/inputs.json`` recorded of the run's data: the label table's fingerprint and the split's SHA-256."""
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); cannot check that this run continues with its own data") \
+            from None
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path}: not a record of this run's data")
+    return recorded
+
+
 def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
 
@@ -123,6 +140,15 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     present = presence.table
 
     split_path = run_dir / SPLIT_FILE
+    inputs = _recorded_inputs(run_dir)
+    if inputs.get("label_table") not in (None, fingerprint):
+        raise ConfigError(f"{run_dir}: the label table {table_path} holds other labels or images than the table this "
+                          f"run started with (fingerprint {fingerprint[:12]}…, the run's {inputs['label_table'][:12]}…): "
+                          "a run continues with its own data; train anew in another --out")
+    if inputs.get("split") and split_path.is_file() and file_digest(split_path) != inputs["split"]:
+        raise ConfigError(f"{split_path} was changed after this run made or took it (SHA-256 differs from the one "
+                          f"recorded in {INPUTS_FILE}): a run continues with its own split; restore it, or train anew "
+                          "in another --out")
     if data.split:
         split = read_split_file(data.split)
         if Path(data.split).resolve() != split_path.resolve():
@@ -140,6 +166,8 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
                                      seed=int(data.split_seed))
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
+    write_atomic(run_dir / INPUTS_FILE, json.dumps({"label_table": fingerprint, "split": file_digest(split_path)},
+                                                   indent=2) + "\n")
     unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
     if len(unknown):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
@@ -188,7 +216,8 @@ def check_same_run(config: RunConfig, run_dir: Path) -> None:
         if file_digest(given) != file_digest(run_split):
             problems.append(f"the split {given} differs from the run's own {run_split} (other SHA-256)")
     if problems:
-        raise ConfigError(f"{run_dir}: --resume must continue the same run, but " + "; ".join(problems)
+        raise ConfigError(f"{run_dir}: --resume (or a rerun into a run folder that already has its split) must "
+                          "continue the same run, but " + "; ".join(problems)
                           + ". Resume with the run's own settings (its config.yaml and split.csv), or train anew "
                           "in another --out")
 
@@ -380,8 +409,10 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
         raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
     if not resume and last.exists():
         raise ConfigError(f"{run_dir} holds an earlier run; pass --resume to continue it, or choose another --out")
-    if resume:
-        check_same_run(config, run_dir)  # before anything in the run folder is written
+    if resume or (run_dir / SPLIT_FILE).is_file() and (run_dir / CONFIG_FILE).is_file():
+        # before anything in the run folder is written; a rerun of a run stopped before its first checkpoint
+        # continues it too, and keeps its split: it may not change the settings that made it.
+        check_same_run(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, run_dir / CHECKPOINTS):
         for name in remove_stale_temporaries(folder):
