@@ -435,3 +435,26 @@ def test_merge_names_both_sources_of_a_repeated_image(present, tmp_path, capsys)
                  "--column", "image=file", "--column", "patient=mrn"]) == 2
     assert f"image 'h{present.sort_values('image')['image'].iloc[0]}' is listed in both a and b" \
         in capsys.readouterr().err
+
+
+def test_a_training_set_one_over_a_whole_batch_trains(table_path, sample_images, present, tmp_path):
+    """17 training images at batch 8 left a last batch of one, which the head's BatchNorm cannot take: the first
+    epoch crashed (found when an interrupted first epoch was resumed from its start)."""
+    from cxrlearn.training.config import load_config
+    from cxrlearn.workflows.train import train
+
+    rows = []
+    for patient, group in present.groupby("patient_id", sort=True):
+        if len(group) == 1:
+            rows.append((group["image"].iloc[0], patient, "train" if len(rows) < 17 else "val"))
+        if len(rows) == 25:
+            break
+    split = tmp_path / "split.csv"
+    pd.DataFrame(rows, columns=["image", "patient_id", "split"]).to_csv(split, index=False)
+    config = load_config(overrides={
+        "data": {"images": str(sample_images), "csv": str(table_path), "split": str(split), "image_size": 64,
+                 "batch_size": 8, "num_workers": 0, "cache": str(tmp_path / "cache")},
+        "model": {"backbone": "tf_efficientnet_lite0", "hub": False, "head": {"units": 16}},
+        "train": {"epochs": 1, "early_stopping_patience": 0}})
+    run = train(config, tmp_path / "run", progress=False)
+    assert json.loads((run / "model.json").read_text())["data"]["images"]["train"] == 17

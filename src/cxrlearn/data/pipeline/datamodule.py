@@ -208,6 +208,10 @@ class ChestXrayDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         else:
             sampler = None
+        # A training batch of one image cannot pass the head's BatchNorm (it needs two values per channel): a
+        # training set of k x batch + 1 images drops its last, single image each epoch (another one each epoch,
+        # as the order is reshuffled). Evaluation keeps every image.
+        lone_last = shuffle and len(sampler) % self.batch_size == 1
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -217,7 +221,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             # Kept between epochs (the epoch travels with each index): re-making them each
             # epoch costs seconds, which dominate short epochs on a fast GPU.
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            drop_last=lone_last,
             # Its own generator: making an iterator then draws nothing from the global RNG,
             # so dropout draws after a resume are those of an uninterrupted run.
             generator=torch.Generator().manual_seed(self.seed),
