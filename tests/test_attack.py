@@ -227,3 +227,29 @@ def test_a_continued_run_cannot_change_its_table_or_split(table_path, nih_table,
     # ... and with its own settings it continues, from the moved table, with its own split.
     assert main([*base, "--csv", str(moved), "--epochs", "1"]) == 0
     assert (run / "split.csv").read_bytes() == saved
+
+
+# 8. Memory bounded by what is decoded, not by its copies -------------------------------------------------------
+
+def test_a_16_bit_png_decodes_without_float_copies(tmp_path):
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrlearn.data.decoding.images import decode_grayscale
+
+    side = 2500
+    ramp = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    tracemalloc.start()
+    try:
+        decoded = decode_grayscale(data, "big.png")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(decoded, np.rint(ramp / 257.0).astype(np.uint8))  # round(v / 257), as before
+    # Three float64 copies took over 24 bytes a pixel; the 16-bit pixels and the 8-bit result take 3 to 5.
+    assert peak < 8 * side * side, f"{peak / side / side:.1f} bytes a pixel"
