@@ -204,6 +204,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         world, rank = self._world()
         if shuffle:
             sampler = EpochShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            # The epoch the loader starts in, set before its first iterator is made: worker processes prefetch
+            # as soon as it is, and Lightning makes it before it sets the epoch, which a resumed run then
+            # shuffled and augmented as the epoch before (so a continued run differed from an uninterrupted one
+            # with loader workers). The value is the one Lightning itself sets at each epoch's start.
+            trainer = getattr(self, "trainer", None)
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
         elif world > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         else:
