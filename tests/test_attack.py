@@ -253,3 +253,51 @@ def test_a_16_bit_png_decodes_without_float_copies(tmp_path):
     assert np.array_equal(decoded, np.rint(ramp / 257.0).astype(np.uint8))  # round(v / 257), as before
     # Three float64 copies took over 24 bytes a pixel; the 16-bit pixels and the 8-bit result take 3 to 5.
     assert peak < 8 * side * side, f"{peak / side / side:.1f} bytes a pixel"
+
+
+# 9. No traceback: settings refused by name before any file is written ------------------------------------------
+
+@pytest.mark.parametrize("setting, message", [
+    ("optim.weight_decay=.inf", "optim.weight_decay must be a finite number >= 0, not inf"),
+    ("optim.backbone_lr_scale=.inf", "optim.backbone_lr_scale must be a finite number"),
+    ("optim.warmup_epochs=.inf", "optim.warmup_epochs must be a finite number"),
+    ("data.findings=[[a]]", "data.findings must be null or a list of distinct finding names"),
+    ("train.seed=4294967296", "train.seed must be a whole number from 0 to 4294967295"),
+    ("train.strategy=bogus", "train.strategy must be one of auto, ddp"),
+    ("model.trainable_blocks=1000", "model.trainable_blocks 1000: tf_efficientnet_lite0 has 7 stages"),
+    ("model.weights=missing.pth", "model.weights missing.pth: no such file"),
+    ("model.init_from=missing-run", "missing-run: not a cxrlearn model bundle"),
+    ("data.cache=a-file.txt", "data.cache (--cache) a-file.txt: is a file"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(table_path, sample_images, tmp_path, capsys,
+                                                             monkeypatch, setting, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file.txt").write_text("not a cache")
+    argv = ["train", "--csv", str(table_path), "--images", str(sample_images), "--backbone", "tf_efficientnet_lite0",
+            "--out", str(tmp_path / "run"), "--set", setting]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_gpu_training_on_a_machine_without_one_is_refused_by_name(table_path, sample_images, tmp_path, capsys,
+                                                                  monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--csv", str(table_path), "--images", str(sample_images), "--accelerator", "gpu",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "train.accelerator gpu: this machine has no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_are_read_as_people_write_them(tmp_path):
+    from cxrlearn.training.config import load_config
+
+    assert load_config(sets=["optim.lr=3e-4"]).optim.lr == pytest.approx(3e-4)  # the README's own example
+    config = tmp_path / "c.yaml"
+    config.write_text("optim:\n  lr: 1e-4\n  weight_decay: 5E-2\ntrain:\n  epochs: 20\n")
+    loaded = load_config(config)
+    assert loaded.optim.lr == pytest.approx(1e-4) and loaded.optim.weight_decay == pytest.approx(0.05)
+    assert loaded.train.epochs == 20 and isinstance(loaded.train.epochs, int)

@@ -9,12 +9,15 @@ documented in ``configs/kufel2023.yaml``.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.strategies import StrategyRegistry
 
 from cxrlearn._files import read_bytes
 from cxrlearn.configs import preset, presets
@@ -25,6 +28,9 @@ from cxrlearn.defaults import IMAGE_SIZE, RATIOS, SEED, usable_cores
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ACTIVATIONS, HeadConfig
 from cxrlearn.training.losses import LOSSES
+
+#: Lightning's strategies by name (its registry), and auto.
+STRATEGIES: tuple[str, ...] = ("auto", *sorted(StrategyRegistry.available_strategies()))
 
 DEFAULTS: dict = {
     "data": {
@@ -184,9 +190,25 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
     return base
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``1e-4`` and ``3e-4`` are numbers (YAML 1.1, PyYAML's dialect, reads a
+    float without a dot as text, and a config then refused the README's own ``--set optim.lr=3e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """YAML text with :class:`_Loader` (numbers as people write them)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -309,7 +331,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             path = found
         data = read_bytes(path, "config file", ConfigError)
         try:
-            loaded = yaml.safe_load(data.decode("utf-8")) or {}
+            loaded = load_yaml(data.decode("utf-8")) or {}
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
@@ -347,14 +369,14 @@ def _whole(low=None, high=None, allow=()):
 
 def _real(low=None, high=None, low_open=False, high_open=False):
     def rule(value):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return False
         if low is not None and (value <= low if low_open else value < low):
             return False
         return high is None or (value < high if high_open else value <= high)
     span = ("" if low is None else f" {'>' if low_open else '>='} {low}") + (
         "" if high is None else f"{' and' if low is not None else ''} {'<' if high_open else '<='} {high}")
-    return rule, f"a number{span}"
+    return rule, f"a {'finite ' if high is None else ''}number{span}"
 
 
 def _one_of(*choices):
@@ -385,12 +407,13 @@ def _schema() -> dict:
         "data.table": _optional(_TEXT), "data.dataset": _optional(_one_of(*DATASETS)),
         "data.columns.image": _TEXT, "data.columns.patient": _TEXT, "data.columns.view": _optional(_TEXT),
         "data.columns.sex": _optional(_TEXT), "data.columns.age": _optional(_TEXT),
-        "data.findings": (lambda v: v is None or (isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
-                                                  and all(isinstance(f, str) and f for f in v)),
+        "data.findings": (lambda v: v is None or (isinstance(v, list) and len(v) > 0
+                                                  and all(isinstance(f, str) and f for f in v)
+                                                  and len(set(v)) == len(v)),
                           "null or a list of distinct finding names"),
         "data.uncertain": _one_of(*UNCERTAIN_POLICIES),
         "data.ratios": (_ratios_rule, "three numbers >= 0 that sum to 1 (train, val, test)"),
-        "data.split_seed": _whole(0), "data.cache": _optional(_TEXT), "data.cache_size": _optional(size),
+        "data.split_seed": _whole(0, 2**32 - 1), "data.cache": _optional(_TEXT), "data.cache_size": _optional(size),
         "data.image_size": size, "data.channels": _one_of(1, 3), "data.batch_size": _whole(1, 65536),
         "data.num_workers": _whole(0, 256, allow=("auto",)), "data.prepare_workers": _optional(_whole(1, 1024)),
         "model.backbone": _TEXT, "model.weights": _optional(_TEXT), "model.hub": _BOOL,
@@ -405,12 +428,13 @@ def _schema() -> dict:
         "loss.name": _one_of(*LOSSES), "loss.pos_weight": _BOOL, "loss.focal_gamma": _real(0),
         "loss.focal_alpha": _real(0, 1), "loss.asl_gamma_neg": _real(0), "loss.asl_gamma_pos": _real(0),
         "loss.asl_clip": _real(0, 1, high_open=True),
-        "train.epochs": _whole(1, 100_000), "train.early_stopping_patience": _whole(0), "train.seed": _whole(0),
+        "train.epochs": _whole(1, 100_000), "train.early_stopping_patience": _whole(0),
+        "train.seed": _whole(0, 2**32 - 1),
         "train.precision": _one_of("32-true", "32", "bf16-mixed", "16-mixed", "auto"),
         "train.cudnn_benchmark": _BOOL, "train.channels_last": _BOOL, "train.accumulate_grad_batches": _whole(1),
         "train.accelerator": _one_of("auto", "cpu", "gpu", "cuda", "mps"),
         "train.devices": _whole(1, 4096, allow=("auto",)), "train.num_nodes": _whole(1),
-        "train.strategy": _TEXT, "train.tta": _BOOL,
+        "train.strategy": _one_of(*STRATEGIES), "train.tta": _BOOL,
         "train.limit_train_batches": (lambda v: v is None or _whole(1)[0](v) or _real(0, 1, low_open=True)[0](v),
                                       "null, a whole number of batches >= 1, or a fraction in (0, 1]"),
         "train.deterministic": _BOOL,

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import timm
 import numpy as np
 import pandas as pd
 import torch
@@ -98,6 +99,16 @@ def check_before_work(config: RunConfig) -> None:
     if data.cache and Path(data.cache).exists() and not Path(data.cache).is_dir():
         raise ConfigError(f"data.cache (--cache) {data.cache}: is a file; the cache is a folder")
     backbone_config(model.backbone)  # an unknown backbone is refused by name, with similar names
+    if model.trainable_blocks is not None:
+        with torch.device("meta"):  # the backbone's layout alone: no memory, no weights
+            stages = len(getattr(timm.create_model(model.backbone, pretrained=False), "blocks", []))
+        if model.trainable_blocks > stages:
+            raise ConfigError(f"model.trainable_blocks {model.trainable_blocks}: {model.backbone} has {stages} stages")
+    accelerator = config.train.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator {accelerator}: this machine has no CUDA GPU (auto or cpu train here)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.accelerator mps: this machine has no Apple GPU (auto or cpu train here)")
     if model.init_from:
         read_meta(model.init_from)  # a folder that is not a bundle (or a damaged one) is refused by name
 
