@@ -117,7 +117,7 @@ def _edit_meta(run, change) -> None:
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("std", [1e-300] * 3, "preprocessing.std must be 3 numbers from 0.001 to 100.0"),
+    ("std", [1e-300] * 3, "preprocessing.std must be 3 positive numbers from 0.001 to 100.0"),
     ("mean", [1e300] * 3, "preprocessing.mean must be 3 numbers from -1.0 to 2.0"),
 ])
 def test_normalisation_numbers_that_cannot_give_an_answer_are_refused_at_load(copied_run, sample_images, capsys,

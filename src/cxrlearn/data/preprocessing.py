@@ -76,8 +76,8 @@ class Preprocessing:
                               f"0-1 first), not {list(self.mean)!r}")
         low, high = STD_RANGE
         if not all(low <= v <= high for v in self.std):
-            raise ConfigError(f"preprocessing.std must be 3 numbers from {low} to {high} (pixels are scaled to "
-                              f"0-1 first), not {list(self.std)!r}")
+            raise ConfigError(f"preprocessing.std must be 3 positive numbers from {low} to {high} (pixels are "
+                              f"scaled to 0-1 first), not {list(self.std)!r}")
         for name in ("cache_resampling", "input_resampling"):
             if getattr(self, name) not in RESAMPLING:
                 raise ConfigError(f"preprocessing.{name} must be one of {', '.join(RESAMPLING)}, "
