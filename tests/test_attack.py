@@ -301,3 +301,70 @@ def test_numbers_are_read_as_people_write_them(tmp_path):
     loaded = load_config(config)
     assert loaded.optim.lr == pytest.approx(1e-4) and loaded.optim.weight_decay == pytest.approx(0.05)
     assert loaded.train.epochs == 20 and isinstance(loaded.train.epochs, int)
+
+
+# 9. No traceback: damaged or hostile bundles are refused at load, naming the file and field ----------------------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["head"].__setitem__("activation", ["relu"]), "field 'head.activation' must be a name"),
+    (lambda m: m["head"].__setitem__("units", 10**9), "field 'head.units' must be a whole number from 1 to 65536"),
+    (lambda m: m.__setitem__("findings", [f"f{i}" for i in range(100_000)]), "field 'findings' must be at most 1000"),
+    (lambda m: m["input_check"].__setitem__("layout_threshold", "high"), "'input_check.layout_threshold' must be"),
+    (lambda m: m["input_check"].__setitem__("threshold", [1]), "'input_check.threshold' must be a finite number"),
+    (lambda m: m.__setitem__("backbone", "vit_huge_patch14_224"), "the weights do not fit the model"),
+])
+def test_hostile_metadata_is_refused_at_load(copied_run, sample_images, capsys, change, message):
+    import time
+
+    _edit_meta(copied_run, change)
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    started = time.monotonic()
+    assert main(["predict", "--model", str(copied_run), image, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert time.monotonic() - started < 30  # refused from the metadata, not after building a huge model
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": ' + "9" * 5000 + "}", "not JSON cxrlearn reads"),
+    ("[" * 100_000 + "]" * 100_000, "not JSON cxrlearn reads"),
+])
+def test_pathological_json_is_refused(copied_run, capsys, text, message):
+    (copied_run / "model.json").write_text(text)
+    assert main(["card", str(copied_run)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_oversized_model_json_is_refused_unread(copied_run, capsys):
+    with open(copied_run / "model.json", "a") as handle:
+        handle.truncate(20 * 2**20)  # 20 MB, as a 300 MB one would be
+    assert main(["card", str(copied_run)]) == 2
+    assert "a bundle's metadata is at most" in capsys.readouterr().err
+
+
+def test_another_runs_input_check_is_refused(copied_run, sample_images, capsys):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(str(copied_run / "input_check.safetensors"))
+    width = arrays["feature_mean"].shape[0] // 2  # as another backbone's would be
+    arrays["feature_mean"] = arrays["feature_mean"][:width].copy()
+    arrays["feature_precision"] = np.ascontiguousarray(arrays["feature_precision"][:width, :width])
+    save_file(arrays, str(copied_run / "input_check.safetensors"))
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    assert main(["predict", "--model", str(copied_run), image, "--no-progress"]) == 2
+    assert f"the input check describes {width} features, but tf_efficientnet_lite0 gives {2 * width}" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage" * 1000, "truncated"])
+def test_a_damaged_onnx_file_is_refused_by_name(copied_run, sample_images, capsys, damage):
+    onnx_path = copied_run / "model.onnx"
+    assert main(["export", "--model", str(copied_run)]) == 0
+    data = onnx_path.read_bytes()
+    onnx_path.write_bytes(data[: len(data) // 2] if damage == "truncated" else damage)
+    capsys.readouterr()
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    assert main(["predict", "--model", str(copied_run), image, "--runtime", "onnx", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx: not a readable ONNX model" in err and "Traceback" not in err

@@ -30,6 +30,7 @@ from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
+from cxrlearn.model.meta import INPUT_CHECK_FILE
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ class Predictor:
             self._load_torch()
         else:
             self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
+        if self.input_check is not None:
+            width = self.input_check.feature_mean.shape[0]
+            features = (self.model.backbone.num_features if runtime == "torch"
+                        else next((o.shape[-1] for o in self.session.get_outputs() if o.name == "features"), width))
+            if width != features:
+                raise ConfigError(f"{self.model_dir / INPUT_CHECK_FILE}: the input check describes {width} features, "
+                                  f"but {self.meta.backbone} gives {features}: it is another run's")
 
     def _load_torch(self) -> None:
         self.model, _ = load_bundle(self.model_dir)

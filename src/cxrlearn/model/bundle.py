@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import cxrlearn
@@ -31,6 +32,8 @@ from cxrlearn.model.meta import INPUT_CHECK_FILE as CHECK_FILE
 from cxrlearn.model.meta import META, BundleMeta
 
 WEIGHTS = "model.safetensors"
+#: A bundle's model.json is tens of kilobytes (a large evaluation record included); more is not one of ours.
+MAX_META_BYTES = 16 * 2**20
 
 
 def library_versions() -> dict:
@@ -73,11 +76,16 @@ def read_meta(folder: str | os.PathLike) -> BundleMeta:
     if not path.is_file():
         raise ConfigError(f"{folder}: not a cxrlearn model bundle (no {META})")
     try:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a bundle's metadata is at most "
+                              f"{MAX_META_BYTES:,}: this is not one cxrlearn wrote")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # a 5,000-digit number; nesting 100,000 deep
+        raise ConfigError(f"{path}: not JSON cxrlearn reads ({type(err).__name__}: {str(err)[:120]})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     return BundleMeta.from_dict(raw, path)
@@ -98,14 +106,40 @@ def read_safetensors(path: Path, missing: str, loader: Callable[[str], dict]) ->
         raise ConfigError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
+def _check_weights_fit(meta: BundleMeta, weights: Path, folder) -> None:
+    """The weights file's tensor names and shapes (read from its header) against the model ``meta`` describes,
+    built without memory (PyTorch's meta device): a mismatch is refused before anything is allocated."""
+    if not weights.is_file():
+        raise ConfigError(f"{folder}: the bundle has no {WEIGHTS}")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = ChestXrayClassifier(meta.backbone, meta.head, num_findings=len(meta.findings),
+                                           in_chans=meta.in_chans)
+    except ConfigError as err:
+        raise ConfigError(f"{Path(folder) / META}: {err}") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    if stored != expected:
+        name = next(iter(sorted(set(stored) ^ set(expected))), None) or next(
+            n for n in sorted(expected) if stored[n] != expected[n])
+        raise ConfigError(f"{weights}: the weights do not fit the model that {META} describes ({meta.backbone}, "
+                          f"{len(meta.findings)} findings): {name} is {stored.get(name, 'missing')} in the file, "
+                          f"{expected.get(name, 'absent')} in the model")
+
+
 def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, BundleMeta]:
     """The model (in eval mode, on the CPU) and its metadata."""
     meta = read_meta(folder)
+    weights = Path(folder) / WEIGHTS
+    _check_weights_fit(meta, weights, folder)  # before the model takes any memory (a ViT-Huge takes 3 GB)
     try:
         model = ChestXrayClassifier(meta.backbone, meta.head, num_findings=len(meta.findings), in_chans=meta.in_chans)
     except ConfigError as err:
         raise ConfigError(f"{Path(folder) / META}: {err}") from None
-    weights = Path(folder) / WEIGHTS
     state = read_safetensors(weights, f"{folder}: the bundle has no {WEIGHTS}", load_file)
     damaged = next((name for name, tensor in state.items()
                     if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)

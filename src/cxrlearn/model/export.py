@@ -106,11 +106,21 @@ def read_contract(path: str | os.PathLike) -> dict:
     """The cxrlearn contract stored in an exported ONNX file."""
     import onnxruntime
 
-    session_meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    try:
+        session_meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
+        raise ConfigError(f"{path}: not a readable ONNX model ({type(err).__name__}: {str(err)[:200]}); export it "
+                          "again") from None
     text = session_meta.custom_metadata_map.get(METADATA_KEY)
     if text is None:
         raise ConfigError(f"{path}: an ONNX file without cxrlearn's contract (not made by `cxrlearn export`)")
-    return json.loads(text)
+    try:
+        contract = json.loads(text)
+    except ValueError:
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("weights_sha256"), str):
+        raise ConfigError(f"{path}: its cxrlearn contract is damaged; export it again")
+    return contract
 
 
 def check_onnx_matches_bundle(path: str | os.PathLike, model_dir: str | os.PathLike) -> dict:

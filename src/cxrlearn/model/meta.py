@@ -24,6 +24,9 @@ from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
 
 META = "model.json"
+#: The widest head and the most findings a bundle may describe (the config's own limit; 10^9 units would take
+#: gigabytes before any check).
+MAX_HEAD_UNITS, MAX_FINDINGS = 65536, 1000
 #: The input check's arrays (:mod:`cxrlearn.model.input_check`), beside ``model.json``.
 INPUT_CHECK_FILE = "input_check.safetensors"
 #: The layout this cxrlearn writes, and those it reads.
@@ -113,7 +116,9 @@ class BundleMeta:
         head = raw["head"]
         check.that(isinstance(head, dict) and set(head) == {"units", "activation", "dropout"}, "head",
                    "an object with units, activation and dropout", head)
-        check.that(_whole(head["units"]) and head["units"] >= 1, "head.units", "a whole number >= 1", head["units"])
+        check.that(_whole(head["units"]) and 1 <= head["units"] <= MAX_HEAD_UNITS, "head.units",
+                   f"a whole number from 1 to {MAX_HEAD_UNITS}", head["units"])
+        check.that(isinstance(head["activation"], str), "head.activation", "a name", head["activation"])
         check.that(_number(head["dropout"]) and 0 <= head["dropout"] < 1, "head.dropout", "a number in [0, 1)",
                    head["dropout"])
         check.that(_whole(raw["in_chans"]) and raw["in_chans"] in (1, 3), "in_chans", "1 or 3", raw["in_chans"])
@@ -128,6 +133,8 @@ class BundleMeta:
         findings = raw["findings"]
         check.that(isinstance(findings, list) and findings and all(isinstance(f, str) and f for f in findings),
                    "findings", "a non-empty list of finding names", findings)
+        check.that(len(findings) <= MAX_FINDINGS, "findings", f"at most {MAX_FINDINGS} names",
+                   f"a list of {len(findings):,}")
         repeated = sorted({f for f in findings if findings.count(f) > 1})
         if repeated:
             raise ConfigError(f"{path}: field 'findings' names {', '.join(repeated)} more than once")
@@ -156,6 +163,9 @@ class BundleMeta:
                      "input_check"):
             value = raw.get(name)
             check.that(value is None or isinstance(value, dict), name, "an object", value)
+        for key, value in (raw.get("input_check") or {}).items():  # the numbers the check reads
+            if key in ("threshold", "layout_threshold", "percentile"):
+                check.that(_number(value), f"input_check.{key}", "a finite number", value)
         meta = cls(
             backbone=raw["backbone"], head=head_config, in_chans=raw["in_chans"], preprocessing=preprocessing,
             findings=tuple(findings), thresholds=dict(raw.get("thresholds") or {}),
