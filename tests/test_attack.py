@@ -368,3 +368,106 @@ def test_a_damaged_onnx_file_is_refused_by_name(copied_run, sample_images, capsy
     assert main(["predict", "--model", str(copied_run), image, "--runtime", "onnx", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "model.onnx: not a readable ONNX model" in err and "Traceback" not in err
+
+
+# 9. No traceback: odd files in image folders, odd names, damaged caches ------------------------------------------
+
+@pytest.fixture
+def odd_folder(sample_images, tmp_path):
+    """Three real images, a link to itself, a link loop between folders, a dangling link and a FIFO."""
+    import os
+    import shutil
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for path in sorted(sample_images.glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "self.png").symlink_to("self.png")
+    (folder / "dir_loop").symlink_to("dir_loop")
+    (folder / "images_001").mkdir()
+    (folder / "images_001" / "images").symlink_to("../images_001")
+    (folder / "dangling.png").symlink_to("missing.png")
+    os.mkfifo(folder / "fifo.png")
+    return folder
+
+
+def test_link_loops_and_fifos_in_an_image_folder_are_named_not_a_traceback(odd_folder, table_path, evaluated,
+                                                                         tmp_path, capsys):
+    for argv in (["check", "--csv", str(table_path), "--images", str(odd_folder)],
+                 ["split", "--csv", str(table_path), "--images", str(odd_folder), "--out", str(tmp_path / "s.csv")],
+                 ["prepare", "--csv", str(table_path), "--images", str(odd_folder), "--size", "64", "--out",
+                  str(tmp_path / "cache")]):
+        assert main(argv) == 0, argv
+        err = capsys.readouterr().err
+        assert "are not readable files (a link loop, a FIFO) or point nowhere and are skipped" in err
+        assert "Traceback" not in err
+    assert main(["predict", "--model", str(evaluated[0]), str(odd_folder), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert f"skipped {odd_folder / 'dangling.png'}: a link to nothing, or a link loop" in err
+    assert f"skipped {odd_folder / 'self.png'}: a link to nothing, or a link loop" in err
+    assert f"skipped {odd_folder / 'fifo.png'}: not a regular file (a FIFO or a device)" in err
+    assert len(pd_read(tmp_path / "p.csv")) == 3
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def test_a_file_name_that_is_not_utf8_loses_no_row(evaluated, sample_images, tmp_path, capsys):
+    import os
+    import shutil
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    images = sorted(sample_images.glob("*.png"))[:2]
+    shutil.copy(images[0], folder / images[0].name)
+    shutil.copy(images[1], os.path.join(os.fsencode(folder), b"scan-\xff.png"))
+    assert main(["predict", "--model", str(evaluated[0]), str(folder), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    names = pd_read(tmp_path / "p.csv")["image"].tolist()
+    assert sorted(names) == sorted([images[0].name, "scan-\\udcff.png"])
+    assert main(["predict", "--model", str(evaluated[0]), str(folder), "--no-progress"]) == 0
+    assert "scan-\\udcff.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "meta.json").write_text(""), "meta.json: damaged"),
+    (lambda c: (c / "meta.json").write_text('{"format": 1, "si'), "meta.json: damaged"),
+    (lambda c: (c / "meta.json").write_text("[1, 2]"), "meta.json: not a cache description"),
+    (lambda c: (c / "index.tsv").write_bytes(b"\xff\xfe\t0\n"), "index.tsv: not UTF-8 text"),
+])
+def test_a_damaged_cache_is_refused_by_name(table_path, sample_images, tmp_path, capsys, damage, message):
+    cache = tmp_path / "cache"
+    argv = ["prepare", "--csv", str(table_path), "--images", str(sample_images), "--size", "32", "--out", str(cache)]
+    assert main(argv) == 0
+    damage(cache)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_two_prepares_on_one_cache_do_not_truncate_each_other(table_path, sample_images, tmp_path, capsys):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with open(cache / ".lock", "a+") as held:  # as a first prepare holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["prepare", "--csv", str(table_path), "--images", str(sample_images), "--size", "32",
+                     "--out", str(cache)]) == 2
+        assert "another cxrlearn process is adding to this cache" in capsys.readouterr().err
+        assert not (cache / "pixels.u8").exists()
+
+
+def test_image_names_with_a_tab_or_line_break_are_refused(tmp_path, capsys):
+    import pandas as pd
+
+    from cxrlearn.data.decoding.images import attach_images
+
+    table = pd.DataFrame({"image": ["a.png", "b\tc.png"], "patient_id": ["1", "2"]})
+    with pytest.raises(Exception, match=r"row 2: image 'b\\tc.png' holds a control character"):
+        attach_images(table, tmp_path)

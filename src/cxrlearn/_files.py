@@ -64,6 +64,12 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(handle)
 
 
+def utf8(text: str) -> bytes:
+    """Text as UTF-8, a file name that is not (its undecodable bytes, which Python keeps as surrogates) written
+    with those bytes as ``\\udcff`` escapes: the file stays valid UTF-8 and no other row is lost."""
+    return text.encode("utf-8", errors="backslashreplace")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``path`` whole or not at all: a temporary file beside it, then a rename, then the folder synced.
 
@@ -74,7 +80,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    raw = utf8(data) if isinstance(data, str) else data
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from cxrlearn import __version__
-from cxrlearn._files import write_atomic
+from cxrlearn._files import utf8, write_atomic
 from cxrlearn.configs import RECIPES
 from cxrlearn.data.cohort.split import (
     DEFAULT_RATIOS,
@@ -314,7 +314,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cxrlearn.inference.overlays import write_overlays
     from cxrlearn.inference.predictor import Predictor, find_inputs
 
-    paths = find_inputs(args.inputs)
+    paths, unreadable = find_inputs(args.inputs)
     if not paths:
         raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
     predictor = Predictor(args.model, runtime=args.runtime, onnx_path=args.onnx, device=args.device)
@@ -324,6 +324,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
+    failures = unreadable + failures
     for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
     failed = {path for path, _ in failures}
@@ -345,6 +346,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         why = f"could be read or passed the input check (--strict refused {refused})" if refused else "could be read"
         raise DataError(f"none of the {len(paths):,} input file(s) {why}{kept}")
     rows = [p.row(predictor.findings, predictor.provenance) for p in predictions]
+    for row in rows:  # a file name that is not UTF-8 is written with its odd bytes escaped, and no row is lost
+        row["image"] = utf8(row["image"]).decode("utf-8")
     if args.out and args.out.suffix.lower() == ".json":
         write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     else:

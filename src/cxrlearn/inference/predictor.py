@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrlearn import __version__
-from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour
+from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour, regular_file
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
@@ -79,19 +79,29 @@ class Prediction:
         return out
 
 
-def find_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named (of any type), and the image/DICOM files (:data:`IMAGE_SUFFIXES`) found in folders named
-    (recursively, sorted)."""
+def find_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named, and the image/DICOM files (:data:`IMAGE_SUFFIXES`) found in folders named (recursively,
+    sorted, never into a link loop); and ``(path, why)`` for each one that cannot be read as a file (a link to
+    nothing or a loop, a FIFO, a device), named rather than skipped in silence, or read and waited on forever."""
     found: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            found.append(path)
+            candidates = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif os.path.lexists(path):
+            candidates = [path]
         else:
             raise DataError(f"{path}: no such file or folder")
-    return found
+        for candidate in candidates:
+            kind = regular_file(candidate)
+            if kind:
+                found.append(candidate)
+            elif kind is None:
+                unreadable.append((str(candidate), f"{candidate}: a link to nothing, or a link loop"))
+            elif not candidate.is_dir():
+                unreadable.append((str(candidate), f"{candidate}: not a regular file (a FIFO or a device)"))
+    return found, unreadable
 
 
 class Predictor:

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -65,10 +66,28 @@ def _image_folders(root: Path) -> list[Path]:
     """The folders under ``root`` that may hold images, in a fixed order."""
     folders = [root, root / "images"]
     with os.scandir(root) as entries:
-        archives = sorted(e.name for e in entries if e.is_dir() and _ARCHIVE_FOLDER.fullmatch(e.name))
+        archives = sorted(e.name for e in entries if _ARCHIVE_FOLDER.fullmatch(e.name) and _is_dir(e))
     for name in archives:
         folders += [root / name, root / name / "images"]
-    return [f for f in folders if f.is_dir()]
+    return [f for f in folders if _is_dir(f)]
+
+
+def _is_dir(entry: os.DirEntry | Path) -> bool:
+    """A folder, following links; a link loop (or an unreadable link) is not one."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def regular_file(entry: os.DirEntry | Path) -> bool | None:
+    """True for a regular file (following links), False for anything else that exists (a folder, a FIFO, a
+    device), None for a link to nothing or a link loop: what a folder search may read, skip quietly, or name."""
+    try:
+        mode = entry.stat().st_mode if isinstance(entry, os.DirEntry) else os.stat(entry).st_mode
+    except OSError:
+        return None
+    return stat.S_ISREG(mode)
 
 
 def find_images(root: str | os.PathLike) -> dict[str, Path]:
@@ -87,8 +106,9 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
             for entry in entries:
                 if not entry.name.lower().endswith(IMAGE_SUFFIXES):
                     continue
-                if not entry.is_file():
-                    if entry.is_symlink():
+                kind = regular_file(entry)
+                if not kind:
+                    if kind is None or not _is_dir(entry):  # a dangling link, a loop, a FIFO: named below
                         broken.append(entry.path)
                     continue
                 if entry.name in found:
@@ -98,7 +118,8 @@ def find_images(root: str | os.PathLike) -> dict[str, Path]:
                     )
                 found[entry.name] = Path(entry.path)
     if broken:
-        log.warning(f"{len(broken):,} image link(s) under {root} point nowhere and are skipped: "
+        log.warning(f"{len(broken):,} image name(s) under {root} are not readable files (a link loop, a FIFO) or "
+                    "point nowhere and are skipped: "
                     + ", ".join(broken[:3]) + (" …" if len(broken) > 3 else ""))
     return found
 
@@ -128,12 +149,18 @@ def outside(path: str) -> bool:
 
 
 def refuse_paths_outside(images: pd.Series, source: str) -> None:
-    """:class:`DataError` naming the first image path of ``source`` that is not inside the image folder."""
+    """:class:`DataError` naming the first image path of ``source`` that is not inside the image folder, or that
+    holds a control character (a tab or newline would break the cache's index, one name a line)."""
     bad = images.astype(str).map(outside).to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{source}: row {row + 1}: image {images.iloc[row]!r} is not a path inside the image folder "
                         "(absolute paths, '..' and backslashes are refused): give paths relative to --images")
+    control = images.astype(str).str.contains(r"[\x00-\x1f\x7f]", regex=True).to_numpy()
+    if control.any():
+        row = int(np.flatnonzero(control)[0])
+        raise DataError(f"{source}: row {row + 1}: image {images.iloc[row]!r} holds a control character (a tab or "
+                        "a line break): rename the file")
 
 
 def attach_images(table: pd.DataFrame, root: str | os.PathLike) -> ImagePresence:

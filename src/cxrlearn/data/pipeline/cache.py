@@ -22,6 +22,8 @@ unindexed rows and a torn last index line; the next run drops both and goes on.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import mmap
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cxrlearn._files import write_atomic
 from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
@@ -46,7 +49,7 @@ from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import DataError
 
 CACHE_FORMAT = 1
-META, PIXELS, INDEX, FAILED = "meta.json", "pixels.u8", "index.tsv", "failed.tsv"
+META, PIXELS, INDEX, FAILED, LOCK = "meta.json", "pixels.u8", "index.tsv", "failed.tsv", ".lock"
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -108,7 +111,7 @@ class ImageCache:
         meta_path = self.folder / META
         if not meta_path.is_file():
             raise DataError(f"{self.folder}: not a cxrlearn image cache (no {META}); build one with `cxrlearn prepare`")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = _read_meta(meta_path)
         if self.meta.get("format") != CACHE_FORMAT:
             raise DataError(f"{self.folder}: cache format {self.meta.get('format')} is not {CACHE_FORMAT}; rebuild it")
         self.size = int(self.meta["size"])
@@ -179,11 +182,45 @@ def _check_compatible(meta: dict, folder: Path, fingerprint: str, size: int | No
                         "(another --out)")
 
 
+def _read_meta(path: Path) -> dict:
+    """A cache's meta.json, or :class:`DataError` naming it (empty, torn, not an object, not UTF-8)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: damaged ({type(err).__name__}: {str(err)[:120]}); delete the cache folder and "
+                        "prepare again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool):
+        raise DataError(f"{path}: not a cache description (an object with the cache's size); delete the cache "
+                        "folder and prepare again")
+    return meta
+
+
+@contextlib.contextmanager
+def writing(folder: Path):
+    """Hold the cache folder's lock while adding to it: a second ``prepare`` (or training run) on the same
+    cache is refused by name rather than let the two truncate each other's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{folder}: another cxrlearn process is adding to this cache; wait for it to finish, "
+                            "or use another cache folder") from None
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
 def _read_index(path: Path) -> dict[str, int]:
     """Committed index entries; a torn last line (no newline) is ignored."""
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}): the cache's index is damaged; delete the cache "
+                        "folder and prepare again") from None
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is torn or empty
     rows: dict[str, int] = {}
@@ -200,7 +237,7 @@ def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, lab
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
     if meta_path.exists():
-        _check_compatible(json.loads(meta_path.read_text()), out, fingerprint, size)
+        _check_compatible(_read_meta(meta_path), out, fingerprint, size)
     else:
         meta = {
             "format": CACHE_FORMAT,
@@ -211,7 +248,7 @@ def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, lab
             "label_table": label_table,
             "table_fingerprint": fingerprint,
         }
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     rows = _read_index(out / INDEX)
     index_path = out / INDEX
     if index_path.exists():
@@ -284,6 +321,12 @@ def prepare_cache(
         raise DataError(f"the cache's image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
                         f"not {size}")
     out = Path(out)
+    with writing(out):
+        return _prepare(table, out, fingerprint, size, workers, images_dir, label_table, progress, flush_every)
+
+
+def _prepare(table, out: Path, fingerprint: str, size: int, workers, images_dir: str, label_table: str,
+             progress: bool, flush_every: int) -> PrepareSummary:
     started = time.perf_counter()
     rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
     cached_before = len(rows)
