@@ -471,3 +471,43 @@ def test_image_names_with_a_tab_or_line_break_are_refused(tmp_path, capsys):
     table = pd.DataFrame({"image": ["a.png", "b\tc.png"], "patient_id": ["1", "2"]})
     with pytest.raises(Exception, match=r"row 2: image 'b\\tc.png' holds a control character"):
         attach_images(table, tmp_path)
+
+
+# 9. No traceback: outputs that cannot be written where asked ------------------------------------------------------
+
+def test_outputs_under_a_file_or_a_read_only_folder_are_refused_by_name(table_path, evaluated, sample_images,
+                                                                         tmp_path, capsys):
+    import os
+
+    run = evaluated[0]
+    (tmp_path / "a-file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    image = str(sorted(sample_images.glob("*.png"))[0])
+    cases = [
+        ["split", "--csv", str(table_path), "--out", str(tmp_path / "a-file" / "split.csv")],
+        ["stats", "--csv", str(table_path), "--json", str(tmp_path / "a-file" / "s.json")],
+        ["predict", "--model", str(run), image, "--out", str(tmp_path / "a-file" / "p.csv"), "--no-progress"],
+        ["export", "--model", str(run), "--out", str(tmp_path / "a-file" / "m.onnx")],
+    ]
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs another user
+        cases.append(["split", "--csv", str(table_path), "--out", str(locked / "split.csv")])
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot write" in err and "Traceback" not in err, err
+    os.chmod(locked, 0o755)
+    (tmp_path / "folder.onnx").mkdir()
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "folder.onnx")]) == 2
+    assert "is a folder; name the file to write" in capsys.readouterr().err
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_damaged_reproduction_state_is_refused_by_name(sample_images, tmp_path, capsys):
+    out = tmp_path / "R"
+    out.mkdir()
+    (out / "reproduction-state.json").write_text('{"stages": {"split"')
+    assert main(["reproduce", "kufel2023", "--images", str(sample_images), "--out", str(out),
+                 "--set", "model.backbone=tf_efficientnet_lite0", "--set", "model.hub=false"]) == 2
+    assert "reproduction-state.json: damaged" in capsys.readouterr().err

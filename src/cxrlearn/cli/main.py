@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,6 +54,9 @@ from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLO
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
+#: Why an output cannot be written where the user asked: refused by name (exit 2), never a traceback.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT}
 
 
 class _Stderr(logging.Handler):
@@ -371,6 +375,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from cxrlearn.model.export import export_onnx
 
+    _want_file(args.out, "--out")
     out = export_onnx(args.model, args.out, opset=args.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): input 'image' uint8 (batch, 1, S, S), "
           "outputs 'logits' and 'features'")
@@ -737,6 +742,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
     except CxrlearnError as err:
         print(f"cxrlearn {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+        where = err.filename or "an output file"
+        print(f"cxrlearn {args.command}: error: cannot write {where}: {err.strerror} (choose another output path, "
+              "or one you may write)", file=sys.stderr)
         return EXIT_REFUSED
     except (KeyboardInterrupt, Interrupted) as err:
         kept = getattr(err, "kept", "")

@@ -86,7 +86,7 @@ class _State:
 
     def __init__(self, out: Path, settings: dict):
         self.path = out / STATE_FILE
-        self.data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        self.data = _read_state(self.path) if self.path.exists() else {}
         before = self.data.get("settings")
         if before is not None and before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
@@ -108,6 +108,18 @@ class _State:
 
     def save(self) -> None:
         write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def _read_state(path: Path) -> dict:
+    """The stages a reproduction finished, or :class:`ConfigError` naming the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path}: damaged ({type(err).__name__}); it records which stages are done: delete it to "
+                          "redo them all (finished work on disk is reused where it can be)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ConfigError(f"{path}: not a record of a reproduction's stages; delete it to redo them all")
+    return data
 
 
 def _stage(state: _State, name: str, work, **details) -> None:
