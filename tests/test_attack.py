@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 
+import numpy as np
 import pytest
 
 from cxrlearn.cli.main import main
@@ -511,3 +512,25 @@ def test_a_damaged_reproduction_state_is_refused_by_name(sample_images, tmp_path
     assert main(["reproduce", "kufel2023", "--images", str(sample_images), "--out", str(out),
                  "--set", "model.backbone=tf_efficientnet_lite0", "--set", "model.hub=false"]) == 2
     assert "reproduction-state.json: damaged" in capsys.readouterr().err
+
+
+# 10. The input check on small images ------------------------------------------------------------------------------
+
+def test_an_image_far_below_the_training_resolution_is_flagged(sample_images):
+    from PIL import Image
+
+    from cxrlearn.data.decoding.images import load_grayscale
+    from cxrlearn.model.input_check import TURNS, cheap_reasons
+
+    full = load_grayscale(sorted(sample_images.glob("*.png"))[0])
+    thumb = np.asarray(Image.fromarray(full).resize((32, 32), Image.Resampling.BOX))
+    reason = cheap_reasons(thumb, 0.0, input_size=256)
+    assert reason.startswith("far below the training resolution (32×32 px; the model takes 256 px")
+    assert cheap_reasons(full, 0.0, input_size=256) is None  # the sample's own 256 px images pass
+    assert cheap_reasons(thumb, 0.0) is None or not cheap_reasons(thumb, 0.0).startswith("far below")
+    # A rotation names its direction: the image one quarter turn anticlockwise puts right lies clockwise.
+    assert "rotated 90° clockwise" in TURNS and "rotated 90° anticlockwise" in TURNS
+    tall = np.zeros((40, 60), dtype=np.uint8)
+    tall[0, :] = 255  # the top edge
+    assert TURNS["rotated 90° clockwise"](np.rot90(tall, -1))[0].tolist() == tall[0].tolist()
+

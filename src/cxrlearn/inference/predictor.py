@@ -196,7 +196,8 @@ class Predictor:
         if not images:
             return []
         batch = np.stack([self.model_pixels(image) for image in images])[:, None]
-        cheap = [cheap_reasons(image, colour) for image, colour in zip(images, colours or [0.0] * len(images))]
+        cheap = [cheap_reasons(image, colour, self.image_size)
+                 for image, colour in zip(images, colours or [0.0] * len(images))]
         logits, verdicts = self._logits_and_verdicts(batch, cheap)
         probs = probabilities(logits, self.findings, self.temperature)
         broken = ~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))

@@ -56,9 +56,10 @@ MAX_COLOUR = 12.0  # mean absolute difference between colour channels, grey leve
 
 #: The turns the layout test tries, with the reason each gives when it fits better.
 TURNS = {
-    "rotated by 90°": lambda a: np.rot90(a, 1, axes=(-2, -1)),
+    # Named by how the image lies: one that a quarter turn anticlockwise puts right was turned clockwise.
+    "rotated 90° clockwise": lambda a: np.rot90(a, 1, axes=(-2, -1)),
     "rotated by 180°": lambda a: np.rot90(a, 2, axes=(-2, -1)),
-    "rotated by 270°": lambda a: np.rot90(a, 3, axes=(-2, -1)),
+    "rotated 90° anticlockwise": lambda a: np.rot90(a, 3, axes=(-2, -1)),
     "upside down": lambda a: a[..., ::-1, :],
     "inverted (a negative)": lambda a: 255 - a,
 }
@@ -83,12 +84,17 @@ class Verdict:
 UNAVAILABLE = "unavailable: this bundle has no input check (made before cxrlearn learned one)"
 
 
-def cheap_reasons(decoded: np.ndarray, colour: float = 0.0) -> str | None:
+def cheap_reasons(decoded: np.ndarray, colour: float = 0.0, input_size: int | None = None) -> str | None:
     """The first reason a decoded 8-bit grayscale image is not a chest X-ray, from its pixels alone, or None.
 
     ``colour``: the source's mean absolute difference between colour channels (0 for a gray file).
+    ``input_size``: the network's input side; an image under half of it is far below the resolution the model
+    learned from (a 32 px thumbnail for a 256 px model).
     """
     height, width = decoded.shape[-2:]
+    if input_size is not None and min(height, width) < input_size / 2:
+        return (f"far below the training resolution ({width}×{height} px; the model takes {input_size} px, and "
+                "details it learned from are not there)")
     if max(height, width) > MAX_ASPECT * min(height, width):
         return f"strongly non-square ({width}×{height} px)"
     if colour > MAX_COLOUR:
