@@ -458,3 +458,38 @@ def test_a_training_set_one_over_a_whole_batch_trains(table_path, sample_images,
         "train": {"epochs": 1, "early_stopping_patience": 0}})
     run = train(config, tmp_path / "run", progress=False)
     assert json.loads((run / "model.json").read_text())["data"]["images"]["train"] == 17
+
+
+def test_evaluate_and_reproduce_interrupted_exit_130_naming_what_was_kept(evaluated, sample_images, tmp_path,
+                                                                         capsys, monkeypatch):
+    import cxrlearn.workflows.evaluate as evaluate_module
+    import cxrlearn.workflows.reproduce as reproduce_module
+    from cxrlearn.errors import Interrupted
+
+    def stopped(*args, **kwargs):
+        raise Interrupted("SIGTERM")
+
+    run, _, _ = evaluated
+    monkeypatch.setattr(evaluate_module, "prepare_cache", stopped)
+    before = (run / "model.json").read_bytes()
+    assert main(["evaluate", "--model", str(run), "--images", str(sample_images), "--subset", "test",
+                 "--out", str(tmp_path / "eval"), "--no-progress"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("cxrlearn evaluate: interrupted (SIGTERM): kept the images decoded into the preprocessing")
+    assert line.endswith(f"continue with: cxrlearn evaluate --model {run} --images {sample_images} --subset test "
+                         f"--out {tmp_path / 'eval'} --no-progress")
+    assert (run / "model.json").read_bytes() == before and not (tmp_path / "eval").exists()
+
+    monkeypatch.setattr(reproduce_module, "attach_images", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["reproduce", "kufel2023", "--images", str(sample_images), "--out", str(tmp_path / "R"),
+                 "--set", "model.backbone=tf_efficientnet_lite0", "--set", "model.hub=false"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("cxrlearn reproduce: interrupted (SIGINT): kept the finished stages")
+    assert "continue with: cxrlearn" in line and "--resume" not in line
+
+
+def test_evaluate_help_says_what_it_judges(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "every image of --images that the label table labels" in text and "--subset" in text

@@ -723,9 +723,9 @@ def _signals_interrupt():
             signal.signal(number, old)
 
 
-def _continue_command(resume: str) -> str:
+def _continue_command(argv: list[str], resume: str) -> str:
     """The command that continues interrupted work: this one again, with ``resume``'s option added if asked."""
-    words = ["cxrlearn", *sys.argv[1:]]
+    words = ["cxrlearn", *argv]
     if resume and resume not in words:
         words.append(resume)
     return shlex.join(words)
@@ -753,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as err:
         kept = getattr(err, "kept", "")
         resume = getattr(err, "resume", "")
-        what = f"kept {kept}; continue with: {_continue_command(resume)}" if kept else "nothing to keep"
+        words = list(argv) if argv is not None else sys.argv[1:]
+        what = f"kept {kept}; continue with: {_continue_command(words, resume)}" if kept else "nothing to keep"
         print(f"cxrlearn {args.command}: interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {what}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
