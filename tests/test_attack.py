@@ -437,7 +437,7 @@ def test_a_file_name_that_is_not_utf8_loses_no_row(evaluated, sample_images, tmp
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "meta.json").write_text(""), "meta.json: damaged"),
     (lambda c: (c / "meta.json").write_text('{"format": 1, "si'), "meta.json: damaged"),
-    (lambda c: (c / "meta.json").write_text("[1, 2]"), "meta.json: not a cache description"),
+    (lambda c: (c / "meta.json").write_text("[1, 2]"), "meta.json: damaged (not a JSON object)"),
     (lambda c: (c / "index.tsv").write_bytes(b"\xff\xfe\t0\n"), "index.tsv: not UTF-8 text"),
 ])
 def test_a_damaged_cache_is_refused_by_name(table_path, sample_images, tmp_path, capsys, damage, message):

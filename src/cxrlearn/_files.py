@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -62,6 +63,18 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(handle)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], advice: str) -> dict:
+    """A JSON object from a file cxrlearn wrote, or ``error`` naming the file and what to do (``advice``) when it
+    is damaged: empty, torn, not UTF-8, absurdly nested or long-numbered, or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise error(f"{path}: damaged ({type(err).__name__}: {str(err)[:120]}); {advice}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: damaged (not a JSON object); {advice}")
+    return value
 
 
 def utf8(text: str) -> bytes:

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cxrlearn._files import write_atomic
+from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.configs import RECIPES, Recipe
 from cxrlearn.data.cohort.split import read_split_file, split_and_save
 from cxrlearn.data.decoding.images import attach_images
@@ -112,12 +112,9 @@ class _State:
 
 def _read_state(path: Path) -> dict:
     """The stages a reproduction finished, or :class:`ConfigError` naming the file when it is damaged."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise ConfigError(f"{path}: damaged ({type(err).__name__}); it records which stages are done: delete it to "
-                          "redo them all (finished work on disk is reused where it can be)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+    data = read_json_object(path, ConfigError, "it records which stages are done: delete it to redo them all "
+                            "(finished work on disk is reused where it can be)")
+    if not isinstance(data.get("stages", {}), dict):
         raise ConfigError(f"{path}: not a record of a reproduction's stages; delete it to redo them all")
     return data
 

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Subset
 
-from cxrlearn._files import file_digest, remove_stale_temporaries, write_atomic
+from cxrlearn._files import file_digest, read_json_object, remove_stale_temporaries, write_atomic
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
 from cxrlearn.data.columns import finding_columns
 from cxrlearn.data.decoding.images import attach_images
@@ -129,14 +129,7 @@ def _recorded_inputs(run_dir: Path) -> dict:
     path = run_dir / INPUTS_FILE
     if not path.is_file():
         return {}
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable ({err}); cannot check that this run continues with its own data") \
-            from None
-    if not isinstance(recorded, dict):
-        raise ConfigError(f"{path}: not a record of this run's data")
-    return recorded
+    return read_json_object(path, ConfigError, "so it cannot be checked that this run continues with its own data")
 
 
 def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):

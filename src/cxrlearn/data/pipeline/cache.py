@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cxrlearn._files import write_atomic
+from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
@@ -184,12 +184,8 @@ def _check_compatible(meta: dict, folder: Path, fingerprint: str, size: int | No
 
 def _read_meta(path: Path) -> dict:
     """A cache's meta.json, or :class:`DataError` naming it (empty, torn, not an object, not UTF-8)."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise DataError(f"{path}: damaged ({type(err).__name__}: {str(err)[:120]}); delete the cache folder and "
-                        "prepare again") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool):
+    meta = read_json_object(path, DataError, "delete the cache folder and prepare again")
+    if not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool):
         raise DataError(f"{path}: not a cache description (an object with the cache's size); delete the cache "
                         "folder and prepare again")
     return meta
