@@ -24,6 +24,7 @@ from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.predictor import Predictor
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 1024 * 1024  # small, so the over-limit case stays quick
 UPLOAD_TIMEOUT = 3.0  # short, so the stalled-upload case stays quick
 
@@ -34,15 +35,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_service(run, **options):
-    """The service on a free loopback port, in a thread of this process; stopped when the generator closes."""
+def _run_service(run, connections: dict | None = None, **options):
+    """The service on a free loopback port, in a thread of this process, configured as `serve` configures it;
+    stopped when the generator closes."""
     import uvicorn
 
-    from cxrlearn.serving.app import create_app
+    from cxrlearn.serving.app import create_app, server_config
 
     port = _free_port()
     app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT, **options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = server_config(app, "127.0.0.1", port, log_level="warning", **(connections or {}))
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -354,3 +356,77 @@ def test_the_page_asks_for_the_key_once(keyed_server, sample_images):
         assert not expected_conditions.alert_is_present()(browser)  # asked once, not again
     finally:
         browser.quit()
+
+
+# ---- idle connections cannot shut the service out (issue 19, item 7) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded_server(evaluated):
+    yield from _run_service(evaluated[0], connections={"max_connections": 6, "header_timeout_s": 1.5})
+
+
+def test_idle_connections_cannot_shut_out_health_checks_or_clients(guarded_server):
+    url, _ = guarded_server
+    host, port = url.removeprefix("http://").split(":")
+    idle = []
+    for i in range(6):  # the service's whole limit: some say nothing, some send unfinished headers
+        connection = socket.create_connection((host, int(port)), timeout=10)
+        if i % 2:
+            connection.sendall(b"GET /v1/model HTTP/1.1\r\nHost: x\r\n")
+        idle.append(connection)
+    time.sleep(0.3)
+    assert _get(f"{url}/healthz")[0] == 200  # a slot is kept for health checks ...
+    with pytest.raises(urllib.error.HTTPError) as full:
+        _get(f"{url}/v1/model")  # ... but not for other requests while the service is full
+    assert full.value.code == 503
+    started = time.monotonic()
+    for connection in idle:  # each is closed by the service once its headers are overdue (1.5 s here)
+        connection.settimeout(10)
+        try:
+            while connection.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        connection.close()
+    assert time.monotonic() - started < 5
+    assert _get(f"{url}/v1/model")[0] == 200  # and clients are served again
+
+
+def test_the_nginx_example_proxies_the_service(server, tmp_path, xray):
+    """docs/deploy/nginx.conf, with only its ports changed, in front of the running service."""
+    import re
+    import subprocess
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        message = "Debian's nginx is needed (apt-get install nginx-light)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    url, _ = server
+    service_port = url.rsplit(":", 1)[1]
+    proxy_port = _free_port()
+    example = (REPO / "docs" / "deploy" / "nginx.conf").read_text()
+    config = re.sub(r"server 127\.0\.0\.1:8000;", f"server 127.0.0.1:{service_port};", example)
+    config = re.sub(r"listen 8080;", f"listen 127.0.0.1:{proxy_port};", config)
+    assert config != example
+    (tmp_path / "nginx.conf").write_text(config)
+    started = subprocess.run([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon on;"],
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    try:
+        proxy = f"http://127.0.0.1:{proxy_port}"
+        deadline = time.time() + 10
+        while True:
+            try:
+                assert _get(f"{proxy}/healthz")[0] == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline
+                time.sleep(0.1)
+        status, body, headers = _post(proxy, "chest.png", _png(xray), with_headers=True)
+        assert status == 200 and body["request_id"] == headers["X-Request-ID"]
+        assert re.fullmatch(r"[0-9a-f]{32}", body["request_id"])  # nginx's $request_id, echoed by the service
+    finally:
+        subprocess.run([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-s", "quit"],
+                       capture_output=True, timeout=30)

@@ -6,5 +6,9 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 UPLOAD_TIMEOUT_S = 30.0
 #: Where the service listens by default: this machine only.
 HOST, PORT = "127.0.0.1", 8000
-#: Connections uvicorn keeps at once; beyond them it answers 503.
+#: Connections served at once; beyond them the service answers 503 (but /healthz, below).
 MAX_CONNECTIONS = 64
+#: Connections beyond MAX_CONNECTIONS kept for health checks alone, so a full service still says it is alive.
+HEALTH_SLOTS = 4
+#: Seconds a connection may take to send a request's headers whole (after opening, or after its last answer).
+HEADER_TIMEOUT_S = 10.0

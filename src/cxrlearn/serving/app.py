@@ -44,6 +44,7 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cxrlearn.data.decoding.images import decode_grayscale_and_colour
 from cxrlearn.defaults import usable_cores
@@ -51,9 +52,12 @@ from cxrlearn._files import read_bytes
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
+from cxrlearn.serving import (HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT,
+                              UPLOAD_TIMEOUT_S)
 
 log = logging.getLogger(__name__)
+#: The key of a request's scope["state"] that says it came on a connection beyond the limit (health checks only).
+OVERFLOW = "cxrlearn_overflow"
 
 
 def _png_base64(rgb_or_gray: np.ndarray) -> str:
@@ -144,6 +148,8 @@ class Traced:
             await send(message)
 
         try:
+            if scope["state"].get(OVERFLOW) and scope["path"] != "/healthz":
+                return await _send_json(traced, 503, "the service is at its connection limit; try again shortly")
             if self.api_key and scope["path"].startswith("/v1/") and not self._authorised(headers):
                 return await _send_json(traced, 401, "this service needs its API key: send it as "
                                                      "'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
@@ -197,6 +203,58 @@ class BoundedBodies:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two guards against connections that send nothing (or unfinished headers)
+    and so held every slot, answering /healthz and every client 503 for as long as they stayed open:
+
+    * a connection whose request headers are not whole ``header_timeout`` seconds after it opened (or after its
+      last response) is closed; the body has its own limit (:class:`BoundedBodies`);
+    * uvicorn admits ``max_connections`` plus :data:`HEALTH_SLOTS` connections, and the ones beyond
+      ``max_connections`` may only ask ``/healthz`` (:class:`Traced` answers them 503 otherwise), so a load
+      balancer's health check is answered while the service is full."""
+
+    header_timeout: float = HEADER_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        overflow = len(self.connections) > self.max_connections
+        self.app_state = {**self.app_state, OVERFLOW: overflow}  # each request's scope["state"] copies it
+        self._header_timer = None
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # no request under way: none came whole
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+def server_config(app, host: str = HOST, port: int = PORT, max_connections: int = MAX_CONNECTIONS,
+                  header_timeout_s: float = HEADER_TIMEOUT_S, log_level: str = "info"):
+    """The uvicorn configuration ``serve`` runs ``app`` with (:class:`GuardedH11`); tests start the same."""
+    import uvicorn
+
+    protocol = type("GuardedH11", (GuardedH11,), {"header_timeout": header_timeout_s,
+                                                  "max_connections": max_connections})
+    # Each request is logged once by Traced, with its request id; uvicorn's own access line would lack it.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          limit_concurrency=max_connections + HEALTH_SLOTS, timeout_keep_alive=5, access_log=False)
 
 
 def default_decoders() -> int:
@@ -287,6 +345,4 @@ def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runt
     api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
                      upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key)
-    # Each request is logged once by Traced, with its request id; uvicorn's own access line would lack it.
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limit_concurrency,
-                timeout_keep_alive=5, access_log=False)
+    uvicorn.Server(server_config(app, host, port, limit_concurrency)).run()
