@@ -21,6 +21,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from cxrlearn import __version__
@@ -710,6 +711,9 @@ def _signals_interrupt():
     process, so that the work in progress can keep what it has (Lightning turns a plain KeyboardInterrupt into
     exit status 1). Processes forked from this one (data loader workers) ignore them: this one stops them."""
     main_pid = os.getpid()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
 
     def handler(number, frame):
         if os.getpid() == main_pid:

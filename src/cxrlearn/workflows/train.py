@@ -25,9 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import timm
 import numpy as np
 import pandas as pd
+import timm
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -296,7 +296,8 @@ def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
         # (or a database store) is the long-term home, a folder the simplest one to start with.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     saved = run_dir / MLFLOW_RUN
-    run_id = json.loads(saved.read_text(encoding="utf-8")).get("run_id") if resume and saved.is_file() else None
+    run_id = (read_json_object(saved, ConfigError, "delete it to log the resumed run as a new MLflow run").get("run_id")
+              if resume and saved.is_file() else None)
     logger = MLFlowLogger(experiment_name="cxrlearn", run_name=run_dir.name, tracking_uri=uri, run_id=run_id,
                           log_model=False)
     if run_id is None:
@@ -370,7 +371,7 @@ class KeepInterruptedEpoch(Callback):
         if not isinstance(exception, (KeyboardInterrupt, Interrupted)) or trainer.world_size > 1:
             return
         trainer.save_checkpoint(self.path)
-        self.saved = (f"epoch {trainer.current_epoch + 1}, step {trainer.global_step:,}: {self.path}")
+        self.saved = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step:,}: {self.path}"
 
 
 def _atomic_checkpoints():
