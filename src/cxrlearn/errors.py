@@ -33,3 +33,9 @@ class Interrupted(BaseException):
     def __init__(self, signal_name: str = "SIGINT", kept: str = "", resume: str = ""):
         super().__init__(signal_name)
         self.signal_name, self.kept, self.resume = signal_name, kept, resume
+
+    @classmethod
+    def keeping(cls, interrupt: BaseException, kept: str, resume: str = "") -> "Interrupted":
+        """The interrupt (an :class:`Interrupted`, or Python's own KeyboardInterrupt from Ctrl-C), saying what was
+        kept and how to continue."""
+        return cls(getattr(interrupt, "signal_name", "SIGINT"), kept, resume)

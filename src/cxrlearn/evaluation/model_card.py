@@ -62,8 +62,9 @@ def model_card(folder: str | os.PathLike) -> str:
     evaluation = _last_evaluation(meta)
     config, data = meta.config or {}, meta.data or {}
     findings = list(meta.findings)
+    digest = bundle_digest(folder)
     lines = [f"# Model card: {meta.backbone}, {len(findings)} chest X-ray findings", "",
-             f"Bundle `{folder.name}`, SHA-256 `{bundle_digest(folder)}` (over model.json, the weights and the input "
+             f"Bundle `{folder.name}`, SHA-256 `{digest}` (over model.json, the weights and the input "
              "check; every prediction carries it).", "",
              "## Intended use", "",
              "Research on chest radiographs: for each frontal chest X-ray, the probability of each finding below, a "
@@ -94,7 +95,7 @@ def model_card(folder: str | os.PathLike) -> str:
     lines += ["## Known limitations", ""] + [f"- {item}" for item in _LIMITATIONS] + [""]
     versions = ", ".join(f"{k} {v}" for k, v in (meta.versions or {}).items())
     lines += ["## Versions and digests", "", f"- Made with: {versions or 'unknown'}",
-              f"- Bundle format {meta.format}; model SHA-256 `{bundle_digest(folder)}`", ""]
+              f"- Bundle format {meta.format}; model SHA-256 `{digest}`", ""]
     return "\n".join(lines)
 
 
@@ -146,8 +147,9 @@ def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list
     if not meta.input_check:
         return lines + ["This bundle has none: every prediction says `unavailable`.", ""]
     fitted = meta.input_check
-    lines += ["Every prediction says whether the input is like the training images: pixel checks (strongly "
-              "non-square, colour, near-constant, no large-scale structure, saturated), the image's layout against "
+    lines += ["Every prediction says whether the input is like the training images: pixel checks (far below the "
+              "training resolution, strongly non-square, colour, near-constant, no large-scale structure, "
+              "saturated), the image's layout against "
               "the training images' (turned, upside down or inverted films), and the Mahalanobis distance of the "
               f"backbone's features, flagged above the {fitted.get('percentile', 99):g}th percentile of the "
               "validation images'."]

@@ -64,7 +64,8 @@ def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probabil
     bar_height = font_px
     caption = Image.new("RGB", (width, margin * 3 + line * 2 + bar_height + line), (0, 0, 0))
     draw = ImageDraw.Draw(caption)
-    call = "" if threshold is None else f"  (threshold {threshold:.1%}: {'positive' if probability >= threshold else 'negative'})"
+    call = "" if threshold is None else (
+        f"  (threshold {threshold:.1%}: {'positive' if probability >= threshold else 'negative'})")
     draw.text((margin, margin), f"{finding}: probability {probability:.1%}{call}", fill=(255, 255, 255), font=font)
     draw.text((margin, margin + line), NOT_FOR_DIAGNOSIS, fill=(200, 200, 200), font=font)
     # The colour scale: the overlay's colours from the least to the most heat of this image.

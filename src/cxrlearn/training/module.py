@@ -187,16 +187,12 @@ class ChestXrayModule(L.LightningModule):
         self.last_val = {"mean_auc": mean, "auc": values, "n_images": int(count.item())}
         self.val_auroc.reset()
         self.val_counts.reset()
-        plateau = self._plateau()
-        if plateau is not None and self.trainer.state.fn == "fit":
+        plateau = self.lr_schedulers() if self.trainer.state.fn == "fit" else None
+        if isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # Stepped here, before the epoch's checkpoints are written, so that they hold the stepped state:
             # Lightning steps plateau schedulers after saving them and not again on resuming, which left a
             # resumed run one bad epoch short of the uninterrupted run's schedule.
             plateau.step(mean)
-
-    def _plateau(self) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-        schedulers = self.lr_schedulers() if self._trainer is not None else None
-        return schedulers if isinstance(schedulers, torch.optim.lr_scheduler.ReduceLROnPlateau) else None
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """Lightning's own stepping, except for the plateau scheduler, which :meth:`on_validation_epoch_end`

@@ -294,8 +294,8 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
     try:
         return _evaluate(model_dir, csv, images, out, options or EvaluationOptions())
     except (KeyboardInterrupt, Interrupted) as err:
-        raise Interrupted(getattr(err, "signal_name", "SIGINT"), "the images decoded into the preprocessing cache "
-                          "so far (the model bundle is unchanged)", "") from None
+        raise Interrupted.keeping(err, "the images decoded into the preprocessing cache so far (the model bundle is "
+                                  "unchanged)") from None
 
 
 def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> EvaluationMetrics:
@@ -348,11 +348,14 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     def logits_of(part: _Judged) -> np.ndarray:
         return average_with_mirror(part.logits, part.flipped) if tta else part.logits
 
-    if val is not None:
-        fitted = calibration.fit_temperatures(logits_of(val), val.labels, findings) if options.calibrate else None
-        temperature = fitted.temperature if fitted else None
-        for name, why in (fitted.failed if fitted else {}).items():
+    fitted = (calibration.fit_temperatures(logits_of(val), val.labels, findings)
+              if options.calibrate and val is not None else None)
+    if fitted is not None:
+        temperature = fitted.temperature
+        for name, why in fitted.failed.items():
             log.warning(f"calibration of {name}: {why}")
+    elif val is not None:
+        temperature = None
     else:
         temperature = meta.temperature
     test_p = probabilities(logits_of(test), findings, temperature)
@@ -392,7 +395,7 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if temperature is not None:
         raw = probabilities(logits_of(test), findings)
         metrics.calibration["temperature"] = temperature
-        if val is not None and fitted is not None:
+        if fitted is not None:
             metrics.calibration["temperature_failed"] = fitted.failed
         metrics.calibration["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)

@@ -241,9 +241,9 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     try:
         return _reproduce(recipe_name, options)
     except (KeyboardInterrupt, Interrupted) as err:
-        raise Interrupted(getattr(err, "signal_name", "SIGINT"),
-                          f"the finished stages ({Path(options.out) / STATE_FILE}) and the interrupted stage's work "
-                          "so far (downloaded archives, the cache, training's last checkpoint)", "") from None
+        raise Interrupted.keeping(err, f"the finished stages ({Path(options.out) / STATE_FILE}) and the interrupted "
+                                  "stage's work so far (downloaded archives, the cache, training's last checkpoint)") \
+            from None
 
 
 def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
@@ -264,8 +264,8 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
     else:
         backbone_config(planned.model.backbone)
     state = _State(out, settings)
-    log.info(f"reproducing {recipe.title(planned.model.backbone, planned.data.image_size, planned.data.split_seed)} "
-             f"in {out}")
+    title = recipe.title(planned.model.backbone, planned.data.image_size, planned.data.split_seed)
+    log.info(f"reproducing {title} in {out}")
 
     if options.images:
         if not state.done("download"):
@@ -313,7 +313,7 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
         _stage(state, f"{prefix}train", lambda: _train(config, run_dir, split_path, options.progress))
         _stage(state, f"{prefix}evaluate",
                lambda: _evaluate(run_dir, images, out / f"{prefix}evaluation", official_list, options))
-    report = write_reproduction(out, recipe, state.data, options)
+    report = write_reproduction(out, recipe, title, state.data, options)
     log.info(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
     return report
 
@@ -355,16 +355,14 @@ def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: Re
     evaluate(run_dir, None, images, out, evaluation)
 
 
-def write_reproduction(out: Path, recipe: Recipe, state: dict, options: ReproduceOptions) -> dict:
+def write_reproduction(out: Path, recipe: Recipe, title: str, state: dict, options: ReproduceOptions) -> dict:
     """``reproduction.json`` and ``reproduction.md`` from the evaluations' metrics and the stage times."""
 
     parts = [("custom", out / "model", out / "evaluation" / "metrics.json", recipe.published, (recipe.published,))]
     if options.official:
         parts.append(("official", out / "official" / "model", out / "official-evaluation" / "metrics.json", None,
                       recipe.official_published))
-    config = load_config(recipe.config, sets=options.sets)
-    report = {"recipe": recipe.title(config.model.backbone, config.data.image_size, config.data.split_seed),
-              "command": " ".join(options.command) or None,
+    report = {"recipe": title, "command": " ".join(options.command) or None,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": library_versions(), "settings": state["settings"],
               "stages": state["stages"], "results": {}}

@@ -400,10 +400,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         if isinstance(err, Interrupted) and err.kept:
             raise
         last = Path(run_dir) / CHECKPOINTS / "last.ckpt"
-        signal_name = getattr(err, "signal_name", "SIGINT")
         if last.exists():
-            raise Interrupted(signal_name, f"training's progress at the last finished epoch: {last}", "--resume") from None
-        raise Interrupted(signal_name, f"the split and the preprocessing cache made so far ({run_dir})", "") from None
+            raise Interrupted.keeping(err, f"training's progress at the last finished epoch: {last}", "--resume") \
+                from None
+        raise Interrupted.keeping(err, f"the split and the preprocessing cache made so far ({run_dir})") from None
 
 
 def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
@@ -469,7 +469,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     except (KeyboardInterrupt, Interrupted) as err:
         if interrupted.saved:
-            raise Interrupted(getattr(err, "signal_name", "SIGINT"), f"training's progress at {interrupted.saved}",
+            raise Interrupted.keeping(err, f"training's progress at {interrupted.saved}",
                               "--resume") from None
         raise
     if not trainer.is_global_zero:

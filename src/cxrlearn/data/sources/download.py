@@ -87,7 +87,7 @@ def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
         name = cells[0].strip()
         if not ARCHIVE_NAME.fullmatch(name):
             raise DataError(f"{source}: line {number}: archive {name!r} is not a plain file name like "
-                            "images_001.tar.gz (letters, digits, '_' or '-', then .tar.gz or .tgz): it is "
+                            "images_001.tar.gz (letters, digits, '_' or '-', then .tar.gz, .tgz or .tar): it is "
                             "downloaded into, and extracted beside, the --to folder only")
         archives.append(Archive(name, cells[1].strip(), cells[2].strip().lower()))
     return archives
