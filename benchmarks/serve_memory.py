@@ -2,7 +2,8 @@
 
 A 9000 × 9000 16-bit grayscale PNG of a flat image is a 157 KB file that decodes to 162 MB of pixels.
 The service is started in a subprocess on a free 127.0.0.1 port; N clients upload the file at once
-(a few rounds); the server's peak resident memory (VmHWM) and the answers are reported. Traffic goes to
+(a few rounds); the server's peak resident memory (VmHWM), its resident memory after each round (VmRSS:
+bounded if it levels off rather than climbing round after round) and the answers are reported. Traffic goes to
 loopback only and stops by itself.
 
 `--pythonpath DIR` runs the service from another checkout's ``src`` (an earlier commit: before/after).
@@ -74,8 +75,10 @@ def main() -> None:
                 statuses.append(0)
             seconds.append(time.perf_counter() - started)
 
+        after_rounds = []
         for _ in range(args.rounds):
             in_parallel(args.clients, upload)
+            after_rounds.append(memory_kb(server.pid, "VmRSS"))
         peak = memory_kb(server.pid, "VmHWM")
         healthy = urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
         source = args.pythonpath or "this checkout"
@@ -85,6 +88,7 @@ def main() -> None:
         answers = {s: statuses.count(s) for s in sorted(set(statuses))}
         print(f"idle {idle / 1024:,.0f} MB, peak {peak / 1024:,.0f} MB (+{(peak - idle) / 1024:,.0f} MB); answers "
               f"{answers}; slowest answer {max(seconds):.2f} s; healthy after: {healthy}")
+        print("resident after each round (MB): " + ", ".join(f"{kb / 1024:,.0f}" for kb in after_rounds))
 
 
 if __name__ == "__main__":

@@ -324,6 +324,10 @@ def test_hostile_metadata_is_refused_at_load(copied_run, sample_images, capsys, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert time.monotonic() - started < 30  # refused from the metadata, not after building a huge model
+    # The service refuses to start on it (two of these started, then answered 500 to every request).
+    assert main(["serve", "--model", str(copied_run), "--port", "1"]) == 2  # before binding any port
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("text, message", [

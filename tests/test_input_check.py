@@ -75,12 +75,30 @@ def test_turned_images_and_photographs_are_flagged(judged, group):
     if group != "photographs":  # the reason names the turn
         word = group.split()[0]
         assert np.mean([word in p.input_check for p in groups[group]]) >= 0.8
-    else:  # most pictures are not explained as a turned X-ray: they fit no orientation, or fail a pixel check
-        assert np.mean([not p.input_check.startswith("warning: looks") for p in groups[group]]) >= 0.6
+    else:  # a picture that fits a little better turned is not called a turned X-ray (it was: a cat "inverted",
+        # a retina "rotated 90°"): it fits no orientation, is unlike the training images, or fails a pixel check
+        assert [p.input_check for p in groups[group] if p.input_check.startswith("warning: looks")] == []
 
 
-def test_cheap_checks_name_their_reason():
-    xray = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+def test_enlarged_thumbnails_are_flagged_and_real_images_are_not(sample_images, data_dir):
+    """32 px X-rays enlarged to 256 or 1,024 px passed as "ok" (the attack's case 10); none of the real ones may."""
+    real = [load_grayscale(p) for p in sorted(sample_images.glob("*.png"))]
+    real += [load_grayscale(p) for p in sorted((data_dir / "nih-sample" / "images-1024").glob("*.png"))]
+    assert len(real) > 1100
+    assert [i for i, image in enumerate(real) if "far below" in (cheap_reasons(image, input_size=256) or "")] == []
+    for side in (256, 1024):
+        for method in ("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS"):
+            enlarged = [np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BOX)
+                                   .resize((side, side), getattr(Image.Resampling, method))) for image in real[:200]]
+            reasons = [cheap_reasons(image, input_size=256) or "" for image in enlarged]
+            assert np.mean(["far below the training resolution" in r for r in reasons]) >= 0.98, (side, method)
+    assert "far below" in cheap_reasons(np.asarray(Image.fromarray(real[0]).resize((32, 32))), input_size=256)
+
+
+def test_cheap_checks_name_their_reason(sample_images):
+    ramp = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    assert "enlarged from a small image" in cheap_reasons(ramp)  # a ramp has no fine detail
+    xray = load_grayscale(sorted(sample_images.glob("*.png"))[0])
     assert cheap_reasons(xray) is None
     assert "non-square" in cheap_reasons(xray[:100])
     assert "near-constant" in cheap_reasons(np.full((256, 256), 128, np.uint8))

@@ -148,7 +148,7 @@ def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list
         return lines + ["This bundle has none: every prediction says `unavailable`.", ""]
     fitted = meta.input_check
     lines += ["Every prediction says whether the input is like the training images: pixel checks (far below the "
-              "training resolution, strongly non-square, colour, near-constant, no large-scale structure, "
+              "training resolution, or enlarged from a thumbnail, strongly non-square, colour, near-constant, no large-scale structure, "
               "saturated), the image's layout against "
               "the training images' (turned, upside down or inverted films), and the Mahalanobis distance of the "
               f"backbone's features, flagged above the {fitted.get('percentile', 99):g}th percentile of the "

@@ -2,16 +2,18 @@
 
 Three kinds of evidence, each with the reason it gives:
 
-1. **Cheap checks** on the decoded image, before the network (:func:`cheap_reasons`): strongly
-   non-square, colour, near-constant, without any large-scale structure (a texture), saturated.
+1. **Cheap checks** on the decoded image, before the network (:func:`cheap_reasons`): far below the
+   training resolution (small, or enlarged from a thumbnail), strongly non-square, colour, near-constant,
+   without any large-scale structure (a texture), saturated.
 2. **Layout** (learned): chest X-rays are taken in one pose, so an 8×8 thumbnail of the network's input
    is well described by a Gaussian fitted to the training images (shrunk covariance, Ledoit & Wolf 2004).
    An image that this Gaussian finds more likely *turned* by 90°, 180° or 270°, flipped upside down, or
    with its grey levels inverted, than *as it is*, is flagged with that reason. The test compares the
    image with itself, so it needs no threshold: on the run's validation images the nearest other
    orientation is at least about twice as far as the image's own. The turn is named as the reason only
-   when the turned image's layout is as usual as a validation image's (below their 99th percentile);
-   otherwise the image is unlike a chest X-ray in any orientation, and the reason says so.
+   when the turned image's layout is as usual as a validation image's (below their 99th percentile) and
+   it halves the distance (:data:`TURN_MARGIN`); otherwise the image is unlike a chest X-ray in any
+   orientation, and the reason says so.
 3. **Features** (learned): the Mahalanobis distance of the backbone's pooled features from their
    distribution on the training images (class-agnostic; Lee et al., NeurIPS 2018, with a shrunk
    covariance), flagged above the 99th percentile of the run's validation images. ``input_score`` is
@@ -53,6 +55,19 @@ MIN_LAYOUT_STD = 12.0  # grey levels over the 8×8 thumbnail (lungs against medi
 #                        the 1,115 sample X-rays, 2.5-7.4 on photographs of grass, gravel, brick and the moon
 MAX_SATURATED = 0.5  # share of pixels at 0 or 255
 MAX_COLOUR = 12.0  # mean absolute difference between colour channels, grey levels
+# An image upscaled from a thumbnail, judged on a 256 px view of it. On the 1,115 sample X-rays at 256 px and the
+# 48 at 1,024 px none is flagged; of the same images shrunk to 32 px and enlarged back to 256 or 1,024 px (nearest,
+# bilinear, bicubic, Lanczos) 99.7-100% are (tests/test_input_check.py).
+DETAIL_SIDE = 256
+MAX_EQUAL_NEIGHBOURS = 0.75  # share of pixels equal to their neighbour: 0.12-0.67 on X-rays, >= 0.88 enlarged by
+#                               repeating pixels (nearest neighbour) from 32 px
+MIN_FINE_DETAIL = 1.0  # grey levels lost on going to a quarter of the side and back: 1.29 at least on X-rays,
+#                        at most 1.25 on smooth enlargements from 32 px (median 0.6)
+MIN_FINE_SHARE = 0.15  # that loss over the loss at a sixteenth of the side: 0.19 at least on X-rays
+#: A turn is named as the reason only when it halves the layout distance: turned sample X-rays fit at most 0.39×
+#: their distance as they lie (95th percentile), photographs 0.37-1.16× (median 0.7): a picture that merely
+#: fits a little better turned is unlike a chest X-ray, not a turned one.
+TURN_MARGIN = 0.5
 
 #: The turns the layout test tries, with the reason each gives when it fits better.
 TURNS = {
@@ -108,6 +123,28 @@ def cheap_reasons(decoded: np.ndarray, colour: float = 0.0, input_size: int | No
     saturated = float(np.mean((decoded == 0) | (decoded == 255)))
     if saturated > MAX_SATURATED:
         return f"saturated ({saturated:.0%} of pixels at black or white)"
+    if min(height, width) >= DETAIL_SIDE and (input_size is None or input_size >= DETAIL_SIDE / 2):
+        return upscaled_reason(decoded)
+    return None
+
+
+def _detail_lost(view: np.ndarray, factor: int) -> float:
+    """Mean grey levels lost on shrinking ``view`` to 1/``factor`` of its side (box) and enlarging it back (bicubic)."""
+    image = Image.fromarray(view)
+    small = image.resize((view.shape[1] // factor, view.shape[0] // factor), Image.Resampling.BOX)
+    return float(np.mean(np.abs(np.asarray(small.resize(image.size, Image.Resampling.BICUBIC), np.float32) - view)))
+
+
+def upscaled_reason(decoded: np.ndarray) -> str | None:
+    """Whether an image of at least :data:`DETAIL_SIDE` px is an enlarged thumbnail: its pixels repeat in blocks,
+    or a :data:`DETAIL_SIDE` px view of it has almost no detail finer than a quarter of its side."""
+    view = np.asarray(Image.fromarray(decoded).resize((DETAIL_SIDE, DETAIL_SIDE), Image.Resampling.BOX))
+    wide = view.astype(np.int16)
+    equal = (float(np.mean(wide[:, 1:] == wide[:, :-1])) + float(np.mean(wide[1:] == wide[:-1]))) / 2
+    fine = _detail_lost(view, 4)
+    if equal > MAX_EQUAL_NEIGHBOURS or fine < MIN_FINE_DETAIL or fine < MIN_FINE_SHARE * _detail_lost(view, 16):
+        return ("enlarged from a small image (it has almost no detail finer than "
+                f"{DETAIL_SIDE // 4} px across): far below the training resolution")
     return None
 
 
@@ -178,7 +215,8 @@ class InputCheck:
                 best[i], turns[i] = turned[i], reason
         usual = float(self.fitted.get("layout_threshold") or np.inf)
         return [None if turn is None
-                else f"looks {turn}: it fits the training images better put right" if best[i] <= usual
+                else f"looks {turn}: it fits the training images better put right"
+                if best[i] <= usual and best[i] <= TURN_MARGIN * own[i]
                 else "unlike a chest X-ray in any orientation (its layout fits none)"
                 for i, turn in enumerate(turns)]
 
