@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from cxrlearn import __version__
@@ -328,6 +329,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
+    _want_folder(args.dicom_out, "--dicom-out")
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
     failures = unreadable + failures
     for _, message in failures:
@@ -367,10 +369,68 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
         written = write_overlays(predictor, read, predictions, args.cam, chosen)
         print(f"wrote {len(written):,} Grad-CAM overlays to {args.cam}", file=sys.stderr)
+    if args.dicom_out:
+        failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out)
     if args.out:
         print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
               + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
     return EXIT_SKIPPED if failures or refused else EXIT_OK
+
+
+def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path) -> list[tuple[str, str]]:
+    """``predict --dicom-out``: a structured report and a heatmap capture per DICOM input; the refused ones."""
+    from cxrlearn.dicom.results import write_dicom_results
+
+    written = write_dicom_results(predictor, read, predictions, out)
+    if written.not_dicom:
+        print(f"cxrlearn predict: {len(written.not_dicom):,} input(s) are not DICOM and get no DICOM output "
+              f"(the first: {written.not_dicom[0]})", file=sys.stderr)
+    for _, message in written.refused:
+        print(f"cxrlearn predict: no DICOM output for {message}", file=sys.stderr)
+    print(f"wrote {len(written.files) // 2:,} structured report(s) and heatmap capture(s) to {out}", file=sys.stderr)
+    return [(str(path), message) for path, message in written.refused]
+
+
+def _cmd_dicom_listen(args: argparse.Namespace) -> int:
+    from cxrlearn.dicom.node import Destination, Node
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.inference.predictor import Predictor
+
+    destination = Destination.parse(args.send_to)
+    _want_folder(args.outbox, "--outbox")
+    predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
+    outbox = Outbox(args.outbox)
+    node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
+                allow_ae=args.allow_ae)
+    try:
+        node.start()
+    except OSError as err:
+        raise DataError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    counts = outbox.counts()
+    print(f"cxrlearn dicom listen: {args.ae_title} on {args.host}:{args.port}, results to {destination}; outbox "
+          f"{args.outbox} ({counts.received} waiting to be predicted on, {counts.outgoing} to send)", file=sys.stderr,
+          flush=True)
+    try:
+        while True:
+            time.sleep(1.0)
+    except (KeyboardInterrupt, Interrupted) as err:
+        node.stop()
+        counts = outbox.counts()
+        raise Interrupted.keeping(err, f"the outbox {args.outbox} ({counts.received} waiting to be predicted on, "
+                                       f"{counts.outgoing} to send)") from None
+
+
+def _cmd_dicom_status(args: argparse.Namespace) -> int:
+    from cxrlearn.dicom.outbox import Outbox
+
+    if not args.outbox.is_dir():
+        raise DataError(f"--outbox {args.outbox}: no such folder")
+    counts = Outbox(args.outbox).counts()
+    print(f"waiting to be predicted on: {counts.received}\nwaiting to be sent: {counts.outgoing}\n"
+          f"sent (confirmed): {counts.sent}\nrefused: {counts.refused}")
+    if counts.last_failure:
+        print(f"last send failed: {counts.last_failure} (retrying)")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -641,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     predict.add_argument("--out", type=Path, help="FILE.csv or FILE.json (default: CSV on standard output)")
     predict.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
+    predict.add_argument("--dicom-out", type=Path, metavar="DIR",
+                         help="for each DICOM input, a structured report (TID 1500) and a Grad-CAM secondary capture "
+                              "in its study, written here as DICOM files (not for diagnostic use)")
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
     predict.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N "
@@ -680,6 +743,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)
+
+    dicom = commands.add_parser("dicom", help="a DICOM node: results as structured reports and heatmaps to a PACS")
+    dicom_commands = dicom.add_subparsers(dest="dicom_command", required=True, metavar="COMMAND")
+    listen = dicom_commands.add_parser(
+        "listen", help="receive CR/DX images (C-STORE), predict, send a structured report and a heatmap on",
+        description="A C-STORE SCP that acknowledges each instance once it is on disk, predicts in the background "
+                    "and sends the results to --send-to by C-STORE; what is not yet confirmed waits in --outbox "
+                    "and is retried, also after a restart.")
+    listen.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    listen.add_argument("--send-to", required=True, metavar="AE@HOST:PORT", help="where results go (a PACS)")
+    listen.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"),
+                        help="folder of received instances and unsent results (default %(default)s)")
+    listen.add_argument("--ae-title", default="CXRLEARN")
+    listen.add_argument("--host", default=HOST, help="address to listen on (default %(default)s: this machine only)")
+    listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112)
+    listen.add_argument("--allow-ae", action="append", metavar="NAME",
+                        help="accept associations only from this calling AE title (repeat for several)")
+    listen.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    listen.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    listen.set_defaults(run=_cmd_dicom_listen)
+    status = dicom_commands.add_parser("status", help="what a node's outbox holds: queued, sent, refused")
+    status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"))
+    status.set_defaults(run=_cmd_dicom_status)
 
     card = commands.add_parser("card", help="print a model bundle's model card (RUN/MODEL_CARD.md)",
                                description="The model card, from the bundle's own metadata and last evaluation: "

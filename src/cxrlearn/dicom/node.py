@@ -1,0 +1,215 @@
+"""``cxrlearn dicom listen``: a DICOM node that answers radiographs with a structured report and a heatmap.
+
+Three parts, each in its own thread, joined by the on-disk :class:`cxrlearn.dicom.outbox.Outbox`:
+
+1. a C-STORE SCP (pynetdicom) for CR, DX and secondary-capture images: an instance is written to
+   ``received/`` (synced) and only then acknowledged with success; an instance without pixels, or one that
+   cannot be stored, gets a failure status; calling AE titles outside ``--allow-ae`` are rejected;
+2. the predictor: takes what is waiting (at most a batch), predicts with one model, writes each image's
+   structured report and secondary capture (:mod:`cxrlearn.dicom.results`) to ``outgoing/``; an instance no
+   result can be made for goes to ``refused/`` with the reason, and the node goes on;
+3. the sender: a C-STORE SCU that sends each result to the destination and removes it only on a success (or
+   warning) status; while the destination is down, it retries with back-off (1 s, doubling, at most
+   :data:`MAX_BACKOFF_S`).
+
+Started again after any stop, the node finds its unfinished work in the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import dcmread
+from pydicom.uid import (Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, SecondaryCaptureImageStorage)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from cxrlearn._files import remove_stale_temporaries
+from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
+from cxrlearn.dicom.results import SOURCE_CLASSES, dicom_results, read_source
+from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.inference.predictor import Predictor
+
+log = logging.getLogger("cxrlearn.dicom")
+
+#: C-STORE statuses (PS3.4 Annex B.2.3).
+SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+#: Warnings that still mean "stored" (coercion, elements discarded, data set does not match SOP class).
+STORED_WITH_WARNING = {0xB000, 0xB006, 0xB007}
+MAX_BACKOFF_S = 60.0
+#: Images predicted on together, at most.
+NODE_BATCH = 16
+TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results go: ``AE@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = re.fullmatch(r"([^@\s]{1,16})@([^:\s]+):(\d{1,5})", text.strip())
+        if not match or not 0 < int(match.group(3)) < 65536:
+            raise ConfigError(f"--send-to {text!r}: expected AE@HOST:PORT, as ORTHANC@127.0.0.1:4242")
+        return cls(match.group(1), match.group(2), int(match.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Node:
+    """The three parts over one outbox; :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
+                 host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
+                 batch: int = NODE_BATCH):
+        self.predictor, self.outbox, self.destination = predictor, outbox, destination
+        self.ae_title, self.host, self.port, self.batch = ae_title, host, port, batch
+        self.allow_ae = list(allow_ae or [])
+        self.cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
+        self._stopping = threading.Event()
+        self._work = threading.Event()  # set when something arrives, so neither worker sleeps on it
+        self._threads: list[threading.Thread] = []
+        self._server = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for name in (RECEIVED, OUTGOING, REFUSED):
+            remove_stale_temporaries(self.outbox.root / name)
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in SOURCE_CLASSES:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(Verification)
+        if self.allow_ae:
+            ae.require_calling_aet = self.allow_ae
+        ae.maximum_pdu_size = 0
+        self._server = ae.start_server((self.host, self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        for target, name in ((self._predict_loop, "cxrlearn-predict"), (self._send_loop, "cxrlearn-send")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._work.set()  # what a previous run left
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._work.set()
+        if self._server is not None:
+            self._server.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=TIMEOUT_S)
+
+    # ---- 1. receiving ---------------------------------------------------------------------------------
+    def _on_store(self, event) -> int:
+        try:
+            uid = safe_uid(event.request.AffectedSOPInstanceUID)
+        except ValueError as err:
+            log.warning("refused a C-STORE from %s: %s", event.assoc.requestor.ae_title, err)
+            return CANNOT_UNDERSTAND
+        try:
+            has_pixels = "PixelData" in event.dataset
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as err:  # noqa: BLE001 - a sender's damaged data set: a failure status, not a crash
+            log.warning("refused %s: its data set cannot be read (%s)", uid, err)
+            return CANNOT_UNDERSTAND
+        if not has_pixels:
+            log.warning("refused %s: it has no pixel data", uid)
+            return DATA_SET_MISMATCH
+        try:
+            self.outbox.receive(uid, data)
+        except OSError as err:
+            log.error("could not store %s: %s", uid, err)
+            return OUT_OF_RESOURCES
+        self._work.set()
+        return SUCCESS
+
+    # ---- 2. predicting --------------------------------------------------------------------------------
+    def _predict_loop(self) -> None:
+        while not self._stopping.is_set():
+            waiting = self.outbox.waiting(self.batch)
+            if not waiting:
+                self._work.wait(1.0)
+                self._work.clear()
+                continue
+            try:
+                self.predict_batch(waiting)
+            except Exception:  # noqa: BLE001 - the node keeps running; the instances stay queued
+                log.exception("predicting failed; the instances stay in %s", self.outbox.root / RECEIVED)
+                self._stopping.wait(5.0)
+
+    def predict_batch(self, paths: list[Path]) -> None:
+        """Predict on received instances together, and queue their results (or refuse them)."""
+        sources, decoded, kept = [], [], []
+        for path in paths:
+            try:
+                source, pixels = read_source(path.read_bytes(), path.name)
+            except DataError as err:
+                self.outbox.refuse(path, str(err))
+                log.warning("refused %s", err)
+                continue
+            sources.append(source)
+            decoded.append(pixels)
+            kept.append(path)
+        predictions = self.predictor.predict(decoded, [p.stem for p in kept])
+        for path, source, pixels, prediction in zip(kept, sources, decoded, predictions):
+            results = dicom_results(source, pixels, prediction, self.predictor, self.cam_predictor)
+            self.outbox.predicted(path, results.files())
+            log.info("predicted %s: %s", path.stem, prediction.input_check)
+        self._work.set()
+
+    # ---- 3. sending -----------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            pending = self.outbox.to_send()
+            if not pending:
+                self._work.wait(1.0)
+                continue
+            if self.send(pending):
+                backoff = 1.0
+            else:
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def send(self, results: list[Path]) -> bool:
+        """Send results over one association; True when all were confirmed."""
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
+        if not assoc.is_established:
+            self.outbox.send_failed(results[0], str(self.destination), "no association (the destination is down "
+                                    "or refused this node)")
+            return False
+        confirmed = True
+        try:
+            for result in results:
+                if self._stopping.is_set():
+                    break
+                try:
+                    status = assoc.send_c_store(dcmread(result))
+                except FileNotFoundError:
+                    continue
+                code = int(status.Status) if status and "Status" in status else None
+                if code == SUCCESS or code in STORED_WITH_WARNING:
+                    self.outbox.sent(result, str(self.destination))
+                else:
+                    confirmed = False
+                    why = "no answer" if code is None else f"status 0x{code:04X}"
+                    self.outbox.send_failed(result, str(self.destination), why)
+                    if not assoc.is_established:
+                        break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return confirmed

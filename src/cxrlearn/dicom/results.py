@@ -1,0 +1,271 @@
+"""One DICOM radiograph's results as two DICOM objects in its own study: a structured report and a heatmap.
+
+- **Structured report** (Comprehensive 3D SR holding a TID 1500 Measurement Report, built with highdicom): one
+  TID 1501 group per finding, with the probability (DCM 122157 "Probability", no units), the bundle's threshold
+  and, where the bundle has thresholds, the call as a qualitative evaluation Present/Absent (SNOMED CT); one more
+  group for the input check, with its verdict, reason and score. The device observer is cxrlearn; every group
+  names the algorithm (cxrlearn's version, the bundle's SHA-256). The source image is the evidence.
+  ``VerificationFlag`` is UNVERIFIED and the series description says it is not for diagnostic use.
+- **Secondary capture** of the Grad-CAM overlay on the original image at its own resolution, with the finding,
+  probability and threshold written on it (:func:`cxrlearn.inference.gradcam.annotated_overlay`), marked the
+  same way, ``BurnedInAnnotation`` YES.
+
+Both copy the patient, study and accession of the source (a new series each) and have UIDs derived from the
+source's SOP Instance UID and the bundle's digest (:func:`derived_uid`): the same image through the same model
+gives the same objects, so a PACS that receives them twice stores them once.
+
+Findings are coded in a local scheme (:data:`SCHEME`, PS3.16's "99" prefix for private schemes) under their
+cxrlearn names: a bundle's findings are whatever its table named, and a mapping to SNOMED CT is the site's to
+make.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cxrlearn import __version__
+from cxrlearn._files import read_bytes, write_atomic
+from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
+from cxrlearn.data.decoding.images import decode_grayscale
+from cxrlearn.errors import DataError
+from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
+from cxrlearn.inference.overlays import distinct_names
+from cxrlearn.inference.predictor import Prediction, Predictor
+
+MANUFACTURER = "cxrlearn"
+#: What every object says of itself, in its series description.
+NOT_FOR_DIAGNOSIS = "not for diagnostic use"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+#: The local coding scheme of findings and of cxrlearn's own concepts.
+SCHEME = "99CXRLEARN"
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+THRESHOLD = Code("THRESHOLD", SCHEME, "Decision threshold")
+INPUT_CHECK = Code("INPUTCHECK", SCHEME, "Input check")
+INPUT_SCORE = Code("INPUTSCORE", SCHEME, "Input check score")
+LIKE_TRAINING = Code("OK", SCHEME, "Like the training images")
+UNLIKE_TRAINING = Code("WARNING", SCHEME, "Unlike the training images")
+UNAVAILABLE = Code("UNAVAILABLE", SCHEME, "Input check unavailable")
+NO_UNITS = Code("1", "UCUM", "no units")
+#: The image classes a result is made for: radiographs, and secondary captures of them.
+SOURCE_CLASSES = {
+    pydicom.uid.ComputedRadiographyImageStorage: "CR",
+    pydicom.uid.DigitalXRayImageStorageForPresentation: "DX",
+    pydicom.uid.DigitalXRayImageStorageForProcessing: "DX",
+    pydicom.uid.SecondaryCaptureImageStorage: "SC",
+}
+
+
+def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
+    """A UID under 2.25 (a UUID's integer, PS3.5 B.2): a name-based UUID (RFC 4122 version 5) of the source
+    instance, the bundle and what is derived, so the same three always give the same UID. (pydicom's
+    ``generate_uid`` ignores its entropy sources under 2.25 and returns a random UUID.)"""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([str(source_uid), model_sha256, kind])).int}"
+
+
+def finding_code(name: str) -> Code:
+    """A finding in :data:`SCHEME`: its name as the code value where it fits (16 characters), else shortened
+    with a digest so that two long names stay apart."""
+    value = name if len(name) <= 16 else f"{name[:11]}-{hashlib.sha1(name.encode()).hexdigest()[:4]}"
+    return Code(value, SCHEME, name[:64])
+
+
+@dataclass(frozen=True)
+class DicomResults:
+    """The two objects made for one source instance."""
+
+    report: Dataset  # the structured report
+    capture: Dataset  # the secondary capture of the heatmap
+
+    def files(self) -> dict[str, bytes]:
+        """``{"sr": bytes, "sc": bytes}``: each as a DICOM file (Part 10)."""
+        return {"sr": to_bytes(self.report), "sc": to_bytes(self.capture)}
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def check_source(ds: Dataset, name: str) -> None:
+    """Refuses (DataError naming ``name``) an instance cxrlearn should not answer on: not a radiograph or a
+    secondary capture, or without the UIDs its results must refer to."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in SOURCE_CLASSES:
+        raise DataError(f"{name}: SOP class {sop_class or 'missing'} is not a radiograph (CR, DX) or a secondary "
+                        "capture: no result is made for it")
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID"):
+        if not str(ds.get(keyword, "")).strip():
+            raise DataError(f"{name}: the DICOM file has no {keyword}, which its results must refer to")
+
+
+def _algorithm(predictor: Predictor) -> hd.sr.AlgorithmIdentification:
+    provenance = predictor.provenance
+    return hd.sr.AlgorithmIdentification(
+        name=MANUFACTURER, version=f"{provenance.cxrlearn_version} {predictor.meta.backbone}",
+        parameters=[f"model_sha256={provenance.model_sha256}"])
+
+
+def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, source: Dataset,
+                   algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    code = finding_code(finding)
+    measurements = [hd.sr.Measurement(name=codes.DCM.Probability, value=round(prediction.probabilities[finding], 6),
+                                      unit=NO_UNITS)]
+    evaluations = None
+    threshold = (predictor.thresholds or {}).get(finding)
+    if threshold is not None and prediction.positive is not None:
+        measurements.append(hd.sr.Measurement(name=THRESHOLD, value=round(float(threshold), 6), unit=NO_UNITS))
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=code, value=codes.SCT.Present if finding in prediction.positive else codes.SCT.Absent)]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, predictor.provenance.model_sha256, f"track {finding}"),
+            identifier=f"cxrlearn {finding}"[:64]),
+        finding_type=code, algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+
+
+def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dataset,
+                       algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    verdict = prediction.verdict
+    value = UNAVAILABLE if verdict is None else LIKE_TRAINING if verdict.ok else UNLIKE_TRAINING
+    measurements = None
+    if prediction.input_score is not None:
+        measurements = [hd.sr.Measurement(name=INPUT_SCORE, value=float(prediction.input_score), unit=NO_UNITS)]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, predictor.provenance.model_sha256, "track input check"),
+            identifier="cxrlearn input check"),
+        finding_type=INPUT_CHECK, algorithm_id=algorithm, measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=INPUT_CHECK, value=value)])
+    # The reason in words, as predict's input_check column gives it ("ok" or "warning: ...").
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=prediction.input_check[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def structured_report(source: Dataset, prediction: Prediction, predictor: Predictor) -> Dataset:
+    """The TID 1500 report of one prediction, in the source's study (see the module's description)."""
+    digest = predictor.provenance.model_sha256
+    algorithm = _algorithm(predictor)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(digest, digest, "device"), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
+            model_name=predictor.meta.backbone[:64]))
+    groups = [_finding_group(predictor, prediction, finding, source, algorithm) for finding in predictor.findings]
+    groups.append(_input_check_group(predictor, prediction, source, algorithm))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report,
+        series_instance_uid=derived_uid(source.StudyInstanceUID, digest, "sr series"), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, digest, "sr"), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
+        series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
+        software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
+    scheme = Dataset()  # the local scheme declared (PS3.3 C.12.1.1.2), so a reader knows whose codes they are
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = SCHEME, "cxrlearn findings and concepts"
+    scheme.CodingSchemeResponsibleOrganization = "cxrlearn"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+def shown_finding(prediction: Prediction) -> str:
+    """The finding the heatmap is drawn for: the most probable positive one, else the most probable."""
+    chosen = prediction.positive or list(prediction.probabilities)
+    return max(chosen, key=prediction.probabilities.get)
+
+
+def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
+                    cam_predictor: Predictor | None = None) -> Dataset:
+    """The secondary capture: :func:`shown_finding`'s Grad-CAM over the decoded source at its own resolution.
+    ``cam_predictor``: a torch one for an ONNX ``predictor`` (Grad-CAM needs gradients)."""
+    finding = shown_finding(prediction)
+    heat = heatmaps(cam_predictor or predictor, decoded, [finding])[finding]
+    picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
+                                (predictor.thresholds or {}).get(finding))
+    digest = predictor.provenance.model_sha256
+    orientation = source.get("PatientOrientation")
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(source.StudyInstanceUID, digest, "sc series"), series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, digest, "sc"), instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
+        series_description=f"cxrlearn heatmap - {NOT_FOR_DIAGNOSIS}", software_versions=__version__)
+    capture.BurnedInAnnotation = "YES"
+    capture.Laterality = source.get("Laterality", "")  # Type 2C: the chest is not a paired part, so empty
+    capture.ImageComments = (f"Grad-CAM of {finding} by cxrlearn {__version__} (model sha256 {digest}): research "
+                             f"use, {NOT_FOR_DIAGNOSIS}")[:10240]
+    capture.DerivationDescription = f"Grad-CAM heatmap of {finding} over the source image"[:1024]
+    return capture
+
+
+def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
+                  cam_predictor: Predictor | None = None) -> DicomResults:
+    """Both objects for one source instance (already checked by :func:`check_source`)."""
+    return DicomResults(structured_report(source, prediction, predictor),
+                        heatmap_capture(source, decoded, prediction, predictor, cam_predictor))
+
+
+def read_source(data: bytes, name: str) -> tuple[Dataset, np.ndarray]:
+    """A received or read DICOM instance, checked (:func:`check_source`), and its decoded grayscale pixels;
+    :class:`DataError` naming ``name`` otherwise."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types on damaged data
+        raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
+    check_source(ds, name)
+    return ds, decode_grayscale(data, name)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_dicom_results` did: files written, inputs that are not DICOM, DICOM ones refused."""
+
+    files: list[Path]
+    not_dicom: list[Path]
+    refused: list[tuple[Path, str]]
+
+
+def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions: Sequence[Prediction], out: Path
+                        ) -> Written:
+    """``out/<name>.sr.dcm`` and ``out/<name>.sc.dcm`` for each DICOM input (``paths[i]`` is the file
+    ``predictions[i]`` was made from); other inputs get none. Each file is written whole or not at all."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
+    stems = distinct_names([Path(p) for p in paths])
+    files, not_dicom, refused = [], [], []
+    for path, prediction in zip(paths, predictions):
+        data = read_bytes(path, "DICOM file", DataError)
+        if not is_dicom(data[:DICOM_MAGIC_OFFSET + 4], str(path)):
+            not_dicom.append(Path(path))
+            continue
+        try:
+            source, decoded = read_source(data, str(path))
+        except DataError as err:
+            refused.append((Path(path), str(err)))
+            continue
+        for kind, content in dicom_results(source, decoded, prediction, predictor, cam_predictor).files().items():
+            target = out / f"{stems[Path(path)]}.{kind}.dcm"
+            write_atomic(target, content)
+            files.append(target)
+    return Written(files, not_dicom, refused)

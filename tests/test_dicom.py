@@ -1,0 +1,267 @@
+"""Into the hospital's workflow: DICOM results (a TID 1500 structured report and a Grad-CAM secondary capture) from
+`predict --dicom-out`, and `cxrlearn dicom listen` between a real Orthanc and the model, with the PACS down, the
+node killed, and bad instances. DX and CR instances are made from real NIH sample images."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pynetdicom import AE
+
+from cxrlearn.cli.main import main
+from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.dicom.results import NOT_FOR_DIAGNOSIS, SCHEME
+from orthanc import Orthanc, free_port
+from xray_files import chest_dx
+
+TOOLS = ("dciodvfy", "storescu")
+
+
+def _require_tools():
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None] + (
+        [] if Path(shutil.which("Orthanc") or "/usr/sbin/Orthanc").exists() else ["Orthanc"])
+    if missing:  # CI installs them (.ci/run): a missing one is a broken set-up, not a reason to skip
+        pytest.fail(f"missing {', '.join(missing)}: install Debian's orthanc, dcmtk and dicom3tools (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def xrays(data_dir) -> list[np.ndarray]:
+    """Real sample radiographs at 1,024 px, as decoded grayscale."""
+    return [load_grayscale(p) for p in sorted((data_dir / "nih-sample" / "images-1024").glob("*.png"))[:6]]
+
+
+def _write(ds, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _groups(sr) -> list:
+    report = sr.content
+    return list(report.get_image_measurement_groups())
+
+
+def _read_back(sr) -> tuple[dict[str, float], dict[str, str], str]:
+    """(probability per finding, call per finding, input check comment) from a structured report."""
+    probabilities, calls, comment = {}, {}, None
+    for group in _groups(sr):
+        finding = group.finding_type.meaning
+        for item in group[0].ContentSequence:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            if item.ValueType == "NUM" and name == "Probability":
+                probabilities[finding] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE" and finding != "Input check" and name == finding:
+                calls[finding] = item.ConceptCodeSequence[0].CodeMeaning
+            elif item.ValueType == "TEXT" and name == "Comment":
+                comment = item.TextValue
+    return probabilities, calls, comment
+
+
+# ---- predict --dicom-out ---------------------------------------------------------------------------------------
+
+def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evaluated, xrays, tmp_path, capsys):
+    _require_tools()
+    run = evaluated[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    dx = _write(chest_dx(xrays[0], patient_id="P-1", accession="A-1"), inputs / "dx.dcm")
+    cr = _write(chest_dx(xrays[1], patient_id="P-2", accession="A-2", modality="CR"), inputs / "cr.dcm")
+    Image.fromarray(xrays[2]).save(inputs / "plain.png")
+    out = tmp_path / "dicom"
+    assert main(["predict", "--model", str(run), str(inputs), "--out", str(tmp_path / "p.csv"), "--dicom-out",
+                 str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 input(s) are not DICOM" in err and "plain.png" in err
+    assert sorted(p.name for p in out.iterdir()) == ["cr.sc.dcm", "cr.sr.dcm", "dx.sc.dcm", "dx.sr.dcm"]
+    rows = pd.read_csv(tmp_path / "p.csv").set_index("image")
+    findings = [c for c in rows.columns if c + "_positive" in rows.columns]
+    for stem, source_path in (("dx", dx), ("cr", cr)):
+        source = pydicom.dcmread(source_path)
+        for kind in ("sr", "sc"):  # dicom3tools' validator: no errors (warnings name the local coding scheme)
+            checked = subprocess.run(["dciodvfy", str(out / f"{stem}.{kind}.dcm")], capture_output=True, text=True)
+            assert [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")] == []
+        sr = hd.sr.srread(out / f"{stem}.sr.dcm")
+        assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
+        assert (sr.PatientID, sr.AccessionNumber) == (source.PatientID, source.AccessionNumber)
+        assert sr.VerificationFlag == "UNVERIFIED" and NOT_FOR_DIAGNOSIS in sr.SeriesDescription
+        assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == source.SOPInstanceUID
+        probabilities, calls, comment = _read_back(sr)
+        row = rows.loc[f"{stem}.dcm"]
+        assert sorted(probabilities) == sorted(findings)
+        assert all(abs(probabilities[f] - row[f]) < 1e-5 for f in findings)
+        assert {f for f, call in calls.items() if call == "Present"} == {f for f in findings if row[f + "_positive"]}
+        assert comment == row["input_check"]
+        assert SCHEME in {c.CodingSchemeDesignator for c in sr.CodingSchemeIdentificationSequence}
+        sc = pydicom.dcmread(out / f"{stem}.sc.dcm")
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
+        assert sc.Columns == source.Columns and sc.Rows > source.Rows  # its own resolution, and the caption
+        assert NOT_FOR_DIAGNOSIS in sc.SeriesDescription
+    # The same image through the same model: the same objects, so a PACS stores them once.
+    again = tmp_path / "again"
+    assert main(["predict", "--model", str(run), str(dx), "--dicom-out", str(again), "--no-progress"]) == 0
+    for kind in ("sr", "sc"):
+        assert pydicom.dcmread(again / f"dx.{kind}.dcm").SOPInstanceUID == \
+            pydicom.dcmread(out / f"dx.{kind}.dcm").SOPInstanceUID
+
+
+def test_a_dicom_input_no_result_can_be_made_for_is_named(evaluated, xrays, tmp_path, capsys):
+    run = evaluated[0]
+    ds = chest_dx(xrays[0])
+    del ds.StudyInstanceUID
+    path = _write(ds, tmp_path / "nostudy.dcm")
+    assert main(["predict", "--model", str(run), str(path), "--dicom-out", str(tmp_path / "o"), "--no-progress"]) == 3
+    assert "nostudy.dcm: the DICOM file has no StudyInstanceUID" in capsys.readouterr().err
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+# ---- the node between Orthanc and the model ---------------------------------------------------------------------
+
+class NodeProcess:
+    """`cxrlearn dicom listen` in a subprocess (it can be killed with SIGKILL)."""
+
+    def __init__(self, run: Path, outbox: Path, port: int, orthanc: Orthanc, extra: list[str] | None = None):
+        self.command = [sys.executable, "-m", "cxrlearn.cli.main", "dicom", "listen", "--model", str(run),
+                        "--outbox", str(outbox), "--port", str(port), "--send-to",
+                        f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}", *(extra or [])]
+        self.port, self.outbox, self.process = port, outbox, None
+
+    def start(self) -> NodeProcess:
+        self.log = open(self.outbox.parent / "node.log", "ab")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=self.log, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.outbox.parent / "node.log").read_text()[-3000:]
+            if _echo(self.port):
+                return self
+            time.sleep(0.3)
+        raise AssertionError("the node did not answer a C-ECHO within 120 s")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(60)
+
+
+def _echo(port: int, calling: str = "ORTHANC") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLEARN")
+    if not assoc.is_established:
+        return False
+    assoc.send_c_echo()
+    assoc.release()
+    return True
+
+
+def _store(port: int, ds, calling: str = "ORTHANC") -> int | None:
+    """C-STORE one dataset to the node; the status (None: no association)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ds.SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLEARN")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    return int(status.Status)
+
+
+def _wait(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"waited {seconds:.0f} s for {what}")
+
+
+def _results(orthanc: Orthanc, study_uid: str) -> list[str]:
+    """The modalities of a study's instances in Orthanc, sorted (a DX with its SR and SC: DX, OT/SC, SR)."""
+    return sorted(i["Modality"] for i in orthanc.study_instances(study_uid))
+
+
+@pytest.fixture()
+def pacs(tmp_path):
+    _require_tools()
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
+                      {"cxrlearn": ["CXRLEARN", "127.0.0.1", node_port]})
+    (tmp_path / "orthanc").mkdir()
+    orthanc.start()
+    yield orthanc, node_port
+    orthanc.stop()
+
+
+def test_orthanc_sends_an_image_and_gets_back_a_report_and_a_heatmap(evaluated, xrays, pacs, tmp_path):
+    orthanc, port = pacs
+    node = NodeProcess(evaluated[0], tmp_path / "outbox", port, orthanc, ["--allow-ae", "ORTHANC"]).start()
+    try:
+        source = chest_dx(xrays[0], patient_id="P-7", accession="A-7")
+        orthanc.send(orthanc.upload(_write(source, tmp_path / "dx.dcm").read_bytes()), "cxrlearn")
+        _wait(lambda: len(_results(orthanc, source.StudyInstanceUID)) >= 3, 120, "the SR and SC in Orthanc")
+        assert _results(orthanc, source.StudyInstanceUID) == ["DX", "OT", "SR"]  # OT: a secondary capture's modality
+        instances = {i["Modality"]: i for i in orthanc.study_instances(source.StudyInstanceUID)}
+        report = pydicom.dcmread(io.BytesIO(orthanc.file(instances["SR"]["id"])))
+        sr = hd.sr.Comprehensive3DSR.from_dataset(report)
+        probabilities, _, comment = _read_back(sr)
+        assert len(probabilities) == 14 and comment and comment.split(":")[0] in ("ok", "warning")
+        assert report.PatientID == "P-7" and report.AccessionNumber == "A-7"
+        # A calling AE title outside --allow-ae is rejected.
+        assert not _echo(port, calling="STRANGER")
+        # An instance without pixels gets a failure status; a damaged one is refused in the outbox; the node goes on.
+        empty = chest_dx(xrays[1])
+        del empty.PixelData
+        assert _store(port, empty) == 0xA900
+        damaged = chest_dx(xrays[1])
+        damaged.PixelData = damaged.PixelData[:1000]
+        assert _store(port, damaged) == 0x0000  # acknowledged once on disk; judged by the predictor
+        _wait(lambda: list((tmp_path / "outbox" / "refused").glob("*.txt")), 60, "the damaged instance refused")
+        status = subprocess.run([sys.executable, "-m", "cxrlearn.cli.main", "dicom", "status", "--outbox",
+                                 str(tmp_path / "outbox")], capture_output=True, text=True)
+        assert "sent (confirmed): 2" in status.stdout and "refused: 1" in status.stdout
+        assert node.process.poll() is None
+    finally:
+        node.stop()
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(evaluated, xrays, pacs, tmp_path):
+    orthanc, port = pacs
+    outbox = tmp_path / "outbox"
+    node = NodeProcess(evaluated[0], outbox, port, orthanc).start()
+    orthanc.stop()  # the PACS goes down
+    sources = [chest_dx(image, patient_id=f"P-{i}", accession=f"A-{i}") for i, image in enumerate(xrays[:4])]
+    try:
+        for ds in sources:  # the modality sends straight to the node (dcmtk's storescu)
+            done = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "CXRLEARN", "127.0.0.1", str(port),
+                                   str(_write(ds, tmp_path / f"{ds.PatientID}.dcm"))], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        _wait(lambda: len(list((outbox / "outgoing").glob("*.dcm"))) >= 2, 120, "results queued")
+    finally:
+        node.stop(signal.SIGKILL)  # killed mid-queue: some predicted, maybe some not yet
+    assert sorted(p.name for p in (outbox / "received").glob("*.dcm")) + \
+        sorted(p.name for p in (outbox / "outgoing").glob("*.sr.dcm")) != []
+    orthanc.start()  # the PACS is back, the node restarted: everything arrives, once
+    node = NodeProcess(evaluated[0], outbox, port, orthanc).start()
+    try:
+        for ds in sources:
+            _wait(lambda: _results(orthanc, ds.StudyInstanceUID) == ["OT", "SR"], 180,
+                  f"{ds.PatientID}'s SR and SC, once each")
+        _wait(lambda: not list((outbox / "outgoing").glob("*.dcm")), 60, "the outbox emptied")
+        time.sleep(2)  # nothing more arrives
+        assert all(_results(orthanc, ds.StudyInstanceUID) == ["OT", "SR"] for ds in sources)
+        assert len(orthanc.get("/instances")) == 2 * len(sources)
+    finally:
+        assert node.stop() in (0, 130)
