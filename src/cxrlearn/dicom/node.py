@@ -77,7 +77,8 @@ class Node:
         self.allow_ae = list(allow_ae or [])
         self.cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
         self._stopping = threading.Event()
-        self._work = threading.Event()  # set when something arrives, so neither worker sleeps on it
+        # One wake-up per worker: a received instance wakes the predictor, a queued result the sender.
+        self._received, self._results = threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
 
@@ -98,11 +99,13 @@ class Node:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._work.set()  # what a previous run left
+        self._received.set()  # what a previous run left
+        self._results.set()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._work.set()
+        self._received.set()
+        self._results.set()
         if self._server is not None:
             self._server.shutdown()
         for thread in self._threads:
@@ -129,7 +132,7 @@ class Node:
         except OSError as err:
             log.error("could not store %s: %s", uid, err)
             return OUT_OF_RESOURCES
-        self._work.set()
+        self._received.set()
         return SUCCESS
 
     # ---- 2. predicting --------------------------------------------------------------------------------
@@ -137,8 +140,8 @@ class Node:
         while not self._stopping.is_set():
             waiting = self.outbox.waiting(self.batch)
             if not waiting:
-                self._work.wait(1.0)
-                self._work.clear()
+                self._received.wait(1.0)
+                self._received.clear()
                 continue
             try:
                 self.predict_batch(waiting)
@@ -164,7 +167,7 @@ class Node:
             results = dicom_results(source, pixels, prediction, self.predictor, self.cam_predictor)
             self.outbox.predicted(path, results.files())
             log.info("predicted %s: %s", path.stem, prediction.input_check)
-        self._work.set()
+        self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -172,7 +175,8 @@ class Node:
         while not self._stopping.is_set():
             pending = self.outbox.to_send()
             if not pending:
-                self._work.wait(1.0)
+                self._results.wait(1.0)
+                self._results.clear()
                 continue
             if self.send(pending):
                 backoff = 1.0
