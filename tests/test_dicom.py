@@ -265,3 +265,60 @@ def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(evaluated, xray
         assert len(orthanc.get("/instances")) == 2 * len(sources)
     finally:
         assert node.stop() in (0, 130)
+
+
+# ---- DICOMweb: `cxrlearn dicom poll` against Orthanc's DICOMweb plugin ----------------------------------------
+
+def test_poll_stores_results_through_dicomweb_once_and_waits_for_an_archive_that_is_down(
+        evaluated, xrays, pacs, tmp_path, capsys):
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.poll import Poller, parse_since
+    from cxrlearn.inference.predictor import Predictor
+
+    orthanc, _ = pacs
+    url = orthanc.url + "/dicom-web"
+    recent = [chest_dx(xrays[0], patient_id="W-1"), chest_dx(xrays[1], patient_id="W-2", modality="CR")]
+    old = chest_dx(xrays[2], patient_id="W-OLD")
+    old.StudyDate = "20190301"
+    for ds in [*recent, old]:
+        orthanc.upload(_write(ds, tmp_path / f"{ds.PatientID}.dcm").read_bytes())
+    outbox = tmp_path / "outbox"
+    command = ["dicom", "poll", "--model", str(evaluated[0]), "--url", url, "--outbox", str(outbox),
+               "--since", "2020-01-01"]
+
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "round 1: 2 new instance(s), 2 predicted on, 4 result(s) stored, 0 waiting" in err
+    assert _results(orthanc, recent[0].StudyInstanceUID) == ["DX", "OT", "SR"]
+    assert _results(orthanc, recent[1].StudyInstanceUID) == ["CR", "OT", "SR"]
+    assert _results(orthanc, old.StudyInstanceUID) == ["DX"]  # before --since
+    report = next(i for i in orthanc.study_instances(recent[1].StudyInstanceUID) if i["Modality"] == "SR")
+    probabilities, _, _ = _read_back(hd.sr.Comprehensive3DSR.from_dataset(
+        pydicom.dcmread(io.BytesIO(orthanc.file(report["id"])))))
+    assert len(probabilities) == 14
+
+    # A rerun takes nothing again (its own SR and SC are not radiographs), and stores nothing twice.
+    assert main(command) == 0
+    assert "round 1: 0 new instance(s), 0 predicted on, 0 result(s) stored, 0 waiting" in capsys.readouterr().err
+    assert len(orthanc.get("/instances")) == 7
+
+    # The archive goes down between retrieving and storing: the results wait in the outbox, and are stored once
+    # it is back.
+    late = chest_dx(xrays[3], patient_id="W-3")
+    orthanc.upload(_write(late, tmp_path / "late.dcm").read_bytes())
+    poller = Poller(Predictor(evaluated[0]), Outbox(outbox), url, since=parse_since("20200101"))
+    for instance in poller.find():
+        assert poller.retrieve(instance)
+    orthanc.stop()
+    down = poller.run_round()
+    assert (down.predicted, down.stored, down.waiting) == (1, 0, 2)
+    assert down.failure and down.failure.startswith(f"cannot search {url}")
+    assert main(command) == 2  # the command says so, exits 2 and keeps them
+    assert "2 result(s) wait in" in capsys.readouterr().err
+    orthanc.start()
+    back = poller.run_round()
+    assert (back.found, back.stored, back.waiting, back.failure) == (0, 2, 0, None)
+    assert _results(orthanc, late.StudyInstanceUID) == ["DX", "OT", "SR"]
+    assert len(orthanc.get("/instances")) == 10
+    events = [e["event"] for e in Outbox(outbox).events()]
+    assert events.count("received") == 3 and events.count("sent") == 6

@@ -420,6 +420,36 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
                                        f"{counts.outgoing} to send)") from None
 
 
+def _cmd_dicom_poll(args: argparse.Namespace) -> int:
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.poll import Poller, check_url, parse_since, read_token
+    from cxrlearn.inference.predictor import Predictor
+
+    url = check_url(args.url)
+    since = parse_since(args.since) if args.since else None
+    token = read_token(args.token_file) if args.token_file else None
+    _want_folder(args.outbox, "--outbox")
+    poller = Poller(Predictor(args.model, runtime=args.runtime, device=args.device), Outbox(args.outbox), url,
+                    since=since, token=token)
+    rounds = 0
+    try:
+        while True:
+            rounds += 1
+            done = poller.run_round()
+            print(f"cxrlearn dicom poll: round {rounds}: {done.found} new instance(s), {done.predicted} predicted on, "
+                  f"{done.stored} result(s) stored, {done.waiting} waiting" +
+                  (f"; {done.failure}" if done.failure else ""), file=sys.stderr, flush=True)
+            if args.interval is None:
+                if done.failure or done.waiting:
+                    raise DataError(f"{done.failure or 'the archive did not take every result'}: "
+                                    f"{done.waiting} result(s) wait in {args.outbox}; run again to send them")
+                return 0
+            time.sleep(args.interval)
+    except (KeyboardInterrupt, Interrupted) as err:
+        raise Interrupted.keeping(err, f"the outbox {args.outbox} ({len(poller.outbox.to_send())} result(s) to "
+                                       "store)") from None
+
+
 def _cmd_dicom_status(args: argparse.Namespace) -> int:
     from cxrlearn.dicom.outbox import Outbox
 
@@ -763,6 +793,24 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--runtime", choices=RUNTIMES, default="torch")
     listen.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
     listen.set_defaults(run=_cmd_dicom_listen)
+    poll = dicom_commands.add_parser(
+        "poll", help="find new CR/DX images in a DICOMweb archive, predict, store a structured report and a heatmap",
+        description="Each round: QIDO-RS finds CR and DX instances this outbox has not taken, WADO-RS retrieves "
+                    "them, the model predicts, STOW-RS stores each one's structured report and heatmap capture in "
+                    "the archive. What the outbox took is never taken again, so reruns do not duplicate. Without "
+                    "--interval: one round, exit 1 when results remain unsent.")
+    poll.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    poll.add_argument("--url", required=True, help="the archive's DICOMweb root, as http://HOST:PORT/dicom-web")
+    poll.add_argument("--since", metavar="DATE", help="only studies dated on or after DATE (YYYY-MM-DD)")
+    poll.add_argument("--interval", type=_seconds, metavar="S",
+                      help="poll every S seconds until stopped (default: one round)")
+    poll.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"),
+                      help="folder of retrieved instances, unsent results and the log (default %(default)s)")
+    poll.add_argument("--token-file", type=Path, metavar="FILE",
+                      help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
+    poll.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    poll.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    poll.set_defaults(run=_cmd_dicom_poll)
     status = dicom_commands.add_parser("status", help="what a node's outbox holds: queued, sent, refused")
     status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"))
     status.set_defaults(run=_cmd_dicom_status)

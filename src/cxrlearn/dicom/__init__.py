@@ -5,8 +5,11 @@
   UIDs derived from the source and the bundle (sending the same image twice never makes duplicates).
 - :mod:`cxrlearn.dicom.outbox`: the on-disk queue in which received images and results wait until the
   destination has confirmed them.
+- :mod:`cxrlearn.dicom.predicting`: the step the node and the poller share, received instances to queued results.
 - :mod:`cxrlearn.dicom.node`: ``cxrlearn dicom listen``, a C-STORE SCP (pynetdicom) that predicts in the
   background and sends the results on.
+- :mod:`cxrlearn.dicom.poll`: ``cxrlearn dicom poll``, the same over DICOMweb (QIDO-RS, WADO-RS, STOW-RS with
+  dicomweb-client).
 
-This package imports pydicom, highdicom and pynetdicom at its top: nothing below it imports it.
+This package imports pydicom, highdicom, pynetdicom and dicomweb-client at its top: nothing below it imports it.
 """

@@ -31,8 +31,9 @@ from pynetdicom.sop_class import Verification
 
 from cxrlearn._files import remove_stale_temporaries
 from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
-from cxrlearn.dicom.results import SOURCE_CLASSES, dicom_results, read_source
-from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.dicom.predicting import predict_batch
+from cxrlearn.dicom.results import SOURCE_CLASSES
+from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
 
 log = logging.getLogger("cxrlearn.dicom")
@@ -75,7 +76,7 @@ class Node:
         self.predictor, self.outbox, self.destination = predictor, outbox, destination
         self.ae_title, self.host, self.port, self.batch = ae_title, host, port, batch
         self.allow_ae = list(allow_ae or [])
-        self.cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
+        predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first instance
         self._stopping = threading.Event()
         # One wake-up per worker: a received instance wakes the predictor, a queued result the sender.
         self._received, self._results = threading.Event(), threading.Event()
@@ -151,22 +152,7 @@ class Node:
 
     def predict_batch(self, paths: list[Path]) -> None:
         """Predict on received instances together, and queue their results (or refuse them)."""
-        sources, decoded, kept = [], [], []
-        for path in paths:
-            try:
-                source, pixels = read_source(path.read_bytes(), path.name)
-            except DataError as err:
-                self.outbox.refuse(path, str(err))
-                log.warning("refused %s", err)
-                continue
-            sources.append(source)
-            decoded.append(pixels)
-            kept.append(path)
-        predictions = self.predictor.predict(decoded, [p.stem for p in kept])
-        for path, source, pixels, prediction in zip(kept, sources, decoded, predictions):
-            results = dicom_results(source, pixels, prediction, self.predictor, self.cam_predictor)
-            self.outbox.predicted(path, results.files())
-            log.info("predicted %s: %s", path.stem, prediction.input_check)
+        predict_batch(self.outbox, self.predictor, paths)
         self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ A folder, ``--outbox DIR``::
     received/<SOP Instance UID>.dcm        an instance acknowledged to its sender, waiting to be predicted on
     outgoing/<SOP Instance UID>.sr.dcm     a result waiting for the destination to confirm it
     outgoing/<SOP Instance UID>.sc.dcm
-    refused/<SOP Instance UID>.dcm (.txt)  an instance no result can be made for, and why
+    refused/<SOP Instance UID>.txt (.dcm)  why an instance got no result (and the instance, when it was read)
     log.jsonl                              one line per event: received, predicted, sent, send failed, refused
 
 Every file is written whole or not at all (:func:`cxrlearn._files.write_atomic`, synced) before the step that
@@ -87,6 +87,15 @@ class Outbox:
         os.replace(source, target)
         self.log("refused", source.stem, why=why)
 
+    def refuse_unread(self, uid: str, why: str) -> None:
+        """An instance refused before it could be read (an archive's damaged copy): only the reason is kept."""
+        write_atomic(self.root / REFUSED / f"{safe_uid(uid)}.txt", why + "\n")
+        self.log("refused", uid, why=why)
+
+    def taken(self) -> set[str]:
+        """Every instance this outbox ever received or refused (from its log)."""
+        return {str(e.get("uid")) for e in self.events() if e.get("event") in ("received", "refused")}
+
     def to_send(self) -> list[Path]:
         """Results waiting for the destination, oldest first."""
         return _oldest_first(self.root / OUTGOING, "*.dcm")
@@ -124,7 +133,7 @@ class Outbox:
         sends = [e for e in events if e.get("event") in ("sent", "send failed")]
         last = sends[-1] if sends else None
         return Counts(received=len(self.waiting()), outgoing=len(self.to_send()),
-                      refused=len(list((self.root / REFUSED).glob("*.dcm"))),
+                      refused=len(list((self.root / REFUSED).glob("*.txt"))),
                       sent=sum(1 for e in events if e.get("event") == "sent"),
                       last_failure=last.get("why") if last and last.get("event") == "send failed" else None)
 

@@ -192,12 +192,10 @@ def shown_finding(prediction: Prediction) -> str:
     return max(chosen, key=prediction.probabilities.get)
 
 
-def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
-                    cam_predictor: Predictor | None = None) -> Dataset:
-    """The secondary capture: :func:`shown_finding`'s Grad-CAM over the decoded source at its own resolution.
-    ``cam_predictor``: a torch one for an ONNX ``predictor`` (Grad-CAM needs gradients)."""
+def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor) -> Dataset:
+    """The secondary capture: :func:`shown_finding`'s Grad-CAM over the decoded source at its own resolution."""
     finding = shown_finding(prediction)
-    heat = heatmaps(cam_predictor or predictor, decoded, [finding])[finding]
+    heat = heatmaps(predictor, decoded, [finding])[finding]
     picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                 (predictor.thresholds or {}).get(finding))
     digest = predictor.provenance.model_sha256
@@ -218,11 +216,11 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
     return capture
 
 
-def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
-                  cam_predictor: Predictor | None = None) -> DicomResults:
+def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor
+                  ) -> DicomResults:
     """Both objects for one source instance (already checked by :func:`check_source`)."""
     return DicomResults(structured_report(source, prediction, predictor),
-                        heatmap_capture(source, decoded, prediction, predictor, cam_predictor))
+                        heatmap_capture(source, decoded, prediction, predictor))
 
 
 def read_source(data: bytes, name: str) -> tuple[Dataset, np.ndarray]:
@@ -251,7 +249,6 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
     ``predictions[i]`` was made from); other inputs get none. Each file is written whole or not at all."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
     stems = distinct_names([Path(p) for p in paths])
     files, not_dicom, refused = [], [], []
     for path, prediction in zip(paths, predictions):
@@ -264,7 +261,7 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
         except DataError as err:
             refused.append((Path(path), str(err)))
             continue
-        for kind, content in dicom_results(source, decoded, prediction, predictor, cam_predictor).files().items():
+        for kind, content in dicom_results(source, decoded, prediction, predictor).files().items():
             target = out / f"{stems[Path(path)]}.{kind}.dcm"
             write_atomic(target, content)
             files.append(target)

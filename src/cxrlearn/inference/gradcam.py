@@ -82,9 +82,9 @@ def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probabil
 
 
 def heatmaps(predictor, decoded: np.ndarray, findings: list[str]) -> dict[str, np.ndarray]:
-    """Grad-CAM of each named finding for one decoded image, at the model's input size (PyTorch runtime)."""
-    if predictor.runtime != "torch":
-        raise ValueError("Grad-CAM needs gradients: use the torch runtime")
+    """Grad-CAM of each named finding for one decoded image, at the model's input size (an ONNX predictor's
+    heatmaps come from the same bundle run by torch: :meth:`Predictor.with_gradients`)."""
+    predictor = predictor.with_gradients()
     pixels = predictor.model_pixels(decoded)
     x = predictor.transform(torch.from_numpy(pixels)[None, None].to(predictor.device))
     return {name: grad_cam(predictor.model, x, predictor.findings.index(name)) for name in findings}

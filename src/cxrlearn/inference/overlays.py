@@ -46,7 +46,6 @@ def write_overlays(predictor: Predictor, paths: Sequence[Path], predictions: Seq
     unknown = [f for f in findings or [] if f not in predictor.findings]
     if unknown:
         raise DataError(f"--cam-findings: unknown finding(s) {', '.join(unknown)}")
-    cam_predictor = predictor if predictor.runtime == "torch" else Predictor(predictor.model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = distinct_names([Path(p) for p in paths])
@@ -54,7 +53,7 @@ def write_overlays(predictor: Predictor, paths: Sequence[Path], predictions: Seq
     for path, prediction in zip(paths, predictions):
         chosen = list(findings or prediction.positive or [max(prediction.probabilities, key=prediction.probabilities.get)])
         decoded = load_grayscale(path)
-        for finding, heat in heatmaps(cam_predictor, decoded, chosen).items():
+        for finding, heat in heatmaps(predictor, decoded, chosen).items():
             target = out / f"{stems[Path(path)]}_{finding}.png"
             picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                         (predictor.thresholds or {}).get(finding))

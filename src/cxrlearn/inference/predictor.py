@@ -122,6 +122,7 @@ class Predictor:
         self.tta = self.meta.tta
         self.runtime = runtime
         self.device = resolve_device(device)
+        self._with_gradients: Predictor | None = self if runtime == "torch" else None
         self.input_check = InputCheck.load(self.model_dir, self.meta.input_check) if self.meta.input_check else None
         if runtime == "torch":
             self._load_torch()
@@ -149,6 +150,13 @@ class Predictor:
                               f"--format onnx --out {path}`")
         check_onnx_matches_bundle(path, self.model_dir)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def with_gradients(self) -> Predictor:
+        """This predictor when it runs torch, else the same bundle run by torch on the same device, made once:
+        Grad-CAM needs gradients, which an ONNX runtime does not give."""
+        if self._with_gradients is None:
+            self._with_gradients = Predictor(self.model_dir, device=self.device)
+        return self._with_gradients
 
     # ---- preprocessing ---------------------------------------------------------------------------------
     @property

@@ -270,7 +270,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     GPU when there is one). ``api_key``: required on ``/v1/`` (:class:`Traced`)."""
 
     predictor = Predictor(model_dir, runtime=runtime, device=device)
-    cam_predictor = predictor if runtime == "torch" else Predictor(model_dir, runtime="torch", device=device)
+    predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first request
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(decoders or default_decoders())
     app = FastAPI(title="cxrlearn", description="Chest X-ray findings (NIH ChestX-ray14)", version="1")
@@ -321,7 +321,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             if cam is not None:
 
                 finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
-                heat = heatmaps(cam_predictor, pixels, [finding])[finding]
+                heat = heatmaps(predictor, pixels, [finding])[finding]
                 picture = annotated_overlay(pixels, heat, finding, result.probabilities[finding],
                                             (predictor.thresholds or {}).get(finding))
                 body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
