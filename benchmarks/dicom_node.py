@@ -4,9 +4,11 @@ N DX instances made from real 1,024 px sample images are sent by C-STORE to a no
 to a C-STORE sink (pynetdicom, in this process, counting what arrives); the time runs from the first send to the
 last result confirmed. Beside it, on the same images: the Predictor alone (decoded images, batched), and the
 Predictor plus making the structured report and the Grad-CAM secondary capture (what `predict --dicom-out` does
-after predicting).
+after predicting). With ``--orthanc`` (Debian's orthanc and orthanc-dicomweb installed): the same instances
+stored in an Orthanc started on free loopback ports, then one ``dicom poll`` round (QIDO-RS, WADO-RS, predict,
+STOW-RS) timed from search to the last result stored.
 
-Usage: python benchmarks/dicom_node.py --model RUN_DIR --images-1024 DIR [--count 24]
+Usage: python benchmarks/dicom_node.py --model RUN_DIR --images-1024 DIR [--count 24] [--orthanc]
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from orthanc import Orthanc, free_port  # noqa: E402  (the tests' Orthanc: temporary configuration and storage)
 from xray_files import chest_dx  # noqa: E402  (the tests' DX maker: real pixels, a modality's attributes)
 
 from cxrlearn.data.decoding.images import load_grayscale  # noqa: E402
 from cxrlearn.dicom.node import Destination, Node  # noqa: E402
 from cxrlearn.dicom.outbox import Outbox  # noqa: E402
+from cxrlearn.dicom.poll import Poller  # noqa: E402
+from cxrlearn.dicom.results import to_bytes  # noqa: E402
 from cxrlearn.dicom.results import dicom_results  # noqa: E402
 from cxrlearn.inference.predictor import Predictor  # noqa: E402
 
@@ -45,11 +50,29 @@ def sink(port: int, arrived: list, done: threading.Event, expected: int):
     return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
+def poll_round(predictor: Predictor, sources: list) -> tuple[float, int]:
+    """One ``dicom poll`` round against a fresh Orthanc holding ``sources``: (seconds, results stored)."""
+    with tempfile.TemporaryDirectory() as folder:
+        orthanc = Orthanc(Path(folder) / "orthanc", free_port(), free_port(), {})
+        orthanc.folder.mkdir()
+        orthanc.start()
+        try:
+            for ds in sources:
+                orthanc.upload(to_bytes(ds))
+            poller = Poller(predictor, Outbox(Path(folder) / "outbox"), orthanc.url + "/dicom-web")
+            started = time.perf_counter()
+            done = poller.run_round()
+            return time.perf_counter() - started, done.stored
+        finally:
+            orthanc.stop()
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--images-1024", required=True, type=Path)
     p.add_argument("--count", type=int, default=24)
+    p.add_argument("--orthanc", action="store_true", help="also time one `dicom poll` round through Orthanc's DICOMweb")
     args = p.parse_args()
     files = sorted(args.images_1024.glob("*.png"))
     images = [load_grayscale(f) for f in (files * (args.count // len(files) + 1))[:args.count]]
@@ -91,6 +114,9 @@ def main() -> None:
     print(f"report + heatmap capture (after predict):  {n / results:6.1f} images/s")
     print(f"node, receive -> predict -> send:          {n / through:6.1f} images/s "
           f"({len(arrived)} results confirmed; all {n} received in {received:.1f} s)")
+    if args.orthanc:
+        seconds, stored = poll_round(predictor, sources)
+        print(f"poll, QIDO -> WADO -> predict -> STOW:     {n / seconds:6.1f} images/s ({stored} results stored)")
 
 
 if __name__ == "__main__":

@@ -441,8 +441,9 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
                   (f"; {done.failure}" if done.failure else ""), file=sys.stderr, flush=True)
             if args.interval is None:
                 if done.failure or done.waiting:
-                    raise DataError(f"{done.failure or 'the archive did not take every result'}: "
-                                    f"{done.waiting} result(s) wait in {args.outbox}; run again to send them")
+                    left = (f"{done.waiting} result(s) wait in {args.outbox}; run again to send them" if done.waiting
+                            else "run again when it answers")
+                    raise DataError(f"{done.failure or 'the archive did not take every result'}: {left}")
                 return 0
             time.sleep(args.interval)
     except (KeyboardInterrupt, Interrupted) as err:

@@ -178,6 +178,8 @@ class Poller:
             retrieved = sum(self.retrieve(instance) for instance in new)
         except requests.RequestException as err:
             failure = f"cannot search {self.url}: {_reason(err)}"
+        except ValueError as err:  # an answer that is not DICOM JSON: not a DICOMweb root
+            failure = f"cannot search {self.url}: its answer is not DICOM JSON ({err}); is it the DICOMweb root?"
         while waiting := self.outbox.waiting(self.batch):
             predicted += predict_batch(self.outbox, self.predictor, waiting)
         try:
@@ -192,10 +194,15 @@ class Poller:
 
 
 def _reason(err: requests.RequestException) -> str:
+    """A failed request in a few words (requests' own message quotes the whole connection pool)."""
     response = getattr(err, "response", None)
     if response is not None:
         return f"HTTP {response.status_code} {response.reason}"
-    return type(err).__name__ + (f" ({err.__context__})" if err.__context__ else "")
+    if isinstance(err, requests.Timeout):
+        return f"no answer within {TIMEOUT_S} s"
+    if isinstance(err, requests.ConnectionError):
+        return "no connection (is the archive running, and the URL right?)"
+    return type(err).__name__
 
 
 def read_token(path: str | os.PathLike) -> str:
