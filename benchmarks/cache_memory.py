@@ -26,13 +26,18 @@ import numpy as np
 from torch.utils.data import DataLoader
 from cxrlearn.data.pipeline.augment import Augmentation
 from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
+from cxrlearn.data.preprocessing import Preprocessing
 folder, mode = sys.argv[1], sys.argv[2]
 names = [line.split("\t")[0] for line in open(folder + "/index.tsv")]
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) // 1024
-dataset = CachedXrayDataset(folder, names, np.zeros((len(names), 14)), Augmentation(), seed=1, image_size=224)
+dataset = CachedXrayDataset(folder, names, np.zeros((len(names), 14)),
+                            Preprocessing.for_run((0.5,) * 3, (0.5,) * 3, 224,
+                                                  cache_size=int(json.load(open(folder + "/meta.json"))["size"])),
+                            Augmentation(),
+                            seed=1)
 if mode == "np.memmap":
     from cxrlearn.data.pipeline.cache import ImageCache
     cache = ImageCache(folder)

@@ -31,6 +31,7 @@ from _common import machine, parser
 from cxrlearn.data.cohort.split import make_split
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.data.sources import tables
@@ -162,7 +163,8 @@ def main() -> None:
         def cache(size: int) -> Path:
             if size not in caches:
                 caches[size] = tmp / f"c{size}"
-                prepare_cache(present, caches[size], fingerprint, size=size, workers=cores, progress=False)
+                prepare_cache(present, caches[size], fingerprint, Preprocessing.for_cache(size), workers=cores,
+                              progress=False)
             return caches[size]
 
         def on_gpu(size: int) -> torch.Tensor:
@@ -188,7 +190,7 @@ def main() -> None:
         cfg = backbone_config("efficientnet_b1")
 
         def datamodule(batch: int, workers: int) -> ChestXrayDataModule:
-            dm = ChestXrayDataModule(cache(240), table, split, cfg.mean, cfg.std, batch_size=batch,
+            dm = ChestXrayDataModule(cache(240), table, split, Preprocessing.for_run(cfg.mean, cfg.std, 240), batch_size=batch,
                                      num_workers=workers, seed=1, fingerprint=fingerprint)
             dm.setup()
             return dm

@@ -26,6 +26,7 @@ from cxrlearn.data.columns import label_matrix
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.augment import Augmentation
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
 from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.data.sources.nih import read_label_table
@@ -85,11 +86,12 @@ def main() -> None:
     print(f"# loader throughput, batch {args.batch_size}, 224 px; {machine()}")
     tmp = Path(tempfile.mkdtemp())
     try:
-        prepare_cache(present, tmp / "c", table_fingerprint(table), size=256, workers=2, progress=False)
+        prepare_cache(present, tmp / "c", table_fingerprint(table), Preprocessing.for_cache(256), workers=2,
+                      progress=False)
         cycles = 128
         names = list(present["image"]) * cycles
-        cached = CachedXrayDataset(tmp / "c", names, labels.repeat(cycles, axis=0), Augmentation(), seed=SEED,
-                                   image_size=224)
+        cached = CachedXrayDataset(tmp / "c", names, labels.repeat(cycles, axis=0),
+                                   Preprocessing.for_run(CFG.mean, CFG.std, 224, cache_size=256), Augmentation(), seed=SEED)
         transform = BatchTransform(CFG.mean, CFG.std, channels=3)
         decode = DecodeEachTime(list(present["path"]), labels, length=len(present) * 4)
         torch.set_num_threads(1)

@@ -14,6 +14,7 @@ from _common import machine, parser
 
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import decode_and_resize, prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.nih import read_label_table
 
 TOTAL = 112_120
@@ -29,10 +30,10 @@ def main() -> None:
     print(f"# prepare throughput: {len(present)} full-size images, {args.size} px; {machine()}")
 
     paths = list(present["path"]) * args.repeats
-    decode_and_resize(paths[0], args.size)  # warm the file cache
+    decode_and_resize(paths[0], Preprocessing.for_cache(args.size))  # warm the file cache
     start = time.perf_counter()
     for path in paths:
-        decode_and_resize(path, args.size)
+        decode_and_resize(path, Preprocessing.for_cache(args.size))
     per_worker = len(paths) / (time.perf_counter() - start)
     print(f"decode+resize in one process: {per_worker:.1f} images/s ({1000 / per_worker:.1f} ms each)")
 
@@ -41,7 +42,8 @@ def main() -> None:
     for workers in (1, 2):
         out = Path(tempfile.mkdtemp())
         try:
-            summary = prepare_cache(present, out / "c", fingerprint, size=args.size, workers=workers, progress=False)
+            summary = prepare_cache(present, out / "c", fingerprint, Preprocessing.for_cache(args.size), workers=workers,
+                                    progress=False)
             rates[workers] = summary.added / summary.seconds
             print(f"cxrlearn prepare --workers {workers}: {rates[workers]:.1f} images/s "
                   f"({rates[workers] / workers:.1f} per worker; includes pool start-up)")

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from cxrlearn.data.cohort.split import make_split
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.data.sources.nih import read_label_table
@@ -93,11 +94,12 @@ def main() -> None:
     print("|---|---|---|---|")
     try:
         fingerprint = table_fingerprint(table)
-        prepare_cache(present, tmp / "c", fingerprint, size=args.size, workers=2, progress=False)
+        prepare_cache(present, tmp / "c", fingerprint, Preprocessing.for_cache(args.size), workers=2, progress=False)
         split = make_split(present)
         for name in args.backbones:
             cfg = backbone_config(name)
-            dm = ChestXrayDataModule(tmp / "c", table, split, cfg.mean, cfg.std, batch_size=args.batch_size,
+            dm = ChestXrayDataModule(tmp / "c", table, split, Preprocessing.for_run(cfg.mean, cfg.std, args.size),
+                                     batch_size=args.batch_size,
                                      num_workers=0, seed=1, fingerprint=fingerprint)
             dm.setup()
             plain_rates, lightning_rates = [], []

@@ -13,6 +13,7 @@ from PIL import Image
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline import cache as cache_module
 from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import DataError
 
 
@@ -29,7 +30,7 @@ def full_size(nih_table, data_dir):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, full_size, fingerprint):
     out = tmp_path_factory.mktemp("cache") / "c256"
-    summary = prepare_cache(full_size, out, fingerprint, size=256, workers=2, progress=False)
+    summary = prepare_cache(full_size, out, fingerprint, Preprocessing.for_cache(256), workers=2, progress=False)
     return out, summary
 
 
@@ -52,7 +53,7 @@ def test_cache_matches_an_independent_resize(built, full_size, sample_images):
 
 def test_rerun_skips_cached_images(built, full_size, fingerprint):
     out, _ = built
-    again = prepare_cache(full_size, out, fingerprint, size=256, workers=1, progress=False)
+    again = prepare_cache(full_size, out, fingerprint, Preprocessing.for_cache(256), workers=1, progress=False)
     assert (again.cached_before, again.added, again.total) == (48, 0, 48)
 
 
@@ -70,7 +71,7 @@ def test_resume_after_interruption(tmp_path, built, full_size, fingerprint, monk
 
     monkeypatch.setattr(cache_module, "_work", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_cache(full_size, out, fingerprint, size=256, workers=1, progress=False, flush_every=8)
+        prepare_cache(full_size, out, fingerprint, Preprocessing.for_cache(256), workers=1, progress=False, flush_every=8)
     monkeypatch.setattr(cache_module, "_work", real_work)
     assert len(ImageCache(out)) == 20
     # A hard kill can also leave pixels that were never indexed and a torn index line.
@@ -78,7 +79,7 @@ def test_resume_after_interruption(tmp_path, built, full_size, fingerprint, monk
         handle.write(os.urandom(256 * 256 + 1000))
     with open(out / "index.tsv", "a") as handle:
         handle.write("00000999_000.png\t2")
-    resumed = prepare_cache(full_size, out, fingerprint, size=256, workers=2, progress=False)
+    resumed = prepare_cache(full_size, out, fingerprint, Preprocessing.for_cache(256), workers=2, progress=False)
     assert (resumed.cached_before, resumed.added, resumed.total) == (20, 28, 48)
     cache = ImageCache(out)
     assert (out / "pixels.u8").stat().st_size == 48 * 256 * 256
@@ -95,7 +96,7 @@ def test_corrupt_image_is_reported_and_skipped(tmp_path, full_size, fingerprint)
     (folder / broken).write_bytes(open(full_size["path"].iloc[6], "rb").read()[:5000])
     table = full_size.drop(columns="path")
     present = attach_images(table, folder).table
-    summary = prepare_cache(present, tmp_path / "c", fingerprint, size=128, workers=2, progress=False)
+    summary = prepare_cache(present, tmp_path / "c", fingerprint, Preprocessing.for_cache(128), workers=2, progress=False)
     assert summary.added == 6 and [n for n, _ in summary.failed] == [broken]
     report = (tmp_path / "c" / "failed.tsv").read_text()
     assert report.startswith(broken + "\t") and "cannot decode image" in report
@@ -105,16 +106,16 @@ def test_corrupt_image_is_reported_and_skipped(tmp_path, full_size, fingerprint)
 def test_mismatched_cache_is_refused(built, full_size, nih_table, fingerprint):
     out, _ = built
     with pytest.raises(DataError, match=r"holds 256×256 images; it cannot take 224×224"):
-        prepare_cache(full_size, out, fingerprint, size=224, progress=False)
+        prepare_cache(full_size, out, fingerprint, Preprocessing.for_cache(224), progress=False)
     relabelled = nih_table.copy()
     relabelled.loc[0, "Hernia"] = 1 - relabelled.loc[0, "Hernia"]
     other = table_fingerprint(relabelled)
     assert other != fingerprint
     with pytest.raises(DataError, match=r"built for another label table"):
-        prepare_cache(full_size, out, other, size=256, progress=False)
+        prepare_cache(full_size, out, other, Preprocessing.for_cache(256), progress=False)
     cache = ImageCache(out)
     with pytest.raises(DataError, match=r"holds 256×256 images; it cannot take 512×512"):
-        cache.check_compatible(fingerprint, size=512)
+        cache.check_compatible(fingerprint, Preprocessing.for_cache(512))
     with pytest.raises(DataError, match=r"built for another label table"):
         cache.check_compatible(other)
     with pytest.raises(DataError, match=r"not a cxrlearn image cache"):

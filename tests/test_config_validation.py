@@ -93,7 +93,7 @@ def test_the_config_is_a_typed_value_that_round_trips():
     """load_config gives typed sections; the dict written to config.yaml and the bundle reads back the same."""
     config = load_config("kufel2023", sets=["data.batch_size=8", "model.head.units=128"])
     assert isinstance(config, RunConfig) and config.data.batch_size == 8 and config.model.head == HeadConfig(128)
-    assert config.data.cached_size == config.data.image_size == 240 and config.optim.scheduler == "plateau"
+    assert config.data.cache_size is None and config.data.image_size == 240 and config.optim.scheduler == "plateau"
     assert RunConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"data.batch_size must be a whole number"):
         RunConfig.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "batch_size": "8"}})

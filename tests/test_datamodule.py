@@ -11,12 +11,15 @@ from cxrlearn.data.cohort.split import make_split
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.augment import Augmentation
 from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.pipeline.normalize import BatchTransform
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 
 B0 = backbone_config("efficientnet_b0")
+PRE = Preprocessing.for_run(B0.mean, B0.std, input_size=256)  # the tests' cache is of 256 px images
+AT_224 = Preprocessing.for_run(B0.mean, B0.std, input_size=224, cache_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def sample(nih_table, sample_images, tmp_path_factory):
     fingerprint = table_fingerprint(nih_table)
     present = attach_images(nih_table, sample_images).table
     out = tmp_path_factory.mktemp("cache") / "c256"
-    prepare_cache(present, out, fingerprint, size=256, workers=2, progress=False)
+    prepare_cache(present, out, fingerprint, PRE, workers=2, progress=False)
     return out, fingerprint, make_split(present)
 
 
@@ -32,7 +35,8 @@ def module(nih_table, sample, **options):
     cache, fingerprint, split = sample
     settings = dict(batch_size=16, num_workers=0, seed=2137, fingerprint=fingerprint)
     settings.update(options)
-    dm = ChestXrayDataModule(cache, nih_table, split, B0.mean, B0.std, **settings)
+    preprocessing = settings.pop("preprocessing", PRE)
+    dm = ChestXrayDataModule(cache, nih_table, split, preprocessing, **settings)
     dm.setup("fit")
     return dm
 
@@ -152,9 +156,9 @@ def test_one_and_three_channel_normalisation(sample):
 
 
 def test_image_size_differs_from_the_cache(nih_table, sample):
-    x, _, _ = first_batch(module(nih_table, sample, image_size=224))
+    x, _, _ = first_batch(module(nih_table, sample, preprocessing=AT_224))
     assert x.shape[1:] == (3, 224, 224)
-    x, _, _ = first_batch(module(nih_table, sample, image_size=224), loader="val")
+    x, _, _ = first_batch(module(nih_table, sample, preprocessing=AT_224), loader="val")
     assert x.shape[1:] == (3, 224, 224)
 
 
@@ -170,7 +174,7 @@ def test_split_images_missing_from_the_cache_are_reported(nih_table, sample, cap
     cache, fingerprint, split = sample
     extra = split.copy()
     extra.loc[len(extra)] = ["00030805_000.png", 30805, "test"]
-    dm = ChestXrayDataModule(cache, nih_table, extra, B0.mean, B0.std, num_workers=0, fingerprint=fingerprint)
+    dm = ChestXrayDataModule(cache, nih_table, extra, PRE, num_workers=0, fingerprint=fingerprint)
     dm.setup()
     assert dm.missing["test"] == 1
     assert "1 test images of the split are not in the cache" in caplog.text

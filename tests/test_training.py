@@ -75,8 +75,8 @@ def test_learns_64_real_images(table_path, sample_images, present, nih_table, tm
 
     model, meta = load_bundle(run)
     cfg = backbone_config("tf_efficientnet_lite0")
-    dm = ChestXrayDataModule(tmp_path / "cache", nih_table, pd.read_csv(split), cfg.mean, cfg.std,
-                             image_size=128, batch_size=32, num_workers=0)
+    dm = ChestXrayDataModule(tmp_path / "cache", nih_table, pd.read_csv(split), meta.preprocessing, batch_size=32,
+                             num_workers=0)
     dm.setup()
     probs, labels, _ = predict_loader(model, dm.eval_loader("train"), dm.transform)
     assert len(labels) == 64

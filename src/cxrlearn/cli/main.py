@@ -43,6 +43,7 @@ from cxrlearn.data.cohort.stats import format_stats, table_stats
 from cxrlearn.data.columns import DATASET, PATH, PATIENT_ID, UNCERTAIN_POLICIES, finding_columns
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.boxes import read_boxes
 from cxrlearn.data.sources.datasets import READERS, labels_path, merge_tables, read_labels
@@ -219,7 +220,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         presence.table,
         args.out,
         table_fingerprint(table),
-        size=args.size,
+        Preprocessing.for_cache(args.size),
         workers=args.workers,
         images_dir=str(args.images),
         label_table=Path(source).name,

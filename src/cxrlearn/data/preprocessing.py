@@ -10,8 +10,10 @@
    backbone's own mean and std from timm's pretrained configuration.
 
 One :class:`Preprocessing` value holds all of it. It is made once for a run (:meth:`Preprocessing.for_run`),
-saved in the model bundle, and read back by the cache, the dataset, the predictor, the ONNX export (whose
-metadata is written from :meth:`Preprocessing.steps`) and evaluation; no other module states these facts.
+saved in the model bundle, and read back by the cache (steps 1-2: :meth:`Preprocessing.cached`), the training
+dataset and evaluation (step 3: :meth:`Preprocessing.from_cache`, or augmentation's own resize), the DataModule
+and the predictor (step 4: :func:`cxrlearn.data.pipeline.normalize.normalizer`), and the ONNX export (whose
+metadata is written from :meth:`Preprocessing.steps`); no other module states these facts.
 """
 
 from __future__ import annotations
@@ -89,6 +91,17 @@ class Preprocessing:
         """A run's preprocessing: the backbone's mean and std (timm), the run's sizes and channels."""
         return cls(cache_size=int(cache_size or input_size), input_size=int(input_size), channels=int(channels),
                    mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+    @classmethod
+    def for_cache(cls, size: int) -> Preprocessing:
+        """What ``cxrlearn prepare`` needs before any backbone is chosen: steps 1-2 at ``size`` px. The cache
+        stores pixels before normalisation, so the mean and std here (0.5 and 0.5) are never applied; a run
+        reading the cache brings its own (:meth:`for_run`, with the same ``cache_size``)."""
+        return cls(cache_size=size, input_size=size, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def same_cache(self, other: Preprocessing) -> bool:
+        """Whether a cache made with ``other`` serves this preprocessing (steps 1-2 agree)."""
+        return (self.cache_size, self.cache_resampling) == (other.cache_size, other.cache_resampling)
 
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:

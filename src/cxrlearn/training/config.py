@@ -233,11 +233,6 @@ class DataConfig:
     num_workers: int | str
     prepare_workers: int | None
 
-    @property
-    def cached_size(self) -> int:
-        """The side of the cached images: ``cache_size``, else the network's input size."""
-        return int(self.cache_size or self.image_size)
-
 
 @dataclass
 class ModelConfig:

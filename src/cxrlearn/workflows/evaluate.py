@@ -33,7 +33,7 @@ from cxrlearn._files import file_digest, source_digest, write_atomic
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
 from cxrlearn.data.columns import IMAGE, PATIENT_ID, finding_columns, label_values
 from cxrlearn.data.decoding.images import attach_images
-from cxrlearn.data.pipeline.cache import ImageCache, prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.cache import ImageCache, cache_location, prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.data.sources.datasets import labels_path, read_labels
@@ -56,7 +56,6 @@ from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import BundleMeta
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
-from cxrlearn.workflows.train import cache_location
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +218,7 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
     preprocessing = meta.preprocessing
     cache = ImageCache(cache_dir)
     cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
-    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_values(cached, findings),
-                                image_size=preprocessing.input_size, resampling=preprocessing.input_resampling)
+    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_values(cached, findings), preprocessing)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
     transform = normalizer(preprocessing)
     verdicts: list[Verdict] = []
@@ -326,14 +324,14 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if not chosen_here and options.tta and not meta.tta and meta.thresholds:
         log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
-    size = meta.preprocessing.cache_size
     # The run's own cache serves its own table; another table's images get a cache of their own.
     own_table = not (options.table or options.dataset)
-    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, size, model_dir, fingerprint)
+    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, meta.preprocessing, model_dir,
+                               fingerprint)
     if options.cache:
         cache_dir = Path(options.cache)
     both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
-    summary = prepare_cache(both, cache_dir, fingerprint, size=size, workers=options.workers,
+    summary = prepare_cache(both, cache_dir, fingerprint, meta.preprocessing, workers=options.workers,
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
     log.info(summary.text())
     device = resolve_device()

@@ -41,11 +41,13 @@ from cxrlearn.data.cohort.split import read_split_file, split_and_save
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import (
     ImageCache,
+    cache_location,
     decode_and_resize,
     prepare_cache,
     prepare_workers,
     table_fingerprint,
 )
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
@@ -60,7 +62,7 @@ from cxrlearn.model.input_check import MAX_FIT_IMAGES
 from cxrlearn.model.device import resolve_device
 from cxrlearn.training.config import RunConfig, load_config, resolve_precision
 from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
-from cxrlearn.workflows.train import CHECKPOINTS, cache_location, check_before_work, train
+from cxrlearn.workflows.train import CHECKPOINTS, check_before_work, run_preprocessing, train
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +182,14 @@ def machine() -> dict:
     return info
 
 
-def estimate_prepare(paths: list[str], size: int, workers: int, sample: int = 16) -> float:
+def estimate_prepare(paths: list[str], preprocessing: Preprocessing, workers: int, sample: int = 16) -> float:
     """Seconds to decode and resize ``paths`` into the cache, from timing the first few."""
 
     probe = paths[:sample]
     started = time.perf_counter()
     for path in probe:
         try:
-            decode_and_resize(path, size)
+            decode_and_resize(path, preprocessing)
         except Exception:  # noqa: BLE001 - an undecodable file is the prepare stage's to report
             pass
     per_image = (time.perf_counter() - started) / max(1, len(probe))
@@ -293,19 +295,20 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
         config.data.split = str(split_path)
         config.data.images = str(images)
         config.data.cache = config.data.cache or str(
-            cache_location(None, config.data.cached_size, out / "model", fingerprint))  # one cache for both models
+            cache_location(None, run_preprocessing(config), out / "model", fingerprint))  # one cache for both models
         _stage(state, f"{prefix}split", lambda: _write_split(present, config, split_path, official_list, table_path))
 
         def prepare():
             listed = present[present["image"].isin(set(read_split_file(split_path)["image"]))]
-            size = config.data.cached_size
-            cache_dir = cache_location(config.data.cache, size, run_dir, fingerprint)
+            preprocessing = run_preprocessing(config)
+            size = preprocessing.cache_size
+            cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
             workers = prepare_workers(config.data.prepare_workers)
             missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
             if len(missing):
                 log.info(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
-                         f"{_duration(estimate_prepare(missing['path'].tolist(), size, workers))}")
-            summary = prepare_cache(listed, cache_dir, fingerprint, size=size, workers=workers, images_dir=str(images),
+                         f"{_duration(estimate_prepare(missing['path'].tolist(), preprocessing, workers))}")
+            summary = prepare_cache(listed, cache_dir, fingerprint, preprocessing, workers=workers, images_dir=str(images),
                                     label_table=table_path.name, progress=options.progress)
             log.info(summary.text())
 

@@ -39,7 +39,7 @@ from cxrlearn._files import file_digest, read_json_object, remove_stale_temporar
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
 from cxrlearn.data.columns import finding_columns
 from cxrlearn.data.decoding.images import attach_images
-from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
@@ -74,12 +74,13 @@ def read_run_labels(data: DataConfig) -> pd.DataFrame:
     return read_labels(data.table, data.dataset, data.columns, data.findings, data.uncertain, csv=data.csv)
 
 
-def cache_location(cache: str | None, size: int, run_dir: Path, fingerprint: str) -> Path:
-    """Where a run's preprocessing cache of ``size`` px is: ``data.cache`` when given, else beside the run folder.
-
-    Runs and evaluations of the same table and size share one cache.
-    """
-    return Path(cache) if cache else Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{size}"
+def run_preprocessing(config: RunConfig) -> Preprocessing:
+    """The run's one :class:`Preprocessing`: its backbone's mean and std (timm), its sizes and channels. The cache,
+    the DataModule and the bundle (hence the Predictor) all take this value."""
+    data = config.data
+    timm_cfg = backbone_config(config.model.backbone)
+    return Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=data.image_size, cache_size=data.cache_size,
+                                 channels=data.channels)
 
 
 def check_before_work(config: RunConfig) -> None:
@@ -177,11 +178,11 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
                     f"(e.g. {', '.join(unknown.iloc[:3])})")
 
-    size = config.data.cached_size
-    cache_dir = cache_location(config.data.cache, size, run_dir, fingerprint)
+    preprocessing = run_preprocessing(config)
+    cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
     in_split = present[present["image"].isin(set(split["image"]))]
     summary = prepare_cache(
-        in_split, cache_dir, fingerprint, size=size, workers=data.prepare_workers,
+        in_split, cache_dir, fingerprint, preprocessing, workers=data.prepare_workers,
         images_dir=str(data.images), label_table=table_path.name, progress=progress,
     )
     log.info(summary.text())
@@ -428,13 +429,10 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
 
     table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
     data = config.data
-    timm_cfg = backbone_config(config.model.backbone)
-    preprocessing = Preprocessing.for_run(timm_cfg.mean, timm_cfg.std, input_size=int(data.image_size),
-                                          cache_size=data.cache_size, channels=int(data.channels))
+    preprocessing = run_preprocessing(config)
     findings = finding_columns(table)
     datamodule = ChestXrayDataModule(
-        cache_dir, table, split, preprocessing.mean, preprocessing.std, findings=findings,
-        image_size=preprocessing.input_size, channels=preprocessing.channels, batch_size=int(data.batch_size),
+        cache_dir, table, split, preprocessing, findings=findings, batch_size=int(data.batch_size),
         num_workers=resolve_workers(data.num_workers), seed=int(config.train.seed), fingerprint=fingerprint,
     )
     datamodule.setup("fit")

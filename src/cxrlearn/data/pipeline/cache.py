@@ -44,12 +44,22 @@ from tqdm.auto import tqdm
 from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
-from cxrlearn.data.preprocessing import CACHE_RESAMPLING, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, resize_square
-from cxrlearn.defaults import IMAGE_SIZE
+from cxrlearn.data.preprocessing import CACHE_RESAMPLING, Preprocessing
 from cxrlearn.errors import DataError
 
 CACHE_FORMAT = 1
 META, PIXELS, INDEX, FAILED, LOCK = "meta.json", "pixels.u8", "index.tsv", "failed.tsv", ".lock"
+
+
+def cache_location(cache: str | os.PathLike | None, preprocessing: Preprocessing, run_dir: str | os.PathLike,
+                   fingerprint: str) -> Path:
+    """Where a run's preprocessing cache is: ``data.cache`` when given, else beside the run folder, named by the
+    label table and the cache's steps. Runs and evaluations of the same table and cache steps share one cache."""
+    if cache:
+        return Path(cache)
+    steps = str(preprocessing.cache_size) + ("" if preprocessing.cache_resampling == CACHE_RESAMPLING
+                                             else f"-{preprocessing.cache_resampling}")
+    return Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{steps}"
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -66,20 +76,20 @@ def table_fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def decode_and_resize(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image as an (S, S) uint8 array: decoded to grayscale, then resized with antialiasing.
+def decode_and_resize(path: str | os.PathLike, preprocessing: Preprocessing) -> np.ndarray:
+    """One image as the cache stores it: decoded to grayscale, then resized (:meth:`Preprocessing.cached`).
 
     Non-square images are resized to a square without padding (NIH's are all
     1024×1024).
     """
-    return resize_square(load_grayscale(path), size, CACHE_RESAMPLING)
+    return preprocessing.cached(load_grayscale(path))
 
 
-def _work(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str | None]:
+def _work(job: tuple[str, str, Preprocessing]) -> tuple[str, np.ndarray | None, str | None]:
     """Worker body: (name, pixels or None, error or None). Errors never escape."""
-    name, path, size = job
+    name, path, preprocessing = job
     try:
-        return name, decode_and_resize(path, size), None
+        return name, decode_and_resize(path, preprocessing), None
     except DataError as err:
         return name, None, str(err)
     except Exception as err:  # noqa: BLE001 - a worker must report, not die, on any bad file
@@ -160,22 +170,28 @@ class ImageCache:
             rows.append(row)
         return np.asarray(rows, dtype=np.int64)
 
-    def check_compatible(self, fingerprint: str, size: int | None = None) -> None:
-        """Refuse a cache of another size, or one built for another label table.
+    def check_compatible(self, fingerprint: str, preprocessing: Preprocessing | None = None) -> None:
+        """Refuse a cache made with other preprocessing steps (size, resampling), or for another label table.
 
         ``fingerprint``: :func:`table_fingerprint` of the whole label table as read.
         """
-        _check_compatible(self.meta, self.folder, fingerprint, size)
+        _check_compatible(self.meta, self.folder, fingerprint, preprocessing)
 
 
-def _check_compatible(meta: dict, folder: Path, fingerprint: str, size: int | None) -> None:
-    """The one check that a cache folder serves this table at this size (reading it, or adding to it)."""
+def _check_compatible(meta: dict, folder: Path, fingerprint: str, preprocessing: Preprocessing | None) -> None:
+    """The one check that a cache folder serves this table with these steps (reading it, or adding to it)."""
     if meta.get("format") != CACHE_FORMAT:
         raise DataError(f"{folder}: cache format {meta.get('format')} is not {CACHE_FORMAT}; prepare the cache in a "
                         "new folder")
-    if size is not None and size != int(meta["size"]):
-        raise DataError(f"{folder}: the cache holds {meta['size']}×{meta['size']} images; it cannot take "
-                        f"{size}×{size} ones. Prepare a cache of that size in another folder (another --out)")
+    if preprocessing is not None:
+        size, resampling = int(meta["size"]), meta.get("resampling", CACHE_RESAMPLING)
+        if preprocessing.cache_size != size:
+            raise DataError(f"{folder}: the cache holds {size}×{size} images; it cannot take "
+                            f"{preprocessing.cache_size}×{preprocessing.cache_size} ones. Prepare a cache of that size "
+                            "in another folder (another --out)")
+        if preprocessing.cache_resampling != resampling:
+            raise DataError(f"{folder}: the cache's images were resized with {resampling}, not "
+                            f"{preprocessing.cache_resampling}; prepare a cache in another folder (another --out)")
     if fingerprint != meta.get("table_fingerprint"):
         raise DataError(f"{folder}: the cache was built for another label table "
                         f"({meta.get('label_table', 'unknown')}); prepare a cache for this table in another folder "
@@ -228,18 +244,20 @@ def _read_index(path: Path) -> dict[str, int]:
     return rows
 
 
-def _open_or_create(out: Path, size: int, fingerprint: str, images_dir: str, label_table: str) -> dict[str, int]:
+def _open_or_create(out: Path, preprocessing: Preprocessing, fingerprint: str, images_dir: str, label_table: str
+                    ) -> dict[str, int]:
     """Check or write meta.json; return the committed index, with any torn tail cut off."""
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
+    size = preprocessing.cache_size
     if meta_path.exists():
-        _check_compatible(_read_meta(meta_path), out, fingerprint, size)
+        _check_compatible(_read_meta(meta_path), out, fingerprint, preprocessing)
     else:
         meta = {
             "format": CACHE_FORMAT,
             "size": size,
             "dtype": "uint8",
-            "resampling": CACHE_RESAMPLING,
+            "resampling": preprocessing.cache_resampling,
             "source": images_dir,
             "label_table": label_table,
             "table_fingerprint": fingerprint,
@@ -295,14 +313,15 @@ def prepare_cache(
     table: pd.DataFrame,
     out: str | os.PathLike,
     fingerprint: str,
-    size: int = IMAGE_SIZE,
+    preprocessing: Preprocessing,
     workers: int | None = None,
     images_dir: str = "",
     label_table: str = "",
     progress: bool = True,
     flush_every: int = 256,
 ) -> PrepareSummary:
-    """Decode and resize the table's present images (column ``path``) into a cache.
+    """Decode and resize the table's present images (column ``path``) into a cache, as ``preprocessing`` says
+    (steps 1-2: :meth:`Preprocessing.cached`).
 
     ``fingerprint``: :func:`table_fingerprint` of the whole label table as read
     (before restricting it to the images present), recorded in the cache so that
@@ -313,18 +332,17 @@ def prepare_cache(
     a cache of another size or table.
     """
 
-    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise DataError(f"the cache's image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
-                        f"not {size}")
     out = Path(out)
     with writing(out):
-        return _prepare(table, out, fingerprint, size, workers, images_dir, label_table, progress, flush_every)
+        return _prepare(table, out, fingerprint, preprocessing, workers, images_dir, label_table, progress,
+                        flush_every)
 
 
-def _prepare(table, out: Path, fingerprint: str, size: int, workers, images_dir: str, label_table: str,
-             progress: bool, flush_every: int) -> PrepareSummary:
+def _prepare(table, out: Path, fingerprint: str, preprocessing: Preprocessing, workers, images_dir: str,
+             label_table: str, progress: bool, flush_every: int) -> PrepareSummary:
     started = time.perf_counter()
-    rows = _open_or_create(out, size, fingerprint, images_dir, label_table)
+    size = preprocessing.cache_size
+    rows = _open_or_create(out, preprocessing, fingerprint, images_dir, label_table)
     cached_before = len(rows)
     todo = [(name, path) for name, path in zip(table[IMAGE], table[PATH]) if name not in rows]
     workers = prepare_workers(workers)
@@ -343,7 +361,7 @@ def _prepare(table, out: Path, fingerprint: str, size: int, workers, images_dir:
             os.fsync(index_file.fileno())
             pending_names.clear()
 
-        jobs = ((name, str(path), size) for name, path in todo)
+        jobs = ((name, str(path), preprocessing) for name, path in todo)
         bar = tqdm(total=len(todo), desc=f"prepare {size}px", unit="img", disable=not progress, file=sys.stderr)
         pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) if workers > 1 else None
         try:

@@ -24,8 +24,8 @@ from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split
 from cxrlearn.data.columns import IMAGE, finding_columns, label_values
 from cxrlearn.data.pipeline.augment import Augmentation
 from cxrlearn.data.pipeline.cache import ImageCache, table_fingerprint
-from cxrlearn.data.pipeline.normalize import BatchTransform
-from cxrlearn.data.preprocessing import INPUT_RESAMPLING, resize_square
+from cxrlearn.data.pipeline.normalize import normalizer
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.defaults import SEED
 from cxrlearn.errors import DataError
 
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class CachedXrayDataset(Dataset):
-    """Images of one split, read from a memory-mapped cache.
+    """Images of one split, read from a memory-mapped cache made with ``preprocessing``'s steps 1-2, and brought
+    to its input size by step 3 (:meth:`Preprocessing.from_cache`, the predictor's own) or, when training, by
+    augmentation's resize.
 
     The memory map is opened lazily in each process, so the dataset pickles as a
     few arrays (for ``spawn`` workers) rather than as the whole cache.
@@ -44,14 +46,15 @@ class CachedXrayDataset(Dataset):
         cache_dir: str | os.PathLike,
         names: Sequence[str],
         labels: np.ndarray,
+        preprocessing: Preprocessing,
         augmentation: Augmentation | None = None,
         seed: int = 0,
-        image_size: int | None = None,
-        resampling: str = INPUT_RESAMPLING,
     ):
         cache = ImageCache(cache_dir)
-        self.image_size = image_size or cache.size
-        self.resampling = resampling  # evaluation, when the cache is of another size than the input
+        if cache.size != preprocessing.cache_size:
+            raise DataError(f"{cache_dir}: the cache holds {cache.size} px images, but the preprocessing caches at "
+                            f"{preprocessing.cache_size} px")
+        self.preprocessing = preprocessing
         self.cache_dir = str(cache_dir)
         self.names = list(names)
         self.rows = cache.row_of(self.names)
@@ -88,9 +91,9 @@ class CachedXrayDataset(Dataset):
         pixels = self.cache.read(self.rows[i])
         if self.augmentation is not None:
             params = self.augmentation.parameters(self.seed, epoch, i)
-            pixels = self.augmentation.apply(pixels, params, self.image_size)
+            pixels = self.augmentation.apply(pixels, params, self.preprocessing.input_size)
         else:
-            pixels = resize_square(pixels, self.image_size, self.resampling)
+            pixels = np.array(self.preprocessing.from_cache(pixels))  # owned and writable, as the predictor's
         return torch.from_numpy(pixels)[None], torch.from_numpy(self.labels[i]), self.names[i]
 
 
@@ -118,8 +121,8 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     ``table``: the whole label table as read (its fingerprint must match the
     cache's); ``split``: a frame ``image, patient_id, split`` from
-    :func:`~cxrlearn.data.cohort.split.make_split` or a split file. ``mean``/``std``:
-    the backbone's (:func:`cxrlearn.model.backbones.backbone_config`).
+    :func:`~cxrlearn.data.cohort.split.make_split` or a split file; ``preprocessing``: the run's (the one its
+    bundle records, :meth:`Preprocessing.for_run`), which the cache must have been made with.
     """
 
     def __init__(
@@ -127,10 +130,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         cache_dir: str | os.PathLike,
         table: pd.DataFrame,
         split: pd.DataFrame,
-        mean: Sequence[float],
-        std: Sequence[float],
-        image_size: int | None = None,
-        channels: int = 3,
+        preprocessing: Preprocessing,
         batch_size: int = 32,
         num_workers: int = 4,
         pin_memory: bool = True,
@@ -149,8 +149,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.augmentation = augmentation
-        self.image_size = image_size
-        self.transform = BatchTransform(mean, std, channels=channels)
+        self.preprocessing = preprocessing
+        self.transform = normalizer(preprocessing)
         self.fingerprint = fingerprint
         self.datasets: dict[str, CachedXrayDataset] = {}
         self.missing: dict[str, int] = {}
@@ -159,7 +159,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         if self.datasets:
             return
         cache = ImageCache(self.cache_dir)
-        cache.check_compatible(self.fingerprint or table_fingerprint(self.table))
+        cache.check_compatible(self.fingerprint or table_fingerprint(self.table), self.preprocessing)
         rows = apply_split(self.table, self.split)
         for name in SPLITS:
             part = rows[rows[SPLIT] == name]
@@ -175,9 +175,9 @@ class ChestXrayDataModule(L.LightningDataModule):
                 self.cache_dir,
                 part[IMAGE].tolist(),
                 label_values(part, self.findings),  # NaN where a label is unknown
+                self.preprocessing,
                 augmentation=self.augmentation if name == "train" else None,
                 seed=self.seed,
-                image_size=self.image_size,
             )
         if "train" not in self.datasets:
             raise DataError(f"no training images of the split are in the cache {self.cache_dir}")
