@@ -120,3 +120,19 @@ def test_imports_sit_at_the_top_of_modules():
                     continue
                 inside.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target} in {function.name}()")
     assert inside == [], "imports inside functions (move them to the top of the module):\n" + "\n".join(inside)
+
+
+#: The longest a function in src/ may be: one screen, which a reader takes in whole. A longer one is several
+#: steps that want names of their own.
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}() has {lines} lines")
+    assert long == [], f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)

@@ -575,6 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the copy of NIH's 2020 table shipped with cxrlearn")
     _add_table_options(table_args)
 
+    _add_data_commands(commands, table_args)
+    _add_training_commands(commands, table_args)
+    _add_model_commands(commands)
+    _add_dicom_commands(commands)
+    _add_inspection_commands(commands, table_args)
+    return parser
+
+
+def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
+    """split, stats, merge, prepare, download: tables, splits and the image cache."""
     split = commands.add_parser(
         "split", parents=[table_args], help="make a fair patient-wise train/val/test split",
         description="Patient-wise train/val/test split, stratified on every finding and on No Finding. "
@@ -637,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds without data before a retry (default %(default)s)")
     download.set_defaults(run=_cmd_download)
 
+
+def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> None:
+    """train and evaluate."""
     train = commands.add_parser(
         "train",
         help="train a classifier: split, cache, fine-tune, and write the model bundle",
@@ -705,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_cmd_evaluate)
 
 
+def _add_model_commands(commands) -> None:
+    """reproduce, predict, export, serve: using a model bundle."""
     reproduce = commands.add_parser(
         "reproduce", help="a published result from nothing: download, split, prepare, train, evaluate, compare",
         description="Download NIH's images (or use --images), make the recipe's split, prepare the cache, train, "
@@ -776,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections served at once; more are answered 503 (default %(default)s)")
     serve.set_defaults(run=_cmd_serve)
 
+
+def _add_dicom_commands(commands) -> None:
+    """dicom listen, poll and status: the hospital's workflow."""
     dicom = commands.add_parser("dicom", help="a DICOM node: results as structured reports and heatmaps to a PACS")
     dicom_commands = dicom.add_subparsers(dest="dicom_command", required=True, metavar="COMMAND")
     listen = dicom_commands.add_parser(
@@ -817,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"))
     status.set_defaults(run=_cmd_dicom_status)
 
+
+def _add_inspection_commands(commands, table_args: argparse.ArgumentParser) -> None:
+    """card, localize, check: reading a bundle, heatmaps against boxes, images."""
     card = commands.add_parser("card", help="print a model bundle's model card (RUN/MODEL_CARD.md)",
                                description="The model card, from the bundle's own metadata and last evaluation: "
                                "intended use, training data, per-finding AUC with intervals, subgroups, operating "
@@ -838,7 +859,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
     check.add_argument("--report", type=Path, help="write the failures here (image<TAB>reason)")
     check.set_defaults(run=_cmd_check)
-    return parser
 
 
 @contextlib.contextmanager

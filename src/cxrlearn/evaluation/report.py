@@ -58,7 +58,15 @@ def _pct(value) -> str:
 
 
 def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
-    """The report as (kind, content) blocks: h1, h2, p, table, img."""
+    """The report as (kind, content) blocks: h1, h2, p, table, img; one function per section."""
+    return [*_summary_blocks(metrics, findings), *_auc_blocks(metrics, findings),
+            *_operating_point_blocks(metrics, findings), *_calibration_blocks(metrics, findings),
+            *_subgroup_blocks(metrics), *_expert_blocks(metrics), *_input_check_blocks(metrics),
+            *_tta_blocks(metrics), *_provenance_blocks(metrics)]
+
+
+def _summary_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
+    """The title, what was judged, and the mean AUC."""
     prov = metrics.provenance
     bundle = prov["bundle"]
     blocks: list[tuple[str, object]] = [
@@ -72,7 +80,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
     if metrics.undefined:
         blocks.append(("p", "No AUC (a finding needs positives and negatives among the judged images): "
                        + "; ".join(f"{k}: {v}" for k, v in metrics.undefined.items()) + "."))
+    return blocks
 
+
+def _auc_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
+    """Per-finding AUC with intervals, beside published values for NIH's findings."""
+    blocks: list[tuple[str, object]] = []
     # Published values are NIH's 14 findings': beside a model of other findings there is nothing to set.
     sources = list(PUBLISHED) if set(findings) <= set(FINDINGS) else []
     published = {s: published_auc(s) for s in sources}
@@ -105,7 +118,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
     if partial:
         blocks.insert(-1, ("p", "Each finding is judged on the images whose label of it is known (the others "
                                 "were not labelled for it); its prevalence is over those."))
+    return blocks
 
+
+def _operating_point_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
+    """The bundle's thresholds applied to the judged images, and every rule's."""
+    blocks: list[tuple[str, object]] = []
     op = metrics.operating_points
     if "unavailable" in op:
         blocks += [("h2", "Operating points"), ("p", op["unavailable"])]
@@ -126,7 +144,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
             ("table", Table(["finding"] + [METHOD_NAMES[m] for m in METHODS],
                             [[name] + [_num(op["thresholds"][m][name]) for m in METHODS] for name in findings])),
         ]
+    return blocks
 
+
+def _calibration_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
+    """ECE per finding, with and without temperature scaling."""
+    blocks: list[tuple[str, object]] = []
     cal = metrics.calibration
     header = ["finding", "ECE"]
     if "temperature" in cal:
@@ -145,7 +168,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
         *[("p", f"Temperature scaling failed for {name}: {why}.") for name, why in failed.items()],
         ("img", (RELIABILITY_FIGURE, "Reliability diagram of each finding")),
     ]
+    return blocks
 
+
+def _subgroup_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
+    """Mean AUC by sex, age band and view position."""
+    blocks: list[tuple[str, object]] = []
     blocks += [
         ("h2", "Subgroups"),
         ("p", "Mean AUC by sex, age band and view position (each over the findings defined in that group)."),
@@ -154,7 +182,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
                           _num(g["mean_auc"]), _ci(g["mean_auc_ci95"]), str(len(g["mean_over"]))]
                          for g in metrics.subgroups])),
     ]
+    return blocks
 
+
+def _expert_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
+    """AUC against Google's expert labels, beside NIH's on the same images."""
+    blocks: list[tuple[str, object]] = []
     if metrics.expert is not None:
         expert = metrics.expert
         blocks.append(("h2", "Against radiologists' labels (Google 2019)"))
@@ -176,7 +209,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
                 ("table", Table(["finding", "expert positives", "AUC vs expert", "95% CI", "NIH positives",
                                  "AUC vs NIH", "95% CI", "label agreement"], rows)),
             ]
+    return blocks
 
+
+def _input_check_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
+    """How many judged images the input check flagged, and the AUC without them."""
+    blocks: list[tuple[str, object]] = []
     check = metrics.input_check
     if check.get("available"):
         reasons = "; ".join(f"{k}: {v:,}" for k, v in check["reasons"].items()) or "none"
@@ -188,7 +226,12 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
         ]
     elif check:
         blocks.append(("p", "Input check: unavailable (this bundle was made before cxrlearn learned one)."))
+    return blocks
 
+
+def _tta_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
+    """Flip averaging against none, with the paired interval."""
+    blocks: list[tuple[str, object]] = []
     if metrics.tta is not None:
         t = metrics.tta
         blocks += [
@@ -198,9 +241,15 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
                   f"{_signed_ci(t['difference_ci95'])}): "
                   f"{t['verdict']}."),
         ]
+    return blocks
 
+
+def _provenance_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
+    """Where the numbers come from: date, command, bundle, split, table, versions."""
+    prov = metrics.provenance
+    bundle = prov["bundle"]
     split = prov["split"]
-    blocks += [
+    blocks = [
         ("h2", "Provenance"),
         ("table", Table(["what", "value"], [
             ["date", prov["date"]],

@@ -138,22 +138,7 @@ class BundleMeta:
         repeated = sorted({f for f in findings if findings.count(f) > 1})
         if repeated:
             raise ConfigError(f"{path}: field 'findings' names {', '.join(repeated)} more than once")
-        for name, positive_only in (("thresholds", False), ("temperature", True)):
-            values = raw.get(name)
-            if values is None:
-                continue
-            check.that(isinstance(values, dict), name, "an object keyed by finding name, or null", values)
-            for finding, value in values.items():
-                if finding not in findings:
-                    raise ConfigError(f"{path}: field {name!r} names {finding!r}, which is not one of the bundle's "
-                                      "findings")
-                if value is None:
-                    continue
-                if positive_only:
-                    check.that(_number(value) and value > 0, f"{name}.{finding}", "a positive number or null", value)
-                else:
-                    check.that(_number(value) and 0 <= value <= 1, f"{name}.{finding}",
-                               "a probability in [0, 1] or null", value)
+        _check_per_finding(check, raw, findings, path)
         check.that(isinstance(raw.get("tta", False), bool), "tta", "true or false", raw.get("tta"))
         split = raw.get("split")
         if split is not None:
@@ -175,15 +160,40 @@ class BundleMeta:
             weights_source=raw.get("weights_source"), input_check=raw.get("input_check"), config=raw.get("config") or {}, data=raw.get("data"),
             metrics=raw.get("metrics") or {}, versions=raw.get("versions") or {}, evaluation=raw.get("evaluation"),
         )
-        trained = meta.trained_data
-        sizes = {"image_size": preprocessing.input_size}
-        if trained.get("cache_size"):
-            sizes["cache_size"] = preprocessing.cache_size
-        for key, value in sizes.items():
-            if key in trained and trained[key] != value:
-                raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
-                                  f"{trained[key]!r} (config.data.{key}): the file has been changed")
+        _check_trained_sizes(meta, path)
         return meta
+
+
+def _check_per_finding(check: _Checker, raw: dict, findings: list[str], path) -> None:
+    """``thresholds`` (probabilities) and ``temperature`` (positive numbers): objects keyed by the bundle's findings."""
+    for name, positive_only in (("thresholds", False), ("temperature", True)):
+        values = raw.get(name)
+        if values is None:
+            continue
+        check.that(isinstance(values, dict), name, "an object keyed by finding name, or null", values)
+        for finding, value in values.items():
+            if finding not in findings:
+                raise ConfigError(f"{path}: field {name!r} names {finding!r}, which is not one of the bundle's "
+                                  "findings")
+            if value is None:
+                continue
+            if positive_only:
+                check.that(_number(value) and value > 0, f"{name}.{finding}", "a positive number or null", value)
+            else:
+                check.that(_number(value) and 0 <= value <= 1, f"{name}.{finding}",
+                           "a probability in [0, 1] or null", value)
+
+
+def _check_trained_sizes(meta: BundleMeta, path) -> None:
+    """The preprocessing's sizes against the training config's record of them: a file edited by hand is refused."""
+    trained = meta.trained_data
+    sizes = {"image_size": meta.preprocessing.input_size}
+    if trained.get("cache_size"):
+        sizes["cache_size"] = meta.preprocessing.cache_size
+    for key, value in sizes.items():
+        if key in trained and trained[key] != value:
+            raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
+                              f"{trained[key]!r} (config.data.{key}): the file has been changed")
 
 
 class _Checker:

@@ -296,12 +296,34 @@ def evaluate(model_dir: str | os.PathLike, csv: str | os.PathLike | None, images
                                   "unchanged)") from None
 
 
-def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> EvaluationMetrics:
-
+def _check_options(options: EvaluationOptions) -> None:
     if options.threshold_method not in METHODS:
         raise ConfigError(f"threshold method {options.threshold_method!r} is not one of {', '.join(METHODS)}")
     if options.resamples < 100:
         raise ConfigError(f"at least 100 bootstrap resamples are needed for a 95% interval, not {options.resamples}")
+    if options.calibrate and not options.chooses_thresholds:
+        raise ConfigError("--calibrate fits temperatures on validation images: give --subset (and --split) to "
+                          "judge a split whose val images are present; without them the bundle's own are used")
+
+
+def _cache_for(model_dir: Path, meta: BundleMeta, fingerprint: str, rows: list[pd.DataFrame | None], images, csv,
+               options: EvaluationOptions) -> Path:
+    """The cache the judged (and val) images are read from, with any of them not yet in it added. The run's own
+    cache serves its own table; another table's images get a cache of their own."""
+    own_table = not (options.table or options.dataset)
+    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, meta.preprocessing, model_dir,
+                               fingerprint)
+    if options.cache:
+        cache_dir = Path(options.cache)
+    both = pd.concat([r for r in rows if r is not None]).drop_duplicates(IMAGE)
+    summary = prepare_cache(both, cache_dir, fingerprint, meta.preprocessing, workers=options.workers,
+                            images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
+    log.info(summary.text())
+    return cache_dir
+
+
+def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> EvaluationMetrics:
+    _check_options(options)
     model_dir, out = Path(model_dir), Path(out)
     model, meta = load_bundle(model_dir)
     table, csv = _judged_table(meta, csv, options)
@@ -311,9 +333,6 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     presence = attach_images(table, images)
     log.info(presence.summary())
     chosen_here = options.chooses_thresholds
-    if options.calibrate and not chosen_here:
-        raise ConfigError("--calibrate fits temperatures on validation images: give --subset (and --split) to "
-                          "judge a split whose val images are present; without them the bundle's own are used")
     selection = _images_to_judge(presence.table, str(images), model_dir, meta, options)
     judged_rows, val_rows = selection.judged, selection.val
     log.info(f"judging {selection.what}: {len(judged_rows):,} images of {judged_rows[PATIENT_ID].nunique():,} patients; "
@@ -324,16 +343,7 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if not chosen_here and options.tta and not meta.tta and meta.thresholds:
         log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
-    # The run's own cache serves its own table; another table's images get a cache of their own.
-    own_table = not (options.table or options.dataset)
-    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, meta.preprocessing, model_dir,
-                               fingerprint)
-    if options.cache:
-        cache_dir = Path(options.cache)
-    both = pd.concat([r for r in (val_rows, judged_rows) if r is not None]).drop_duplicates(IMAGE)
-    summary = prepare_cache(both, cache_dir, fingerprint, meta.preprocessing, workers=options.workers,
-                            images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
-    log.info(summary.text())
+    cache_dir = _cache_for(model_dir, meta, fingerprint, [val_rows, judged_rows], images, csv, options)
     device = resolve_device()
     val = _predict(model, meta, cache_dir, val_rows, tta, options, device, findings, columns) \
         if val_rows is not None else None
@@ -365,37 +375,10 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
         metrics.input_check = _flagged_summary(test.verdicts, test.labels, test_p, findings, metrics.mean_auc)
     else:
         metrics.input_check = {"available": False}
-    if val is not None:
-        val_p = probabilities(logits_of(val), findings, temperature)
-        chosen = choose_thresholds(val.labels, val_p, findings)
-        metrics.operating_points = {
-            "chosen_on": f"{len(val.rows):,} validation images",
-            "bundle_method": options.threshold_method,
-            "thresholds": chosen["thresholds"],
-            "undefined": chosen["undefined"],
-            "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
-            "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
-        }
-    elif meta.operating_points:
-        stored = meta.operating_points
-        metrics.operating_points = {
-            "chosen_on": "the run's validation images (the bundle's thresholds)",
-            "bundle_method": meta.threshold_method or options.threshold_method,
-            "thresholds": stored,
-            "test": operating_point_table(test.labels, test_p, stored, findings),
-        }
-    else:
-        metrics.operating_points = {
-            "unavailable": f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
-                           "--subset test ...` on the run's own images first, which chooses them on its val split"}
-    metrics.calibration = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(
-        test.labels, test_p, findings)}
-    if temperature is not None:
-        raw = probabilities(logits_of(test), findings)
-        metrics.calibration["temperature"] = temperature
-        if fitted is not None:
-            metrics.calibration["temperature_failed"] = fitted.failed
-        metrics.calibration["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw, findings)
+    val_p = probabilities(logits_of(val), findings, temperature) if val is not None else None
+    metrics.operating_points, chosen = _operating_points(model_dir, meta, val, val_p, test, test_p, findings, options)
+    metrics.calibration = _calibration(test, test_p, probabilities(logits_of(test), findings), temperature, fitted,
+                                       findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels and not set(FINDINGS) <= set(findings):
         metrics.expert = {"n_images": 0, "note": "Google's expert labels judge NIH's findings; this model is judged "
@@ -412,17 +395,63 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
-    if options.write_bundle and val is not None:
-        meta.thresholds = chosen["thresholds"][options.threshold_method]
-        meta.threshold_method = options.threshold_method
-        meta.operating_points = chosen["thresholds"]
-        meta.temperature = temperature  # None: probabilities are the plain sigmoid
-        meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
-        meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
-                           "judged": selection.what, "date": metrics.provenance["date"]}
-        write_meta(model_dir, meta)
-        write_model_card(model_dir)
+    if options.write_bundle and chosen is not None:
+        _update_bundle(model_dir, meta, chosen, options.threshold_method, temperature, tta, metrics, out,
+                       selection.what)
     return metrics
+
+
+def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: dict, method: str, temperature: dict | None, tta: bool,
+                   metrics: EvaluationMetrics, out: Path, judged: str) -> None:
+    """The thresholds and temperatures chosen on the val images into the bundle, with this evaluation's summary
+    and a new model card."""
+    meta.thresholds = chosen["thresholds"][method]
+    meta.threshold_method = method
+    meta.operating_points = chosen["thresholds"]
+    meta.temperature = temperature  # None: probabilities are the plain sigmoid
+    meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
+    meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
+                       "judged": judged, "date": metrics.provenance["date"]}
+    write_meta(model_dir, meta)
+    write_model_card(model_dir)
+
+
+def _operating_points(model_dir: Path, meta: BundleMeta, val: _Judged | None, val_p, test: _Judged, test_p, findings,
+                      options: EvaluationOptions) -> tuple[dict, dict | None]:
+    """The operating points part, and the thresholds chosen here (None when the bundle's are used): chosen on
+    the val images when there are some, else the bundle's applied to the judged images."""
+    if val is not None:
+        chosen = choose_thresholds(val.labels, val_p, findings)
+        return {
+            "chosen_on": f"{len(val.rows):,} validation images",
+            "bundle_method": options.threshold_method,
+            "thresholds": chosen["thresholds"],
+            "undefined": chosen["undefined"],
+            "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
+            "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
+        }, chosen
+    if meta.operating_points:
+        stored = meta.operating_points
+        return {
+            "chosen_on": "the run's validation images (the bundle's thresholds)",
+            "bundle_method": meta.threshold_method or options.threshold_method,
+            "thresholds": stored,
+            "test": operating_point_table(test.labels, test_p, stored, findings),
+        }, None
+    return {"unavailable": f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
+                           "--subset test ...` on the run's own images first, which chooses them on its val split"}, None
+
+
+def _calibration(test: _Judged, test_p, raw_p, temperature: dict | None, fitted, findings) -> dict:
+    """The calibration part: ECE per finding of the probabilities judged, and, when they are temperature-scaled,
+    of the raw ones (``raw_p``) beside them."""
+    part = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(test.labels, test_p, findings)}
+    if temperature is not None:
+        part["temperature"] = temperature
+        if fitted is not None:
+            part["temperature_failed"] = fitted.failed
+        part["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw_p, findings)
+    return part
 
 
 def _tta_comparison(test: _Judged, findings, temperature, metrics: FindingMetrics, boot, options) -> dict:

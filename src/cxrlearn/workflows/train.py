@@ -407,9 +407,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         raise Interrupted.keeping(err, f"the split and the preprocessing cache made so far ({run_dir})") from None
 
 
-def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
-    check_before_work(config)
-    check_tracking(tracking)
+def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
+    """The run folder made (or checked for ``--resume``) and its config written; the path of its last checkpoint."""
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.exists():
         raise ConfigError(f"{run_dir}: nothing to resume ({last} does not exist)")
@@ -424,6 +423,13 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
         for name in remove_stale_temporaries(folder):
             log.info(f"removed {folder / name}, left by an interrupted write")
     write_atomic(run_dir / CONFIG_FILE, dump_config(config))
+    return last
+
+
+def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
+    check_before_work(config)
+    check_tracking(tracking)
+    last = _open_run_dir(config, run_dir, resume)
     started = time.time()
     L.seed_everything(int(config.train.seed), workers=True, verbose=False)
 
