@@ -307,7 +307,7 @@ def test_numbers_are_read_as_people_write_them(tmp_path):
 # 9. No traceback: damaged or hostile bundles are refused at load, naming the file and field ----------------------
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m["head"].__setitem__("activation", ["relu"]), "field 'head.activation' must be a name"),
+    (lambda m: m["head"].__setitem__("activation", ["relu"]), "field 'head.activation' must be one of relu, silu, gelu, linear"),
     (lambda m: m["head"].__setitem__("units", 10**9), "field 'head.units' must be a whole number from 1 to 65536"),
     (lambda m: m.__setitem__("findings", [f"f{i}" for i in range(100_000)]), "field 'findings' must be at most 1000"),
     (lambda m: m["input_check"].__setitem__("layout_threshold", "high"), "'input_check.layout_threshold' must be"),

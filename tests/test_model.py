@@ -96,7 +96,7 @@ def test_supported_backbones_are_timm_models(name):
 def test_unknown_backbone_and_bad_head():
     with pytest.raises(ConfigError, match=r"unknown backbone 'efficientnet_b9'"):
         ChestXrayClassifier("efficientnet_b9")
-    with pytest.raises(ConfigError, match=r"activation 'tanhh'"):
+    with pytest.raises(ValueError, match=r"activation\n.*'relu', 'silu', 'gelu' or 'linear'"):
         HeadConfig(activation="tanhh")
 
 

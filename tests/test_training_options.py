@@ -16,7 +16,7 @@ from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.classifier import ChestXrayClassifier, HeadConfig
-from cxrlearn.training.config import DEFAULTS, OptimConfig
+from cxrlearn.training.config import OptimConfig
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
 from cxrlearn.training.module import ChestXrayModule
 
@@ -107,9 +107,8 @@ def fit(dataset, epochs: int, optim: dict | None = None, **module_options):
     torch.manual_seed(0)
     model = ChestXrayClassifier(BACKBONE, HeadConfig(units=16, dropout=0.0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = dict(DEFAULTS["optim"], lr=1e-3, scheduler="none")
-    settings.update(optim or {})
-    module = ChestXrayModule(model, MultiLabelLoss(), OptimConfig(**settings), list(FINDINGS), **module_options)
+    settings = OptimConfig(**{"lr": 1e-3, "scheduler": "none", **(optim or {})})
+    module = ChestXrayModule(model, MultiLabelLoss(), settings, list(FINDINGS), **module_options)
     rates = LearningRates()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -244,19 +244,14 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cxrlearn.training.config import load_config
+    from cxrlearn.training.config import FLAGS, load_config
     from cxrlearn.workflows.train import train
 
     overrides: dict = {"data": {}, "model": {}, "train": {}}
-    for key, section, name in [
-        ("images", "data", "images"), ("csv", "data", "csv"), ("split", "data", "split"),
-        ("image_size", "data", "image_size"), ("batch_size", "data", "batch_size"), ("cache", "data", "cache"),
-        ("backbone", "model", "backbone"), ("epochs", "train", "epochs"), ("devices", "train", "devices"),
-        ("accelerator", "train", "accelerator"), ("num_nodes", "train", "num_nodes"),
-        ("precision", "train", "precision"),
-    ]:
-        value = getattr(args, key)
+    for flag, key in FLAGS.items():  # the flags the config's declarations name, each setting one key
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None:
+            section, name = key.split(".")
             overrides[section][name] = str(value) if isinstance(value, Path) else value
     if args.table or args.dataset:
         overrides["data"].update(table=str(args.table) if args.table else None, dataset=args.dataset,
@@ -264,8 +259,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["data"]["columns"] = _columns(args.column)
     if args.findings:
         overrides["data"]["findings"] = _findings(args)
-    if args.init_from:
-        overrides["model"]["init_from"] = str(args.init_from)
     _want_folder(args.out, "--out")
     config = load_config(args.config, overrides, args.set)
     train(config, args.out, resume=args.resume, progress=not args.no_progress, tracking=args.mlflow)

@@ -13,29 +13,29 @@ the BatchNorm after it, trains stably at the paper's learning rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import timm
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from torch import nn
 
 from cxrlearn.errors import ConfigError
 from cxrlearn.findings import FINDINGS
+from cxrlearn.settings import Choice, Real, Whole
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "linear": nn.Identity}
+#: The widest head a config or a bundle may ask for.
+MAX_HEAD_UNITS = 65536
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class HeadConfig:
-    units: int = 512
-    activation: str = "relu"
-    dropout: float = 0.0
+    """The head's settings, declared once: a run's config (``model.head``) and a bundle's metadata both read them
+    through this declaration. A wrong value is a ``ValueError`` naming the field."""
 
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"head activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        if self.units < 1 or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"head needs units >= 1 and 0 <= dropout < 1, not {self.units} and {self.dropout}")
+    units: Whole = Field(512, ge=1, le=MAX_HEAD_UNITS, description="width of the head's Dense layer")
+    activation: Choice(*ACTIVATIONS) = Field("relu", description="the Dense layer's activation")
+    dropout: Real = Field(0.0, ge=0, lt=1, description="dropout before the last layer")
 
 
 class ChestXrayClassifier(nn.Module):

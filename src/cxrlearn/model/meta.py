@@ -14,19 +14,23 @@ metrics, the library versions, the last evaluation) are kept as written: nothing
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
+from cxrlearn.settings import first_problem
 
 META = "model.json"
-#: The widest head and the most findings a bundle may describe (the config's own limit; 10^9 units would take
-#: gigabytes before any check).
-MAX_HEAD_UNITS, MAX_FINDINGS = 65536, 1000
+#: The most findings a bundle may describe (the head's width is bounded by its declaration,
+#: :class:`cxrlearn.model.classifier.HeadConfig`: 10^9 units would take gigabytes before any check).
+MAX_FINDINGS = 1000
 #: The input check's arrays (:mod:`cxrlearn.model.input_check`), beside ``model.json``.
 INPUT_CHECK_FILE = "input_check.safetensors"
 #: The layout this cxrlearn writes, and those it reads.
@@ -114,17 +118,15 @@ class BundleMeta:
         check = _Checker(path)
         check.that(isinstance(raw["backbone"], str) and raw["backbone"], "backbone", "a timm model name", raw["backbone"])
         head = raw["head"]
-        check.that(isinstance(head, dict) and set(head) == {"units", "activation", "dropout"}, "head",
-                   "an object with units, activation and dropout", head)
-        check.that(_whole(head["units"]) and 1 <= head["units"] <= MAX_HEAD_UNITS, "head.units",
-                   f"a whole number from 1 to {MAX_HEAD_UNITS}", head["units"])
-        check.that(isinstance(head["activation"], str), "head.activation", "a name", head["activation"])
-        check.that(_number(head["dropout"]) and 0 <= head["dropout"] < 1, "head.dropout", "a number in [0, 1)",
-                   head["dropout"])
+        check.that(isinstance(head, dict), "head", "an object with units, activation and dropout", head)
+        try:
+            head_config = TypeAdapter(HeadConfig).validate_python(head)
+        except ValidationError as err:
+            problem = first_problem(HeadConfig, err, head)
+            raise ConfigError(dataclasses.replace(problem, key=f"head.{problem.key}").text(str(path), True)) from None
         check.that(_whole(raw["in_chans"]) and raw["in_chans"] in (1, 3), "in_chans", "1 or 3", raw["in_chans"])
         try:
             preprocessing = Preprocessing.from_dict(raw["preprocessing"])
-            head_config = HeadConfig(**head)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
         if preprocessing.channels != raw["in_chans"]:

@@ -22,7 +22,6 @@ timing on the machine at hand.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -205,13 +204,13 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
     device = resolve_device("cpu" if train.accelerator == "cpu" else "auto")
     precision = resolve_precision(train.precision, train.accelerator)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    batch, size = int(data.batch_size), int(data.image_size)
+    batch, size = data.batch_size, data.image_size
     if device == "cpu":
         batch = min(batch, 16)  # a CPU's rate hardly depends on the batch; keep the probe short
     model = ChestXrayClassifier(model_cfg.backbone, model_cfg.head,
-                                in_chans=int(data.channels)).to(device).train()
+                                in_chans=data.channels).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, int(data.channels), size, size, device=device)
+    x = torch.randn(batch, data.channels, size, size, device=device)
     y = torch.zeros(batch, len(FINDINGS), device=device)
 
     def step():
@@ -234,7 +233,7 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
     epoch = n_train / rate + n_val / (3 * rate)
     after = (n_val + n_test + min(n_train, MAX_FIT_IMAGES) + min(n_val, MAX_FIT_IMAGES)) / (3 * rate)
     return {"device": device, "precision": precision, "images_per_second": round(rate, 1),
-            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * int(train.epochs) + after, 1)}
+            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * train.epochs + after, 1)}
 
 
 def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
@@ -262,7 +261,7 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
                 "official": options.official, "sets": list(options.sets)}
     planned = load_config(recipe.config, sets=options.sets)  # before anything is written: a bad --set fails here
     if options.images:  # a wrong backbone or a missing folder is refused before the split, cache and download
-        check_before_work(dataclasses.replace(planned, data=dataclasses.replace(planned.data, images=str(images))))
+        check_before_work(planned.model_copy(update={"data": planned.data.model_copy(update={"images": str(images)})}))
     else:
         backbone_config(planned.model.backbone)
     state = _State(out, settings)
@@ -330,7 +329,7 @@ def _cached_names(cache_dir: Path) -> set[str]:
 
 def _write_split(present, config: RunConfig, split_path: Path, official_list, table_path: Path) -> None:
     data = config.data
-    split_and_save(present, split_path, table_path, ratios=data.ratios, seed=int(data.split_seed),
+    split_and_save(present, split_path, table_path, ratios=data.ratios, seed=data.split_seed,
                    official_test_list=official_list)
     log.info(f"split of the {len(present):,} images present: {split_path}")
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -71,7 +70,8 @@ INPUTS_FILE = "inputs.json"
 def read_run_labels(data: DataConfig) -> pd.DataFrame:
     """The run's label table as its config says (:func:`cxrlearn.data.sources.datasets.read_labels`): a dataset's
     own files, the generic format, or NIH's table."""
-    return read_labels(data.table, data.dataset, data.columns, data.findings, data.uncertain, csv=data.csv)
+    return read_labels(data.table, data.dataset, data.columns.model_dump(), data.findings, data.uncertain,
+                       csv=data.csv)
 
 
 def run_preprocessing(config: RunConfig) -> Preprocessing:
@@ -168,7 +168,7 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
         split = read_split_file(split_path)
     else:
         split, _, _ = split_and_save(present, split_path, table_path, ratios=data.ratios,
-                                     seed=int(data.split_seed))
+                                     seed=data.split_seed)
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     write_atomic(run_dir / INPUTS_FILE, json.dumps({"label_table": fingerprint, "split": file_digest(split_path)},
@@ -232,14 +232,14 @@ def build_model(config: RunConfig, findings: list[str]):
     where they came from."""
     m = config.model
     model = ChestXrayClassifier(
-        m.backbone, m.head, num_findings=len(findings), in_chans=int(config.data.channels),
-        drop_path_rate=float(m.drop_path_rate),
+        m.backbone, m.head, num_findings=len(findings), in_chans=config.data.channels,
+        drop_path_rate=m.drop_path_rate,
     )
     if m.init_from:
         source = init_from_bundle(model, findings, m.init_from)
     else:
         source = load_backbone_weights(
-            model.backbone, m.backbone, m.weights, use_hub=bool(m.hub), in_chans=int(config.data.channels)
+            model.backbone, m.backbone, m.weights, use_hub=m.hub, in_chans=config.data.channels
         )
     log.info(f"backbone {m.backbone}: weights from {source.kind} ({source.detail})")
     return model, source
@@ -431,28 +431,28 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
     check_tracking(tracking)
     last = _open_run_dir(config, run_dir, resume)
     started = time.time()
-    L.seed_everything(int(config.train.seed), workers=True, verbose=False)
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
 
     table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
     data = config.data
     preprocessing = run_preprocessing(config)
     findings = finding_columns(table)
     datamodule = ChestXrayDataModule(
-        cache_dir, table, split, preprocessing, findings=findings, batch_size=int(data.batch_size),
-        num_workers=resolve_workers(data.num_workers), seed=int(config.train.seed), fingerprint=fingerprint,
+        cache_dir, table, split, preprocessing, findings=findings, batch_size=data.batch_size,
+        num_workers=resolve_workers(data.num_workers), seed=config.train.seed, fingerprint=fingerprint,
     )
     datamodule.setup("fit")
 
     model, weights_source = build_model(config, findings)
-    loss_cfg = asdict(config.loss)
+    loss_cfg = config.loss.model_dump()
     pos_weight = None
     if loss_cfg.pop("pos_weight"):
         pos_weight = positive_weights(torch.from_numpy(datamodule.datasets["train"].labels))
     module = ChestXrayModule(
         model, MultiLabelLoss(pos_weight=pos_weight, **loss_cfg), config.optim, findings,
-        seed=int(config.train.seed), freeze_bn=bool(config.model.freeze_bn),
-        channels_last=bool(config.train.channels_last),
-        tta=bool(config.train.tta),
+        seed=config.train.seed, freeze_bn=config.model.freeze_bn,
+        channels_last=config.train.channels_last,
+        tta=config.train.tta,
         trainable_blocks=config.model.trainable_blocks,
     )
     checkpoint = ModelCheckpoint(
@@ -465,8 +465,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
                              enable_version_counter=False)
     interrupted = KeepInterruptedEpoch(last)
     callbacks = [checkpoint, latest, interrupted, LearningRateMonitor(logging_interval="epoch")]
-    if int(config.train.early_stopping_patience) > 0:
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=int(config.train.early_stopping_patience)))
+    if config.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience))
     tracker = _mlflow_logger(tracking, config, run_dir, resume) if tracking else None
     trainer = _trainer(config, run_dir, callbacks, progress, resume, tracker)
     try:
@@ -482,7 +482,7 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    metrics = summarise(model, datamodule, bool(config.train.tta), findings)
+    metrics = summarise(model, datamodule, config.train.tta, findings)
     metrics["best_checkpoint"] = Path(best).name
     metrics["epochs_run"] = trainer.current_epoch
     metrics["seconds"] = round(time.time() - started, 1)
