@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from skimage import color, data as samples
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import attach_images, colour_spread, load_grayscale
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.model.input_check import FILE, UNAVAILABLE, cheap_reasons
+from cxrlearn.model.input_check import FILE, UNAVAILABLE, Reason, cheap_reasons
 
 #: scikit-image's sample pictures shipped in its wheel: photographs, micrographs, text, textures; none an X-ray.
 PHOTOS = ["camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "clock", "grass",
@@ -105,6 +106,12 @@ def test_cheap_checks_name_their_reason(sample_images):
     assert "no large-scale structure" in cheap_reasons(samples.gravel())
     assert "saturated" in cheap_reasons(np.where(xray > 128, 255, 0).astype(np.uint8))
     assert "colour" in cheap_reasons(xray, colour=40.0)
+    # Each reason's kind is a value of its own, not prose to parse; pickled (to a worker process) it stays one.
+    kinds = {cheap_reasons(ramp).kind, cheap_reasons(xray[:100]).kind, cheap_reasons(xray, colour=40.0).kind,
+             cheap_reasons(np.full((256, 256), 128, np.uint8)).kind, cheap_reasons(samples.gravel()).kind}
+    assert kinds == {Reason.ENLARGED, Reason.NON_SQUARE, Reason.COLOUR, Reason.CONSTANT, Reason.TEXTURE}
+    again = pickle.loads(pickle.dumps(cheap_reasons(xray[:100])))
+    assert again.kind is Reason.NON_SQUARE and again == cheap_reasons(xray[:100])
     buffer = io.BytesIO()
     Image.fromarray(samples.astronaut()).save(buffer, format="PNG")
     assert colour_spread(buffer.getvalue()) > 30

@@ -29,7 +29,7 @@ from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirro
 from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 from cxrlearn.model.device import resolve_device
-from cxrlearn.model.input_check import UNAVAILABLE, InputCheck, Verdict, cheap_reasons
+from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import INPUT_CHECK_FILE
 
 
@@ -187,7 +187,7 @@ class Predictor:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
         return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
-    def _logits_and_verdicts(self, batch: np.ndarray, cheap: list[str | None]) -> tuple[np.ndarray, list[Verdict]]:
+    def _logits_and_verdicts(self, batch: np.ndarray, cheap: list[Flag | None]) -> tuple[np.ndarray, list[Verdict]]:
         features, logits = self._features_and_logits(batch)
         if self.tta:
             logits = average_with_mirror(logits, self._forward(mirror(batch)))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +81,45 @@ TURNS = {
 }
 
 
+class Reason(str, Enum):
+    """The kinds of reason an input is flagged for: what code counts and compares (``metrics.json``'s
+    ``input_check.reasons`` is keyed by these values), where :class:`Flag` is what a person reads."""
+
+    SMALL = "far below the training resolution"
+    NON_SQUARE = "strongly non-square"
+    COLOUR = "a colour image"
+    CONSTANT = "near-constant"
+    TEXTURE = "no large-scale structure, as in a texture"
+    SATURATED = "saturated"
+    ENLARGED = "enlarged from a small image"
+    ROTATED_CLOCKWISE = "looks rotated 90° clockwise"
+    ROTATED_180 = "looks rotated by 180°"
+    ROTATED_ANTICLOCKWISE = "looks rotated 90° anticlockwise"
+    UPSIDE_DOWN = "looks upside down"
+    INVERTED = "looks inverted (a negative)"
+    NO_ORIENTATION = "unlike a chest X-ray in any orientation"
+    UNLIKE_TRAINING = "unlike the training images"
+
+
+class Flag(str):
+    """Why an input was flagged: the text a person reads (a ``str``, as before), with its :class:`Reason`."""
+
+    kind: Reason
+
+    def __new__(cls, kind: Reason, detail: str = "") -> Flag:
+        flag = super().__new__(cls, kind.value + detail)
+        flag.kind = kind
+        return flag
+
+    def __reduce__(self):  # pickles (to loader or decoder processes) as its kind and detail
+        return Flag, (self.kind, str(self)[len(self.kind.value):])
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One input's check: ``ok`` or ``warning: <reason>``, and its feature score (None where not computed)."""
 
-    reason: str | None
+    reason: Flag | None
     score: float | None
 
     @property
@@ -99,7 +134,7 @@ class Verdict:
 UNAVAILABLE = "unavailable: this bundle has no input check (made before cxrlearn learned one)"
 
 
-def cheap_reasons(decoded: np.ndarray, colour: float = 0.0, input_size: int | None = None) -> str | None:
+def cheap_reasons(decoded: np.ndarray, colour: float = 0.0, input_size: int | None = None) -> Flag | None:
     """The first reason a decoded 8-bit grayscale image is not a chest X-ray, from its pixels alone, or None.
 
     ``colour``: the source's mean absolute difference between colour channels (0 for a gray file).
@@ -108,21 +143,21 @@ def cheap_reasons(decoded: np.ndarray, colour: float = 0.0, input_size: int | No
     """
     height, width = decoded.shape[-2:]
     if input_size is not None and min(height, width) < input_size / 2:
-        return (f"far below the training resolution ({width}×{height} px; the model takes {input_size} px, and "
-                "details it learned from are not there)")
+        return Flag(Reason.SMALL, f" ({width}×{height} px; the model takes {input_size} px, and details it learned "
+                                  "from are not there)")
     if max(height, width) > MAX_ASPECT * min(height, width):
-        return f"strongly non-square ({width}×{height} px)"
+        return Flag(Reason.NON_SQUARE, f" ({width}×{height} px)")
     if colour > MAX_COLOUR:
-        return f"a colour image (channels differ by {colour:.0f} grey levels on average)"
+        return Flag(Reason.COLOUR, f" (channels differ by {colour:.0f} grey levels on average)")
     pixels = np.asarray(decoded, dtype=np.float32)
     if pixels.std() < MIN_STD:
-        return f"near-constant (grey-level spread {pixels.std():.1f})"
+        return Flag(Reason.CONSTANT, f" (grey-level spread {pixels.std():.1f})")
     coarse = float(layout(decoded[None]).std())
     if coarse < MIN_LAYOUT_STD:
-        return f"no large-scale structure, as in a texture (8×8 grey-level spread {coarse:.1f})"
+        return Flag(Reason.TEXTURE, f" (8×8 grey-level spread {coarse:.1f})")
     saturated = float(np.mean((decoded == 0) | (decoded == 255)))
     if saturated > MAX_SATURATED:
-        return f"saturated ({saturated:.0%} of pixels at black or white)"
+        return Flag(Reason.SATURATED, f" ({saturated:.0%} of pixels at black or white)")
     if min(height, width) >= DETAIL_SIDE and (input_size is None or input_size >= DETAIL_SIDE / 2):
         return upscaled_reason(decoded)
     return None
@@ -135,7 +170,7 @@ def _detail_lost(view: np.ndarray, factor: int) -> float:
     return float(np.mean(np.abs(np.asarray(small.resize(image.size, Image.Resampling.BICUBIC), np.float32) - view)))
 
 
-def upscaled_reason(decoded: np.ndarray) -> str | None:
+def upscaled_reason(decoded: np.ndarray) -> Flag | None:
     """Whether an image of at least :data:`DETAIL_SIDE` px is an enlarged thumbnail: its pixels repeat in blocks,
     or a :data:`DETAIL_SIDE` px view of it has almost no detail finer than a quarter of its side."""
     view = np.asarray(Image.fromarray(decoded).resize((DETAIL_SIDE, DETAIL_SIDE), Image.Resampling.BOX))
@@ -143,8 +178,8 @@ def upscaled_reason(decoded: np.ndarray) -> str | None:
     equal = (float(np.mean(wide[:, 1:] == wide[:, :-1])) + float(np.mean(wide[1:] == wide[:-1]))) / 2
     fine = _detail_lost(view, 4)
     if equal > MAX_EQUAL_NEIGHBOURS or fine < MIN_FINE_DETAIL or fine < MIN_FINE_SHARE * _detail_lost(view, 16):
-        return ("enlarged from a small image (it has almost no detail finer than "
-                f"{DETAIL_SIDE // 4} px across): far below the training resolution")
+        return Flag(Reason.ENLARGED, f" (it has almost no detail finer than {DETAIL_SIDE // 4} px across): far below "
+                                     "the training resolution")
     return None
 
 
@@ -204,7 +239,7 @@ class InputCheck:
                    arrays["feature_precision"], float(threshold), fitted)
 
     # ---- judging ------------------------------------------------------------------------------------
-    def turned_reasons(self, model_pixels: np.ndarray) -> list[str | None]:
+    def turned_reasons(self, model_pixels: np.ndarray) -> list[Flag | None]:
         """Per image: the turn (or inversion) under which it fits the training layout better than as it is."""
         own = _distance(layout(model_pixels), self.layout_mean, self.layout_precision)
         best = np.full(len(own), np.inf)
@@ -215,16 +250,16 @@ class InputCheck:
                 best[i], turns[i] = turned[i], reason
         usual = float(self.fitted.get("layout_threshold") or np.inf)
         return [None if turn is None
-                else f"looks {turn}: it fits the training images better put right"
+                else Flag(Reason(f"looks {turn}"), ": it fits the training images better put right")
                 if best[i] <= usual and best[i] <= TURN_MARGIN * own[i]
-                else "unlike a chest X-ray in any orientation (its layout fits none)"
+                else Flag(Reason.NO_ORIENTATION, " (its layout fits none)")
                 for i, turn in enumerate(turns)]
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Feature distance over the threshold: above 1 is unlike the training images."""
         return _distance(features, self.feature_mean, self.feature_precision) / self.threshold
 
-    def judge(self, model_pixels: np.ndarray, features: np.ndarray | None, cheap: list[str | None] | None = None
+    def judge(self, model_pixels: np.ndarray, features: np.ndarray | None, cheap: list[Flag | None] | None = None
               ) -> list[Verdict]:
         """Verdicts for (N, S, S) uint8 network inputs and their (N, D) pooled features (None where the runtime
         gives none, as an ONNX file exported before they were an output: the other checks only)."""
@@ -234,7 +269,7 @@ class InputCheck:
         verdicts = []
         for first, turn, score in zip(cheap, turned, scores):
             unusual = score is not None and score > 1
-            reason = first or turn or (f"unlike the training images (feature distance {score:.1f}× the threshold)"
+            reason = first or turn or (Flag(Reason.UNLIKE_TRAINING, f" (feature distance {score:.1f}× the threshold)")
                                        if unusual else None)
             verdicts.append(Verdict(reason, None if score is None else round(float(score), 4)))
         return verdicts

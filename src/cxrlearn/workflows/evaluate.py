@@ -242,8 +242,7 @@ def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndar
     reasons: dict[str, int] = {}
     for v in verdicts:
         if v.reason:
-            kind = v.reason.split(":")[0].split(" (")[0]
-            reasons[kind] = reasons.get(kind, 0) + 1
+            reasons[v.reason.kind.value] = reasons.get(v.reason.kind.value, 0) + 1
     kept = auc_per_finding(labels[~flagged], probs[~flagged], findings).mean_auc if (~flagged).any() else None
     return {"available": True, "flagged": int(flagged.sum()), "judged": len(verdicts), "reasons": reasons,
             "mean_auc_all": mean_auc, "mean_auc_unflagged": kept,
