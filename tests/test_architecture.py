@@ -13,7 +13,7 @@ PACKAGE = Path(cxrlearn.__file__).parent
 #: Lowest first. A module may import its own layer and the layers listed before it.
 LAYERS = [
     ("core", ["cxrlearn", "cxrlearn.findings", "cxrlearn.errors", "cxrlearn.defaults", "cxrlearn._files",
-              "cxrlearn.configs", "cxrlearn.settings"]),
+              "cxrlearn.configs", "cxrlearn.settings", "cxrlearn.records"]),
     # data, from its lowest part up: the table's columns; decoding files; what an image becomes; the
     # datasets' own files; the split and statistics; the training pipeline; the package's own names.
     ("data.columns", ["cxrlearn.data.columns"]),

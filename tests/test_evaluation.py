@@ -4,6 +4,7 @@ on val and stored, calibration, subgroups and expert labels, on a model trained 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,8 @@ from cxrlearn.data.sources.expert_labels import read_expert_labels
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import bootstrap_aucs, weighted_auc
 from cxrlearn.evaluation.calibration import fit_temperature, reliability
-from cxrlearn.evaluation.metrics import EvaluationMetrics, finding_metrics
+from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.evaluation.operating_points import choose_threshold, confusion
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.bundle import read_meta
@@ -77,15 +79,15 @@ def test_threshold_rules_are_optimal_over_every_candidate():
     scores = rng.random(300) + 0.3 * labels
     candidates = np.unique(scores)
     points = [confusion(labels, scores, t) for t in candidates]
-    youden = [p["sensitivity"] + p["specificity"] - 1 for p in points]
-    f1 = [2 * p["tp"] / (2 * p["tp"] + p["fp"] + p["fn"]) for p in points]
+    youden = [p.sensitivity + p.specificity - 1 for p in points]
+    f1 = [2 * p.tp / (2 * p.tp + p.fp + p.fn) for p in points]
     chosen = confusion(labels, scores, choose_threshold(labels, scores, "youden"))
-    assert chosen["sensitivity"] + chosen["specificity"] - 1 == pytest.approx(max(youden))
+    assert chosen.sensitivity + chosen.specificity - 1 == pytest.approx(max(youden))
     chosen = confusion(labels, scores, choose_threshold(labels, scores, "f1"))
-    assert 2 * chosen["tp"] / (2 * chosen["tp"] + chosen["fp"] + chosen["fn"]) == pytest.approx(max(f1))
+    assert 2 * chosen.tp / (2 * chosen.tp + chosen.fp + chosen.fn) == pytest.approx(max(f1))
     spec90 = confusion(labels, scores, choose_threshold(labels, scores, "spec90"))
-    assert spec90["specificity"] >= 0.9
-    assert spec90["sensitivity"] == max(p["sensitivity"] for p in points if p["specificity"] >= 0.9)
+    assert spec90.specificity >= 0.9
+    assert spec90.sensitivity == max(p.sensitivity for p in points if p.specificity >= 0.9)
 
 
 def test_temperature_scaling_recovers_a_known_temperature_and_keeps_auc():
@@ -96,8 +98,8 @@ def test_temperature_scaling_recovers_a_known_temperature_and_keeps_auc():
     t = fit_temperature(overconfident, labels)
     assert t == pytest.approx(2.5, rel=0.05)
     assert roc_auc_score(labels, overconfident / t) == pytest.approx(roc_auc_score(labels, overconfident))
-    before = reliability(labels, 1 / (1 + np.exp(-overconfident)))["ece"]
-    after = reliability(labels, 1 / (1 + np.exp(-overconfident / t)))["ece"]
+    before = reliability(labels, 1 / (1 + np.exp(-overconfident))).ece
+    after = reliability(labels, 1 / (1 + np.exp(-overconfident / t))).ece
     assert after < 0.02 < before
 
 
@@ -105,8 +107,8 @@ def test_expected_calibration_error_on_a_hand_worked_example():
     # Bin [0.1, 0.2): 2 images at 0.15, one positive -> gap |0.15 - 0.5| = 0.35.
     # Bin [0.9, 1.0]: 2 images at 0.95, both positive -> gap 0.05. ECE = (2*0.35 + 2*0.05) / 4 = 0.2.
     result = reliability(np.array([0, 1, 1, 1]), np.array([0.15, 0.15, 0.95, 0.95]))
-    assert result["ece"] == pytest.approx(0.2)
-    assert result["count"][1] == 2 and result["count"][9] == 2 and sum(result["count"]) == 4
+    assert result.ece == pytest.approx(0.2)
+    assert result.count[1] == 2 and result.count[9] == 2 and sum(result.count) == 4
 
 
 def test_bootstrap_benchmark_scale_runs_in_one_pass():
@@ -178,8 +180,8 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
     val = predictions[predictions["split"] == "val"]
     judged = predictions[predictions["split"] == "test"]
     assert meta.threshold_method == "youden" and meta.tta is True
-    assert meta.temperature == metrics.calibration["temperature"]
-    assert meta.operating_points == metrics.operating_points["thresholds"]
+    assert meta.temperature == metrics.calibration.temperature
+    assert meta.operating_points == metrics.operating_points.thresholds
     for name in FINDINGS:
         y, p = val[f"label_{name}"].to_numpy(), val[name].to_numpy()
         stored = meta.thresholds[name]
@@ -189,27 +191,27 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
         # Youden's J from scikit-learn's ROC curve on the val predictions alone.
         fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
         assert stored == thresholds[1:][np.argmax((tpr - fpr)[1:])]
-        applied = metrics.operating_points["test"]["youden"][name]
+        applied = metrics.operating_points.test["youden"][name]
         called = judged[name].to_numpy() >= stored
         positive = judged[f"label_{name}"].to_numpy() == 1
-        assert applied["threshold"] == stored
-        assert (applied["tp"], applied["fp"]) == ((called & positive).sum(), (called & ~positive).sum())
+        assert applied.threshold == stored
+        assert (applied.tp, applied.fp) == ((called & positive).sum(), (called & ~positive).sum())
 
 
 def test_subgroups_on_real_sample_images(evaluated, nih_table):
     _, out, metrics = evaluated
     judged = pd.read_csv(out / "predictions.csv").query("split == 'test'").merge(
         nih_table[["image", "sex", "view"]], on="image")
-    groups = {(g["attribute"], g["group"]): g for g in metrics.subgroups}
+    groups = {(g.attribute, g.group): g for g in metrics.subgroups}
     assert {k for k in groups if k[0] == "sex"} == {("sex", "M"), ("sex", "F")}
     assert {k for k in groups if k[0] == "view"} == {("view", v) for v in set(judged["view"])} <= {("view", "PA"), ("view", "AP")}
     for attribute in ("sex", "age", "view"):
-        assert sum(g["n_images"] for (a, _), g in groups.items() if a == attribute) == metrics.n_images
+        assert sum(g.n_images for (a, _), g in groups.items() if a == attribute) == metrics.n_images
     women = judged[judged["sex"] == "F"]
-    assert groups[("sex", "F")]["n_images"] == len(women)
-    assert groups[("sex", "F")]["n_patients"] == women["patient_id"].nunique()
-    for name in groups[("sex", "F")]["mean_over"]:
-        assert groups[("sex", "F")]["auc"][name] == pytest.approx(roc_auc_score(women[f"label_{name}"], women[name]), abs=1e-9)
+    assert groups[("sex", "F")].n_images == len(women)
+    assert groups[("sex", "F")].n_patients == women["patient_id"].nunique()
+    for name in groups[("sex", "F")].mean_over:
+        assert groups[("sex", "F")].auc[name] == pytest.approx(roc_auc_score(women[f"label_{name}"], women[name]), abs=1e-9)
 
 
 def test_expert_label_table_on_real_sample_images(evaluated, data_dir):
@@ -218,25 +220,25 @@ def test_expert_label_table_on_real_sample_images(evaluated, data_dir):
     predictions = pd.read_csv(out / "predictions.csv")
     judged = predictions[predictions["split"] == "test"].merge(expert, on="image")
     result = metrics.expert
-    assert result["n_images"] == len(judged) > 0
+    assert result.n_images == len(judged) > 0
     y = judged["pneumothorax"]
-    assert result["expert"]["positives"]["Pneumothorax"] == int(y.sum())
+    assert result.expert.positives["Pneumothorax"] == int(y.sum())
     if 0 < y.sum() < len(y):
-        assert result["expert"]["auc"]["Pneumothorax"] == pytest.approx(roc_auc_score(y, judged["Pneumothorax"]), abs=1e-9)
+        assert result.expert.auc["Pneumothorax"] == pytest.approx(roc_auc_score(y, judged["Pneumothorax"]), abs=1e-9)
     nodule_or_mass = np.maximum(judged["Nodule"], judged["Mass"])
     y = judged["nodule_or_mass"]
     if 0 < y.sum() < len(y):
-        assert result["expert"]["auc"]["Nodule or mass"] == pytest.approx(roc_auc_score(y, nodule_or_mass), abs=1e-9)
+        assert result.expert.auc["Nodule or mass"] == pytest.approx(roc_auc_score(y, nodule_or_mass), abs=1e-9)
     nih = np.maximum(judged["label_Nodule"], judged["label_Mass"])
-    assert result["nih"]["positives"]["Nodule or mass"] == int(nih.sum())
+    assert result.nih.positives["Nodule or mass"] == int(nih.sum())
 
 
 def test_tta_comparison_is_reported(evaluated):
     _, _, metrics = evaluated
     t = metrics.tta
-    assert t["difference"] == pytest.approx(t["mean_auc_with_tta"] - t["mean_auc_without_tta"])
-    assert t["verdict"] in ("helps", "hurts", "no difference the bootstrap can tell from chance")
-    assert t["mean_auc_with_tta"] == metrics.mean_auc
+    assert t.difference == pytest.approx(t.mean_auc_with_tta - t.mean_auc_without_tta)
+    assert t.verdict in ("helps", "hurts", "no difference the bootstrap can tell from chance")
+    assert t.mean_auc_with_tta == metrics.mean_auc
 
 
 def test_judging_training_patients_is_refused(trained_run, table_path, sample_images, tmp_path):
@@ -261,7 +263,7 @@ def test_official_test_list_is_judged_and_val_keeps_none_of_its_patients(trained
     listed = nih_table[nih_table["image"].isin(official & present)]
     assert metrics.n_images == len(listed) == 171
     assert metrics.n_patients == listed["patient_id"].nunique()
-    assert metrics.provenance["split"]["official_test"]["file"] == "test_list.txt"
+    assert metrics.provenance.split.official_test.file == "test_list.txt"
     predictions = pd.read_csv(tmp_path / "official" / "predictions.csv")
     val = predictions[predictions["split"] == "val"]
     assert len(val) > 0 and not set(val["patient_id"]) & set(listed["patient_id"])
@@ -324,9 +326,9 @@ def test_evaluate_any_folder_matches_scikit_learn_on_predict_output(evaluated, o
     assert scored == len(metrics.mean_over) >= 10
     # The bundle's thresholds, chosen on the run's val split, applied as they are; the bundle is not rewritten.
     meta = read_meta(run)
-    assert metrics.operating_points["thresholds"] == meta.operating_points
+    assert metrics.operating_points.thresholds == meta.operating_points
     assert "val" not in metrics.operating_points
-    assert metrics.calibration["temperature"] == meta.temperature
+    assert metrics.calibration.temperature == meta.temperature
 
 
 def test_evaluate_any_folder_refuses_training_and_validation_patients(trained_run, table_path, sample_images,
@@ -350,3 +352,33 @@ def test_published_values_are_keyed_by_finding_and_average_to_their_means():
         values = published_auc(source)
         assert list(values) == list(FINDINGS)
         assert abs(np.mean(list(values.values())) - entry["mean"]) < 0.0015, source
+
+
+def test_metrics_json_keeps_its_format_reads_older_files_and_has_a_current_schema(evaluated, tmp_path):
+    """The parts are typed records in code and the same keys on disk; a file of an earlier cxrlearn (without the
+    parts added since) still reads; docs/*.schema.json are generated from the declarations."""
+    _, out, metrics = evaluated
+    saved = json.loads((out / "metrics.json").read_text())
+    assert json.loads(json.dumps(metrics.to_dict())) == saved
+    assert set(saved["operating_points"]) == {"chosen_on", "bundle_method", "thresholds", "undefined", "test", "val"}
+    assert set(saved["calibration"]) >= {"bins", "test", "temperature", "test_uncalibrated"}
+    assert set(saved["input_check"]) == {"available", "flagged", "judged", "reasons", "mean_auc_all",
+                                         "mean_auc_unflagged", "note"}
+    assert isinstance(metrics.operating_points.test["youden"][FINDINGS[0]].tp, int)
+    older = {k: v for k, v in saved.items() if k not in ("input_check", "tta", "expert", "skipped")}
+    (tmp_path / "metrics.json").write_text(json.dumps(older))
+    read = EvaluationMetrics.read(tmp_path / "metrics.json")
+    assert read.tta is None and read.expert is None and not read.input_check.available
+    assert read.operating_points.thresholds == metrics.operating_points.thresholds
+    assert json.loads(json.dumps(read.to_dict())) == {**older, "skipped": {}, "input_check": {}}
+    (tmp_path / "broken.json").write_text(json.dumps({**saved, "operating_points": {"test": 3}}))
+    with pytest.raises(DataError, match="broken.json: not a metrics.json"):
+        EvaluationMetrics.read(tmp_path / "broken.json")
+
+    from cxrlearn.evaluation.results import json_schema as metrics_schema
+    from cxrlearn.model.meta import json_schema as model_schema
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name, schema in (("metrics.schema.json", metrics_schema()), ("model.schema.json", model_schema())):
+        assert json.loads((docs / name).read_text()) == schema, \
+            f"docs/{name} is out of date: python -m cxrlearn.{'evaluation.results' if 'metrics' in name else 'model.meta'} > docs/{name}"

@@ -273,7 +273,7 @@ def test_a_temperature_at_its_bound_is_reported_and_kept_at_one(evaluated):
     # The report says so per finding.
     metrics = copy.deepcopy(evaluated[2])  # the session's fixture stays as it is
     findings = list(metrics.auc)
-    metrics.calibration["temperature_failed"] = {findings[0]: fit.failed["B"]}
+    metrics.calibration.temperature_failed = {findings[0]: fit.failed["B"]}
     text = render_markdown(build_blocks(metrics, findings))
     assert f"Temperature scaling failed for {findings[0]}: the fitted temperature reached the bound" in text
 

@@ -158,6 +158,6 @@ def test_a_bundle_without_a_check_still_predicts_and_says_so(trained_run, tmp_pa
 def test_evaluation_counts_flagged_images_and_gives_auc_without_them(evaluated):
     metrics = evaluated[2]
     check = metrics.input_check
-    assert check["available"] and check["judged"] == metrics.n_images
-    assert check["flagged"] <= 0.05 * check["judged"] and check["mean_auc_all"] == metrics.mean_auc
-    assert check["mean_auc_unflagged"] is not None and abs(check["mean_auc_unflagged"] - metrics.mean_auc) < 0.05
+    assert check.available and check.judged == metrics.n_images
+    assert check.flagged <= 0.05 * check.judged and check.mean_auc_all == metrics.mean_auc
+    assert check.mean_auc_unflagged is not None and abs(check.mean_auc_unflagged - metrics.mean_auc) < 0.05

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import attach_images
-from cxrlearn.evaluation.metrics import EvaluationMetrics, finding_metrics
+from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.model.bundle import read_meta
 from cxrlearn.training.config import load_config
 from cxrlearn.training.losses import MultiLabelLoss
@@ -165,15 +166,15 @@ def test_a_model_is_judged_on_another_tables_shared_findings(trained_run, own_ta
     assert "Not judged: " in (tmp_path / "external" / "report.md").read_text()
     assert json.loads((tmp_path / "external" / "metrics.json").read_text())["skipped"]["Hernia"]
     # A merged table's evaluation is also given dataset by dataset, each on its own images.
-    by_dataset = {g["group"]: g for g in metrics.subgroups if g["attribute"] == "dataset"}
+    by_dataset = {g.group: g for g in metrics.subgroups if g.attribute == "dataset"}
     assert set(by_dataset) == {"site-a", "site-b"}
-    assert sum(g["n_images"] for g in by_dataset.values()) == metrics.n_images
+    assert sum(g.n_images for g in by_dataset.values()) == metrics.n_images
     judged = pd.read_csv(tmp_path / "external" / "predictions.csv", dtype={"image": str}).query("split == 'test'")
     judged = judged.merge(table[["file", "dataset"]], left_on="image", right_on="file")
     site = judged[judged["dataset"] == "site-b"]
-    assert by_dataset["site-b"]["n_images"] == len(site)
-    for name in by_dataset["site-b"]["mean_over"]:
+    assert by_dataset["site-b"].n_images == len(site)
+    for name in by_dataset["site-b"].mean_over:
         known = site[f"label_{name}"].notna()
-        assert by_dataset["site-b"]["auc"][name] == pytest.approx(
+        assert by_dataset["site-b"].auc[name] == pytest.approx(
             roc_auc_score(site.loc[known, f"label_{name}"], site.loc[known, name]), abs=1e-9)
     assert "site-b" in (tmp_path / "external" / "report.md").read_text()

@@ -282,13 +282,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"mean AUC {metrics.mean_auc:.4f} (95% CI {low:.4f}-{high:.4f}) over {len(metrics.mean_over)} findings, "
           f"{metrics.n_images:,} images of {metrics.n_patients:,} patients")
     if metrics.tta is not None:
-        print(f"test-time augmentation: {metrics.tta['difference']:+.4f} mean AUC ({metrics.tta['verdict']})")
+        print(f"test-time augmentation: {metrics.tta.difference:+.4f} mean AUC ({metrics.tta.verdict})")
     check = metrics.input_check
-    if check.get("available"):
-        without = check["mean_auc_unflagged"]
-        print(f"input check: {check['flagged']:,} of {check['judged']:,} judged images flagged"
+    if check.available:
+        without = check.mean_auc_unflagged
+        print(f"input check: {check.flagged:,} of {check.judged:,} judged images flagged"
               + (f"; mean AUC without them {without:.4f}" if without is not None else ""))
-    chosen = "val" in metrics.operating_points and not args.no_bundle_update
+    chosen = metrics.operating_points.val is not None and not args.no_bundle_update
     print(f"wrote {args.out}/report.html, report.md, metrics.json, predictions.csv"
           + (f"; thresholds ({args.threshold_method}) into {args.model}/model.json" if chosen else ""))
     return 0

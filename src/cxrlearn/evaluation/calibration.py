@@ -17,12 +17,36 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from cxrlearn.records import Record
+
 DEFAULT_BINS = 10
 #: Temperatures are searched in [e^-3, e^3]: wide enough for any sane model.
 LOG_T_BOUNDS = (-3.0, 3.0)
 
 
-def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = DEFAULT_BINS) -> dict:
+class Reliability(Record):
+    """One finding's reliability diagram: per equal-width bin, its count, mean probability and observed
+    frequency (None for an empty bin), and the ECE."""
+
+    ece: float
+    bins: int
+    count: list[int]
+    mean_probability: list[float | None]
+    observed_frequency: list[float | None]
+
+
+class Calibration(Record):
+    """``metrics.json``'s ``calibration``: the judged probabilities' reliability per finding (``test``); with
+    temperature scaling, the temperatures, any finding it failed for, and the raw probabilities' reliability."""
+
+    bins: int
+    test: dict[str, Reliability]
+    temperature: dict[str, float] | None = None
+    temperature_failed: dict[str, str] | None = None
+    test_uncalibrated: dict[str, Reliability] | None = None
+
+
+def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = DEFAULT_BINS) -> Reliability:
     """Equal-width bins: per-bin count, mean probability and observed frequency, and the ECE."""
     labels = np.asarray(labels, dtype=np.float64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -33,17 +57,13 @@ def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = DEFAU
         observed = np.bincount(index, labels, minlength=bins) / count
     filled = count > 0
     ece = float((count[filled] * np.abs(mean_p[filled] - observed[filled])).sum() / max(1, len(labels)))
-    return {
-        "ece": ece,
-        "bins": bins,
-        "count": count.tolist(),
-        "mean_probability": [float(v) if ok else None for v, ok in zip(mean_p, filled)],
-        "observed_frequency": [float(v) if ok else None for v, ok in zip(observed, filled)],
-    }
+    return Reliability(ece=ece, bins=bins, count=count.tolist(),
+                       mean_probability=[float(v) if ok else None for v, ok in zip(mean_p, filled)],
+                       observed_frequency=[float(v) if ok else None for v, ok in zip(observed, filled)])
 
 
 def calibration_per_finding(labels: np.ndarray, probabilities: np.ndarray, findings: Sequence[str],
-                            bins: int = DEFAULT_BINS) -> dict:
+                            bins: int = DEFAULT_BINS) -> dict[str, Reliability]:
     known = ~np.isnan(np.asarray(labels, dtype=np.float64))
     return {name: reliability(labels[known[:, i], i], probabilities[known[:, i], i], bins)
             for i, name in enumerate(findings)}

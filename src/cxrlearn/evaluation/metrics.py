@@ -6,16 +6,12 @@ lesson: metrics are plain functions, engines get thin adapters).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxrlearn.errors import DataError
 from cxrlearn.evaluation.bootstrap import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -66,38 +62,6 @@ class FindingMetrics(AucSummary):
     n_images: int = 0
     n_patients: int = 0
     bootstrap: dict = field(default_factory=dict)  # unit, resamples, seed, level, method, defined_resamples
-
-
-@dataclass
-class EvaluationMetrics(FindingMetrics):
-    """Everything ``cxrlearn evaluate`` measured (``metrics.json``; the report is rendered from it).
-
-    The per-finding results are this class's own fields; each further part is a record of its own
-    module's making (operating points, calibration, subgroups, expert labels, test-time augmentation,
-    the input check, provenance), kept as that module writes it."""
-
-    subset: str = ""
-    skipped: dict[str, str] = field(default_factory=dict)  # finding -> why it was not judged
-    input_check: dict = field(default_factory=dict)
-    operating_points: dict = field(default_factory=dict)
-    calibration: dict = field(default_factory=dict)
-    subgroups: list[dict] = field(default_factory=list)
-    expert: dict | None = None
-    tta: dict | None = None
-    provenance: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, measured: FindingMetrics, **parts) -> EvaluationMetrics:
-        return cls(**{name: getattr(measured, name) for name in FindingMetrics.__dataclass_fields__}, **parts)
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> EvaluationMetrics:
-        """A ``metrics.json`` written by :meth:`to_dict`; :class:`DataError` naming the file if it is not one."""
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls(**values)
-        except (OSError, ValueError, TypeError) as err:
-            raise DataError(f"{path}: not a metrics.json of cxrlearn evaluate ({err})") from None
 
 
 def auc_per_finding(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> AucSummary:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import DataError
-from cxrlearn.evaluation.metrics import EvaluationMetrics
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.model.bundle import bundle_digest, read_meta
 from cxrlearn.model.meta import BundleMeta
 
@@ -120,8 +120,8 @@ def _performance(meta: BundleMeta, evaluation: EvaluationMetrics | None, finding
     if evaluation.subgroups:
         lines += ["Subgroups (mean AUC):", "", "| attribute | group | images | mean AUC | 95% CI |",
                   "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {g['attribute']} | {g['group']} | {g['n_images']:,} | {_num(g.get('mean_auc'))} | "
-                  f"{_ci(g.get('mean_auc_ci95'))} |" for g in evaluation.subgroups]
+        lines += [f"| {g.attribute} | {g.group} | {g.n_images:,} | {_num(g.mean_auc)} | {_ci(g.mean_auc_ci95)} |"
+                  for g in evaluation.subgroups]
         lines.append("")
     return lines
 
@@ -130,15 +130,15 @@ def _operating_points(meta: BundleMeta, evaluation: EvaluationMetrics | None, fi
     lines = ["## Operating points", ""]
     if not meta.thresholds:
         return lines + ["No thresholds yet: `cxrlearn evaluate --subset test` chooses them on validation images.", ""]
-    table = (evaluation.operating_points.get("test") or {}) if evaluation else {}
+    table = (evaluation.operating_points.test or {}) if evaluation else {}
     method = meta.threshold_method or "youden"
     lines += [f"A finding is called positive at or above its threshold ({method}, chosen on validation images)"
               + ("; sensitivity and specificity on the judged images:" if table else ":"), "",
               "| finding | threshold | sensitivity | specificity |", "| --- | --- | --- | --- |"]
     for f in findings:
-        point = (table.get(method) or {}).get(f) or {}
-        lines.append(f"| {f} | {_num(meta.thresholds.get(f))} | {_num(point.get('sensitivity'))} | "
-                     f"{_num(point.get('specificity'))} |")
+        point = (table.get(method) or {}).get(f)
+        lines.append(f"| {f} | {_num(meta.thresholds.get(f))} | {_num(point and point.sensitivity)} | "
+                     f"{_num(point and point.specificity)} |")
     return lines + [""]
 
 
@@ -153,10 +153,10 @@ def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list
               "the training images' (turned, upside down or inverted films), and the Mahalanobis distance of the "
               f"backbone's features, flagged above the {fitted.get('percentile', 99):g}th percentile of the "
               "validation images'."]
-    check = evaluation.input_check if evaluation else {}
-    if check.get("available"):
-        lines.append(f"On the judged images it flagged {check['flagged']:,} of {check['judged']:,}; mean AUC "
-                     f"{_num(check.get('mean_auc_all'))} with them, {_num(check.get('mean_auc_unflagged'))} without.")
+    check = evaluation.input_check if evaluation else None
+    if check is not None and check.available:
+        lines.append(f"On the judged images it flagged {check.flagged:,} of {check.judged:,}; mean AUC "
+                     f"{_num(check.mean_auc_all)} with them, {_num(check.mean_auc_unflagged)} without.")
     return lines + [""]
 
 

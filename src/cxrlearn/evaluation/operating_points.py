@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxrlearn.evaluation.metrics import undefined_reason
+from cxrlearn.records import Record
 
 METHODS = ("youden", "f1", "spec90")
 DEFAULT_METHOD = "youden"
@@ -49,7 +50,48 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str) -> flo
     raise ValueError(f"unknown operating-point method {method!r} (one of {', '.join(METHODS)})")
 
 
-def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> dict:
+class Confusion(Record):
+    """Calling ``scores >= threshold`` positive: the counts, and the rates (None where a count is 0)."""
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    sensitivity: float | None
+    specificity: float | None
+    ppv: float | None
+    npv: float | None
+
+
+#: ``{method: {finding: threshold or None}}``.
+Thresholds = dict[str, dict[str, float | None]]
+#: ``{method: {finding: Confusion at its threshold, or None}}``.
+Table = dict[str, dict[str, Confusion | None]]
+
+
+class Chosen(Record):
+    """Thresholds chosen on validation images by every rule, and why a finding has none."""
+
+    thresholds: Thresholds
+    undefined: dict[str, str]
+
+
+class OperatingPoints(Record):
+    """``metrics.json``'s ``operating_points``: thresholds chosen on ``chosen_on`` (or the bundle's), applied to
+    the judged images (``test``) and to the val images they were chosen on (``val``); or why there are none
+    (``unavailable``)."""
+
+    chosen_on: str | None = None
+    bundle_method: str | None = None
+    thresholds: Thresholds | None = None
+    undefined: dict[str, str] | None = None
+    test: Table | None = None
+    val: Table | None = None
+    unavailable: str | None = None
+
+
+def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> Chosen:
     """``{method: {finding: threshold or None}}`` and the reasons for the Nones."""
     out: dict = {method: {} for method in METHODS}
     undefined = {}
@@ -60,27 +102,25 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence
             out[method][name] = None if reason else choose_threshold(labels[known, i], scores[known, i], method)
         if reason:
             undefined[name] = f"{reason} in validation"
-    return {"thresholds": out, "undefined": undefined}
+    return Chosen(thresholds=out, undefined=undefined)
 
 
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
     """Counts and sensitivity, specificity, PPV and NPV of calling ``scores >= threshold`` positive."""
     labels = np.asarray(labels).astype(bool)
     called = np.asarray(scores) >= threshold
     tp, fp = int((called & labels).sum()), int((called & ~labels).sum())
     fn, tn = int((~called & labels).sum()), int((~called & ~labels).sum())
-    return {
-        "threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
-        "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
-    }
+    return Confusion(threshold=float(threshold), tp=tp, fp=fp, tn=tn, fn=fn, sensitivity=_ratio(tp, tp + fn),
+                     specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp), npv=_ratio(tn, tn + fn))
 
 
-def operating_point_table(labels: np.ndarray, scores: np.ndarray, thresholds: dict, findings: Sequence[str]) -> dict:
+def operating_point_table(labels: np.ndarray, scores: np.ndarray, thresholds: Thresholds, findings: Sequence[str]
+                          ) -> Table:
     """``{method: {finding: confusion at its threshold, or None}}`` on these images (each finding on the
     images whose label of it is known)."""
     known = ~np.isnan(np.asarray(labels, dtype=np.float64))

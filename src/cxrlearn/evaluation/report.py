@@ -17,9 +17,11 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from cxrlearn._files import write_atomic
-from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics
+from cxrlearn.evaluation.calibration import Reliability
+from cxrlearn.evaluation.metrics import FindingMetrics
 from cxrlearn.evaluation.operating_points import METHODS
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.findings import FINDINGS
 
 ROC_FIGURE = "roc_curves.png"
@@ -67,10 +69,9 @@ def build_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tu
 
 def _summary_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tuple[str, object]]:
     """The title, what was judged, and the mean AUC."""
-    prov = metrics.provenance
-    bundle = prov["bundle"]
+    bundle = metrics.provenance.bundle
     blocks: list[tuple[str, object]] = [
-        ("h1", f"cxrlearn evaluation: {bundle['backbone']} at {bundle['preprocessing']['input_size']} px"),
+        ("h1", f"cxrlearn evaluation: {bundle.backbone} at {bundle.preprocessing['input_size']} px"),
         ("p", f"Judged on {metrics.subset}: {metrics.n_images:,} images of {metrics.n_patients:,} patients. "
               f"Mean AUC-ROC {_num(metrics.mean_auc)} (95% CI {_ci(metrics.mean_auc_ci95)}) over "
               f"{len(metrics.mean_over)} of {len(findings)} findings."),
@@ -125,24 +126,23 @@ def _operating_point_blocks(metrics: EvaluationMetrics, findings: Sequence[str])
     """The bundle's thresholds applied to the judged images, and every rule's."""
     blocks: list[tuple[str, object]] = []
     op = metrics.operating_points
-    if "unavailable" in op:
-        blocks += [("h2", "Operating points"), ("p", op["unavailable"])]
+    if op.unavailable:
+        blocks += [("h2", "Operating points"), ("p", op.unavailable)]
     else:
-        method = op["bundle_method"]
-        test_points = op["test"][method]
+        method = op.bundle_method
         rows = [
-            [name, _num(op["thresholds"][method][name])]
-            + ([_pct(p["sensitivity"]), _pct(p["specificity"]), _pct(p["ppv"]), _pct(p["npv"])] if p else ["—"] * 4)
-            for name, p in test_points.items()
+            [name, _num(op.thresholds[method][name])]
+            + ([_pct(p.sensitivity), _pct(p.specificity), _pct(p.ppv), _pct(p.npv)] if p else ["—"] * 4)
+            for name, p in op.test[method].items()
         ]
         blocks += [
             ("h2", "Operating points"),
-            ("p", f"Thresholds chosen on {op['chosen_on']} by {METHOD_NAMES[method]} (stored in the model bundle, "
+            ("p", f"Thresholds chosen on {op.chosen_on} by {METHOD_NAMES[method]} (stored in the model bundle, "
                   f"used by predict), applied to the judged images:"),
             ("table", Table(["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV"], rows)),
             ("p", "Thresholds of every rule (all in metrics.json with their confusion counts):"),
             ("table", Table(["finding"] + [METHOD_NAMES[m] for m in METHODS],
-                            [[name] + [_num(op["thresholds"][m][name]) for m in METHODS] for name in findings])),
+                            [[name] + [_num(op.thresholds[m][name]) for m in METHODS] for name in findings])),
         ]
     return blocks
 
@@ -151,19 +151,18 @@ def _calibration_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> 
     """ECE per finding, with and without temperature scaling."""
     blocks: list[tuple[str, object]] = []
     cal = metrics.calibration
-    header = ["finding", "ECE"]
-    if "temperature" in cal:
-        header = ["finding", "ECE (temperature-scaled)", "ECE (raw)", "temperature"]
+    scaled = cal.temperature is not None
+    header = ["finding", "ECE (temperature-scaled)", "ECE (raw)", "temperature"] if scaled else ["finding", "ECE"]
     rows = []
     for name in findings:
-        row = [name, _num(cal["test"][name]["ece"])]
-        if "temperature" in cal:
-            row += [_num(cal["test_uncalibrated"][name]["ece"]), _num(cal["temperature"][name], 2)]
+        row = [name, _num(cal.test[name].ece)]
+        if scaled:
+            row += [_num(cal.test_uncalibrated[name].ece), _num(cal.temperature[name], 2)]
         rows.append(row)
-    failed = cal.get("temperature_failed") or {}
+    failed = cal.temperature_failed or {}
     blocks += [
         ("h2", "Calibration"),
-        ("p", f"Expected calibration error over {cal['bins']} equal-width bins of predicted probability."),
+        ("p", f"Expected calibration error over {cal.bins} equal-width bins of predicted probability."),
         ("table", Table(header, rows)),
         *[("p", f"Temperature scaling failed for {name}: {why}.") for name, why in failed.items()],
         ("img", (RELIABILITY_FIGURE, "Reliability diagram of each finding")),
@@ -178,8 +177,8 @@ def _subgroup_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
         ("h2", "Subgroups"),
         ("p", "Mean AUC by sex, age band and view position (each over the findings defined in that group)."),
         ("table", Table(["attribute", "group", "images", "patients", "mean AUC", "95% CI", "findings scored"],
-                        [[g["attribute"], g["group"], f"{g['n_images']:,}", f"{g['n_patients']:,}",
-                          _num(g["mean_auc"]), _ci(g["mean_auc_ci95"]), str(len(g["mean_over"]))]
+                        [[g.attribute, g.group, f"{g.n_images:,}", f"{g.n_patients:,}", _num(g.mean_auc),
+                          _ci(g.mean_auc_ci95), str(len(g.mean_over))]
                          for g in metrics.subgroups])),
     ]
     return blocks
@@ -191,19 +190,19 @@ def _expert_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
     if metrics.expert is not None:
         expert = metrics.expert
         blocks.append(("h2", "Against radiologists' labels (Google 2019)"))
-        if expert["n_images"] == 0:
-            blocks.append(("p", expert["note"] + "."))
+        if expert.n_images == 0:
+            blocks.append(("p", expert.note + "."))
         else:
+            radiologists, nih = expert.expert, expert.nih
             rows = [
-                [name, f"{expert['expert']['positives'][name]}", _num(expert["expert"]["auc"][name]),
-                 _ci_marked(expert["expert"]["auc_ci95"][name], expert["expert"]["positives"][name]),
-                 f"{expert['nih']['positives'][name]}", _num(expert["nih"]["auc"][name]),
-                 _ci_marked(expert["nih"]["auc_ci95"][name], expert["nih"]["positives"][name]),
-                 _pct(expert["agreement"][name])]
-                for name in expert["expert"]["auc"]
+                [name, f"{radiologists.positives[name]}", _num(radiologists.auc[name]),
+                 _ci_marked(radiologists.auc_ci95[name], radiologists.positives[name]),
+                 f"{nih.positives[name]}", _num(nih.auc[name]), _ci_marked(nih.auc_ci95[name], nih.positives[name]),
+                 _pct(expert.agreement[name])]
+                for name in radiologists.auc
             ]
             blocks += [
-                ("p", f"{expert['n_images']} judged images have expert labels. Nodule or mass is scored by the "
+                ("p", f"{expert.n_images} judged images have expert labels. Nodule or mass is scored by the "
                       "larger of the Nodule and Mass probabilities (NIH label: Nodule or Mass). "
                       f"† fewer than {FEW_POSITIVES} positives: unreliable interval."),
                 ("table", Table(["finding", "expert positives", "AUC vs expert", "95% CI", "NIH positives",
@@ -216,15 +215,15 @@ def _input_check_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
     """How many judged images the input check flagged, and the AUC without them."""
     blocks: list[tuple[str, object]] = []
     check = metrics.input_check
-    if check.get("available"):
-        reasons = "; ".join(f"{k}: {v:,}" for k, v in check["reasons"].items()) or "none"
+    if check.available:
+        reasons = "; ".join(f"{k}: {v:,}" for k, v in (check.reasons or {}).items()) or "none"
         blocks += [
             ("h2", "Input check"),
-            ("p", f"Flagged as unlike the training images: {check['flagged']:,} of {check['judged']:,} judged images "
-                  f"({reasons}). Mean AUC-ROC {_num(check['mean_auc_all'], 4)} on all of them, "
-                  f"{_num(check['mean_auc_unflagged'], 4)} without the flagged ones ({check['note']})."),
+            ("p", f"Flagged as unlike the training images: {check.flagged:,} of {check.judged:,} judged images "
+                  f"({reasons}). Mean AUC-ROC {_num(check.mean_auc_all, 4)} on all of them, "
+                  f"{_num(check.mean_auc_unflagged, 4)} without the flagged ones ({check.note})."),
         ]
-    elif check:
+    elif check.model_fields_set:
         blocks.append(("p", "Input check: unavailable (this bundle was made before cxrlearn learned one)."))
     return blocks
 
@@ -236,10 +235,9 @@ def _tta_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
         t = metrics.tta
         blocks += [
             ("h2", "Test-time augmentation"),
-            ("p", f"Averaging each image with its mirror: mean AUC {_num(t['mean_auc_with_tta'], 4)} against "
-                  f"{_num(t['mean_auc_without_tta'], 4)} without (difference {t['difference']:+.4f}, paired 95% CI "
-                  f"{_signed_ci(t['difference_ci95'])}): "
-                  f"{t['verdict']}."),
+            ("p", f"Averaging each image with its mirror: mean AUC {_num(t.mean_auc_with_tta, 4)} against "
+                  f"{_num(t.mean_auc_without_tta, 4)} without (difference {t.difference:+.4f}, paired 95% CI "
+                  f"{_signed_ci(t.difference_ci95)}): {t.verdict}."),
         ]
     return blocks
 
@@ -247,21 +245,20 @@ def _tta_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
 def _provenance_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
     """Where the numbers come from: date, command, bundle, split, table, versions."""
     prov = metrics.provenance
-    bundle = prov["bundle"]
-    split = prov["split"]
+    bundle, split, table = prov.bundle, prov.split, prov.label_table
     blocks = [
         ("h2", "Provenance"),
         ("table", Table(["what", "value"], [
-            ["date", prov["date"]],
-            ["command", f"`{prov['command']}`" if prov["command"] else "—"],
-            ["model bundle", f"{bundle['folder']} (weights SHA-256 {bundle['weights_sha256'][:16]}…)"],
-            ["trained on split", f"SHA-256 {bundle['trained_split_sha256'][:16]}…"],
-            ["judged split", f"{split['file']} (SHA-256 {split['sha256'][:16]}…)"
-             + (f"; official test list {split['official_test']['file']}" if split.get("official_test") else "")],
-            ["label table", f"{prov['label_table']['file']} (SHA-256 {prov['label_table']['sha256'][:16]}…)"],
-            ["images", prov["images"]],
-            ["left out (undecodable)", str(prov["images_left_out_undecodable"])],
-            ["versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())],
+            ["date", prov.date],
+            ["command", f"`{prov.command}`" if prov.command else "—"],
+            ["model bundle", f"{bundle.folder} (weights SHA-256 {bundle.weights_sha256[:16]}…)"],
+            ["trained on split", f"SHA-256 {(bundle.trained_split_sha256 or '—')[:16]}…"],
+            ["judged split", f"{split.file} (SHA-256 {split.sha256[:16]}…)"
+             + (f"; official test list {split.official_test.file}" if split.official_test else "")],
+            ["label table", f"{table.file} (SHA-256 {table.sha256[:16]}…)"],
+            ["images", prov.images],
+            ["left out (undecodable)", str(prov.images_left_out_undecodable)],
+            ["versions", ", ".join(f"{k} {v}" for k, v in prov.versions.items())],
         ])),
     ]
     return blocks
@@ -359,18 +356,18 @@ def plot_roc_curves(path: Path, labels: np.ndarray, probs: np.ndarray, findings:
     plt.close(figure)
 
 
-def plot_reliability(path: Path, calibration: dict, findings: Sequence[str]) -> None:
+def plot_reliability(path: Path, calibration: dict[str, Reliability], findings: Sequence[str]) -> None:
     plt, figure, axes = _grid(len(findings))
     for ax, name in zip(axes, findings):
         entry = calibration[name]
-        bins = entry["bins"]
+        bins = entry.bins
         centres = (np.arange(bins) + 0.5) / bins
-        observed = np.array([np.nan if v is None else v for v in entry["observed_frequency"]])
-        mean_p = np.array([np.nan if v is None else v for v in entry["mean_probability"]])
+        observed = np.array([np.nan if v is None else v for v in entry.observed_frequency])
+        mean_p = np.array([np.nan if v is None else v for v in entry.mean_probability])
         ax.bar(centres, np.nan_to_num(observed), width=1.0 / bins, color="#9cc3e6", edgecolor="#1f5fa8", lw=0.5)
         ax.plot([0, 1], [0, 1], color="#888", lw=0.8, ls="--")
         ax.plot(mean_p, observed, "o", color="#c0392b", ms=3)
-        ax.set_title(f"{name}  ECE {entry['ece']:.3f}", fontsize=10)
+        ax.set_title(f"{name}  ECE {entry.ece:.3f}", fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
@@ -385,7 +382,7 @@ def plot_reliability(path: Path, calibration: dict, findings: Sequence[str]) -> 
 def write_report(out: Path, metrics: EvaluationMetrics, labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> None:
     """``report.md``, ``report.html`` and the figures in ``out``."""
     plot_roc_curves(out / ROC_FIGURE, labels, probs, findings, metrics)
-    plot_reliability(out / RELIABILITY_FIGURE, metrics.calibration["test"], findings)
+    plot_reliability(out / RELIABILITY_FIGURE, metrics.calibration.test, findings)
     blocks = build_blocks(metrics, findings)
     write_atomic(out / "report.md", render_markdown(blocks))
     write_atomic(out / "report.html", render_html(blocks))

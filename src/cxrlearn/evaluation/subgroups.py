@@ -17,10 +17,26 @@ from cxrlearn.data.cohort.stats import AGE_BANDS, age_band
 from cxrlearn.data.columns import AGE, DATASET, PATIENT_ID, SEX, VIEW
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.records import Record
+
+
+class Subgroup(Record):
+    """One (attribute, group) of ``metrics.json``'s ``subgroups``: counts, AUC per finding, and the mean AUC with
+    its patient-level interval."""
+
+    attribute: str
+    group: str
+    n_images: int
+    n_patients: int
+    mean_auc: float | None
+    mean_auc_ci95: list[float] | None
+    mean_over: list[str]
+    auc: dict[str, float | None]
+    positives: dict[str, int]
 
 
 def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, findings: Sequence[str],
-                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Subgroup]:
     """One entry per (attribute, group): counts, per-finding AUC and mean AUC with its interval.
 
     ``rows``: the evaluated images' table rows (``dataset``, ``sex``, ``age``, ``view`` where the table has
@@ -45,15 +61,8 @@ def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray,
             mask = values == value
             metrics, _ = finding_metrics(labels[mask], scores[mask], rows[PATIENT_ID].to_numpy()[mask], findings,
                                          n_resamples=n_resamples, seed=seed)
-            out.append({
-                "attribute": attribute,
-                "group": str(value),
-                "n_images": metrics.n_images,
-                "n_patients": metrics.n_patients,
-                "mean_auc": metrics.mean_auc,
-                "mean_auc_ci95": metrics.mean_auc_ci95,
-                "mean_over": metrics.mean_over,
-                "auc": metrics.auc,
-                "positives": metrics.positives,
-            })
+            out.append(Subgroup(attribute=attribute, group=str(value), n_images=metrics.n_images,
+                                n_patients=metrics.n_patients, mean_auc=metrics.mean_auc,
+                                mean_auc_ci95=metrics.mean_auc_ci95, mean_over=metrics.mean_over, auc=metrics.auc,
+                                positives=metrics.positives))
     return out

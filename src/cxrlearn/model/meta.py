@@ -15,6 +15,7 @@ metrics, the library versions, the last evaluation) are kept as written: nothing
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -229,3 +230,14 @@ def _upgrade_format_1(raw: dict, path) -> dict:
                             "channels": raw["in_chans"], "mean": norm.get("mean"), "std": norm.get("std")}
     raw["format"] = BUNDLE_FORMAT
     return raw
+
+
+def json_schema() -> dict:
+    """The JSON Schema of ``model.json`` (``docs/model.schema.json``), from :class:`BundleMeta`'s declaration."""
+    schema = TypeAdapter(BundleMeta).json_schema()
+    schema["title"] = "cxrlearn model bundle (model.json)"
+    return schema
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(json_schema(), indent=1))

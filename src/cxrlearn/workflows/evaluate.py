@@ -42,11 +42,14 @@ from cxrlearn.data.sources.nih import read_image_list, read_label_table
 from cxrlearn.errors import ConfigError, DataError, Interrupted
 from cxrlearn.evaluation import calibration
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, percentile_interval
-from cxrlearn.evaluation.expert import expert_metrics
-from cxrlearn.evaluation.metrics import EvaluationMetrics, FindingMetrics, auc_per_finding, finding_metrics
+from cxrlearn.evaluation.expert import ExpertComparison, expert_metrics
+from cxrlearn.evaluation.metrics import FindingMetrics, auc_per_finding, finding_metrics
 from cxrlearn.evaluation.model_card import write_model_card
-from cxrlearn.evaluation.operating_points import DEFAULT_METHOD, METHODS, choose_thresholds, operating_point_table
+from cxrlearn.evaluation.operating_points import (DEFAULT_METHOD, METHODS, Chosen, OperatingPoints, choose_thresholds,
+                                                  operating_point_table)
 from cxrlearn.evaluation.report import write_report
+from cxrlearn.evaluation.results import (BundleRecord, EvaluationMetrics, FileRecord, InputCheckSummary, Provenance,
+                                         SplitRecord, TtaComparison)
 from cxrlearn.evaluation.subgroups import subgroup_metrics
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
@@ -112,7 +115,7 @@ class _Selection:
     judged: pd.DataFrame
     val: pd.DataFrame | None  # None: the bundle's thresholds and temperatures are used as they are
     what: str
-    info: dict
+    info: SplitRecord
 
 
 def _run_split(run_dir: Path, meta: BundleMeta) -> tuple[Path, pd.DataFrame]:
@@ -177,11 +180,11 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: Bu
             "their AUC would be inflated. Judge images of other patients (for the official test list, train "
             "with a split made by `cxrlearn split --official-test`)"
         )
-    info = {"file": split_path.name, "sha256": file_digest(split_path),
-            "subset": None if options.official_test else subset}
+    info = SplitRecord(file=split_path.name, sha256=file_digest(split_path),
+                       subset=None if options.official_test else subset)
     if options.official_test:
-        info["official_test"] = {"file": Path(options.official_test).name,
-                                 "sha256": file_digest(options.official_test)}
+        info.official_test = FileRecord(file=Path(options.official_test).name,
+                                        sha256=file_digest(options.official_test))
     return _Selection(judged, val, what, info)
 
 
@@ -206,8 +209,7 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
         )
     judged = present.assign(**{SPLIT: "judged"})
     what = f"every labelled image in {Path(images).name} ({len(judged):,} images, none of the run's train or val patients)"
-    info = {"file": run_split.name, "sha256": file_digest(run_split), "subset": None,
-            "all_present": True}
+    info = SplitRecord(file=run_split.name, sha256=file_digest(run_split), subset=None, all_present=True)
     return _Selection(judged, None, what, info)
 
 
@@ -236,7 +238,8 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
     return _Judged(cached, labels, logits[:, columns], flipped, verdicts if check is not None else None)
 
 
-def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndarray, findings, mean_auc) -> dict:
+def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndarray, findings, mean_auc
+                     ) -> InputCheckSummary:
     """How many judged images the input check flags, why, and the mean AUC with and without them."""
     flagged = np.array([not v.ok for v in verdicts])
     reasons: dict[str, int] = {}
@@ -244,9 +247,9 @@ def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndar
         if v.reason:
             reasons[v.reason.kind.value] = reasons.get(v.reason.kind.value, 0) + 1
     kept = auc_per_finding(labels[~flagged], probs[~flagged], findings).mean_auc if (~flagged).any() else None
-    return {"available": True, "flagged": int(flagged.sum()), "judged": len(verdicts), "reasons": reasons,
-            "mean_auc_all": mean_auc, "mean_auc_unflagged": kept,
-            "note": "from cached pixels: the aspect and colour checks apply to files, not to the cache"}
+    return InputCheckSummary(available=True, flagged=int(flagged.sum()), judged=len(verdicts), reasons=reasons,
+                             mean_auc_all=mean_auc, mean_auc_unflagged=kept,
+                             note="from cached pixels: the aspect and colour checks apply to files, not to the cache")
 
 
 def _judged_table(meta: BundleMeta, csv, options: EvaluationOptions) -> tuple[pd.DataFrame, Path]:
@@ -373,15 +376,15 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if test.verdicts is not None:
         metrics.input_check = _flagged_summary(test.verdicts, test.labels, test_p, findings, metrics.mean_auc)
     else:
-        metrics.input_check = {"available": False}
+        metrics.input_check = InputCheckSummary(available=False)
     val_p = probabilities(logits_of(val), findings, temperature) if val is not None else None
     metrics.operating_points, chosen = _operating_points(model_dir, meta, val, val_p, test, test_p, findings, options)
     metrics.calibration = _calibration(test, test_p, probabilities(logits_of(test), findings), temperature, fitted,
                                        findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels and not set(FINDINGS) <= set(findings):
-        metrics.expert = {"n_images": 0, "note": "Google's expert labels judge NIH's findings; this model is judged "
-                                                  "on other ones"}
+        metrics.expert = ExpertComparison(n_images=0, note="Google's expert labels judge NIH's findings; this model is "
+                                                           "judged on other ones")
     elif options.expert_labels:
         metrics.expert = expert_metrics(test.rows[IMAGE].tolist(), patients, test_p, test.labels, findings,
                                            read_expert_labels(options.expert_labels), options.resamples, options.seed)
@@ -400,60 +403,58 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     return metrics
 
 
-def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: dict, method: str, temperature: dict | None, tta: bool,
+def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: Chosen, method: str, temperature: dict | None, tta: bool,
                    metrics: EvaluationMetrics, out: Path, judged: str) -> None:
     """The thresholds and temperatures chosen on the val images into the bundle, with this evaluation's summary
     and a new model card."""
-    meta.thresholds = chosen["thresholds"][method]
+    meta.thresholds = chosen.thresholds[method]
     meta.threshold_method = method
-    meta.operating_points = chosen["thresholds"]
+    meta.operating_points = chosen.thresholds
     meta.temperature = temperature  # None: probabilities are the plain sigmoid
     meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
     meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
-                       "judged": judged, "date": metrics.provenance["date"]}
+                       "judged": judged, "date": metrics.provenance.date}
     write_meta(model_dir, meta)
     write_model_card(model_dir)
 
 
 def _operating_points(model_dir: Path, meta: BundleMeta, val: _Judged | None, val_p, test: _Judged, test_p, findings,
-                      options: EvaluationOptions) -> tuple[dict, dict | None]:
+                      options: EvaluationOptions) -> tuple[OperatingPoints, Chosen | None]:
     """The operating points part, and the thresholds chosen here (None when the bundle's are used): chosen on
     the val images when there are some, else the bundle's applied to the judged images."""
     if val is not None:
         chosen = choose_thresholds(val.labels, val_p, findings)
-        return {
-            "chosen_on": f"{len(val.rows):,} validation images",
-            "bundle_method": options.threshold_method,
-            "thresholds": chosen["thresholds"],
-            "undefined": chosen["undefined"],
-            "test": operating_point_table(test.labels, test_p, chosen["thresholds"], findings),
-            "val": operating_point_table(val.labels, val_p, chosen["thresholds"], findings),
-        }, chosen
+        return OperatingPoints(
+            chosen_on=f"{len(val.rows):,} validation images", bundle_method=options.threshold_method,
+            thresholds=chosen.thresholds, undefined=chosen.undefined,
+            test=operating_point_table(test.labels, test_p, chosen.thresholds, findings),
+            val=operating_point_table(val.labels, val_p, chosen.thresholds, findings),
+        ), chosen
     if meta.operating_points:
         stored = meta.operating_points
-        return {
-            "chosen_on": "the run's validation images (the bundle's thresholds)",
-            "bundle_method": meta.threshold_method or options.threshold_method,
-            "thresholds": stored,
-            "test": operating_point_table(test.labels, test_p, stored, findings),
-        }, None
-    return {"unavailable": f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
-                           "--subset test ...` on the run's own images first, which chooses them on its val split"}, None
+        return OperatingPoints(
+            chosen_on="the run's validation images (the bundle's thresholds)",
+            bundle_method=meta.threshold_method or options.threshold_method, thresholds=stored,
+            test=operating_point_table(test.labels, test_p, stored, findings),
+        ), None
+    return OperatingPoints(unavailable=f"{model_dir} has no thresholds yet: run `cxrlearn evaluate --model {model_dir} "
+                           "--subset test ...` on the run's own images first, which chooses them on its val split"), None
 
 
-def _calibration(test: _Judged, test_p, raw_p, temperature: dict | None, fitted, findings) -> dict:
+def _calibration(test: _Judged, test_p, raw_p, temperature: dict | None, fitted, findings) -> calibration.Calibration:
     """The calibration part: ECE per finding of the probabilities judged, and, when they are temperature-scaled,
     of the raw ones (``raw_p``) beside them."""
-    part = {"bins": calibration.DEFAULT_BINS, "test": calibration.calibration_per_finding(test.labels, test_p, findings)}
+    part = calibration.Calibration(bins=calibration.DEFAULT_BINS,
+                                   test=calibration.calibration_per_finding(test.labels, test_p, findings))
     if temperature is not None:
-        part["temperature"] = temperature
+        part.temperature = temperature
         if fitted is not None:
-            part["temperature_failed"] = fitted.failed
-        part["test_uncalibrated"] = calibration.calibration_per_finding(test.labels, raw_p, findings)
+            part.temperature_failed = fitted.failed
+        part.test_uncalibrated = calibration.calibration_per_finding(test.labels, raw_p, findings)
     return part
 
 
-def _tta_comparison(test: _Judged, findings, temperature, metrics: FindingMetrics, boot, options) -> dict:
+def _tta_comparison(test: _Judged, findings, temperature, metrics: FindingMetrics, boot, options) -> TtaComparison:
     """Mean AUC with and without flip averaging, and the paired bootstrap interval of the difference."""
 
     plain_p = probabilities(test.logits, findings, temperature)
@@ -470,31 +471,28 @@ def _tta_comparison(test: _Judged, findings, temperature, metrics: FindingMetric
         verdict = "hurts"
     else:
         verdict = "no difference the bootstrap can tell from chance"
-    return {
-        "mean_auc_with_tta": metrics.mean_auc, "mean_auc_without_tta": plain.mean_auc,
-        "difference": delta, "difference_ci95": interval, "verdict": verdict,
-        "auc_without_tta": plain.auc,
-    }
+    return TtaComparison(mean_auc_with_tta=metrics.mean_auc, mean_auc_without_tta=plain.mean_auc, difference=delta,
+                         difference_ci95=interval, verdict=verdict, auc_without_tta=plain.auc)
 
 
-def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: dict, options: EvaluationOptions,
-                left_out: int, tta: bool) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(options.command) if options.command else None,
-        "bundle": {"folder": str(model_dir), "backbone": meta.backbone, "preprocessing": meta.preprocessing.to_dict(),
-                   "weights_sha256": file_digest(model_dir / "model.safetensors"),
-                   "trained_split_sha256": meta.split.sha256 if meta.split else None,
-                   "weights_source": meta.weights_source, "training_versions": meta.versions},
-        "label_table": {"file": Path(csv).name, "sha256": source_digest(csv)},
-        "images": str(images),
-        "split": split_info,
-        "images_left_out_undecodable": left_out,
-        "tta": tta,
-        "temperature_scaling": ("the bundle's" if meta.temperature else False) if split_info.get("all_present")
-        else options.calibrate,
-        "versions": _versions(),
-    }
+def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: SplitRecord,
+                options: EvaluationOptions, left_out: int, tta: bool) -> Provenance:
+    return Provenance(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(options.command) if options.command else None,
+        bundle=BundleRecord(folder=str(model_dir), backbone=meta.backbone, preprocessing=meta.preprocessing.to_dict(),
+                            weights_sha256=file_digest(model_dir / "model.safetensors"),
+                            trained_split_sha256=meta.split.sha256 if meta.split else None,
+                            weights_source=meta.weights_source, training_versions=meta.versions),
+        label_table=FileRecord(file=Path(csv).name, sha256=source_digest(csv)),
+        images=str(images),
+        split=split_info,
+        images_left_out_undecodable=left_out,
+        tta=tta,
+        temperature_scaling=(("the bundle's" if meta.temperature else False) if split_info.all_present
+                             else options.calibrate),
+        versions=_versions(),
+    )
 
 
 def _versions() -> dict:

@@ -51,7 +51,7 @@ from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.errors import ConfigError, Interrupted
-from cxrlearn.evaluation.metrics import EvaluationMetrics
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
