@@ -301,11 +301,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                                official=args.official, sets=args.set, progress=not args.no_progress,
                                command=["cxrlearn", *sys.argv[1:]])
     report = reproduce(args.recipe, options)
-    for name, result in report["results"].items():
-        low, high = result["mean_auc_ci95"] or (None, None)
-        print(f"{name}: mean AUC {result['mean_auc']:.4f}" + (f" (95% CI {low:.4f}-{high:.4f})" if low else "")
-              + f" on {result['n_images']:,} images; published: "
-              + ", ".join(f"{s} {v:.4f}" for s, v in result["published_mean"].items()))
+    for name, result in report.results.items():
+        low, high = result.mean_auc_ci95 or (None, None)
+        print(f"{name}: mean AUC {result.mean_auc:.4f}" + (f" (95% CI {low:.4f}-{high:.4f})" if low else "")
+              + f" on {result.n_images:,} images; published: "
+              + ", ".join(f"{s} {v:.4f}" for s, v in result.published_mean.items()))
     print(f"wrote {args.out / REPORT_MD}")
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from pydantic import ValidationError
 
 from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.configs import RECIPES, Recipe
@@ -51,8 +52,8 @@ from cxrlearn.data.sources import tables
 from cxrlearn.data.sources.download import ALL_PARTS, download_nih, parse_parts, read_archives
 from cxrlearn.data.sources.nih import read_label_table
 from cxrlearn.errors import ConfigError, Interrupted
-from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
+from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.findings import FINDINGS
 from cxrlearn.model.backbones import backbone_config
 from cxrlearn.model.bundle import library_versions, read_meta
@@ -61,6 +62,7 @@ from cxrlearn.model.input_check import MAX_FIT_IMAGES
 from cxrlearn.model.device import resolve_device
 from cxrlearn.training.config import RunConfig, load_config, resolve_precision
 from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
+from cxrlearn.records import Record
 from cxrlearn.workflows.train import CHECKPOINTS, check_before_work, run_preprocessing, train
 
 log = logging.getLogger(__name__)
@@ -82,78 +84,107 @@ class ReproduceOptions:
     command: list[str] = field(default_factory=list)
 
 
+class Stage(Record):
+    """A finished stage: its time (earlier interrupted attempts included), when it finished, and why it was
+    skipped, if it was."""
+
+    seconds: float
+    finished: str
+    skipped: str | None = None
+
+
+class Attempt(Record):
+    """A stage begun and not finished: seconds in earlier attempts, when this one started, and (if it was
+    interrupted rather than killed) how long it ran."""
+
+    earlier: float
+    started: float
+    spent: float | None = None
+
+
+class ReproductionState(Record):
+    """``reproduction-state.json``: the settings, the finished stages, and the unfinished ones."""
+
+    settings: dict | None = None
+    stages: dict[str, Stage] = {}
+    unfinished: dict[str, Attempt] = {}
+
+
 class _State:
     """The stages finished so far, with their times, and the settings they were made with."""
 
     def __init__(self, out: Path, settings: dict):
         self.path = out / STATE_FILE
-        self.data = _read_state(self.path) if self.path.exists() else {}
-        before = self.data.get("settings")
+        self.data = _read_state(self.path) if self.path.exists() else ReproductionState()
+        before = self.data.settings
         if before is not None and before != settings:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             raise ConfigError(
                 f"{out} holds a reproduction made with other settings ({', '.join(changed)}: "
                 + "; ".join(f"{k} was {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
                 + "); rerun with the same options to continue it, or choose another --out")
-        self.data["settings"] = settings
-        self.data.setdefault("stages", {})
+        self.data.settings = settings
+        self.data.stages = self.data.stages  # written even when empty
         self.save()
 
     def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
+        return stage in self.data.stages
 
-    def finish(self, stage: str, seconds: float, **details) -> None:
-        self.data["stages"][stage] = {"seconds": round(seconds, 1), **details,
-                                      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    def finish(self, stage: str, seconds: float, skipped: str | None = None) -> None:
+        finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.data.stages[stage] = (Stage(seconds=round(seconds, 1), finished=finished) if skipped is None
+                                   else Stage(seconds=round(seconds, 1), skipped=skipped, finished=finished))
         self.save()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
+        write_atomic(self.path, json.dumps(self.data.to_dict(), indent=2) + "\n")
 
 
-def _read_state(path: Path) -> dict:
+def _read_state(path: Path) -> ReproductionState:
     """The stages a reproduction finished, or :class:`ConfigError` naming the file when it is damaged."""
     data = read_json_object(path, ConfigError, "it records which stages are done: delete it to redo them all "
                             "(finished work on disk is reused where it can be)")
-    if not isinstance(data.get("stages", {}), dict):
-        raise ConfigError(f"{path}: not a record of a reproduction's stages; delete it to redo them all")
-    return data
+    try:
+        return ReproductionState.model_validate(data)
+    except ValidationError:
+        raise ConfigError(f"{path}: not a record of a reproduction's stages; delete it to redo them all") from None
 
 
-def _stage(state: _State, name: str, work, **details) -> None:
+def _stage(state: _State, name: str, work) -> None:
     """Run ``work()`` unless the stage is recorded as finished; record it with its time, which counts the time
     spent in earlier, interrupted attempts at it too."""
     if state.done(name):
-        log.info(f"[{name}] done earlier ({state.data['stages'][name]['seconds']:.0f} s): skipped")
+        log.info(f"[{name}] done earlier ({state.data.stages[name].seconds:.0f} s): skipped")
         return
-    unfinished = state.data.setdefault("unfinished", {})
+    unfinished = state.data.unfinished
     earlier = _earlier_attempts(unfinished.get(name), state.path.parent)
     log.info(f"[{name}] …" + (f" (continued after {earlier:.0f} s in earlier attempts)" if earlier else ""))
     started = time.time()
-    unfinished[name] = {"earlier": round(earlier, 1), "started": started}
+    unfinished[name] = Attempt(earlier=round(earlier, 1), started=started)
+    state.data.unfinished = unfinished  # recorded in the file from now on
     state.save()
     try:
         work()
     except BaseException:  # interrupted, or failed: this attempt's time is known
-        unfinished[name]["spent"] = round(time.time() - started, 1)
+        unfinished[name].spent = round(time.time() - started, 1)
         state.save()
         raise
     seconds = earlier + time.time() - started
     unfinished.pop(name, None)
-    state.finish(name, seconds, **details)
+    state.finish(name, seconds)
     log.info(f"[{name}] done in {seconds:.0f} s")
 
 
-def _earlier_attempts(entry: dict | None, out: Path) -> float:
+def _earlier_attempts(entry: Attempt | None, out: Path) -> float:
     """Seconds spent on a stage by attempts that did not finish it: as recorded when one was interrupted, or, for
     one killed outright (SIGKILL, a lost machine), until the last file it wrote under ``out``."""
     if not entry:
         return 0.0
-    if "spent" in entry:
-        return entry["earlier"] + entry["spent"]
+    if entry.spent is not None:
+        return entry.earlier + entry.spent
     latest = max((p.stat().st_mtime for p in out.rglob("*") if p.is_file() and p.name != STATE_FILE),
-                 default=entry["started"])
-    return entry["earlier"] + max(0.0, latest - entry["started"])
+                 default=entry.started)
+    return entry.earlier + max(0.0, latest - entry.started)
 
 
 def _duration(seconds: float) -> str:
@@ -236,7 +267,7 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
             "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * train.epochs + after, 1)}
 
 
-def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
+def reproduce(recipe_name: str, options: ReproduceOptions) -> Reproduction:
     """Run (or continue) the reproduction; return what ``reproduction.json`` holds. Interrupted, it raises
     :class:`Interrupted`: the finished stages are kept, and the same command continues at the first other."""
     try:
@@ -247,7 +278,7 @@ def reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
             from None
 
 
-def _reproduce(recipe_name: str, options: ReproduceOptions) -> dict:
+def _reproduce(recipe_name: str, options: ReproduceOptions) -> Reproduction:
 
     if recipe_name not in RECIPES:
         raise ConfigError(f"no recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
@@ -357,83 +388,141 @@ def _evaluate(run_dir: Path, images: Path, out: Path, official_list, options: Re
     evaluate(run_dir, None, images, out, evaluation)
 
 
-def write_reproduction(out: Path, recipe: Recipe, title: str, state: dict, options: ReproduceOptions) -> dict:
+class ReproducedFinding(Record):
+    """One finding's AUC with its interval and positives; each published source's value beside it is an extra
+    field named by the source ("Kufel 2023": 0.8…), read with ``getattr``; ``difference``: from the target."""
+
+    auc: float | None
+    auc_ci95: list[float] | None
+    positives: int
+    difference: float | None = None
+
+
+class ReproducedModel(Record):
+    folder: str
+    backbone: str
+    image_size: int
+    epochs_run: int | None = None
+    weights_source: str | None = None
+
+
+class ReproducedResult(Record):
+    """One model's result against the published values."""
+
+    judged: str
+    n_images: int
+    n_patients: int
+    mean_auc: float | None
+    mean_auc_ci95: list[float] | None
+    mean_over: list[str]
+    per_finding: dict[str, ReproducedFinding]
+    published_mean: dict[str, float]
+    model: ReproducedModel
+
+
+class Machine(Record):
+    """What ran it: :func:`machine`."""
+
+    platform: str
+    processor: str
+    cpu_cores: int | None
+    python: str
+    memory_gb: float | None = None
+    gpu: str | None = None
+    gpu_count: int | None = None
+    gpu_memory_gb: float | None = None
+
+
+class Reproduction(Record):
+    """``reproduction.json``."""
+
+    recipe: str
+    command: str | None
+    date: str
+    machine: Machine
+    versions: dict[str, str]
+    settings: dict
+    stages: dict[str, Stage]
+    results: dict[str, ReproducedResult] = {}
+
+
+def _reproduced(metrics: EvaluationMetrics, run_dir: Path, beside, target: str | None) -> ReproducedResult:
+    meta = read_meta(run_dir)
+    paper = published_auc(target) if target else None
+    rows = {}
+    for finding in FINDINGS:
+        auc = metrics.auc[finding]
+        row = ReproducedFinding(auc=auc, auc_ci95=metrics.auc_ci95[finding], positives=metrics.positives[finding],
+                                **{source: published_auc(source)[finding] for source in beside})
+        if paper is not None:
+            row.difference = None if auc is None else round(auc - paper[finding], 4)
+        rows[finding] = row
+    model = ReproducedModel(folder=str(run_dir), backbone=meta.backbone, image_size=meta.preprocessing.input_size,
+                            epochs_run=meta.metrics.get("epochs_run"),
+                            weights_source=(meta.weights_source or {}).get("kind"))
+    return ReproducedResult(judged=metrics.subset, n_images=metrics.n_images, n_patients=metrics.n_patients,
+                            mean_auc=metrics.mean_auc, mean_auc_ci95=metrics.mean_auc_ci95,
+                            mean_over=metrics.mean_over, per_finding=rows,
+                            published_mean={s: PUBLISHED[s]["mean"] for s in beside}, model=model)
+
+
+def write_reproduction(out: Path, recipe: Recipe, title: str, state: ReproductionState, options: ReproduceOptions
+                       ) -> Reproduction:
     """``reproduction.json`` and ``reproduction.md`` from the evaluations' metrics and the stage times."""
 
     parts = [("custom", out / "model", out / "evaluation" / "metrics.json", recipe.published, (recipe.published,))]
     if options.official:
         parts.append(("official", out / "official" / "model", out / "official-evaluation" / "metrics.json", None,
                       recipe.official_published))
-    report = {"recipe": title, "command": " ".join(options.command) or None,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "versions": library_versions(), "settings": state["settings"],
-              "stages": state["stages"], "results": {}}
-    lines = [f"# Reproduction: {report['recipe']}", ""]
+    report = Reproduction(recipe=title, command=" ".join(options.command) or None,
+                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          machine=Machine.model_validate(machine()), versions=library_versions(),
+                          settings=state.settings, stages=state.stages, results={})
+    lines = [f"# Reproduction: {report.recipe}", ""]
     for name, run_dir, path, target, beside in parts:
-        metrics = EvaluationMetrics.read(path)
-        meta = read_meta(run_dir)
-        paper = published_auc(target) if target else None
-        rows = {}
-        for finding in FINDINGS:
-            auc = metrics.auc[finding]
-            entry = {"auc": auc, "auc_ci95": metrics.auc_ci95[finding],
-                     "positives": metrics.positives[finding]}
-            for source in beside:
-                entry[source] = published_auc(source)[finding]
-            if paper is not None:
-                entry["difference"] = None if auc is None else round(auc - paper[finding], 4)
-            rows[finding] = entry
-        result = {"judged": metrics.subset, "n_images": metrics.n_images, "n_patients": metrics.n_patients,
-                  "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
-                  "mean_over": metrics.mean_over, "per_finding": rows,
-                  "published_mean": {s: PUBLISHED[s]["mean"] for s in beside},
-                  "model": {"folder": str(run_dir), "backbone": meta.backbone, "image_size": meta.preprocessing.input_size,
-                            "epochs_run": meta.metrics.get("epochs_run"),
-                            "weights_source": (meta.weights_source or {}).get("kind")}}
-        report["results"][name] = result
-        lines += _result_lines(name, result, beside, paper is not None)
+        report.results[name] = _reproduced(EvaluationMetrics.read(path), run_dir, beside, target)
+        lines += _result_lines(name, report.results[name], beside, target is not None)
     lines += ["## Time per stage", "", "| stage | time |", "| --- | --- |"]
-    lines += [f"| {stage} | {_duration(entry['seconds'])}"
-              + (f" ({entry['skipped']})" if entry.get("skipped") else "") + " |"
-              for stage, entry in state["stages"].items()]
-    m = report["machine"]
+    lines += [f"| {stage} | {_duration(entry.seconds)}" + (f" ({entry.skipped})" if entry.skipped else "") + " |"
+              for stage, entry in state.stages.items()]
+    m = report.machine
     lines += ["", "## Machine and versions", "",
-              f"- {m['processor']}, {m['cpu_cores']} CPU cores" + (f", {m['memory_gb']} GB" if "memory_gb" in m else "")
-              + (f"; GPU: {m['gpu']} ×{m['gpu_count']} ({m['gpu_memory_gb']} GB)" if m.get("gpu") else "; no GPU"),
-              "- " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-              f"- settings: {json.dumps(state['settings'])}", ""]
-    if report["command"]:
-        lines += [f"Command: `{report['command']}`", ""]
-    write_atomic(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+              f"- {m.processor}, {m.cpu_cores} CPU cores" + (f", {m.memory_gb} GB" if m.memory_gb else "")
+              + (f"; GPU: {m.gpu} ×{m.gpu_count} ({m.gpu_memory_gb} GB)" if m.gpu else "; no GPU"),
+              "- " + ", ".join(f"{k} {v}" for k, v in report.versions.items()),
+              f"- settings: {json.dumps(state.settings)}", ""]
+    if report.command:
+        lines += [f"Command: `{report.command}`", ""]
+    write_atomic(out / REPORT_JSON, json.dumps(report.to_dict(), indent=2) + "\n")
     write_atomic(out / REPORT_MD, "\n".join(lines))
     return report
 
 
-def _result_lines(name: str, result: dict, beside, with_difference: bool) -> list[str]:
+def _result_lines(name: str, result: ReproducedResult, beside, with_difference: bool) -> list[str]:
     def num(v):
         return "—" if v is None else f"{v:.3f}"
 
     title = ("Custom patient-wise split (the paper's protocol)" if name == "custom"
              else "NIH's official test list (a split that keeps it out of training)")
     header = ["finding", "positives", "AUC", "95% CI"] + list(beside) + (["difference"] if with_difference else [])
-    model = result["model"]
-    lines = [f"## {title}", "", f"Model: {model['backbone']} at {model['image_size']} px, {model['epochs_run']} epochs, "
-             f"ImageNet weights from {model['weights_source']} ({model['folder']}). Judged: {result['judged']}: "
-             f"{result['n_images']:,} images of {result['n_patients']:,} patients. Intervals: patient-level "
+    model = result.model
+    lines = [f"## {title}", "", f"Model: {model.backbone} at {model.image_size} px, {model.epochs_run} epochs, "
+             f"ImageNet weights from {model.weights_source} ({model.folder}). Judged: {result.judged}: "
+             f"{result.n_images:,} images of {result.n_patients:,} patients. Intervals: patient-level "
              "bootstrap over patients, 95%.", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for finding, e in result["per_finding"].items():
-        ci = "—" if not e["auc_ci95"] else f"{e['auc_ci95'][0]:.3f}–{e['auc_ci95'][1]:.3f}"
-        cells = [finding, str(e["positives"]), num(e["auc"]), ci] + [num(e[s]) for s in beside]
+    for finding, e in result.per_finding.items():
+        ci = "—" if not e.auc_ci95 else f"{e.auc_ci95[0]:.3f}–{e.auc_ci95[1]:.3f}"
+        cells = [finding, str(e.positives), num(e.auc), ci] + [num(getattr(e, s)) for s in beside]
         if with_difference:
-            cells.append("—" if e.get("difference") is None else f"{e['difference']:+.3f}")
+            cells.append("—" if e.difference is None else f"{e.difference:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    ci = result["mean_auc_ci95"]
-    mean_cells = ["**mean**", "", f"**{num(result['mean_auc'])}**", "—" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"]
-    mean_cells += [num(result["published_mean"][s]) for s in beside]
+    ci = result.mean_auc_ci95
+    mean_cells = ["**mean**", "", f"**{num(result.mean_auc)}**", "—" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"]
+    mean_cells += [num(result.published_mean[s]) for s in beside]
     if with_difference:
-        mean_cells.append("—" if result["mean_auc"] is None else
-                          f"{result['mean_auc'] - result['published_mean'][beside[0]]:+.3f}")
+        mean_cells.append("—" if result.mean_auc is None else
+                          f"{result.mean_auc - result.published_mean[beside[0]]:+.3f}")
     lines += ["| " + " | ".join(mean_cells) + " |", ""]
     lines += [f"- {s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})." for s in beside]
     lines.append("")
