@@ -41,10 +41,10 @@ def main() -> None:
         split = make_split(table)
         seconds = time.perf_counter() - started
         report = split_report(table, split, ratios=(0.7, 0.1, 0.2))
-        worst = report["max_relative_deviation"]
-        print(f"| {len(table):,} | {table[PATIENT_ID].nunique():,} | {seconds:.1f} | {worst['value']:+.2%} "
-              f"({worst['finding']}, {worst['split']}; target ±{PREVALENCE_TOLERANCE:.0%}) | "
-              f"{report['max_share_deviation_points']:.2f} |")
+        worst = report.max_relative_deviation
+        print(f"| {len(table):,} | {table[PATIENT_ID].nunique():,} | {seconds:.1f} | {worst.value:+.2%} "
+              f"({worst.finding}, {worst.split}; target ±{PREVALENCE_TOLERANCE:.0%}) | "
+              f"{report.max_share_deviation_points:.2f} |")
         assert set(split["split"]) <= set(SPLITS) and np.all(split.groupby(PATIENT_ID)["split"].nunique() == 1)
 
 

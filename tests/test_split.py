@@ -61,14 +61,14 @@ def test_report_agrees_with_an_independent_count(nih_table, custom_split):
     report = split_report(nih_table, custom_split, ratios=RATIOS)
     deviation = prevalence_deviation(nih_table, custom_split)
     for name in SPLITS:
-        entry = report["splits"][name]
-        assert entry["images"] == (custom_split["split"] == name).sum()
-        assert entry["patients"] == custom_split.loc[custom_split["split"] == name, "patient_id"].nunique()
-        got = np.array([entry["relative_deviation"][s] for s in STRATA])
+        entry = report.splits[name]
+        assert entry.images == (custom_split["split"] == name).sum()
+        assert entry.patients == custom_split.loc[custom_split["split"] == name, "patient_id"].nunique()
+        got = np.array([entry.relative_deviation[s] for s in STRATA])
         np.testing.assert_allclose(got, deviation[name], atol=1e-6)
-    assert report["shared_patients"] == 0
-    assert report["max_share_deviation_points"] <= 100 * SHARE_TOLERANCE
-    assert abs(report["max_relative_deviation"]["value"]) <= PREVALENCE_TOLERANCE
+    assert report.shared_patients == 0
+    assert report.max_share_deviation_points <= 100 * SHARE_TOLERANCE
+    assert abs(report.max_relative_deviation.value) <= PREVALENCE_TOLERANCE
 
 
 def test_random_patient_split_is_far_less_fair(nih_table, custom_split):
@@ -101,11 +101,11 @@ def test_official_test_mode(nih_table, test_list_path):
     for name in ("train", "val"):
         assert np.abs(deviation[name]).max() <= PREVALENCE_TOLERANCE, name
     report = split_report(nih_table, split, ratios=RATIOS, official_test=True)
-    assert report["mode"] == "official-test"
+    assert report.mode == "official-test"
     # The official list's own skew, as published: Pneumothorax at over twice its rate.
-    assert report["max_relative_deviation"]["finding"] == "Pneumothorax"
-    assert report["max_relative_deviation"]["value"] > 1.0
-    assert abs(report["within_train_val"]["max_relative_deviation"]["value"]) <= PREVALENCE_TOLERANCE
+    assert report.max_relative_deviation.finding == "Pneumothorax"
+    assert report.max_relative_deviation.value > 1.0
+    assert abs(report.within_train_val.max_relative_deviation.value) <= PREVALENCE_TOLERANCE
 
 
 def test_official_list_that_is_not_patient_wise(nih_table):
@@ -137,7 +137,7 @@ def test_write_and_read_back(nih_table, custom_split, tmp_path):
     write_split(custom_split, path, report)
     assert path.read_text().splitlines()[0] == "image,patient_id,split"
     saved = json.loads(report_path(path).read_text())
-    assert saved["splits"]["test"]["images"] == report["splits"]["test"]["images"]
+    assert saved["splits"]["test"]["images"] == report.splits["test"].images
     back = read_split_file(path)
     pd.testing.assert_frame_equal(back, custom_split[["image", "patient_id", "split"]], check_dtype=False)
 

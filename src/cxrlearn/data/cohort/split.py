@@ -42,6 +42,7 @@ from cxrlearn.data.sources.nih import read_image_list
 from cxrlearn.defaults import RATIOS, SEED
 from cxrlearn.errors import DataError
 from cxrlearn.findings import FINDINGS, NO_FINDING
+from cxrlearn.records import Record
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_RATIOS: tuple[float, float, float] = RATIOS
@@ -313,20 +314,20 @@ def report_path(split_path: str | os.PathLike) -> Path:
     return split_path.with_name(split_path.stem + ".report.json")
 
 
-def write_split(split: pd.DataFrame, path: str | os.PathLike, report: dict | None = None) -> str:
+def write_split(split: pd.DataFrame, path: str | os.PathLike, report: SplitReport | None = None) -> str:
     """Write the split file (and its report beside it); return the file's SHA-256."""
     path = Path(path)
     text = split_to_csv(split)
     write_atomic(path, text)
     if report is not None:
-        write_atomic(report_path(path), json.dumps(report, indent=2) + "\n")
+        write_atomic(report_path(path), json.dumps(report.to_dict(), indent=2) + "\n")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def split_and_save(table: pd.DataFrame, path: str | os.PathLike, label_table: str | os.PathLike,
                    ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = DEFAULT_SEED,
                    official_test_list: str | os.PathLike | None = None,
-                   method: str = METHODS[0]) -> tuple[pd.DataFrame, dict, str]:
+                   method: str = METHODS[0]) -> tuple[pd.DataFrame, SplitReport, str]:
     """Make the split of ``table`` and save it with its report, whose provenance names the cxrlearn version,
     method, seed and the SHA-256 of the label table (and official test list) it came from — the same for
     ``cxrlearn split``, ``train`` and ``reproduce``. Returns (split, report, the split file's SHA-256)."""
@@ -339,8 +340,8 @@ def split_and_save(table: pd.DataFrame, path: str | os.PathLike, label_table: st
         about["official_test_list"] = {"file": Path(official_test_list).name,
                                        "sha256": file_digest(official_test_list)}
     report = split_report(table, split, ratios=ratios, official_test=official is not None, **about)
-    if report["shared_patients"]:  # never written, never trained on: a split's whole point is that it cannot be
-        raise DataError(f"the split would put {report['shared_patients']:,} patient(s) in two splits; nothing is "
+    if report.shared_patients:  # never written, never trained on: a split's whole point is that it cannot be
+        raise DataError(f"the split would put {report.shared_patients:,} patient(s) in two splits; nothing is "
                         "written")
     return split, report, write_split(split, path, report)
 
@@ -420,12 +421,57 @@ def apply_split(table: pd.DataFrame, split: pd.DataFrame, source: str = "split f
     return merged.drop(columns=f"{PATIENT_ID}_split")
 
 
+class Counts(Record):
+    """Images, patients, and per stratum (finding or No Finding) positives and prevalence."""
+
+    images: int
+    patients: int
+    positives: dict[str, int]
+    prevalence: dict[str, float]
+
+
+class SplitCounts(Counts):
+    """One split's counts, its share of the images, and each stratum's prevalence relative to all rows'
+    (split prevalence / overall prevalence - 1)."""
+
+    share: float
+    relative_deviation: dict[str, float]
+
+
+class Worst(Record):
+    """The largest relative prevalence deviation: its value, and where."""
+
+    value: float
+    split: str | None
+    finding: str | None
+
+
+class Comparison(Record):
+    """Splits against all the rows they came from."""
+
+    splits: dict[str, SplitCounts]
+    max_relative_deviation: Worst
+    ratios: dict[str, float] | None = None
+    max_share_deviation_points: float | None = None
+
+
+class SplitReport(Comparison):
+    """``NAME.report.json`` beside a split file: how it was made (``about``: cxrlearn's version, method, seed, the
+    label table's and the official list's digests, as extra fields), the whole table's counts, each split's, and
+    with the official test list, train and val against their own pool."""
+
+    mode: str
+    overall: Counts
+    within_train_val: Comparison | None = None
+    shared_patients: int = 0
+
+
 def _compare(strata: np.ndarray, patient_ids: np.ndarray, split_names: np.ndarray, names: Sequence[str],
              stratum_names: Sequence[str]) -> dict:
     """Each named split's counts and prevalence, and its deviation from all rows given."""
     n_total = len(strata)
     reference = strata.sum(axis=0) / n_total
-    entries, worst = {}, {"value": 0.0, "split": None, "finding": None}
+    entries, worst = {}, Worst(value=0.0, split=None, finding=None)
     for name in names:
         rows = split_names == name
         n = int(rows.sum())
@@ -433,18 +479,16 @@ def _compare(strata: np.ndarray, patient_ids: np.ndarray, split_names: np.ndarra
         prevalence = positives / n if n else np.zeros(len(stratum_names))
         with np.errstate(divide="ignore", invalid="ignore"):
             deviation = np.where(reference > 0, prevalence / reference - 1.0, 0.0)
-        entries[name] = {
-            "images": n,
-            "patients": int(len(np.unique(patient_ids[rows]))),
-            "share": round(n / n_total, 6),
-            "positives": {s: int(v) for s, v in zip(stratum_names, positives)},
-            "prevalence": {s: round(float(v), 6) for s, v in zip(stratum_names, prevalence)},
-            "relative_deviation": {s: round(float(v), 6) for s, v in zip(stratum_names, deviation)},
-        }
+        entries[name] = SplitCounts(
+            images=n, patients=int(len(np.unique(patient_ids[rows]))), share=round(n / n_total, 6),
+            positives={s: int(v) for s, v in zip(stratum_names, positives)},
+            prevalence={s: round(float(v), 6) for s, v in zip(stratum_names, prevalence)},
+            relative_deviation={s: round(float(v), 6) for s, v in zip(stratum_names, deviation)},
+        )
         i = int(np.argmax(np.abs(deviation)))
-        if n and abs(deviation[i]) > abs(worst["value"]):
-            worst = {"value": round(float(deviation[i]), 6), "split": name, "finding": stratum_names[i]}
-    return {"splits": entries, "max_relative_deviation": worst}
+        if n and abs(deviation[i]) > abs(worst.value):
+            worst = Worst(value=round(float(deviation[i]), 6), split=name, finding=stratum_names[i])
+    return Comparison(splits=entries, max_relative_deviation=worst)
 
 
 def split_report(
@@ -453,7 +497,7 @@ def split_report(
     ratios: Sequence[float] | None = None,
     official_test: bool = False,
     **about,
-) -> dict:
+) -> SplitReport:
     """Images, patients and per-finding prevalence of each split, beside the whole table's.
 
     ``relative_deviation`` of a finding in a split is (split prevalence / overall
@@ -468,73 +512,60 @@ def split_report(
     split_names = table[SPLIT].to_numpy()
     n_total = len(table)
 
-    report: dict = dict(about)
-    report["mode"] = "official-test" if official_test else "custom"
+    overall = Counts(images=n_total, patients=int(len(np.unique(patient_ids))),
+                     positives={s: int(v) for s, v in zip(names, strata.sum(axis=0))},
+                     prevalence={s: round(float(v), 6) for s, v in zip(names, strata.mean(axis=0))})
+    compared = _compare(strata, patient_ids, split_names, SPLITS, names)
+    report = SplitReport(**about, mode="official-test" if official_test else "custom", overall=overall,
+                         splits=compared.splits, max_relative_deviation=compared.max_relative_deviation)
     if ratios is not None:
-        report["ratios"] = dict(zip(SPLITS, map(float, ratios)))
-    report["overall"] = {
-        "images": n_total,
-        "patients": int(len(np.unique(patient_ids))),
-        "positives": {s: int(v) for s, v in zip(names, strata.sum(axis=0))},
-        "prevalence": {s: round(float(v), 6) for s, v in zip(names, strata.mean(axis=0))},
-    }
-    report.update(_compare(strata, patient_ids, split_names, SPLITS, names))
+        report.ratios = dict(zip(SPLITS, map(float, ratios)))
     if ratios is not None and not official_test:
-        share = max(abs(report["splits"][name]["share"] - r) for name, r in zip(SPLITS, ratios))
-        report["max_share_deviation_points"] = round(100 * share, 4)
+        share = max(abs(report.splits[name].share - r) for name, r in zip(SPLITS, ratios))
+        report.max_share_deviation_points = round(100 * share, 4)
     if official_test:
         pool = split_names != "test"
         within = _compare(strata[pool], patient_ids[pool], split_names[pool], SPLITS[:2], names)
         if ratios is not None:
             wanted = np.asarray(ratios[:2], dtype=float) / sum(ratios[:2])
-            share = max(abs(within["splits"][n]["share"] - r) for n, r in zip(SPLITS[:2], wanted))
-            within["ratios"] = dict(zip(SPLITS[:2], map(float, wanted.round(6))))
-            within["max_share_deviation_points"] = round(100 * share, 4)
-        report["within_train_val"] = within
+            share = max(abs(within.splits[n].share - r) for n, r in zip(SPLITS[:2], wanted))
+            within.ratios = dict(zip(SPLITS[:2], map(float, wanted.round(6))))
+            within.max_share_deviation_points = round(100 * share, 4)
+        report.within_train_val = within
     by_patient = table.groupby(PATIENT_ID)[SPLIT].nunique()
-    report["shared_patients"] = int((by_patient > 1).sum())
+    report.shared_patients = int((by_patient > 1).sum())
     return report
 
 
-def format_split_report(report: dict) -> str:
+def format_split_report(report: SplitReport) -> str:
     """The report as a plain-text table for the terminal."""
-    def table(title: str, overall: dict, splits: dict, worst: dict) -> list[str]:
+    def table(title: str, overall: Counts, splits: dict[str, SplitCounts], worst: Worst) -> list[str]:
         lines = [f"{title:<20}{'all':>12}" + "".join(f"{name:>24}" for name in splits)]
-        lines.append(
-            f"{'images':<20}{overall['images']:>12,}"
-            + "".join(f"{s['images']:>14,} ({s['share']:6.2%} )" for s in splits.values())
-        )
-        lines.append(
-            f"{'patients':<20}{overall['patients']:>12,}" + "".join(f"{s['patients']:>24,}" for s in splits.values())
-        )
+        lines.append(f"{'images':<20}{overall.images:>12,}"
+                     + "".join(f"{s.images:>14,} ({s.share:6.2%} )" for s in splits.values()))
+        lines.append(f"{'patients':<20}{overall.patients:>12,}" + "".join(f"{s.patients:>24,}" for s in splits.values()))
         lines.append("prevalence (relative deviation)")
-        for stratum in overall["prevalence"]:
-            row = f"  {stratum:<18}{overall['prevalence'][stratum]:>12.3%}"
+        for stratum, prevalence in overall.prevalence.items():
+            row = f"  {stratum:<18}{prevalence:>12.3%}"
             for s in splits.values():
-                row += f"{s['prevalence'][stratum]:>14.3%} ({s['relative_deviation'][stratum]:+6.1%})"
+                row += f"{s.prevalence[stratum]:>14.3%} ({s.relative_deviation[stratum]:+6.1%})"
             lines.append(row)
-        lines.append(
-            f"largest relative prevalence deviation: {worst['value']:+.2%} ({worst['finding']} in {worst['split']})"
-        )
+        lines.append(f"largest relative prevalence deviation: {worst.value:+.2%} ({worst.finding} in {worst.split})")
         return lines
 
-    lines = table(f"split ({report['mode']})", report["overall"], report["splits"], report["max_relative_deviation"])
-    if "max_share_deviation_points" in report:
-        lines.append(f"largest share deviation from the ratios: {report['max_share_deviation_points']:.2f} points")
-    if "within_train_val" in report:
-        within = report["within_train_val"]
-        pool = {
-            "images": sum(s["images"] for s in within["splits"].values()),
-            "patients": sum(s["patients"] for s in within["splits"].values()),
-            "prevalence": {
-                k: sum(s["positives"][k] for s in within["splits"].values())
-                / max(1, sum(s["images"] for s in within["splits"].values()))
-                for k in report["overall"]["prevalence"]
-            },
-        }
+    lines = table(f"split ({report.mode})", report.overall, report.splits, report.max_relative_deviation)
+    if report.max_share_deviation_points is not None:
+        lines.append(f"largest share deviation from the ratios: {report.max_share_deviation_points:.2f} points")
+    within = report.within_train_val
+    if within is not None:
+        parts = within.splits.values()
+        images = sum(s.images for s in parts)
+        positives = {k: sum(s.positives[k] for s in parts) for k in report.overall.prevalence}
+        pool = Counts(images=images, patients=sum(s.patients for s in parts), positives=positives,
+                      prevalence={k: v / max(1, images) for k, v in positives.items()})
         lines.append("")
-        lines += table("train+val pool", pool, within["splits"], within["max_relative_deviation"])
-        if "max_share_deviation_points" in within:
-            lines.append(f"largest share deviation within the pool: {within['max_share_deviation_points']:.2f} points")
-    lines.append(f"patients in more than one split: {report['shared_patients']}")
+        lines += table("train+val pool", pool, within.splits, within.max_relative_deviation)
+        if within.max_share_deviation_points is not None:
+            lines.append(f"largest share deviation within the pool: {within.max_share_deviation_points:.2f} points")
+    lines.append(f"patients in more than one split: {report.shared_patients}")
     return "\n".join(lines)
