@@ -147,10 +147,10 @@ def test_merged_nih_and_chexpert_split_patient_wise_with_right_counts(nih_table,
         if dataset == "nih":  # each dataset split in the ratios on its own
             assert abs(share["train"] - 0.7) < 0.03 and abs(share["test"] - 0.2) < 0.03
     stats = table_stats(merged)
-    effusion = stats["findings"]["Pleural Effusion"]
-    assert effusion["known"] == len(nih) + int(chexpert["Pleural Effusion"].notna().sum())
-    assert effusion["positives"] == int(nih["Effusion"].sum() + (chexpert["Pleural Effusion"] == 1).sum())
-    assert stats["findings"]["Hernia"]["known"] == len(nih)
+    effusion = stats.findings["Pleural Effusion"]
+    assert effusion.known == len(nih) + int(chexpert["Pleural Effusion"].notna().sum())
+    assert effusion.positives == int(nih["Effusion"].sum() + (chexpert["Pleural Effusion"] == 1).sum())
+    assert stats.findings["Hernia"].known == len(nih)
     # Written out and read back as a generic table (default columns), it is the same table and splits the same.
     for name in ("merged.csv", "merged.parquet"):
         again = read_table(write_table(merged, tmp_path / name))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 class Record(BaseModel):
     """A typed part of a result file."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="python", exclude_unset=True)
+        return self.model_dump(mode="python", exclude_unset=True, by_alias=True)

@@ -39,7 +39,7 @@ from cxrlearn.data.cohort.split import (
     report_path,
     split_and_save,
 )
-from cxrlearn.data.cohort.stats import format_stats, table_stats
+from cxrlearn.data.cohort.stats import TableStats, format_stats, table_stats
 from cxrlearn.data.columns import DATASET, PATH, PATIENT_ID, UNCERTAIN_POLICIES, finding_columns
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
@@ -152,7 +152,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     table, source = _load_table(args, args.images)
     if args.split:  # "all" is then the split's images, which its parts add up to
         table = apply_split(table, read_split_file(args.split), source=str(args.split))
-    result: dict = {"all": table_stats(table)}
+    result: dict[str, TableStats] = {"all": table_stats(table)}
     if DATASET in table and table[DATASET].nunique() > 1:  # a merged table: each dataset's own counts too
         for name, part in table.groupby(DATASET, sort=False):
             result[f"dataset {name}"] = table_stats(part)
@@ -165,7 +165,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(format_stats(stats, title=source.name if len(result) == 1 else name))
         print()
     if args.json:
-        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        write_atomic(args.json, json.dumps({name: stats.to_dict() for name, stats in result.items()}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
