@@ -281,13 +281,14 @@ def test_pointing_game_on_the_sample_images_with_boxes(predictor, data_dir, samp
     paths = find_images(sample_images)
     result = pointing_game(predictor, paths, boxes, overlays=tmp_path, progress=False)
     in_sample = boxes[boxes["image"].isin(paths)]
-    assert result["boxes"] == len(in_sample) > 40
-    assert 0.0 <= result["hit_rate"] <= 1.0
+    assert result.boxes == len(in_sample) > 40
+    assert 0.0 <= result.hit_rate <= 1.0
     # The centre baseline, counted by hand.
     centre = ((in_sample.x <= 512) & (512 <= in_sample.x + in_sample.w) & (in_sample.y <= 512)
               & (512 <= in_sample.y + in_sample.h)).mean()
-    assert result["centre_hit_rate"] == pytest.approx(centre)
-    assert len(list(tmp_path.glob("*.png"))) == result["boxes"] - (in_sample.duplicated(["image", "finding"])).sum()
+    assert result.centre_hit_rate == pytest.approx(centre)
+    assert sum(e.boxes for e in result.per_finding.values()) == result.boxes == len(result.boxes_list)
+    assert len(list(tmp_path.glob("*.png"))) == result.boxes - (in_sample.duplicated(["image", "finding"])).sum()
 
 
 # ---- ONNX ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from cxrlearn.data.cohort.split import (
     split_and_save,
 )
 from cxrlearn.data.cohort.stats import TableStats, format_stats, table_stats
-from cxrlearn.data.columns import DATASET, PATH, PATIENT_ID, UNCERTAIN_POLICIES, finding_columns
+from cxrlearn.data.columns import DATASET, IMAGE, PATH, PATIENT_ID, SPLIT, UNCERTAIN_POLICIES, finding_columns
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.preprocessing import Preprocessing
@@ -158,7 +158,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             result[f"dataset {name}"] = table_stats(part)
     if args.split:
         for name in SPLITS:
-            part = table[table["split"] == name]
+            part = table[table[SPLIT] == name]
             if len(part):
                 result[name] = table_stats(part)
     for name, stats in result.items():
@@ -348,7 +348,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise DataError(f"none of the {len(paths):,} input file(s) {why}{kept}")
     rows = [p.row(predictor.findings, predictor.provenance) for p in predictions]
     for row in rows:  # a file name that is not UTF-8 is written with its odd bytes escaped, and no row is lost
-        row["image"] = utf8(row["image"]).decode("utf-8")
+        row[IMAGE] = utf8(row[IMAGE]).decode("utf-8")
     if args.out and args.out.suffix.lower() == ".json":
         write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     else:
@@ -491,14 +491,14 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     result = pointing_game(Predictor(args.model), find_images(args.images), read_boxes(args.boxes),
                            overlays=args.out / "overlays", progress=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "pointing_game.json", json.dumps(result, indent=2) + "\n")
-    if not result["boxes"]:
+    write_atomic(args.out / "pointing_game.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    if not result.boxes:
         print("none of the boxed images is in the image folder")
         return 1
-    print(f"pointing game: {result['hit_rate']:.1%} of {result['boxes']} boxes on {result['images']} images "
-          f"(always pointing at the centre: {result['centre_hit_rate']:.1%})")
-    for name, entry in result["per_finding"].items():
-        print(f"  {name:<20} {entry['hits']:>3}/{entry['boxes']:<3} {entry['hit_rate']:6.1%}   centre {entry['centre_hit_rate']:6.1%}")
+    print(f"pointing game: {result.hit_rate:.1%} of {result.boxes} boxes on {result.images} images "
+          f"(always pointing at the centre: {result.centre_hit_rate:.1%})")
+    for name, entry in result.per_finding.items():
+        print(f"  {name:<20} {entry.hits:>3}/{entry.boxes:<3} {entry.hit_rate:6.1%}   centre {entry.centre_hit_rate:6.1%}")
     print(f"wrote {args.out}/pointing_game.json and overlays (heatmap with the radiologist's box)")
     return 0
 

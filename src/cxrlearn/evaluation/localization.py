@@ -21,14 +21,44 @@ from cxrlearn.data.columns import IMAGE
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.sources.boxes import BOX_SPACE, FINDING
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
+from cxrlearn.records import Record
 
 
 def _inside(x: float, y: float, box) -> bool:
     return box.x <= x <= box.x + box.w and box.y <= y <= box.y + box.h
 
 
+class Pointed(Record):
+    """One box: where the heatmap peaked (in the boxes' 1,024 px space), and whether the peak, and the image's
+    centre, fell in the box."""
+
+    image: str
+    finding: str
+    hit: bool
+    centre_hit: bool
+    peak: list[float]
+
+
+class FindingPointing(Record):
+    boxes: int
+    hits: int
+    hit_rate: float
+    centre_hit_rate: float
+
+
+class PointingGame(Record):
+    """``pointing_game.json``: hit rates overall and per finding, beside always pointing at the centre."""
+
+    boxes: int
+    images: int
+    hit_rate: float | None
+    centre_hit_rate: float | None
+    per_finding: dict[str, FindingPointing]
+    boxes_list: list[Pointed]
+
+
 def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overlays: str | os.PathLike | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True) -> PointingGame:
     """Hit rates per finding and overall for the boxes whose images are in ``paths`` (name -> file)."""
 
     rows = boxes[boxes[IMAGE].isin(paths)]
@@ -42,25 +72,23 @@ def pointing_game(predictor, paths: dict[str, Path], boxes: pd.DataFrame, overla
         scale = BOX_SPACE / heat.shape[0]
         x, y = (col + 0.5) * scale, (row + 0.5) * scale
         centre = BOX_SPACE / 2
-        results.append({"image": name, "finding": getattr(box, FINDING), "hit": bool(_inside(x, y, box)),
-                        "centre_hit": bool(_inside(centre, centre, box)), "peak": [float(x), float(y)]})
+        results.append(Pointed(image=name, finding=getattr(box, FINDING), hit=bool(_inside(x, y, box)),
+                               centre_hit=bool(_inside(centre, centre, box)), peak=[float(x), float(y)]))
         if overlays is not None:
             probability = predictor.predict([decoded], [name])[0].probabilities[getattr(box, FINDING)]
             _save_overlay(Path(overlays), decoded, heat, box, probability, (predictor.thresholds or {}))
-    frame = pd.DataFrame(results, columns=["image", "finding", "hit", "centre_hit", "peak"])
-    per_finding = {
-        name: {"boxes": int(len(group)), "hits": int(group["hit"].sum()), "hit_rate": float(group["hit"].mean()),
-               "centre_hit_rate": float(group["centre_hit"].mean())}
-        for name, group in frame.groupby("finding", sort=True)
-    }
-    return {
-        "boxes": int(len(frame)),
-        "images": int(frame["image"].nunique()) if len(frame) else 0,
-        "hit_rate": float(frame["hit"].mean()) if len(frame) else None,
-        "centre_hit_rate": float(frame["centre_hit"].mean()) if len(frame) else None,
-        "per_finding": per_finding,
-        "boxes_list": results,
-    }
+    per_finding: dict[str, list[Pointed]] = {}
+    for result in results:
+        per_finding.setdefault(result.finding, []).append(result)
+    return PointingGame(
+        boxes=len(results), images=len({r.image for r in results}),
+        hit_rate=float(np.mean([r.hit for r in results])) if results else None,
+        centre_hit_rate=float(np.mean([r.centre_hit for r in results])) if results else None,
+        per_finding={name: FindingPointing(boxes=len(group), hits=sum(r.hit for r in group),
+                                           hit_rate=float(np.mean([r.hit for r in group])),
+                                           centre_hit_rate=float(np.mean([r.centre_hit for r in group])))
+                     for name, group in sorted(per_finding.items())},
+        boxes_list=results)
 
 
 def _save_overlay(folder: Path, decoded: np.ndarray, heat: np.ndarray, box, probability: float,

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.configs import RECIPES, Recipe
 from cxrlearn.data.cohort.split import read_split_file, split_and_save
+from cxrlearn.data.columns import IMAGE, SPLIT
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import (
     ImageCache,
@@ -329,12 +330,12 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> Reproduction:
         _stage(state, f"{prefix}split", lambda: _write_split(present, config, split_path, official_list, table_path))
 
         def prepare():
-            listed = present[present["image"].isin(set(read_split_file(split_path)["image"]))]
+            listed = present[present[IMAGE].isin(set(read_split_file(split_path)[IMAGE]))]
             preprocessing = run_preprocessing(config)
             size = preprocessing.cache_size
             cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
             workers = prepare_workers(config.data.prepare_workers)
-            missing = listed[~listed["image"].isin(_cached_names(cache_dir))]
+            missing = listed[~listed[IMAGE].isin(_cached_names(cache_dir))]
             if len(missing):
                 log.info(f"estimate: decoding {len(missing):,} images at {size} px with {workers} processes takes about "
                          f"{_duration(estimate_prepare(missing['path'].tolist(), preprocessing, workers))}")
@@ -367,7 +368,7 @@ def _write_split(present, config: RunConfig, split_path: Path, official_list, ta
 
 def _train(config: RunConfig, run_dir: Path, split_path: Path, progress: bool) -> None:
     split = pd.read_csv(split_path)
-    counts = split["split"].value_counts()
+    counts = split[SPLIT].value_counts()
     estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)),
                                  n_test=int(counts.get("test", 0)))
     log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cxrlearn._files import file_digest, read_json_object, remove_stale_temporaries, write_atomic
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
-from cxrlearn.data.columns import finding_columns
+from cxrlearn.data.columns import IMAGE, finding_columns
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
@@ -173,14 +173,14 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
     write_atomic(run_dir / INPUTS_FILE, json.dumps({"label_table": fingerprint, "split": file_digest(split_path)},
                                                    indent=2) + "\n")
-    unknown = split.loc[~split["image"].isin(set(table["image"])), "image"]
+    unknown = split.loc[~split[IMAGE].isin(set(table[IMAGE])), IMAGE]
     if len(unknown):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
                     f"(e.g. {', '.join(unknown.iloc[:3])})")
 
     preprocessing = run_preprocessing(config)
     cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
-    in_split = present[present["image"].isin(set(split["image"]))]
+    in_split = present[present[IMAGE].isin(set(split[IMAGE]))]
     summary = prepare_cache(
         in_split, cache_dir, fingerprint, preprocessing, workers=data.prepare_workers,
         images_dir=str(data.images), label_table=table_path.name, progress=progress,

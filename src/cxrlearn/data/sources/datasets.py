@@ -113,8 +113,8 @@ def merge_tables(tables: dict[str, pd.DataFrame], image_folders: dict[str, str] 
         merged[finding] = merged[finding].astype(np.float32)  # absent in a dataset: NaN
     repeated = merged.duplicated("image")
     if repeated.any():
-        image = merged["image"][repeated].iloc[0]
-        sources = merged.loc[merged["image"] == image, DATASET].tolist()
+        image = merged[IMAGE][repeated].iloc[0]
+        sources = merged.loc[merged[IMAGE] == image, DATASET].tolist()
         where = (f"twice in {sources[0]}" if sources[0] == sources[1]
                  else f"in both {sources[0]} and {sources[1]}")
         raise DataError(f"image {image!r} is listed {where}: an image may be in one source only")
