@@ -40,6 +40,13 @@ def read_bytes(path: str | os.PathLike, what: str, error: type[Exception]) -> by
         raise error(f"{path}: cannot read: {err.strerror or err}") from None
 
 
+def first_line(path: str | os.PathLike, what: str, error: type[Exception]) -> str:
+    """The first line of a small text file (a key, a token), stripped; "" when it has none. :func:`read_bytes`'s
+    errors; bytes that are not UTF-8 are replaced, never raised on."""
+    text = read_bytes(path, what, error).decode("utf-8", errors="replace").strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under this process's umask (0644 under umask 022).
 

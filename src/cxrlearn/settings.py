@@ -60,7 +60,7 @@ def Choice(*choices) -> Any:  # noqa: N802 - a type, named as one
 class Settings(BaseModel):
     """A settings section: unknown keys are errors; assignments are checked like loading."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---- derived from a declaration ------------------------------------------------------------------------------
@@ -105,8 +105,6 @@ def _describe(annotation: Any, metadata: list) -> str:
         low = (f" > {bounds['Gt']}" if "Gt" in bounds else f" >= {bounds['Ge']}" if "Ge" in bounds else "")
         high = (f" < {bounds['Lt']}" if "Lt" in bounds else f" <= {bounds['Le']}" if "Le" in bounds else "")
         return f"a {'finite ' if not high else ''}number{low}{' and' if low and high else ''}{high}"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a section"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -131,18 +129,19 @@ class Problem:
     expected: str
     given: Any
 
-    def text(self, source: str, field_word: bool = False) -> str:
-        key = f"field {self.key!r}" if field_word else self.key
+    def text(self, source: str, prefix: str = "", field_word: bool = False) -> str:
+        key = f"field {prefix + self.key!r}" if field_word else prefix + self.key
         return f"{source}: {key} must be {self.expected}, not {self.given!r}"[:400]
 
 
-def check(model: Any, values: Any, source: str) -> Any:
+def check(model: Any, values: Any, source: str, prefix: str = "", field_word: bool = False) -> Any:
     """``model`` (a settings class or pydantic dataclass) validated from ``values``; a :class:`ConfigError` naming
-    ``source``, the key, what it accepts and the value given, for the first wrong value."""
+    ``source``, the key (under ``prefix``, as "field 'KEY'" with ``field_word``, a bundle's wording), what it
+    accepts and the value given, for the first wrong value."""
     try:
         return TypeAdapter(model).validate_python(values)
     except ValidationError as err:
-        raise ConfigError(first_problem(model, err, values).text(source)) from None
+        raise ConfigError(first_problem(model, err, values).text(source, prefix, field_word)) from None
 
 
 def first_problem(model: Any, err: ValidationError, values: Any) -> Problem:

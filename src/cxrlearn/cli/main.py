@@ -576,6 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--runtime and --device, as every command that runs a model bundle takes them."""
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    parser.add_argument("--device", default="auto", help="where the torch model (and Grad-CAM's, with --runtime onnx) "
+                        "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+
+
 def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
     """split, stats, merge, prepare, download: tables, splits and the image cache."""
     split = commands.add_parser(
@@ -745,9 +752,7 @@ def _add_model_commands(commands) -> None:
                          help="for each DICOM input, a structured report (TID 1500) and a Grad-CAM secondary capture "
                               "in its study, written here as DICOM files (not for diagnostic use)")
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
-    predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
-    predict.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N "
-                         "(--runtime torch)")
+    _add_runtime_options(predict)
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
     predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
     predict.add_argument("--strict", action="store_true",
@@ -770,8 +775,7 @@ def _add_model_commands(commands) -> None:
                        help="answer 422 (naming the reason) to inputs the input check flags, instead of a warning")
     serve.add_argument("--host", default=HOST)
     serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT)
-    serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
-    serve.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    _add_runtime_options(serve)
     serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20)
     serve.add_argument("--upload-timeout", type=float, default=UPLOAD_TIMEOUT_S,
                        help="seconds an upload may take to arrive whole (default %(default)s)")
@@ -803,15 +807,14 @@ def _add_dicom_commands(commands) -> None:
     listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112)
     listen.add_argument("--allow-ae", action="append", metavar="NAME",
                         help="accept associations only from this calling AE title (repeat for several)")
-    listen.add_argument("--runtime", choices=RUNTIMES, default="torch")
-    listen.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    _add_runtime_options(listen)
     listen.set_defaults(run=_cmd_dicom_listen)
     poll = dicom_commands.add_parser(
         "poll", help="find new CR/DX images in a DICOMweb archive, predict, store a structured report and a heatmap",
         description="Each round: QIDO-RS finds CR and DX instances this outbox has not taken, WADO-RS retrieves "
                     "them, the model predicts, STOW-RS stores each one's structured report and heatmap capture in "
                     "the archive. What the outbox took is never taken again, so reruns do not duplicate. Without "
-                    "--interval: one round, exit 1 when results remain unsent.")
+                    "--interval: one round, exiting with status 2 when results remain unsent.")
     poll.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     poll.add_argument("--url", required=True, help="the archive's DICOMweb root, as http://HOST:PORT/dicom-web")
     poll.add_argument("--since", metavar="DATE", help="only studies dated on or after DATE (YYYY-MM-DD)")
@@ -821,8 +824,7 @@ def _add_dicom_commands(commands) -> None:
                       help="folder of retrieved instances, unsent results and the log (default %(default)s)")
     poll.add_argument("--token-file", type=Path, metavar="FILE",
                       help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
-    poll.add_argument("--runtime", choices=RUNTIMES, default="torch")
-    poll.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    _add_runtime_options(poll)
     poll.set_defaults(run=_cmd_dicom_poll)
     status = dicom_commands.add_parser("status", help="what a node's outbox holds: queued, sent, refused")
     status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"))

@@ -31,7 +31,7 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
-from cxrlearn._files import read_bytes
+from cxrlearn._files import first_line
 from cxrlearn.dicom.outbox import Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.results import SOURCE_CLASSES, to_bytes
@@ -207,10 +207,10 @@ def _reason(err: requests.RequestException) -> str:
 
 def read_token(path: str | os.PathLike) -> str:
     """``--token-file``: the bearer token on the file's first line, refused by name when there is none."""
-    text = read_bytes(path, "token file", ConfigError).decode("utf-8", errors="replace").strip()
-    if not text:
+    token = first_line(path, "token file", ConfigError)
+    if not token:
         raise ConfigError(f"--token-file {path}: no token on its first line")
-    return text.splitlines()[0].strip()
+    return token
 
 
 def check_url(url: str) -> str:

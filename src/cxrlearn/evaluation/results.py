@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,6 @@ class Provenance(Record):
     versions: dict[str, str] | None = None
 
 
-#: The parts, each read from ``metrics.json`` by its record (the others are FindingMetrics' plain fields).
-PARTS: dict[str, Any] = {
-    "input_check": InputCheckSummary, "operating_points": OperatingPoints, "calibration": Calibration,
-    "subgroups": list[Subgroup], "expert": ExpertComparison | None, "tta": TtaComparison | None,
-    "provenance": Provenance,
-}
-
-
 @dataclass
 class EvaluationMetrics(FindingMetrics):
     """Everything ``cxrlearn evaluate`` measured (``metrics.json``; the report is rendered from it)."""
@@ -131,7 +123,7 @@ class EvaluationMetrics(FindingMetrics):
     def to_dict(self) -> dict:
         """JSON-ready, as ``metrics.json`` has always been laid out (a part not measured, None, left out)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(FindingMetrics)}
-        out.update(subset=self.subset, skipped=self.skipped)
+        out.update(subset=self.subset, skipped=self.skipped)  # the plain fields, then the records
         for name in PARTS:
             value = getattr(self, name)
             if isinstance(value, list):
@@ -152,19 +144,26 @@ class EvaluationMetrics(FindingMetrics):
             raise DataError(f"{path}: not a metrics.json of cxrlearn evaluate ({err})") from None
 
 
+#: Every field's type, from the declaration above.
+_HINTS = typing.get_type_hints(EvaluationMetrics)
+#: The fields that are not records: FindingMetrics' per-finding results, the judged subset, the skipped findings.
+_PLAIN = [f.name for f in fields(FindingMetrics)] + ["subset", "skipped"]
+#: The parts, each read from ``metrics.json`` by its record type.
+PARTS: dict[str, Any] = {f.name: _HINTS[f.name] for f in fields(EvaluationMetrics) if f.name not in _PLAIN}
+_TYPES = {name: TypeAdapter(kind) for name, kind in PARTS.items()}
+
+
 def json_schema() -> dict:
-    """The JSON Schema of ``metrics.json`` (``docs/metrics.schema.json``), from the records' declarations."""
-    hints = typing.get_type_hints(FindingMetrics)
-    plain = {f.name: (hints[f.name], ...) for f in fields(FindingMetrics)}
-    model: type[BaseModel] = create_model("EvaluationMetrics", **plain, subset=(str, ""),
-                                          skipped=(dict[str, str], {}),
-                                          **{name: (kind, None) for name, kind in PARTS.items()})
+    """The JSON Schema of ``metrics.json`` (``docs/metrics.schema.json``), from the declarations: FindingMetrics'
+    fields required, the others with their defaults (a part not measured is null)."""
+    required = {f.name for f in fields(FindingMetrics)}
+    declared = {f.name: (_HINTS[f.name], ... if f.name in required else None if f.name in PARTS
+                         else f.default_factory() if f.default_factory is not MISSING else f.default)
+                for f in fields(EvaluationMetrics)}
+    model: type[BaseModel] = create_model("EvaluationMetrics", **declared)
     schema = model.model_json_schema()
     schema["title"] = "cxrlearn evaluation (metrics.json)"
     return schema
-
-
-_TYPES = {name: TypeAdapter(kind) for name, kind in PARTS.items()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,19 +14,18 @@ metrics, the library versions, the last evaluation) are kept as written: nothing
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
-from cxrlearn.settings import first_problem
+from cxrlearn.settings import check as check_settings
 
 META = "model.json"
 #: The most findings a bundle may describe (the head's width is bounded by its declaration,
@@ -120,11 +119,7 @@ class BundleMeta:
         check.that(isinstance(raw["backbone"], str) and raw["backbone"], "backbone", "a timm model name", raw["backbone"])
         head = raw["head"]
         check.that(isinstance(head, dict), "head", "an object with units, activation and dropout", head)
-        try:
-            head_config = TypeAdapter(HeadConfig).validate_python(head)
-        except ValidationError as err:
-            problem = first_problem(HeadConfig, err, head)
-            raise ConfigError(dataclasses.replace(problem, key=f"head.{problem.key}").text(str(path), True)) from None
+        head_config = check_settings(HeadConfig, head, str(path), prefix="head.", field_word=True)
         check.that(_whole(raw["in_chans"]) and raw["in_chans"] in (1, 3), "in_chans", "1 or 3", raw["in_chans"])
         try:
             preprocessing = Preprocessing.from_dict(raw["preprocessing"])

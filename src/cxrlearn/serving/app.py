@@ -48,7 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cxrlearn.data.decoding.images import decode_grayscale_and_colour
 from cxrlearn.defaults import usable_cores
-from cxrlearn._files import read_bytes
+from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Predictor
@@ -107,8 +107,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def read_api_key(path: str | os.PathLike) -> str:
     """The key in ``path`` (its first line), refused by name when the file is missing, empty or too short."""
-    text = read_bytes(path, "API key file", ConfigError).decode("utf-8", errors="replace").strip()
-    key = text.splitlines()[0].strip() if text else ""
+    key = first_line(path, "API key file", ConfigError)
     if len(key) < 16:
         raise ConfigError(f"--api-key-file {path}: the key must be at least 16 characters on its first line")
     return key

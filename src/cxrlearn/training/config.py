@@ -303,7 +303,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
 def resolve_workers(workers) -> int:
     """``auto``: one loader process per CPU core this process may use, at most 16."""
     if workers != "auto":
-        return int(workers)
+        return workers
     return min(16, usable_cores())
 
 

@@ -313,10 +313,8 @@ def _cache_for(model_dir: Path, meta: BundleMeta, fingerprint: str, rows: list[p
     """The cache the judged (and val) images are read from, with any of them not yet in it added. The run's own
     cache serves its own table; another table's images get a cache of their own."""
     own_table = not (options.table or options.dataset)
-    cache_dir = cache_location(meta.trained_data.get("cache") if own_table else None, meta.preprocessing, model_dir,
-                               fingerprint)
-    if options.cache:
-        cache_dir = Path(options.cache)
+    chosen = options.cache or (meta.trained_data.get("cache") if own_table else None)
+    cache_dir = cache_location(chosen, meta.preprocessing, model_dir, fingerprint)
     both = pd.concat([r for r in rows if r is not None]).drop_duplicates(IMAGE)
     summary = prepare_cache(both, cache_dir, fingerprint, meta.preprocessing, workers=options.workers,
                             images_dir=str(images), label_table=Path(csv).name, progress=options.progress)
@@ -379,8 +377,8 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
         metrics.input_check = InputCheckSummary(available=False)
     val_p = probabilities(logits_of(val), findings, temperature) if val is not None else None
     metrics.operating_points, chosen = _operating_points(model_dir, meta, val, val_p, test, test_p, findings, options)
-    metrics.calibration = _calibration(test, test_p, probabilities(logits_of(test), findings), temperature, fitted,
-                                       findings)
+    raw_p = probabilities(logits_of(test), findings) if temperature is not None else None
+    metrics.calibration = _calibration(test, test_p, raw_p, temperature, fitted, findings)
     metrics.subgroups = subgroup_metrics(test.rows, test.labels, test_p, findings, options.resamples, options.seed)
     if options.expert_labels and not set(FINDINGS) <= set(findings):
         metrics.expert = ExpertComparison(n_images=0, note="Google's expert labels judge NIH's findings; this model is "
@@ -443,7 +441,7 @@ def _operating_points(model_dir: Path, meta: BundleMeta, val: _Judged | None, va
 
 def _calibration(test: _Judged, test_p, raw_p, temperature: dict | None, fitted, findings) -> calibration.Calibration:
     """The calibration part: ECE per finding of the probabilities judged, and, when they are temperature-scaled,
-    of the raw ones (``raw_p``) beside them."""
+    of the raw ones (``raw_p``, None without scaling) beside them."""
     part = calibration.Calibration(bins=calibration.DEFAULT_BINS,
                                    test=calibration.calibration_per_finding(test.labels, test_p, findings))
     if temperature is not None:

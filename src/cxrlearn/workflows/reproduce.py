@@ -325,13 +325,13 @@ def _reproduce(recipe_name: str, options: ReproduceOptions) -> Reproduction:
         config = load_config(recipe.config, sets=options.sets)
         config.data.split = str(split_path)
         config.data.images = str(images)
+        preprocessing = run_preprocessing(config)
         config.data.cache = config.data.cache or str(
-            cache_location(None, run_preprocessing(config), out / "model", fingerprint))  # one cache for both models
+            cache_location(None, preprocessing, out / "model", fingerprint))  # one cache for both models
         _stage(state, f"{prefix}split", lambda: _write_split(present, config, split_path, official_list, table_path))
 
         def prepare():
             listed = present[present[IMAGE].isin(set(read_split_file(split_path)[IMAGE]))]
-            preprocessing = run_preprocessing(config)
             size = preprocessing.cache_size
             cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
             workers = prepare_workers(config.data.prepare_workers)

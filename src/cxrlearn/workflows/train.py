@@ -133,8 +133,9 @@ def _recorded_inputs(run_dir: Path) -> dict:
     return read_json_object(path, ConfigError, "so it cannot be checked that this run continues with its own data")
 
 
-def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
-    """Table, split and cache for a run. Returns (table, fingerprint, present, split, cache_dir, split_path)."""
+def prepare_data(config: RunConfig, run_dir: Path, preprocessing: Preprocessing, progress: bool = True):
+    """Table, split and cache (made with the run's ``preprocessing``) for a run. Returns (table, fingerprint,
+    present, split, cache_dir, split_path)."""
 
     data = config.data
     table_path = labels_path(data.table, data.csv)
@@ -178,7 +179,6 @@ def prepare_data(config: RunConfig, run_dir: Path, progress: bool = True):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
                     f"(e.g. {', '.join(unknown.iloc[:3])})")
 
-    preprocessing = run_preprocessing(config)
     cache_dir = cache_location(config.data.cache, preprocessing, run_dir, fingerprint)
     in_split = present[present[IMAGE].isin(set(split[IMAGE]))]
     summary = prepare_cache(
@@ -433,9 +433,9 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
     started = time.time()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
-    table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, progress)
-    data = config.data
     preprocessing = run_preprocessing(config)
+    table, fingerprint, present, split, cache_dir, split_path = prepare_data(config, run_dir, preprocessing, progress)
+    data = config.data
     findings = finding_columns(table)
     datamodule = ChestXrayDataModule(
         cache_dir, table, split, preprocessing, findings=findings, batch_size=data.batch_size,
