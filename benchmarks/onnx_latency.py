@@ -4,6 +4,8 @@ Both run the same bundle on the same real sample images, preprocessed once (uint
 batches at the model's size), so only the network is timed; flip averaging is off
 for both (one forward pass per image). Also checks their probabilities agree.
 
+With ``RUN_DIR/model.int8.onnx`` (``cxrlearn export --int8``), the int8 model too.
+
 Usage: python benchmarks/onnx_latency.py --model RUN_DIR [--onnx FILE] [--batch 32] [--repeats 20]
 """
 
@@ -17,6 +19,7 @@ from _common import machine, parser
 
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.inference.predictor import Predictor
+from cxrlearn.model.quantize import INT8_FILE
 
 
 def timed(function, repeats: int) -> list[float]:
@@ -37,14 +40,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
     runtimes = {"torch": Predictor(args.model), "onnx": Predictor(args.model, runtime="onnx", onnx_path=args.onnx)}
+    if (args.model / INT8_FILE).is_file():  # made by `cxrlearn export --model RUN --int8`
+        runtimes["onnx-int8"] = Predictor(args.model, runtime="onnx-int8")
     for predictor in runtimes.values():
         predictor.tta = False
     paths = sorted((args.data / "nih-sample" / "images-256").glob("*.png"))[: args.batch]
     any_predictor = runtimes["torch"]
     batch = np.stack([any_predictor.model_pixels(load_grayscale(path)) for path in paths])[:, None]
-    print(f"# {any_predictor.meta['backbone']} at {any_predictor.image_size} px; {machine()}")
+    print(f"# {any_predictor.meta.backbone} at {any_predictor.image_size} px; {machine()}")
     probs = {name: 1 / (1 + np.exp(-pred.logits(batch))) for name, pred in runtimes.items()}
-    print(f"max |probability difference| over {len(batch)} images: {np.abs(probs['torch'] - probs['onnx']).max():.2e}")
+    for name in probs:
+        if name != "torch":
+            print(f"max |probability difference| {name} - torch over {len(batch)} images: "
+                  f"{np.abs(probs['torch'] - probs[name]).max():.2e}")
     print("| runtime | single image p50 (ms) | single image p90 (ms) | batch of "
           f"{len(batch)} (images/s) |")
     print("|---|---|---|---|")

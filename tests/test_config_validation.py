@@ -97,3 +97,19 @@ def test_the_config_is_a_typed_value_that_round_trips():
     assert RunConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"data.batch_size must be a whole number"):
         RunConfig.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "batch_size": "8"}})
+
+
+def test_every_flag_the_config_declares_is_an_option_of_train_and_sets_its_key(tmp_path):
+    """The flags are named in the settings' declarations (FLAGS); the parser lists them by hand only so that
+    ``cxrlearn --help`` starts without torch. Each must exist, with a type the key accepts."""
+    import argparse
+
+    from cxrlearn.cli.main import build_parser
+    from cxrlearn.training.config import FLAGS, SETTINGS
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = {option: action for action in commands.choices["train"]._actions for option in action.option_strings}
+    assert set(FLAGS) <= set(train), sorted(set(FLAGS) - set(train))
+    for flag, key in FLAGS.items():
+        expected = int if SETTINGS[key].annotation is int else None
+        assert expected is None or train[flag].type is int, flag

@@ -348,10 +348,10 @@ def test_published_values_are_keyed_by_finding_and_average_to_their_means():
     from cxrlearn.evaluation.published import PUBLISHED, published_auc
 
     for source, entry in PUBLISHED.items():
-        assert set(entry["auc"]) == set(FINDINGS), source
+        assert set(entry.auc) == set(FINDINGS), source
         values = published_auc(source)
         assert list(values) == list(FINDINGS)
-        assert abs(np.mean(list(values.values())) - entry["mean"]) < 0.0015, source
+        assert abs(np.mean(list(values.values())) - entry.mean) < 0.0015, source
 
 
 def test_metrics_json_keeps_its_format_reads_older_files_and_has_a_current_schema(evaluated, tmp_path):

@@ -57,8 +57,8 @@ def flagged(predictions) -> float:
 def test_the_bundle_carries_a_check_fitted_on_train_and_thresholded_on_val(trained_run):
     run, _ = trained_run
     predictor = Predictor(run)
-    assert (run / FILE).is_file() and predictor.meta.input_check["percentile"] == 99.0
-    assert predictor.meta.input_check["train_images"] >= 250 and predictor.meta.input_check["val_images"] >= 200
+    assert (run / FILE).is_file() and predictor.meta.input_check.percentile == 99.0
+    assert predictor.meta.input_check.train_images >= 250 and predictor.meta.input_check.val_images >= 200
 
 
 def test_real_frontal_images_of_other_patients_pass(judged):

@@ -70,7 +70,7 @@ def test_the_run_learns_the_tables_findings_from_the_source_run(fine_tuned):
     run, source = fine_tuned
     meta = read_meta(run)
     assert list(meta.findings) == list(READ.values())
-    detail = meta.weights_source["detail"]
+    detail = meta.weights_source.detail
     kept, new = detail.split("new for")
     assert "Pleural Effusion" in kept and "Infiltration" in kept and new.strip() == "Nodule or Mass"
     assert meta.config["data"]["table"].endswith("labels.csv") and meta.input_check is not None

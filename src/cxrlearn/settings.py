@@ -52,6 +52,13 @@ Flag = StrictBool
 Text = Annotated[StrictStr, annotated_types.MinLen(1)]
 
 
+@dataclass(frozen=True)
+class Says:
+    """What a type accepts, in words, where its type and range do not say it well (``Annotated[..., Says(…)]``)."""
+
+    text: str
+
+
 def Choice(*choices) -> Any:  # noqa: N802 - a type, named as one
     """One of ``choices`` (texts or whole numbers), exactly."""
     return Annotated[Literal[choices], BeforeValidator(_exact)]
@@ -75,6 +82,9 @@ def accepts(field: FieldInfo) -> str:
 
 
 def _describe(annotation: Any, metadata: list) -> str:
+    said = [m.text for m in metadata if isinstance(m, Says)]
+    if said:
+        return said[0]
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         inner, *more = typing.get_args(annotation)
@@ -94,28 +104,49 @@ def _describe(annotation: Any, metadata: list) -> str:
         return "true or false"
     if annotation is str:
         return "a non-empty text"
+    if origin is dict:
+        return f"an object whose values are {_describe(typing.get_args(annotation)[1], [])}"
+    declared = _declared(annotation)
+    if declared:
+        names = list(declared)
+        return "an object with " + (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0])
     flat = [inner for m in metadata for inner in (m.metadata if isinstance(m, FieldInfo) else [m])]
-    bounds = {name: getattr(m, name.lower()) for m in flat for name in ("Ge", "Gt", "Le", "Lt")
-              if isinstance(m, getattr(annotated_types, name))}
+
+    def bound(kind: type) -> Any:
+        return next((getattr(m, kind.__name__.lower()) for m in flat if isinstance(m, kind)), None)
+
+    ge, gt, le, lt = (bound(kind) for kind in (annotated_types.Ge, annotated_types.Gt, annotated_types.Le,
+                                                annotated_types.Lt))
     if annotation is int:
-        low, high = bounds.get("Ge"), bounds.get("Le")
-        return "a whole number" + (f" from {low} to {high}" if low is not None and high is not None
-                                   else f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
+        return "a whole number" + (f" from {ge} to {le}" if ge is not None and le is not None
+                                   else f" >= {ge}" if ge is not None else f" <= {le}" if le is not None else "")
     if annotation is float:
-        low = (f" > {bounds['Gt']}" if "Gt" in bounds else f" >= {bounds['Ge']}" if "Ge" in bounds else "")
-        high = (f" < {bounds['Lt']}" if "Lt" in bounds else f" <= {bounds['Le']}" if "Le" in bounds else "")
+        low = f" > {gt}" if gt is not None else f" >= {ge}" if ge is not None else ""
+        high = f" < {lt}" if lt is not None else f" <= {le}" if le is not None else ""
         return f"a {'finite ' if not high else ''}number{low}{' and' if low and high else ''}{high}"
     return getattr(annotation, "__name__", str(annotation))
 
 
-def fields_of(model: type[BaseModel] | Any, prefix: str = "") -> dict[str, FieldInfo]:
-    """Every leaf setting of a model (or pydantic dataclass) under its dotted key, sections opened."""
+def _declared(annotation: Any) -> dict[str, FieldInfo]:
+    """The fields of a settings class, a record or a pydantic dataclass (also inside ``X | None``); {} otherwise."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        kinds = [m for m in typing.get_args(annotation) if m is not type(None)]
+        return _declared(kinds[0]) if len(kinds) == 1 else {}
+    if not isinstance(annotation, type):
+        return {}
+    return dict(getattr(annotation, "model_fields", None) or getattr(annotation, "__pydantic_fields__", {}))
+
+
+def fields_of(model: type[BaseModel] | Any, prefix: str = "", sections: bool = False) -> dict[str, FieldInfo]:
+    """Every leaf setting of a model (or pydantic dataclass) under its dotted key, sections opened (and listed
+    themselves too, with ``sections``)."""
     found: dict[str, FieldInfo] = {}
-    declared = getattr(model, "model_fields", None) or getattr(model, "__pydantic_fields__", {})
-    for name, field in declared.items():
-        inner = field.annotation
-        if isinstance(inner, type) and (issubclass(inner, BaseModel) or hasattr(inner, "__pydantic_fields__")):
-            found.update(fields_of(inner, f"{prefix}{name}."))
+    for name, field in _declared(model).items():
+        inner = _declared(field.annotation)
+        if inner and sections:
+            found[f"{prefix}{name}"] = field
+        if inner:
+            found.update(fields_of(field.annotation, f"{prefix}{name}.", sections))
         else:
             found[f"{prefix}{name}"] = field
     return found
@@ -123,14 +154,18 @@ def fields_of(model: type[BaseModel] | Any, prefix: str = "") -> dict[str, Field
 
 @dataclass(frozen=True)
 class Problem:
-    """The first wrong value pydantic found: its dotted key, what the key accepts, and the value given."""
+    """The first wrong value pydantic found: its dotted key, what the key accepts, and the value given (or that
+    the key is missing)."""
 
     key: str
     expected: str
     given: Any
+    missing: bool = False
 
     def text(self, source: str, prefix: str = "", field_word: bool = False) -> str:
         key = f"field {prefix + self.key!r}" if field_word else prefix + self.key
+        if self.missing:
+            return f"{source}: {key} is missing"
         return f"{source}: {key} must be {self.expected}, not {self.given!r}"[:400]
 
 
@@ -145,14 +180,40 @@ def check(model: Any, values: Any, source: str, prefix: str = "", field_word: bo
 
 
 def first_problem(model: Any, err: ValidationError, values: Any) -> Problem:
-    known = fields_of(model)
-    problem = err.errors()[0]
-    parts = [str(p) for p in problem["loc"]]
-    for end in range(len(parts), 0, -1):  # the longest prefix of the location that is a setting
+    """The first error's key: the longest start of its location that is a declared field (or section), one
+    level further into a field that is an object of values (``thresholds.Effusion``)."""
+    known = fields_of(model, sections=True)
+    error = err.errors()[0]
+    parts, given = [str(p) for p in error["loc"]], error.get("input")
+    for end in range(len(parts), 0, -1):
         key = ".".join(parts[:end])
-        if key in known:
-            given = values
-            for part in parts[:end]:
-                given = given.get(part) if isinstance(given, dict) else problem.get("input")
-            return Problem(key, accepts(known[key]), given)
-    return Problem(".".join(parts) or "the value", problem["msg"].lower(), problem.get("input"))
+        if key not in known:
+            continue
+        if error["type"] == "missing":
+            return Problem(key, "", None, missing=True)
+        expected = accepts(known[key])
+        values_type = _values_type(known[key].annotation)
+        if values_type is not None and end < len(parts):
+            key, expected = f"{key}.{parts[end]}", _describe(values_type, [])
+            end += 1
+        return Problem(key, expected, _given(values, parts[:end], given))
+    return Problem(".".join(parts) or "the value", error["msg"].lower(), given)
+
+
+def _values_type(annotation: Any) -> Any:
+    """V of ``dict[str, V]`` (also inside ``X | None``); None for any other type."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        kinds = [m for m in typing.get_args(annotation) if m is not type(None)]
+        return _values_type(kinds[0]) if len(kinds) == 1 else None
+    if typing.get_origin(annotation) is Annotated:
+        return _values_type(typing.get_args(annotation)[0])
+    return typing.get_args(annotation)[1] if typing.get_origin(annotation) is dict else None
+
+
+def _given(values: Any, path: list[str], fallback: Any) -> Any:
+    """The value at ``path`` in what was given (pydantic's own input where the path leaves the dicts)."""
+    for part in path:
+        if not isinstance(values, dict):
+            return fallback
+        values = values.get(part)
+    return values

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cxrlearn import __version__
-from cxrlearn._files import utf8, write_atomic
+from cxrlearn._files import write_atomic
 from cxrlearn.configs import RECIPES
 from cxrlearn.data.cohort.split import (
     DEFAULT_RATIOS,
@@ -52,7 +52,7 @@ from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, 
 from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
-from cxrlearn.model import ONNX_OPSET
+from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
 from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
@@ -312,7 +312,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cxrlearn.inference.overlays import write_overlays
-    from cxrlearn.inference.predictor import Predictor, find_inputs
+    from cxrlearn.inference.predictor import Predictor, find_inputs, prediction_table
 
     paths, unreadable = find_inputs(args.inputs)
     if not paths:
@@ -346,19 +346,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         kept = f"; {args.out} is left as it was" if args.out and args.out.exists() else ""
         why = f"could be read or passed the input check (--strict refused {refused})" if refused else "could be read"
         raise DataError(f"none of the {len(paths):,} input file(s) {why}{kept}")
-    rows = [p.row(predictor.findings, predictor.provenance) for p in predictions]
-    for row in rows:  # a file name that is not UTF-8 is written with its odd bytes escaped, and no row is lost
-        row[IMAGE] = utf8(row[IMAGE]).decode("utf-8")
-    if args.out and args.out.suffix.lower() == ".json":
-        write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
-    else:
-        import pandas as pd
-
-        text = pd.DataFrame(rows, columns=list(rows[0])).to_csv(index=False, float_format="%.9g")
-        if args.out:
-            write_atomic(args.out, text)
-        else:
-            sys.stdout.write(text)
+    rows_written = prediction_table(predictions, predictor.findings, predictor.provenance, args.out)
     if args.cam:
         chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
         written = write_overlays(predictor, read, predictions, args.cam, chosen)
@@ -366,7 +354,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.dicom_out:
         failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out)
     if args.out:
-        print(f"wrote {len(rows):,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
+        print(f"wrote {rows_written:,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
               + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
     return EXIT_SKIPPED if failures or refused else EXIT_OK
 
@@ -460,7 +448,17 @@ def _cmd_dicom_status(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from cxrlearn.model.export import export_onnx
+    from cxrlearn.workflows.quantize import export_int8
 
+    if args.int8:
+        judgement, out = export_int8(args.model, max_auc_loss=args.max_auc_loss, min_agreement=args.min_agreement,
+                                     calibration_images=args.calibration_images, progress=not args.no_progress)
+        if out is None:
+            print(f"cxrlearn export: refused to write the int8 model: {judgement.text()}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; predict, serve with --runtime onnx-int8): "
+              f"{judgement.text()}")
+        return EXIT_OK
     _want_file(args.out, "--out")
     out = export_onnx(args.model, args.out, opset=args.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): input 'image' uint8 (batch, 1, S, S), "
@@ -718,6 +716,30 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     evaluate.set_defaults(run=_cmd_evaluate)
 
 
+def _add_export_command(commands) -> None:
+    """export: ONNX, and int8 ONNX behind its accuracy gate."""
+    export = commands.add_parser("export", help="export a model bundle to ONNX (preprocessing contract inside)")
+    export.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", type=Path, help="ONNX file to write (default: RUN_DIR/model.onnx, where "
+                        "predict --runtime onnx and serve --runtime onnx look)")
+    export.add_argument("--opset", type=int, default=ONNX_OPSET)
+    export.add_argument("--int8", action="store_true",
+                        help="also quantise to int8 (RUN_DIR/model.int8.onnx, for --runtime onnx-int8), calibrated on "
+                             "the run's training images; written only if, on its validation images, it keeps the "
+                             "mean AUC (paired patient bootstrap) and the input check's verdicts")
+    export.add_argument("--max-auc-loss", type=float, default=INT8_MAX_AUC_LOSS, metavar="X",
+                        help="--int8: the lower bound of the 95%% interval of mean AUC (int8 - float) must be above -X "
+                             "(default %(default)s)")
+    export.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="F",
+                        help="--int8: the least share of validation images with the same input-check verdict "
+                             "(default %(default)s)")
+    export.add_argument("--calibration-images", type=int, default=INT8_CALIBRATION_IMAGES, metavar="N",
+                        help="--int8: training images the activation ranges are measured on (default %(default)s)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.set_defaults(run=_cmd_export)
+
+
 def _add_model_commands(commands) -> None:
     """reproduce, predict, export, serve: using a model bundle."""
     reproduce = commands.add_parser(
@@ -761,13 +783,7 @@ def _add_model_commands(commands) -> None:
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
-    export = commands.add_parser("export", help="export a model bundle to ONNX (preprocessing contract inside)")
-    export.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
-    export.add_argument("--out", type=Path, help="ONNX file to write (default: RUN_DIR/model.onnx, where "
-                        "predict --runtime onnx and serve --runtime onnx look)")
-    export.add_argument("--opset", type=int, default=ONNX_OPSET)
-    export.set_defaults(run=_cmd_export)
+    _add_export_command(commands)
 
     serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
     serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")

@@ -14,7 +14,8 @@ from cxrlearn._files import write_atomic
 from cxrlearn.errors import DataError
 from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.model.bundle import bundle_digest, read_meta
-from cxrlearn.model.meta import BundleMeta
+from cxrlearn.model.input_check import PERCENTILE
+from cxrlearn.model.meta import BundleMeta, DataRecord
 
 CARD = "MODEL_CARD.md"
 
@@ -45,8 +46,12 @@ def _ci(interval) -> str:
     return "—" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
+def _or_dash(value) -> str:
+    return "—" if value is None else str(value)
+
+
 def _last_evaluation(meta: BundleMeta) -> EvaluationMetrics | None:
-    folder = (meta.evaluation or {}).get("folder")
+    folder = meta.evaluation.folder if meta.evaluation else None
     if not folder or not (Path(folder) / "metrics.json").is_file():
         return None
     try:
@@ -60,7 +65,7 @@ def model_card(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     meta = read_meta(folder)
     evaluation = _last_evaluation(meta)
-    config, data = meta.config or {}, meta.data or {}
+    data = meta.data or DataRecord()
     findings = list(meta.findings)
     digest = bundle_digest(folder)
     lines = [f"# Model card: {meta.backbone}, {len(findings)} chest X-ray findings", "",
@@ -72,17 +77,16 @@ def model_card(folder: str | os.PathLike) -> str:
              "input is unlike the training images. For medical-imaging researchers and hospital imaging teams "
              "studying such models on their own data.", "", "## What it is not for", "", _NOT_FOR, "",
              "## Training data", ""]
-    sizes = data.get("images") or {}
-    split_cfg = config.get("data", {})
-    lines += [f"- Label table: `{data.get('label_table', 'unknown')}`"
-              + (f" (dataset {split_cfg['dataset']})" if split_cfg.get("dataset") else ""),
-              "- Images per split: " + (", ".join(f"{k} {v:,}" for k, v in sizes.items()) or "unknown"),
+    trained = meta.trained_data
+    lines += [f"- Label table: `{data.label_table or 'unknown'}`"
+              + (f" (dataset {trained.dataset})" if trained.dataset else ""),
+              "- Images per split: " + (", ".join(f"{k} {v:,}" for k, v in data.images.items()) or "unknown"),
               f"- Split: `{meta.split.file}` (SHA-256 `{meta.split.sha256}`)" if meta.split else "- Split: unknown",
-              f"- Split seed {split_cfg.get('split_seed', '—')}, ratios {split_cfg.get('ratios', '—')} "
+              f"- Split seed {_or_dash(trained.split_seed)}, ratios {_or_dash(trained.ratios)} "
               "(patient-wise: no patient in two splits)",
               f"- Input: {meta.preprocessing.input_size} px, {meta.in_chans} channel(s); ImageNet weights from "
-              f"{(meta.weights_source or {}).get('kind', 'unknown')}", ""]
-    positives = data.get("positives") or {}
+              f"{(meta.weights_source.kind if meta.weights_source else None) or 'unknown'}", ""]
+    positives = data.positives
     if positives:
         names = list(positives)
         lines += ["| finding | " + " | ".join(f"positives in {n}" for n in names) + " |",
@@ -102,17 +106,17 @@ def model_card(folder: str | os.PathLike) -> str:
 def _performance(meta: BundleMeta, evaluation: EvaluationMetrics | None, findings: list[str]) -> list[str]:
     lines = ["## Performance", ""]
     if evaluation is None:
-        measured = {k: v for k, v in (meta.metrics or {}).items() if isinstance(v, dict) and "auc" in v}
+        measured = meta.metrics.measured()
         if not measured:
             return lines + ["Not evaluated yet: run `cxrlearn evaluate`.", ""]
         names = list(measured)
         lines += ["AUC-ROC at the end of training (no intervals: run `cxrlearn evaluate` for them):", "",
                   "| finding | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
-        lines += [f"| {f} | " + " | ".join(_num(measured[n]["auc"].get(f)) for n in names) + " |" for f in findings]
-        lines += ["| **mean** | " + " | ".join(_num(measured[n].get("mean_auc")) for n in names) + " |", ""]
+        lines += [f"| {f} | " + " | ".join(_num(measured[n].auc.get(f)) for n in names) + " |" for f in findings]
+        lines += ["| **mean** | " + " | ".join(_num(measured[n].mean_auc) for n in names) + " |", ""]
         return lines
     lines += [f"Judged on {evaluation.subset}: {evaluation.n_images:,} images of {evaluation.n_patients:,} patients "
-              f"({(meta.evaluation or {}).get('date', '')}). Intervals: 95%, bootstrap over patients.", "",
+              f"({meta.evaluation.date if meta.evaluation else ''}). Intervals: 95%, bootstrap over patients.", "",
               "| finding | positives | AUC | 95% CI |", "| --- | --- | --- | --- |"]
     lines += [f"| {f} | {evaluation.positives.get(f, 0):,} | {_num(evaluation.auc.get(f))} | "
               f"{_ci(evaluation.auc_ci95.get(f))} |" for f in findings if f in evaluation.auc]
@@ -151,7 +155,7 @@ def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list
               "training resolution, or enlarged from a thumbnail, strongly non-square, colour, near-constant, no large-scale structure, "
               "saturated), the image's layout against "
               "the training images' (turned, upside down or inverted films), and the Mahalanobis distance of the "
-              f"backbone's features, flagged above the {fitted.get('percentile', 99):g}th percentile of the "
+              f"backbone's features, flagged above the {fitted.percentile or PERCENTILE:g}th percentile of the "
               "validation images'."]
     check = evaluation.input_check if evaluation else None
     if check is not None and check.available:

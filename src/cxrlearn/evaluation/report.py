@@ -101,14 +101,14 @@ def _auc_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tup
     ]
     rows.append(["**mean**"] + ([""] if partial else []) + ["", _num(metrics.mean_auc), _ci(metrics.mean_auc_ci95),
                                                              "", ""]
-                + [_num(PUBLISHED[s]["mean"], 4) for s in sources])
+                + [_num(PUBLISHED[s].mean, 4) for s in sources])
     blocks += [
         ("h2", "Per-finding AUC"),
         ("table", Table(["finding"] + (["known labels"] if partial else [])
                         + ["positives", "AUC-ROC", "95% CI", "AUC-PR", "prevalence"] + sources, rows)),
         ("p", f"† fewer than {FEW_POSITIVES} positives: the interval rests on very few images and is unreliable. "
               + ("Published values are context, not a like-for-like target: other data, splits and models. "
-                 + " ".join(f"{s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})."
+                 + " ".join(f"{s}: {PUBLISHED[s].described()}."
                             for s in sources) if sources else "")),
         ("img", (ROC_FIGURE, "ROC curve of each finding on the judged images")),
     ]

@@ -35,6 +35,7 @@ from cxrlearn.evaluation.expert import ExpertComparison
 from cxrlearn.evaluation.metrics import FindingMetrics
 from cxrlearn.evaluation.operating_points import OperatingPoints
 from cxrlearn.evaluation.subgroups import Subgroup
+from cxrlearn.model.meta import WeightsRecord
 from cxrlearn.records import Record
 
 
@@ -82,7 +83,7 @@ class BundleRecord(Record):
     preprocessing: dict[str, Any]
     weights_sha256: str
     trained_split_sha256: str | None = None
-    weights_source: dict[str, Any] | None = None
+    weights_source: WeightsRecord | None = None
     training_versions: dict[str, Any] | None = None
 
 

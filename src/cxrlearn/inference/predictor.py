@@ -9,6 +9,7 @@ and flip averaging runs when the thresholds were chosen with it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from cxrlearn import __version__
+from cxrlearn._files import utf8, write_atomic
+from cxrlearn.data.columns import IMAGE
 from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour, regular_file
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError, DataError
@@ -28,6 +32,7 @@ from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror
 from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
+from cxrlearn.model.quantize import INT8_FILE
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import INPUT_CHECK_FILE
@@ -69,7 +74,7 @@ class Prediction:
     def row(self, findings: Sequence[str], provenance: Provenance | None = None) -> dict:
         """Flat: ``image``, one column per finding, ``positive_findings`` and one 0/1 column per finding, then
         ``input_check`` and ``input_score``, then ``model_sha256`` and ``cxrlearn_version`` when given."""
-        out: dict = {"image": self.image, **{name: self.probabilities[name] for name in findings}}
+        out: dict = {IMAGE: self.image, **{name: self.probabilities[name] for name in findings}}
         if self.positive is not None:
             out["positive_findings"] = "|".join(self.positive)
             out.update({f"{name}_positive": int(name in self.positive) for name in findings})
@@ -77,6 +82,25 @@ class Prediction:
         if provenance is not None:
             out.update(provenance.columns())
         return out
+
+
+def prediction_table(predictions: Sequence[Prediction], findings: Sequence[str], provenance: Provenance | None,
+                     out: Path | None) -> int:
+    """The predictions as ``predict`` writes them: one row each (:meth:`Prediction.row`), JSON when ``out`` ends in
+    ``.json``, CSV otherwise, to ``out`` (atomically) or to standard output. A file name that is not UTF-8 is written
+    with its odd bytes escaped, and no row is lost. Returns the rows written."""
+    rows = [p.row(findings, provenance) for p in predictions]
+    for row in rows:
+        row[IMAGE] = utf8(row[IMAGE]).decode("utf-8")
+    if out is not None and out.suffix.lower() == ".json":
+        write_atomic(out, json.dumps(rows, indent=2) + "\n")
+        return len(rows)
+    text = pd.DataFrame(rows, columns=list(rows[0]) if rows else None).to_csv(index=False, float_format="%.9g")
+    if out is not None:
+        write_atomic(out, text)
+    else:
+        sys.stdout.write(text)
+    return len(rows)
 
 
 def find_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -104,6 +128,10 @@ def find_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
     return found, unreadable
 
 
+#: The file each ONNX runtime reads in a bundle's folder.
+ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": INT8_FILE}
+
+
 class Predictor:
     """A model bundle ready to predict: ``Predictor(run_dir).predict([pixels], names)``."""
 
@@ -127,7 +155,7 @@ class Predictor:
         if runtime == "torch":
             self._load_torch()
         else:
-            self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILE)
+            self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime])
         if self.input_check is not None:
             width = self.input_check.feature_mean.shape[0]
             features = (self.model.backbone.num_features if runtime == "torch"
@@ -146,8 +174,9 @@ class Predictor:
         import onnxruntime
 
         if not path.is_file():
+            made_by = "--int8" if self.runtime == "onnx-int8" else f"--format onnx --out {path}"
             raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
-                              f"--format onnx --out {path}`")
+                              f"{made_by}`")
         check_onnx_matches_bundle(path, self.model_dir)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -175,7 +204,7 @@ class Predictor:
     def _features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """The backbone's pooled features and the logits (features None from an ONNX file exported before they
         were one of its outputs)."""
-        if self.runtime == "onnx":
+        if self.runtime != "torch":
             outputs = self.session.run(None, {"image": batch})
             return (outputs[1] if len(outputs) > 1 else None), outputs[0]
         with torch.no_grad():
@@ -194,6 +223,13 @@ class Predictor:
         if self.input_check is None:
             return logits, [Verdict(reason, None) if reason else None for reason in cheap]
         return logits, self.input_check.judge(batch[:, 0], features, cheap)
+
+    def outputs(self, batch: np.ndarray, cheap: list[Flag | None] | None = None
+                ) -> tuple[np.ndarray, list[Verdict | None]]:
+        """Probabilities (B, F) of a uint8 batch of network inputs (B, 1, S, S), as predictions give them, and the
+        input check's verdicts (``cheap``: reasons found in the files, when known)."""
+        logits, verdicts = self._logits_and_verdicts(batch, cheap or [None] * len(batch))
+        return probabilities(logits, self.findings, self.temperature), verdicts
 
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str],
                 colours: Sequence[float] | None = None) -> list[Prediction]:

@@ -39,7 +39,7 @@ from sklearn.covariance import LedoitWolf
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.bundle import read_safetensors
-from cxrlearn.model.meta import INPUT_CHECK_FILE
+from cxrlearn.model.meta import INPUT_CHECK_FILE, InputCheckFit
 
 FILE = INPUT_CHECK_FILE
 OK = "ok"
@@ -207,12 +207,12 @@ class InputCheck:
     layout_precision: np.ndarray
     feature_mean: np.ndarray
     feature_precision: np.ndarray
-    threshold: float  # squared feature distance at the validation percentile
-    fitted: dict  # how: images, percentile, method; layout_threshold (the same, of the layout distance)
+    #: How it was fitted, and its thresholds: what ``model.json`` says of it (the arrays are in :data:`FILE`).
+    fit: InputCheckFit
 
-    def describe(self) -> dict:
-        """What ``model.json`` says of it (the arrays are in :data:`FILE`)."""
-        return {"file": FILE, "threshold": self.threshold, **self.fitted}
+    @property
+    def threshold(self) -> float:
+        return self.fit.threshold
 
     def save(self, folder: str | os.PathLike) -> None:
         arrays = {"layout_mean": self.layout_mean, "layout_precision": self.layout_precision,
@@ -220,7 +220,7 @@ class InputCheck:
         write_atomic(Path(folder) / FILE, save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, described: dict) -> InputCheck:
+    def load(cls, folder: str | os.PathLike, described: InputCheckFit) -> InputCheck:
         path = Path(folder) / FILE
         arrays = read_safetensors(path, f"{folder}: model.json describes an input check but {FILE} is missing",
                                   load_file)
@@ -231,12 +231,8 @@ class InputCheck:
         for name, shape in shapes.items():
             if name not in arrays or arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
                 raise ConfigError(f"{path}: {name} is missing, damaged or not {shape}")
-        threshold = described.get("threshold")
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0:
-            raise ConfigError(f"{folder}: field 'input_check.threshold' must be a positive number, not {threshold!r}")
-        fitted = {k: v for k, v in described.items() if k not in ("file", "threshold")}
         return cls(arrays["layout_mean"], arrays["layout_precision"], arrays["feature_mean"],
-                   arrays["feature_precision"], float(threshold), fitted)
+                   arrays["feature_precision"], described)
 
     # ---- judging ------------------------------------------------------------------------------------
     def turned_reasons(self, model_pixels: np.ndarray) -> list[Flag | None]:
@@ -248,7 +244,7 @@ class InputCheck:
             turned = _distance(layout(turn(model_pixels)), self.layout_mean, self.layout_precision)
             for i in np.flatnonzero((turned < own) & (turned < best)):
                 best[i], turns[i] = turned[i], reason
-        usual = float(self.fitted.get("layout_threshold") or np.inf)
+        usual = self.fit.layout_threshold or np.inf
         return [None if turn is None
                 else Flag(Reason(f"looks {turn}"), ": it fits the training images better put right")
                 if best[i] <= usual and best[i] <= TURN_MARGIN * own[i]
@@ -284,11 +280,10 @@ def fit_input_check(train_layouts: np.ndarray, train_features: np.ndarray, val_f
     layout_mean, layout_precision = _gaussian(train_layouts)
     feature_mean, feature_precision = _gaussian(train_features)
     threshold = float(np.percentile(_distance(val_features, feature_mean, feature_precision), PERCENTILE))
-    fitted = {"method": "Mahalanobis distance of pooled backbone features (Ledoit-Wolf shrunk covariance), "
-                        "8x8 layout Gaussian for orientation and inversion, and pixel checks",
-              "train_images": int(len(train_features)), "val_images": int(len(val_features)),
-              "percentile": PERCENTILE}
+    fit = InputCheckFit(
+        file=FILE, threshold=threshold, train_images=len(train_features), val_images=len(val_features),
+        method="Mahalanobis distance of pooled backbone features (Ledoit-Wolf shrunk covariance), 8x8 layout "
+               "Gaussian for orientation and inversion, and pixel checks", percentile=PERCENTILE)
     if val_layouts is not None:
-        fitted["layout_threshold"] = float(np.percentile(_distance(val_layouts, layout_mean, layout_precision),
-                                                         PERCENTILE))
-    return InputCheck(layout_mean, layout_precision, feature_mean, feature_precision, threshold, fitted)
+        fit.layout_threshold = float(np.percentile(_distance(val_layouts, layout_mean, layout_precision), PERCENTILE))
+    return InputCheck(layout_mean, layout_precision, feature_mean, feature_precision, fit)

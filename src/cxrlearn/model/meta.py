@@ -8,23 +8,28 @@ and evaluation read and refuses a damaged or foreign file naming the field; writ
 - 1 (before it): ``image_size``, ``normalization`` and ``config.data.cache_size`` apart; read as the
   same preprocessing, so a format-1 bundle predicts as it did.
 
-The records a run keeps for people to read (the training config as run, the data summary, the
-metrics, the library versions, the last evaluation) are kept as written: nothing computes with them.
+Every field is declared once, below, with its type and range (pydantic): reading validates against it and
+:func:`cxrlearn.settings.check` names the first wrong field; ``docs/model.schema.json`` is generated from it.
+The records a run keeps (the input check's fit, the data summary, training's metrics, the weights' source, the
+last evaluation) are typed records read by attribute, which keep keys a newer cxrlearn added. The training config
+as run and the library versions are kept as written: an old run's config is not rewritten to today's keys.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import fields
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import ConfigDict, Field, PlainSerializer, PlainValidator, TypeAdapter, WithJsonSchema
+from pydantic.dataclasses import dataclass
 
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
+from cxrlearn.records import Record
+from cxrlearn.settings import Choice, Flag, Real, Says, Text
 from cxrlearn.settings import check as check_settings
 
 META = "model.json"
@@ -38,177 +43,199 @@ BUNDLE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SplitRecord:
     """The split file a model was trained on, beside the bundle, and its SHA-256."""
 
-    file: str
-    sha256: str
+    file: Text
+    sha256: Text
 
 
-@dataclass
+class InputCheckFit(Record):
+    """``input_check``: how the learned input check was fitted (:func:`cxrlearn.model.input_check.fit_input_check`);
+    its arrays are in :data:`INPUT_CHECK_FILE`."""
+
+    file: str = INPUT_CHECK_FILE
+    #: The squared feature distance at the validation percentile: above it, an image is unlike the training ones.
+    threshold: Annotated[Real, Field(gt=0)]
+    method: str | None = None
+    train_images: int | None = None
+    val_images: int | None = None
+    percentile: Real | None = None
+    #: The same, of the layout distance (bundles made before it have none: no turn is then ruled out by it).
+    layout_threshold: Real | None = None
+
+
+class WeightsRecord(Record):
+    """Where the backbone's starting weights came from (:class:`cxrlearn.model.pretrained.WeightsSource`)."""
+
+    kind: str | None = None
+    detail: Any = None
+
+
+class SplitAuc(Record):
+    """AUC-ROC of one split at the end of training (:class:`cxrlearn.evaluation.metrics.AucSummary`'s fields)."""
+
+    auc: dict[str, float | None] = {}
+    mean_auc: float | None = None
+    mean_over: list[str] = []
+    undefined: dict[str, str] = {}
+    n_images: int | None = None
+
+
+class TrainingMetrics(Record):
+    """``metrics``: what training measured (``RUN/metrics.json`` holds the same)."""
+
+    val: SplitAuc | None = None
+    test: SplitAuc | None = None
+    best_checkpoint: str | None = None
+    epochs_run: int | None = None
+    seconds: float | None = None
+
+    def measured(self) -> dict[str, SplitAuc]:
+        """The splits measured, by name (val, then test)."""
+        return {name: part for name, part in (("val", self.val), ("test", self.test)) if part is not None}
+
+
+class DataRecord(Record):
+    """``data``: the images a model was trained on, for people (the model card) and for ``reproduce``."""
+
+    label_table: str | None = None
+    images: dict[str, int] = {}
+    positives: dict[str, dict[str, int]] = {}
+    missing_from_cache: Any = None
+
+
+class TrainedWith(Record):
+    """The keys of the training config's ``data`` section that later commands read (the whole section is the
+    config's, :class:`cxrlearn.training.config.DataConfig`; kept as written)."""
+
+    table: Any = None
+    csv: Any = None
+    dataset: str | None = None
+    columns: Any = None
+    findings: Any = None
+    uncertain: str = "ignore"
+    cache: str | None = None
+    image_size: Any = None
+    cache_size: Any = None
+    split_seed: Any = None
+    ratios: Any = None
+
+
+class LastEvaluation(Record):
+    """``evaluation``: the last ``evaluate`` that chose the bundle's thresholds."""
+
+    folder: str | None = None
+    mean_auc: float | None = None
+    mean_auc_ci95: list[float] | None = None
+    judged: str | None = None
+    date: str | None = None
+
+
+def _preprocessing(value: Any) -> Preprocessing:
+    """Read through :meth:`Preprocessing.from_dict`, whose own checks name the field."""
+    return value if isinstance(value, Preprocessing) else Preprocessing.from_dict(value)
+
+
+#: The preprocessing, read and written as :class:`Preprocessing` states it.
+PreprocessingField = Annotated[
+    Preprocessing, PlainValidator(_preprocessing), PlainSerializer(Preprocessing.to_dict),
+    WithJsonSchema({"type": "object", "description": "cxrlearn.data.preprocessing.Preprocessing.to_dict()"}),
+]
+Probability = Annotated[Annotated[Real, Field(ge=0, le=1)] | None, Says("a probability in [0, 1] or null")]
+Temperature = Annotated[Annotated[Real, Field(gt=0)] | None, Says("a positive number or null")]
+
+
+@dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
 class BundleMeta:
-    backbone: str
+    """``model.json``, declared once: every field's type and range; :meth:`from_dict` reads, :meth:`to_dict`
+    writes."""
+
+    backbone: Annotated[Text, Says("a timm model name")]
     head: HeadConfig
-    in_chans: int
-    preprocessing: Preprocessing
-    findings: tuple[str, ...]
+    in_chans: Annotated[Choice(1, 3), Says("1 or 3")]
+    preprocessing: PreprocessingField
+    findings: Annotated[tuple[Text, ...], Field(min_length=1, max_length=MAX_FINDINGS),
+                        Says(f"at most {MAX_FINDINGS} finding names, and at least one")]
     #: Per finding: the probability at or above which it is called positive (chosen by evaluation).
-    thresholds: dict[str, float | None] = field(default_factory=dict)
+    thresholds: dict[str, Probability] = Field(default_factory=dict)
     threshold_method: str | None = None
     #: Every method's thresholds and what they gave on validation (chosen by evaluation).
-    operating_points: dict | None = None
+    operating_points: dict[str, Any] | None = None
     #: Per finding: temperature scaling of the logits (``evaluate --calibrate``); None: plain sigmoid.
-    temperature: dict[str, float | None] | None = None
+    temperature: dict[str, Temperature] | None = None
     #: Average each prediction with the horizontally flipped image's (set with the thresholds).
-    tta: bool = False
+    tta: Flag = False
     split: SplitRecord | None = None
-    weights_source: dict | None = None
+    weights_source: WeightsRecord | None = None
     #: The learned input check's description (:mod:`cxrlearn.model.input_check`); None: made without one.
-    input_check: dict | None = None
+    input_check: InputCheckFit | None = None
     # Records for people, kept as written.
-    config: dict = field(default_factory=dict)
-    data: dict | None = None
-    metrics: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-    evaluation: dict | None = None
-    format: int = BUNDLE_FORMAT
+    config: dict[str, Any] = Field(default_factory=dict)
+    data: DataRecord | None = None
+    metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    evaluation: LastEvaluation | None = None
+    format: Choice(*READABLE_FORMATS) = BUNDLE_FORMAT
 
     @property
-    def trained_data(self) -> dict:
+    def trained_data(self) -> TrainedWith:
         """The ``data`` section of the training config the bundle records (empty when it records none)."""
-        data = self.config.get("data") if isinstance(self.config, dict) else None
-        return data if isinstance(data, dict) else {}
+        data = self.config.get("data")
+        return TrainedWith.model_validate(data if isinstance(data, dict) else {})
 
     def to_dict(self) -> dict:
-        """JSON-ready, in the layout of ``format`` 2."""
-        out: dict[str, Any] = {"format": self.format, "backbone": self.backbone,
-                               "head": {"units": self.head.units, "activation": self.head.activation,
-                                        "dropout": self.head.dropout},
-                               "in_chans": self.in_chans, "preprocessing": self.preprocessing.to_dict(),
-                               "findings": list(self.findings)}
-        for f in fields(self):
-            if f.name in out:
-                continue
-            value = getattr(self, f.name)
-            if f.name == "split" and value is not None:
-                value = {"file": value.file, "sha256": value.sha256}
-            if value is not None or f.name in ("temperature",):
-                out[f.name] = value
-        return out
+        """JSON-ready, in the layout of ``format`` 2 (fields that are None left out, but ``temperature``)."""
+        written = _ADAPTER.dump_python(self, exclude_unset=True, by_alias=True)
+        written = {"format": written.pop("format"), **written, "findings": list(self.findings)}
+        return {k: v for k, v in written.items() if v is not None or k == "temperature"}
 
     @classmethod
     def from_dict(cls, raw: Any, path: str | os.PathLike = META) -> BundleMeta:
         """Types and ranges of every field; :class:`ConfigError` naming the file and field."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a bundle's metadata is a JSON object, not {type(raw).__name__}")
-        raw = dict(raw)
-        if raw.get("format") not in READABLE_FORMATS or isinstance(raw.get("format"), bool):
-            raise ConfigError(f"{path}: bundle format {raw.get('format')!r} is not one this cxrlearn reads "
+        version = raw.get("format")
+        if version not in READABLE_FORMATS or isinstance(version, bool):
+            raise ConfigError(f"{path}: bundle format {version!r} is not one this cxrlearn reads "
                               f"({', '.join(map(str, READABLE_FORMATS))}); was it made by a newer version?")
-        if raw["format"] == 1:
-            raw = _upgrade_format_1(raw, path)
+        raw = _upgrade_format_1(dict(raw), path) if version == 1 else raw
         unknown = sorted(set(raw) - {f.name for f in fields(cls)})
         if unknown:
-            raise ConfigError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} in a format-{raw['format']} "
+            raise ConfigError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} in a format-{version} "
                               "bundle; was it made by a newer version?")
-        for name in ("backbone", "head", "in_chans", "preprocessing", "findings"):
-            if name not in raw:
-                raise ConfigError(f"{path}: field {name!r} is missing")
-        check = _Checker(path)
-        check.that(isinstance(raw["backbone"], str) and raw["backbone"], "backbone", "a timm model name", raw["backbone"])
-        head = raw["head"]
-        check.that(isinstance(head, dict), "head", "an object with units, activation and dropout", head)
-        head_config = check_settings(HeadConfig, head, str(path), prefix="head.", field_word=True)
-        check.that(_whole(raw["in_chans"]) and raw["in_chans"] in (1, 3), "in_chans", "1 or 3", raw["in_chans"])
         try:
-            preprocessing = Preprocessing.from_dict(raw["preprocessing"])
+            meta = check_settings(cls, raw, str(path), field_word=True)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-        if preprocessing.channels != raw["in_chans"]:
-            raise ConfigError(f"{path}: preprocessing.channels is {preprocessing.channels} but the network takes "
-                              f"{raw['in_chans']} (in_chans)")
-        findings = raw["findings"]
-        check.that(isinstance(findings, list) and findings and all(isinstance(f, str) and f for f in findings),
-                   "findings", "a non-empty list of finding names", findings)
-        check.that(len(findings) <= MAX_FINDINGS, "findings", f"at most {MAX_FINDINGS} names",
-                   f"a list of {len(findings):,}")
-        repeated = sorted({f for f in findings if findings.count(f) > 1})
-        if repeated:
-            raise ConfigError(f"{path}: field 'findings' names {', '.join(repeated)} more than once")
-        _check_per_finding(check, raw, findings, path)
-        check.that(isinstance(raw.get("tta", False), bool), "tta", "true or false", raw.get("tta"))
-        split = raw.get("split")
-        if split is not None:
-            check.that(isinstance(split, dict) and isinstance(split.get("file"), str)
-                       and isinstance(split.get("sha256"), str), "split", "an object with file and sha256", split)
-        for name in ("config", "metrics", "versions", "data", "evaluation", "operating_points", "weights_source",
-                     "input_check"):
-            value = raw.get(name)
-            check.that(value is None or isinstance(value, dict), name, "an object", value)
-        for key, value in (raw.get("input_check") or {}).items():  # the numbers the check reads
-            if key in ("threshold", "layout_threshold", "percentile"):
-                check.that(_number(value), f"input_check.{key}", "a finite number", value)
-        meta = cls(
-            backbone=raw["backbone"], head=head_config, in_chans=raw["in_chans"], preprocessing=preprocessing,
-            findings=tuple(findings), thresholds=dict(raw.get("thresholds") or {}),
-            threshold_method=raw.get("threshold_method"), operating_points=raw.get("operating_points"),
-            temperature=raw.get("temperature"), tta=raw.get("tta", False),
-            split=SplitRecord(split["file"], split["sha256"]) if split else None,
-            weights_source=raw.get("weights_source"), input_check=raw.get("input_check"), config=raw.get("config") or {}, data=raw.get("data"),
-            metrics=raw.get("metrics") or {}, versions=raw.get("versions") or {}, evaluation=raw.get("evaluation"),
-        )
-        _check_trained_sizes(meta, path)
+            raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+        meta.check_consistent(path)
         return meta
 
-
-def _check_per_finding(check: _Checker, raw: dict, findings: list[str], path) -> None:
-    """``thresholds`` (probabilities) and ``temperature`` (positive numbers): objects keyed by the bundle's findings."""
-    for name, positive_only in (("thresholds", False), ("temperature", True)):
-        values = raw.get(name)
-        if values is None:
-            continue
-        check.that(isinstance(values, dict), name, "an object keyed by finding name, or null", values)
-        for finding, value in values.items():
-            if finding not in findings:
-                raise ConfigError(f"{path}: field {name!r} names {finding!r}, which is not one of the bundle's "
-                                  "findings")
-            if value is None:
-                continue
-            if positive_only:
-                check.that(_number(value) and value > 0, f"{name}.{finding}", "a positive number or null", value)
-            else:
-                check.that(_number(value) and 0 <= value <= 1, f"{name}.{finding}",
-                           "a probability in [0, 1] or null", value)
-
-
-def _check_trained_sizes(meta: BundleMeta, path) -> None:
-    """The preprocessing's sizes against the training config's record of them: a file edited by hand is refused."""
-    trained = meta.trained_data
-    sizes = {"image_size": meta.preprocessing.input_size}
-    if trained.get("cache_size"):
-        sizes["cache_size"] = meta.preprocessing.cache_size
-    for key, value in sizes.items():
-        if key in trained and trained[key] != value:
-            raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
-                              f"{trained[key]!r} (config.data.{key}): the file has been changed")
+    def check_consistent(self, path: str | os.PathLike = META) -> None:
+        """What one field's type cannot say: fields that must agree with each other."""
+        if self.preprocessing.channels != self.in_chans:
+            raise ConfigError(f"{path}: preprocessing.channels is {self.preprocessing.channels} but the network "
+                              f"takes {self.in_chans} (in_chans)")
+        repeated = sorted({f for f in self.findings if self.findings.count(f) > 1})
+        if repeated:
+            raise ConfigError(f"{path}: field 'findings' names {', '.join(repeated)} more than once")
+        for name, per_finding in (("thresholds", self.thresholds), ("temperature", self.temperature or {})):
+            for finding in per_finding:
+                if finding not in self.findings:
+                    raise ConfigError(f"{path}: field {name!r} names {finding!r}, which is not one of the "
+                                      "bundle's findings")
+        trained = self.trained_data
+        sizes = {"image_size": self.preprocessing.input_size}
+        if trained.cache_size:
+            sizes["cache_size"] = self.preprocessing.cache_size
+        for key, value in sizes.items():
+            if key in trained.model_fields_set and getattr(trained, key) != value:
+                raise ConfigError(f"{path}: the preprocessing says {value} px but the model was trained at "
+                                  f"{getattr(trained, key)!r} (config.data.{key}): the file has been changed")
 
 
-class _Checker:
-    def __init__(self, path):
-        self.path = path
-
-    def that(self, ok, field_name: str, expected: str, value) -> None:
-        if not ok:
-            raise ConfigError(f"{self.path}: field {field_name!r} must be {expected}, not {value!r}"[:400])
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_ADAPTER = TypeAdapter(BundleMeta)
 
 
 def _upgrade_format_1(raw: dict, path) -> dict:
@@ -229,7 +256,7 @@ def _upgrade_format_1(raw: dict, path) -> dict:
 
 def json_schema() -> dict:
     """The JSON Schema of ``model.json`` (``docs/model.schema.json``), from :class:`BundleMeta`'s declaration."""
-    schema = TypeAdapter(BundleMeta).json_schema()
+    schema = _ADAPTER.json_schema()
     schema["title"] = "cxrlearn model bundle (model.json)"
     return schema
 

@@ -287,7 +287,8 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
         meta = predictor.meta
         described = {k: v for k, v in meta.to_dict().items() if k not in ("config", "data", "metrics", "operating_points")}
         return {"runtime": runtime, **described, **predictor.provenance.columns(),
-                "metrics": {k: (meta.metrics.get(k) or {}).get("mean_auc") for k in ("val", "test")}}
+                "metrics": {"val": None, "test": None,
+                            **{k: part.mean_auc for k, part in meta.metrics.measured().items()}}}
 
     @app.post("/v1/predict")
     def predict(request: Request, file: UploadFile = File(..., description="a chest X-ray: PNG, JPEG, TIFF or DICOM"),

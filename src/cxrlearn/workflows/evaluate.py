@@ -27,14 +27,13 @@ import numpy as np
 import pandas as pd
 import sklearn
 import torch
-from torch.utils.data import DataLoader
 
 from cxrlearn._files import file_digest, source_digest, write_atomic
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
-from cxrlearn.data.columns import IMAGE, PATIENT_ID, finding_columns, label_values
+from cxrlearn.data.columns import IMAGE, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import attach_images
-from cxrlearn.data.pipeline.cache import ImageCache, cache_location, prepare_cache, table_fingerprint
-from cxrlearn.data.pipeline.datamodule import CachedXrayDataset
+from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import judging_loader
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.data.sources.datasets import labels_path, read_labels
 from cxrlearn.data.sources.expert_labels import read_expert_labels
@@ -57,7 +56,7 @@ from cxrlearn.inference.predict import average_with_mirror, predict_logits
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
-from cxrlearn.model.meta import BundleMeta
+from cxrlearn.model.meta import BundleMeta, LastEvaluation
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -217,12 +216,8 @@ def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: 
              device, findings: list[str], columns: list[int], check: InputCheck | None = None) -> _Judged:
     """Logits of the model's outputs ``columns`` (the judged ``findings``) on the cached ``rows``; with ``check``,
     its verdicts too, from the same pass (cached pixels are square, so the aspect check is not made here)."""
-    preprocessing = meta.preprocessing
-    cache = ImageCache(cache_dir)
-    cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
-    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_values(cached, findings), preprocessing)
-    loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=0)
-    transform = normalizer(preprocessing)
+    cached, loader = judging_loader(cache_dir, rows, findings, meta.preprocessing, options.batch_size)
+    transform = normalizer(meta.preprocessing)
     verdicts: list[Verdict] = []
 
     def judge(images: torch.Tensor, features: torch.Tensor) -> None:
@@ -261,9 +256,9 @@ def _judged_table(meta: BundleMeta, csv, options: EvaluationOptions) -> tuple[pd
     if csv:
         return read_label_table(csv), Path(csv)
     trained = meta.trained_data
-    return (read_labels(trained.get("table"), trained.get("dataset"), trained.get("columns"), trained.get("findings"),
-                        trained.get("uncertain", "ignore"), csv=trained.get("csv")),
-            labels_path(trained.get("table"), trained.get("csv")))
+    return (read_labels(trained.table, trained.dataset, trained.columns, trained.findings, trained.uncertain,
+                        csv=trained.csv),
+            labels_path(trained.table, trained.csv))
 
 
 def _shared_findings(table: pd.DataFrame, predicted: list[str]) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
@@ -313,7 +308,7 @@ def _cache_for(model_dir: Path, meta: BundleMeta, fingerprint: str, rows: list[p
     """The cache the judged (and val) images are read from, with any of them not yet in it added. The run's own
     cache serves its own table; another table's images get a cache of their own."""
     own_table = not (options.table or options.dataset)
-    chosen = options.cache or (meta.trained_data.get("cache") if own_table else None)
+    chosen = options.cache or (meta.trained_data.cache if own_table else None)
     cache_dir = cache_location(chosen, meta.preprocessing, model_dir, fingerprint)
     both = pd.concat([r for r in rows if r is not None]).drop_duplicates(IMAGE)
     summary = prepare_cache(both, cache_dir, fingerprint, meta.preprocessing, workers=options.workers,
@@ -410,8 +405,8 @@ def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: Chosen, method: st
     meta.operating_points = chosen.thresholds
     meta.temperature = temperature  # None: probabilities are the plain sigmoid
     meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
-    meta.evaluation = {"folder": str(out), "mean_auc": metrics.mean_auc, "mean_auc_ci95": metrics.mean_auc_ci95,
-                       "judged": judged, "date": metrics.provenance.date}
+    meta.evaluation = LastEvaluation(folder=str(out), mean_auc=metrics.mean_auc, mean_auc_ci95=metrics.mean_auc_ci95,
+                                     judged=judged, date=metrics.provenance.date)
     write_meta(model_dir, meta)
     write_model_card(model_dir)
 

@@ -197,20 +197,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def machine() -> dict:
+def machine() -> Machine:
     """What ran it: processor, cores, memory, GPU."""
 
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_cores": os.cpu_count(), "python": platform.python_version()}
+    info = Machine(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   cpu_cores=os.cpu_count(), python=platform.python_version())
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        info.memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    info.gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_count"] = torch.cuda.device_count()
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    else:
-        info["gpu"] = None
+        info.gpu_count = torch.cuda.device_count()
+        info.gpu_memory_gb = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """How long training will take here (:func:`estimate_training`)."""
+
+    device: str
+    precision: str
+    images_per_second: float
+    epoch_seconds: float
+    max_seconds: float
 
 
 def estimate_prepare(paths: list[str], preprocessing: Preprocessing, workers: int, sample: int = 16) -> float:
@@ -227,7 +236,8 @@ def estimate_prepare(paths: list[str], preprocessing: Preprocessing, workers: in
     return per_image * len(paths) / max(1, workers)
 
 
-def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 4, n_test: int = 0) -> dict:
+def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 4, n_test: int = 0
+                      ) -> TrainingEstimate:
     """Seconds per epoch and for all epochs, from timing a few training steps of the config's model here, with
     the passes after training: the val and test AUCs and the input check's features of up to
     ``MAX_FIT_IMAGES`` training and validation images."""
@@ -264,8 +274,8 @@ def estimate_training(config: RunConfig, n_train: int, n_val: int, steps: int = 
     # Validation is a forward pass only: about a third of a training step per image.
     epoch = n_train / rate + n_val / (3 * rate)
     after = (n_val + n_test + min(n_train, MAX_FIT_IMAGES) + min(n_val, MAX_FIT_IMAGES)) / (3 * rate)
-    return {"device": device, "precision": precision, "images_per_second": round(rate, 1),
-            "epoch_seconds": round(epoch, 1), "max_seconds": round(epoch * train.epochs + after, 1)}
+    return TrainingEstimate(device=device, precision=precision, images_per_second=round(rate, 1),
+                            epoch_seconds=round(epoch, 1), max_seconds=round(epoch * train.epochs + after, 1))
 
 
 def reproduce(recipe_name: str, options: ReproduceOptions) -> Reproduction:
@@ -368,12 +378,11 @@ def _write_split(present, config: RunConfig, split_path: Path, official_list, ta
 
 def _train(config: RunConfig, run_dir: Path, split_path: Path, progress: bool) -> None:
     split = pd.read_csv(split_path)
-    counts = split[SPLIT].value_counts()
-    estimate = estimate_training(config, int(counts.get("train", 0)), int(counts.get("val", 0)),
-                                 n_test=int(counts.get("test", 0)))
-    log.info(f"estimate: {estimate['images_per_second']:,.0f} training images/s here ({estimate['device']}, "
-             f"{estimate['precision']}): about {_duration(estimate['epoch_seconds'])} an epoch, at most "
-             f"{_duration(estimate['max_seconds'])} for {config.train.epochs} epochs and the passes after them (early "
+    n_train, n_val, n_test = (int((split[SPLIT] == name).sum()) for name in ("train", "val", "test"))
+    estimate = estimate_training(config, n_train, n_val, n_test=n_test)
+    log.info(f"estimate: {estimate.images_per_second:,.0f} training images/s here ({estimate.device}, "
+             f"{estimate.precision}): about {_duration(estimate.epoch_seconds)} an epoch, at most "
+             f"{_duration(estimate.max_seconds)} for {config.train.epochs} epochs and the passes after them (early "
              "stopping may end sooner), "
              "plus the first epoch's start-up (loader processes, CUDA, kernel selection)")
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists()
@@ -459,12 +468,12 @@ def _reproduced(metrics: EvaluationMetrics, run_dir: Path, beside, target: str |
             row.difference = None if auc is None else round(auc - paper[finding], 4)
         rows[finding] = row
     model = ReproducedModel(folder=str(run_dir), backbone=meta.backbone, image_size=meta.preprocessing.input_size,
-                            epochs_run=meta.metrics.get("epochs_run"),
-                            weights_source=(meta.weights_source or {}).get("kind"))
+                            epochs_run=meta.metrics.epochs_run,
+                            weights_source=meta.weights_source.kind if meta.weights_source else None)
     return ReproducedResult(judged=metrics.subset, n_images=metrics.n_images, n_patients=metrics.n_patients,
                             mean_auc=metrics.mean_auc, mean_auc_ci95=metrics.mean_auc_ci95,
                             mean_over=metrics.mean_over, per_finding=rows,
-                            published_mean={s: PUBLISHED[s]["mean"] for s in beside}, model=model)
+                            published_mean={s: PUBLISHED[s].mean for s in beside}, model=model)
 
 
 def write_reproduction(out: Path, recipe: Recipe, title: str, state: ReproductionState, options: ReproduceOptions
@@ -477,7 +486,7 @@ def write_reproduction(out: Path, recipe: Recipe, title: str, state: Reproductio
                       recipe.official_published))
     report = Reproduction(recipe=title, command=" ".join(options.command) or None,
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          machine=Machine.model_validate(machine()), versions=library_versions(),
+                          machine=machine(), versions=library_versions(),
                           settings=state.settings, stages=state.stages, results={})
     lines = [f"# Reproduction: {report.recipe}", ""]
     for name, run_dir, path, target, beside in parts:
@@ -525,7 +534,7 @@ def _result_lines(name: str, result: ReproducedResult, beside, with_difference: 
         mean_cells.append("—" if result.mean_auc is None else
                           f"{result.mean_auc - result.published_mean[beside[0]]:+.3f}")
     lines += ["| " + " | ".join(mean_cells) + " |", ""]
-    lines += [f"- {s}: {PUBLISHED[s]['model']}, {PUBLISHED[s]['data']} ({PUBLISHED[s]['source']})." for s in beside]
+    lines += [f"- {s}: {PUBLISHED[s].described()}." for s in beside]
     lines.append("")
     return lines
 

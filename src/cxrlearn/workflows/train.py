@@ -52,8 +52,9 @@ from cxrlearn.model.bundle import load_bundle, read_meta, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
-from cxrlearn.model.meta import BundleMeta, SplitRecord
+from cxrlearn.model.meta import BundleMeta, DataRecord, SplitAuc, SplitRecord, TrainingMetrics, WeightsRecord
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
+from cxrlearn.records import Record
 from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
 from cxrlearn.training.module import MONITOR, ChestXrayModule
@@ -125,12 +126,28 @@ def _want(path: str, key: str, folder: bool | None) -> None:
         raise ConfigError(f"{key} {path}: is a folder; a file is needed here")
 
 
-def _recorded_inputs(run_dir: Path) -> dict:
+class RunInputs(Record):
+    """``RUN/inputs.json``: what a run started with, so that a resumed run continues with its own data."""
+
+    label_table: str | None = None  # the label table's fingerprint
+    split: str | None = None  # the split file's SHA-256
+
+
+class MlflowRun(Record):
+    """``RUN/mlflow.json``: the MLflow run a resumed run logs into."""
+
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    run_id: str | None = None
+
+
+def _recorded_inputs(run_dir: Path) -> RunInputs:
     """What ``RUN/inputs.json`` recorded of the run's data: the label table's fingerprint and the split's SHA-256."""
     path = run_dir / INPUTS_FILE
     if not path.is_file():
-        return {}
-    return read_json_object(path, ConfigError, "so it cannot be checked that this run continues with its own data")
+        return RunInputs()
+    return RunInputs.model_validate(read_json_object(path, ConfigError, "so it cannot be checked that this run "
+                                                     "continues with its own data"))
 
 
 def prepare_data(config: RunConfig, run_dir: Path, preprocessing: Preprocessing, progress: bool = True):
@@ -147,11 +164,11 @@ def prepare_data(config: RunConfig, run_dir: Path, preprocessing: Preprocessing,
 
     split_path = run_dir / SPLIT_FILE
     inputs = _recorded_inputs(run_dir)
-    if inputs.get("label_table") not in (None, fingerprint):
+    if inputs.label_table not in (None, fingerprint):
         raise ConfigError(f"{run_dir}: the label table {table_path} holds other labels or images than the table this "
-                          f"run started with (fingerprint {fingerprint[:12]}…, the run's {inputs['label_table'][:12]}…): "
+                          f"run started with (fingerprint {fingerprint[:12]}…, the run's {inputs.label_table[:12]}…): "
                           "a run continues with its own data; train anew in another --out")
-    if inputs.get("split") and split_path.is_file() and file_digest(split_path) != inputs["split"]:
+    if inputs.split and split_path.is_file() and file_digest(split_path) != inputs.split:
         raise ConfigError(f"{split_path} was changed after this run made or took it (SHA-256 differs from the one "
                           f"recorded in {INPUTS_FILE}): a run continues with its own split; restore it, or train anew "
                           "in another --out")
@@ -172,8 +189,8 @@ def prepare_data(config: RunConfig, run_dir: Path, preprocessing: Preprocessing,
                                      seed=data.split_seed)
         log.info(f"made the custom split of the {len(present):,} images present: {split_path}")
     apply_split(present.drop(columns="path"), split)  # refuses a split made from another table
-    write_atomic(run_dir / INPUTS_FILE, json.dumps({"label_table": fingerprint, "split": file_digest(split_path)},
-                                                   indent=2) + "\n")
+    inputs = RunInputs(label_table=fingerprint, split=file_digest(split_path))
+    write_atomic(run_dir / INPUTS_FILE, json.dumps(inputs.to_dict(), indent=2) + "\n")
     unknown = split.loc[~split[IMAGE].isin(set(table[IMAGE])), IMAGE]
     if len(unknown):
         log.warning(f"{len(unknown):,} image(s) of the split are not in the label table and are left out "
@@ -297,22 +314,23 @@ def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
         # (or a database store) is the long-term home, a folder the simplest one to start with.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     saved = run_dir / MLFLOW_RUN
-    run_id = (read_json_object(saved, ConfigError, "delete it to log the resumed run as a new MLflow run").get("run_id")
+    run_id = (MlflowRun.model_validate(read_json_object(saved, ConfigError, "delete it to log the resumed run as a "
+                                                         "new MLflow run")).run_id
               if resume and saved.is_file() else None)
     logger = MLFlowLogger(experiment_name="cxrlearn", run_name=run_dir.name, tracking_uri=uri, run_id=run_id,
                           log_model=False)
     if run_id is None:
         logger.log_hyperparams(flatten(config.to_dict()))
-        write_atomic(saved, json.dumps({"tracking_uri": uri, "experiment_id": logger.experiment_id,
-                                        "run_id": logger.run_id}, indent=2) + "\n")
+        record = MlflowRun(tracking_uri=uri, experiment_id=logger.experiment_id, run_id=logger.run_id)
+        write_atomic(saved, json.dumps(record.to_dict(), indent=2) + "\n")
     return logger
 
 
-def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: dict) -> None:
+def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: TrainingMetrics) -> None:
     """The split's digest, the final metrics and the bundle's files, into the run's MLflow run."""
     logger.experiment.log_param(logger.run_id, "split_sha256", file_digest(split_path))
-    logger.log_metrics({f"final_{name}_mean_auc": metrics[name]["mean_auc"] for name in ("val", "test")
-                        if metrics.get(name, {}).get("mean_auc") is not None})
+    logger.log_metrics({f"final_{name}_mean_auc": part.mean_auc for name, part in metrics.measured().items()
+                        if part.mean_auc is not None})
     for name in BUNDLE_ARTIFACTS:
         if (run_dir / name).is_file():
             logger.experiment.log_artifact(logger.run_id, str(run_dir / name), artifact_path="bundle")
@@ -483,29 +501,29 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     metrics = summarise(model, datamodule, config.train.tta, findings)
-    metrics["best_checkpoint"] = Path(best).name
-    metrics["epochs_run"] = trainer.current_epoch
-    metrics["seconds"] = round(time.time() - started, 1)
+    metrics.best_checkpoint = Path(best).name
+    metrics.epochs_run = trainer.current_epoch
+    metrics.seconds = round(time.time() - started, 1)
     check = fit_check(model, datamodule, resolve_device())
     write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics, check,
                      findings)
     if tracker is not None:
         _log_bundle(tracker, tracking, run_dir, split_path, metrics)
-    log.info(f"mean AUC: val {metrics['val']['mean_auc']:.4f}"
-             + (f", test {metrics['test']['mean_auc']:.4f}" if metrics.get("test", {}).get("mean_auc") else "")
+    log.info("mean AUC: " + ", ".join(f"{name} {part.mean_auc:.4f}" for name, part in metrics.measured().items()
+                                       if part.mean_auc is not None)
              + f"; the model bundle is {run_dir}/model.json + model.safetensors")
     return run_dir
 
 
-def summarise(model, datamodule, tta: bool, findings: list[str]) -> dict:
+def summarise(model, datamodule, tta: bool, findings: list[str]) -> TrainingMetrics:
     """Per-finding AUC of ``model`` on the val and test images (single process)."""
     device = resolve_device()
-    out = {}
+    out = TrainingMetrics()
     for name in ("val", "test"):
         if name in datamodule.datasets:
             loader = datamodule.eval_loader(name)
             probs, labels, _ = predict_loader(model, loader, datamodule.transform, tta=tta, device=device)
-            out[name] = {**auc_per_finding(labels, probs, findings).to_dict(), "n_images": len(labels)}
+            setattr(out, name, SplitAuc(**auc_per_finding(labels, probs, findings).to_dict(), n_images=len(labels)))
     model.cpu()
     return out
 
@@ -543,7 +561,7 @@ def fit_check(model, datamodule, device: str) -> InputCheck | None:
     check = fit_input_check(train_layouts, train_features, val_features, val_layouts)
     model.cpu()
     log.info(f"input check: fitted on {len(train_features):,} training images, threshold at the "
-             f"{check.fitted['percentile']:g}th percentile of {len(val_features):,} validation images")
+             f"{check.fit.percentile:g}th percentile of {len(val_features):,} validation images")
     return check
 
 
@@ -555,13 +573,13 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
     meta = BundleMeta(
         backbone=model.backbone_name, head=model.head_config, in_chans=model.in_chans, preprocessing=preprocessing,
         findings=tuple(findings), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
-        data={"label_table": labels_path(config.data.table, config.data.csv).name, "images": sizes, "positives": positives,
-              "missing_from_cache": datamodule.missing},
-        weights_source={"kind": weights_source.kind, "detail": weights_source.detail}, metrics=metrics,
-        input_check=check.describe() if check else None,
+        data=DataRecord(label_table=labels_path(config.data.table, config.data.csv).name, images=sizes,
+                        positives=positives, missing_from_cache=datamodule.missing),
+        weights_source=WeightsRecord(kind=weights_source.kind, detail=weights_source.detail), metrics=metrics,
+        input_check=check.fit if check else None,
     )
     if check:
         check.save(run_dir)
     save_bundle(run_dir, model, meta)
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics.to_dict(), indent=2) + "\n")
     write_model_card(run_dir)

@@ -35,10 +35,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from cxrlearn._files import read_json_object, write_atomic
@@ -46,6 +47,8 @@ from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, Preprocessing
 from cxrlearn.errors import DataError
+from cxrlearn.records import Record
+from cxrlearn.settings import Whole
 
 CACHE_FORMAT = 1
 META, PIXELS, INDEX, FAILED, LOCK = "meta.json", "pixels.u8", "index.tsv", "failed.tsv", ".lock"
@@ -122,9 +125,9 @@ class ImageCache:
         if not meta_path.is_file():
             raise DataError(f"{self.folder}: not a cxrlearn image cache (no {META}); build one with `cxrlearn prepare`")
         self.meta = _read_meta(meta_path)
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise DataError(f"{self.folder}: cache format {self.meta.get('format')} is not {CACHE_FORMAT}; rebuild it")
-        self.size = int(self.meta["size"])
+        if self.meta.format != CACHE_FORMAT:
+            raise DataError(f"{self.folder}: cache format {self.meta.format} is not {CACHE_FORMAT}; rebuild it")
+        self.size = self.meta.size
         self.rows = _read_index(self.folder / INDEX)
         count = len(self.rows)
         if count == 0:
@@ -178,13 +181,26 @@ class ImageCache:
         _check_compatible(self.meta, self.folder, fingerprint, preprocessing)
 
 
-def _check_compatible(meta: dict, folder: Path, fingerprint: str, preprocessing: Preprocessing | None) -> None:
+class CacheMeta(Record):
+    """``meta.json``: what a cache holds and for which table (caches made before ``resampling`` was recorded were
+    made with Lanczos)."""
+
+    format: Any = None
+    size: Whole
+    dtype: str = "uint8"
+    resampling: str = CACHE_RESAMPLING
+    source: str | None = None
+    label_table: str = "unknown"
+    table_fingerprint: str | None = None
+
+
+def _check_compatible(meta: CacheMeta, folder: Path, fingerprint: str, preprocessing: Preprocessing | None) -> None:
     """The one check that a cache folder serves this table with these steps (reading it, or adding to it)."""
-    if meta.get("format") != CACHE_FORMAT:
-        raise DataError(f"{folder}: cache format {meta.get('format')} is not {CACHE_FORMAT}; prepare the cache in a "
+    if meta.format != CACHE_FORMAT:
+        raise DataError(f"{folder}: cache format {meta.format} is not {CACHE_FORMAT}; prepare the cache in a "
                         "new folder")
     if preprocessing is not None:
-        size, resampling = int(meta["size"]), meta.get("resampling", CACHE_RESAMPLING)
+        size, resampling = meta.size, meta.resampling
         if preprocessing.cache_size != size:
             raise DataError(f"{folder}: the cache holds {size}×{size} images; it cannot take "
                             f"{preprocessing.cache_size}×{preprocessing.cache_size} ones. Prepare a cache of that size "
@@ -192,19 +208,19 @@ def _check_compatible(meta: dict, folder: Path, fingerprint: str, preprocessing:
         if preprocessing.cache_resampling != resampling:
             raise DataError(f"{folder}: the cache's images were resized with {resampling}, not "
                             f"{preprocessing.cache_resampling}; prepare a cache in another folder (another --out)")
-    if fingerprint != meta.get("table_fingerprint"):
+    if fingerprint != meta.table_fingerprint:
         raise DataError(f"{folder}: the cache was built for another label table "
-                        f"({meta.get('label_table', 'unknown')}); prepare a cache for this table in another folder "
+                        f"({meta.label_table}); prepare a cache for this table in another folder "
                         "(another --out)")
 
 
-def _read_meta(path: Path) -> dict:
+def _read_meta(path: Path) -> CacheMeta:
     """A cache's meta.json, or :class:`DataError` naming it (empty, torn, not an object, not UTF-8)."""
-    meta = read_json_object(path, DataError, "delete the cache folder and prepare again")
-    if not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool):
+    try:
+        return CacheMeta.model_validate(read_json_object(path, DataError, "delete the cache folder and prepare again"))
+    except ValidationError:
         raise DataError(f"{path}: not a cache description (an object with the cache's size); delete the cache "
-                        "folder and prepare again")
-    return meta
+                        "folder and prepare again") from None
 
 
 @contextlib.contextmanager
@@ -253,16 +269,9 @@ def _open_or_create(out: Path, preprocessing: Preprocessing, fingerprint: str, i
     if meta_path.exists():
         _check_compatible(_read_meta(meta_path), out, fingerprint, preprocessing)
     else:
-        meta = {
-            "format": CACHE_FORMAT,
-            "size": size,
-            "dtype": "uint8",
-            "resampling": preprocessing.cache_resampling,
-            "source": images_dir,
-            "label_table": label_table,
-            "table_fingerprint": fingerprint,
-        }
-        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+        meta = CacheMeta(format=CACHE_FORMAT, size=size, dtype="uint8", resampling=preprocessing.cache_resampling,
+                         source=images_dir, label_table=label_table, table_fingerprint=fingerprint)
+        write_atomic(meta_path, json.dumps(meta.to_dict(), indent=2) + "\n")
     rows = _read_index(out / INDEX)
     index_path = out / INDEX
     if index_path.exists():

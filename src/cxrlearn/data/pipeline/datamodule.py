@@ -116,6 +116,22 @@ class EpochShuffleSampler(DistributedSampler):
         self.dataset.set_epoch(epoch)
 
 
+def _in_order(dataset: CachedXrayDataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Every image of ``dataset`` once, in order: how images are predicted on for judging."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+
+
+def judging_loader(cache_dir: str | os.PathLike, rows: pd.DataFrame, findings: Sequence[str],
+                   preprocessing: Preprocessing, batch_size: int, num_workers: int = 0
+                   ) -> tuple[pd.DataFrame, DataLoader]:
+    """The ``rows`` whose images the cache holds (in their order), and a loader of them without augmentation, as
+    :meth:`ChestXrayDataModule.eval_loader` serves a split: what evaluation predicts on, for any rows."""
+    cache = ImageCache(cache_dir)
+    cached = rows[rows[IMAGE].isin(cache.rows.keys())].reset_index(drop=True)
+    dataset = CachedXrayDataset(cache_dir, cached[IMAGE].tolist(), label_values(cached, list(findings)), preprocessing)
+    return cached, _in_order(dataset, batch_size, num_workers)
+
+
 class ChestXrayDataModule(L.LightningDataModule):
     """Split-aware loaders over a preprocessing cache.
 
@@ -192,7 +208,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         """All of one split's images in order, in this process alone (for summaries and tests)."""
         if name not in self.datasets:
             raise DataError(f"the split has no {name} images in the cache")
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, num_workers=self.num_workers)
+        return _in_order(self.datasets[name], self.batch_size, self.num_workers)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         """Samplers are made here, not by Lightning (use_distributed_sampler=False):

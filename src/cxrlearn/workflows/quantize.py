@@ -1,0 +1,170 @@
+"""``cxrlearn export --model RUN --int8``: an int8 ONNX model, written only if it answers as the float one does.
+
+1. the float export (:func:`cxrlearn.model.export.export_onnx`) and its int8 quantisation
+   (:func:`cxrlearn.model.quantize.quantise`), calibrated on at most ``INT8_CALIBRATION_IMAGES`` of the run's own
+   training images (evenly spaced, from the run's cache, as training read them);
+2. both files run through the Predictor (the bundle's temperatures and flip averaging, the input check) on the
+   run's validation images;
+3. the paired patient bootstrap of mean AUC, int8 minus float (the same resamples for both: the resamples of
+   ``evaluate``'s intervals), and the share of images on which the input check's verdict (ok or flagged) is the
+   same;
+4. ``RUN/model.int8.onnx`` is written only if the interval's lower bound is above ``-max_auc_loss`` and the
+   verdicts agree on at least ``min_agreement`` of the images; otherwise nothing is written and the figures
+   say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cxrlearn._files import write_atomic
+from cxrlearn.data.cohort.split import read_split_file
+from cxrlearn.data.columns import IMAGE, PATIENT_ID
+from cxrlearn.data.pipeline.cache import cache_location, table_fingerprint
+from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
+from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_aucs, percentile_interval
+from cxrlearn.evaluation.metrics import auc_per_finding
+from cxrlearn.inference.predictor import Predictor
+from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
+from cxrlearn.model.bundle import read_meta
+from cxrlearn.model.export import export_onnx
+from cxrlearn.model.quantize import INT8_FILE, cpu_has_vnni, quantise
+from cxrlearn.training.config import RunConfig
+from cxrlearn.workflows.train import SPLIT_FILE, read_run_labels
+
+log = logging.getLogger(__name__)
+
+#: Images per forward pass while judging.
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Int8Judgement:
+    """What the int8 model did against the float one on the run's validation images."""
+
+    images: int
+    patients: int
+    mean_auc_float: float | None
+    mean_auc_int8: float | None
+    difference_ci95: list[float] | None  # int8 - float, paired patient bootstrap
+    agreement: float | None  # share of images with the same input-check verdict; None: the bundle has no check
+    max_auc_loss: float
+    min_agreement: float
+    reduce_range: bool
+
+    @property
+    def passed(self) -> bool:
+        auc_ok = self.difference_ci95 is not None and self.difference_ci95[0] > -self.max_auc_loss
+        return auc_ok and (self.agreement is None or self.agreement >= self.min_agreement)
+
+    def text(self) -> str:
+        def num(value):
+            return "—" if value is None else f"{value:.4f}"
+
+        interval = ("no interval (no finding has an AUC on the validation images)" if self.difference_ci95 is None
+                    else f"95% CI {self.difference_ci95[0]:+.4f} to {self.difference_ci95[1]:+.4f}")
+        agreement = ("the bundle has no input check" if self.agreement is None
+                     else f"the input check's verdicts agree on {self.agreement:.2%} (needed: "
+                          f"{self.min_agreement:.0%})")
+        return (f"on {self.images:,} validation images of {self.patients:,} patients: mean AUC float "
+                f"{num(self.mean_auc_float)}, int8 {num(self.mean_auc_int8)}; int8 - float {interval} (needed: lower "
+                f"bound above {-self.max_auc_loss:+.4f}); {agreement}"
+                + ("; weights quantised with reduce_range (this CPU has no VNNI)" if self.reduce_range else ""))
+
+
+def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC_LOSS,
+                min_agreement: float = INT8_MIN_AGREEMENT, calibration_images: int = INT8_CALIBRATION_IMAGES,
+                resamples: int = DEFAULT_RESAMPLES,
+                progress: bool = True) -> tuple[Int8Judgement, Path | None]:
+    """Quantise the bundle in ``model_dir`` and judge it (module docstring); the judgement, and the path of
+    ``model.int8.onnx`` when it passed (None, and nothing written, when it did not)."""
+    model_dir = Path(model_dir)
+    datamodule = _run_data(model_dir)
+    vnni = cpu_has_vnni()
+    reduce_range = vnni is False
+    if reduce_range:
+        log.warning("this CPU has AVX2 but no VNNI: weights are quantised to 7 bits (reduce_range), as ONNX Runtime "
+                    "advises, so that its uint8 x int8 kernels cannot saturate")
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".int8-") as work:
+        work = Path(work)
+        fp32 = export_onnx(model_dir, work / "model.onnx")
+        int8 = quantise(fp32, work / INT8_FILE, _calibration(datamodule, calibration_images), reduce_range)
+        judgement = _judge(model_dir, fp32, int8, datamodule, max_auc_loss, min_agreement, resamples, reduce_range,
+                           progress)
+        if not judgement.passed:
+            return judgement, None
+        out = model_dir / INT8_FILE
+        write_atomic(out, int8.read_bytes())
+    return judgement, out
+
+
+def _run_data(model_dir: Path) -> ChestXrayDataModule:
+    """The run's own split over its own cache, as training read them (no augmentation)."""
+    meta = read_meta(model_dir)
+    if not meta.config:
+        raise ConfigError(f"{model_dir}: the bundle records no training config, so its training and validation "
+                          "images are unknown; --int8 needs them")
+    config = RunConfig.from_dict(meta.config, f"{model_dir}/model.json (config)")
+    split_path = model_dir / SPLIT_FILE
+    if not split_path.is_file():
+        raise DataError(f"{split_path}: the run's split is missing; --int8 calibrates on its training images and "
+                        "judges on its validation images")
+    table = read_run_labels(config.data)
+    fingerprint = table_fingerprint(table)
+    cache_dir = cache_location(config.data.cache, meta.preprocessing, model_dir, fingerprint)
+    datamodule = ChestXrayDataModule(cache_dir, table, read_split_file(split_path), meta.preprocessing,
+                                     batch_size=BATCH, num_workers=0, augmentation=None, fingerprint=fingerprint,
+                                     findings=list(meta.findings))
+    datamodule.setup("validate")
+    if "val" not in datamodule.datasets:
+        raise DataError(f"{model_dir}: no validation images of the run's split are in its cache {cache_dir}")
+    return datamodule
+
+
+def _calibration(datamodule: ChestXrayDataModule, count: int) -> np.ndarray:
+    """At most ``count`` training images, evenly spaced, as the graph's uint8 (N, 1, S, S) input."""
+    train = datamodule.datasets["train"]
+    chosen = np.unique(np.linspace(0, len(train) - 1, min(len(train), count)).astype(int))
+    return np.stack([train[int(i)][0].numpy() for i in chosen])
+
+
+def _judge(model_dir: Path, fp32: Path, int8: Path, datamodule: ChestXrayDataModule, max_auc_loss: float,
+           min_agreement: float, resamples: int, reduce_range: bool, progress: bool) -> Int8Judgement:
+    """Both models through the Predictor on the validation images, and the paired comparison."""
+    models = {"float": Predictor(model_dir, runtime="onnx", onnx_path=fp32),
+              "int8": Predictor(model_dir, runtime="onnx-int8", onnx_path=int8)}
+    probs: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    flagged: dict[str, list[bool]] = {name: [] for name in models}
+    labels = []
+    for images, batch_labels, _ in tqdm(datamodule.eval_loader("val"), desc="int8 against float", unit="batch",
+                                        disable=not progress):
+        batch = images.numpy()
+        labels.append(batch_labels.numpy())
+        for name, predictor in models.items():
+            p, verdicts = predictor.outputs(batch)
+            probs[name].append(p)
+            flagged[name] += [v is not None and not v.ok for v in verdicts]
+    labels_all = np.concatenate(labels)
+    findings = models["float"].findings
+    val = datamodule.datasets["val"]
+    patients = datamodule.table.set_index(IMAGE).loc[val.names, PATIENT_ID].to_numpy()
+    summaries = {name: auc_per_finding(labels_all, np.concatenate(p), findings) for name, p in probs.items()}
+    columns = [findings.index(f) for f in summaries["float"].mean_over]
+    boots = {name: bootstrap_aucs(labels_all, np.concatenate(p), patients, resamples, DEFAULT_SEED)
+             for name, p in probs.items()}  # the same seed and patients: the same resamples, so paired
+    interval = (percentile_interval(boots["int8"].mean_auc(columns) - boots["float"].mean_auc(columns))
+                if columns else None)
+    has_check = models["float"].input_check is not None
+    agreement = (float(np.mean(np.array(flagged["float"]) == np.array(flagged["int8"]))) if has_check else None)
+    return Int8Judgement(images=len(labels_all), patients=len(set(patients)),
+                         mean_auc_float=summaries["float"].mean_auc, mean_auc_int8=summaries["int8"].mean_auc,
+                         difference_ci95=interval, agreement=agreement, max_auc_loss=max_auc_loss,
+                         min_agreement=min_agreement, reduce_range=reduce_range)
