@@ -177,6 +177,8 @@ def check(model: Any, values: Any, source: str, prefix: str = "", field_word: bo
         return TypeAdapter(model).validate_python(values)
     except ValidationError as err:
         raise ConfigError(first_problem(model, err, values).text(source, prefix, field_word)) from None
+    except ConfigError as err:  # a value whose type reads it with checks of its own (a bundle's preprocessing)
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def first_problem(model: Any, err: ValidationError, values: Any) -> Problem:

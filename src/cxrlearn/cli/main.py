@@ -448,9 +448,10 @@ def _cmd_dicom_status(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from cxrlearn.model.export import export_onnx
-    from cxrlearn.workflows.quantize import export_int8
 
     if args.int8:
+        from cxrlearn.workflows.quantize import export_int8  # the run's data and training config: only for --int8
+
         judgement, out = export_int8(args.model, max_auc_loss=args.max_auc_loss, min_agreement=args.min_agreement,
                                      calibration_images=args.calibration_images, progress=not args.no_progress)
         if out is None:

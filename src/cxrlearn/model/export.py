@@ -78,8 +78,6 @@ def contract(meta: dict, weights_sha256: str) -> dict:
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = ONNX_OPSET) -> Path:
     """Write the bundle in ``model_dir`` as one ONNX file at ``out`` (default ``model_dir/model.onnx``, where
     ``cxrlearn predict --runtime onnx`` looks); return its path."""
-    import onnx
-
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX_FILE
     model, meta = load_bundle(model_dir)
@@ -92,10 +90,17 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         wrapper, (example,), input_names=["image"], output_names=["logits", "features"], opset_version=opset, dynamo=True,
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False,
     )
-    proto = program.model_proto
+    return write_with_contract(program.model_proto, contract(meta, file_digest(model_dir / WEIGHTS)), out)
+
+
+def write_with_contract(proto, terms: dict, out: Path) -> Path:
+    """Write the ONNX ``proto`` at ``out`` (atomically) with ``terms`` (:func:`contract`'s, perhaps with more) as
+    its only cxrlearn metadata, after ONNX's own check of the model."""
+    import onnx
+
+    del proto.metadata_props[:]
     entry = proto.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps(contract(meta, file_digest(model_dir / WEIGHTS)))
+    entry.key, entry.value = METADATA_KEY, json.dumps(terms)
     proto.producer_name = "cxrlearn"
     onnx.checker.check_model(proto)
     write_atomic(out, proto.SerializeToString())

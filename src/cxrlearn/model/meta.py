@@ -205,10 +205,7 @@ class BundleMeta:
         if unknown:
             raise ConfigError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} in a format-{version} "
                               "bundle; was it made by a newer version?")
-        try:
-            meta = check_settings(cls, raw, str(path), field_word=True)
-        except ConfigError as err:
-            raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+        meta = check_settings(cls, raw, str(path), field_word=True)
         meta.check_consistent(path)
         return meta
 

@@ -25,14 +25,12 @@ images, before the file is written.
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 import numpy as np
 
-from cxrlearn._files import write_atomic
-from cxrlearn.model.export import METADATA_KEY
+from cxrlearn.model.export import read_contract, write_with_contract
 
 #: A bundle's int8 export, beside ``model.onnx`` (``--runtime onnx-int8``).
 INT8_FILE = "model.int8.onnx"
@@ -58,8 +56,8 @@ def kept_float(graph) -> list[str]:
     """The convolutions left in float (module docstring): the stem (the graph's first convolution, ONNX graphs
     being in topological order) and every depthwise one (``group`` > 1)."""
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    depthwise = [node.name for node in convs if any(a.name == "group" and a.i > 1 for a in node.attribute)]
-    return ([convs[0].name] if convs else []) + [name for name in depthwise if not convs or name != convs[0].name]
+    return [node.name for i, node in enumerate(convs)
+            if i == 0 or any(a.name == "group" and a.i > 1 for a in node.attribute)]
 
 
 def quantise(fp32: Path, out: Path, calibration: np.ndarray, reduce_range: bool) -> Path:
@@ -83,26 +81,22 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray, reduce_range: bool)
     # ONNX Runtime's advice before quantising: shape inference and graph optimisation (BatchNorm folded into the
     # convolutions, so that it is quantised with them rather than left as float between two QDQ pairs).
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    excluded = kept_float(onnx.load(str(prepared)).graph)
-    quantize_static(str(prepared), str(staged), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
-                    calibrate_method=CalibrationMethod.MinMax)
     try:
+        model = onnx.load(str(prepared))
+        excluded = kept_float(model.graph)
+        quantize_static(model, str(staged), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(str(staged))
     finally:
         staged.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
-    contract = json.loads({p.key: p.value for p in onnx.load(str(fp32)).metadata_props}[METADATA_KEY])
+    contract = read_contract(fp32)
     contract["int8"] = {"format": "QDQ", "weights": "int8, symmetric, per channel", "activations":
                         "uint8, asymmetric, per tensor (MinMax on the calibration images)",
                         "quantised_ops": list(QUANTISED_OPS),
                         "kept_float": f"the stem and {len(excluded) - 1} depthwise convolution(s), the head (Gemm) "
                                       "and the input steps",
                         "reduce_range": reduce_range, "calibration_images": int(len(calibration))}
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(contract)
-    proto.producer_name = "cxrlearn"
-    write_atomic(out, proto.SerializeToString())
-    return out
+    return write_with_contract(proto, contract, out)
