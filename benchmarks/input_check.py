@@ -69,13 +69,13 @@ def main() -> None:
 
     check = predictor.input_check
     batch = np.stack([predictor.model_pixels(a) for a in xrays])[:, None]
-    features, _ = predictor._features_and_logits(batch)
+    features, _ = predictor.features_and_logits(batch)
     n = len(batch)
     parts = {
         "pixel checks (on the decoded images)": lambda: [cheap_reasons(a) for a in xrays],
         "layout test (8×8 thumbnails, five turns)": lambda: check.turned_reasons(batch[:, 0]),
         "feature distance (Mahalanobis)": lambda: check.scores(features),
-        "the network (backbone + head, one pass)": lambda: predictor._features_and_logits(batch),
+        "the network (backbone + head, one pass)": lambda: predictor.features_and_logits(batch),
     }
     print()
     print("| part | ms per image |")

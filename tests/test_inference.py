@@ -135,6 +135,28 @@ def test_predict_cli_over_every_format_with_a_bad_file_among_them(evaluated, gra
     assert len(list((tmp_path / "cam").glob("a_*.png"))) >= 1
 
 
+def test_predict_decodes_in_worker_processes_with_the_same_output(evaluated, sample_images, tmp_path, capsys):
+    """``--workers 2`` (decoding and preparing in processes ahead of the network, batches of 3) writes the same
+    table as ``--workers 0``, in the same order, and names the same undecodable file."""
+    run, _, _ = evaluated
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = sorted(find_images(sample_images))[:10]
+    for name in names:
+        (folder / name).symlink_to(sample_images / name)
+    (folder / "00000000_000.png").write_bytes((sample_images / names[0]).read_bytes()[:300])  # sorts first, broken
+    (folder / "zz.dcm").write_bytes(dicom_bytes(load_grayscale(sample_images / names[1]), bits=8, window=(128, 256)))
+    tables = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers-{workers}.csv"
+        assert main(["predict", "--model", str(run), str(folder), "--out", str(out), "--workers", workers,
+                     "--batch-size", "3", "--no-progress"]) == 3
+        assert "00000000_000.png" in capsys.readouterr().err
+        tables[workers] = out.read_text()
+    assert tables["0"] == tables["2"]
+    assert list(pd.read_csv(tmp_path / "workers-0.csv")["image"]) == [*names, "zz.dcm"]
+
+
 def test_predict_json_and_thresholds_from_the_bundle(evaluated, sample_images, tmp_path):
     run, _, _ = evaluated
     from cxrlearn.model.bundle import read_meta
@@ -351,8 +373,26 @@ def test_a_stale_onnx_file_is_refused(evaluated, onnx_file, tmp_path):
         Predictor(copy, runtime="onnx", onnx_path=onnx_file)
 
 
+def test_evaluate_runs_the_onnx_export_as_the_bundle(evaluated, onnx_file, table_path, sample_images, tmp_path):
+    """``evaluate --runtime onnx`` judges the exported file on the same images: the same AUCs as the PyTorch
+    evaluation within float rounding, the runtime recorded, and the bundle's thresholds (PyTorch's) left alone."""
+    from cxrlearn.workflows.evaluate import EvaluationMetrics
+
+    bundle_before = (onnx_file.parent / "model.json").read_bytes()
+    assert main(["evaluate", "--model", str(onnx_file.parent), "--csv", str(table_path), "--images", str(sample_images),
+                 "--subset", "test", "--tta", "--runtime", "onnx", "--resamples", "100", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    judged = EvaluationMetrics.read(tmp_path / "metrics.json")
+    torch_judged = evaluated[2]
+    assert judged.provenance.runtime == "onnx" and torch_judged.provenance.runtime == "torch"
+    assert judged.input_check.judged == torch_judged.input_check.judged
+    for finding, auc in torch_judged.auc.items():
+        assert judged.auc[finding] == (None if auc is None else pytest.approx(auc, abs=0.003)), finding
+    assert (onnx_file.parent / "model.json").read_bytes() == bundle_before
+
+
 def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(evaluated, onnx_file, sample_images,
-                                                                           capsys):
+                                                                           table_path, capsys):
     """``export --int8`` quantises on the run's training images and judges on its validation images (the paired
     patient bootstrap of mean AUC, the input check's verdicts); it writes nothing when the gate is not met, and
     the written file predicts with ``--runtime onnx-int8`` as the float export does, within int8's rounding."""
@@ -392,6 +432,12 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     assert 0 < np.abs(a - b).mean() < 0.08 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
     assert main(["predict", "--model", str(run), "--runtime", "onnx-int8", str(paths[0]), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("\n") == 2  # the header and one row
+    out = run.parent / "int8-evaluation"
+    assert main(["evaluate", "--model", str(run), "--csv", str(table_path), "--images", str(sample_images),
+                 "--subset", "test", "--runtime", "onnx-int8", "--resamples", "100", "--out", str(out),
+                 "--no-progress"]) == 0
+    judged = json.loads((out / "metrics.json").read_text())
+    assert judged["provenance"]["runtime"] == "onnx-int8" and 0.3 < judged["mean_auc"] < 1
 
 
 def test_png_bytes_and_file_decode_alike(gray, tmp_path):

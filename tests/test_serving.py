@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from xray_files import bomb_png, dicom_bytes
 
-from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.data.decoding.images import find_images, load_grayscale
 from cxrlearn.findings import FINDINGS
 from cxrlearn.inference.predictor import Predictor
 
@@ -35,15 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_service(run, connections: dict | None = None, **options):
-    """The service on a free loopback port, in a thread of this process, configured as `serve` configures it;
-    stopped when the generator closes."""
+def _run_service(run, connections: dict | None = None, app=None, **options):
+    """The service (``app``, or one made with ``options``) on a free loopback port, in a thread of this process,
+    configured as `serve` configures it; stopped when the generator closes."""
     import uvicorn
 
     from cxrlearn.serving.app import create_app, server_config
 
     port = _free_port()
-    app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT, **options)
+    app = app or create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT, **options)
     config = server_config(app, "127.0.0.1", port, log_level="warning", **(connections or {}))
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -129,6 +129,78 @@ def test_predict_png_and_dicom_with_heatmap(server, xray):
     status, from_dicom = _post(url, "chest.dcm", dicom, content_type="application/dicom")
     assert status == 200, from_dicom
     assert np.allclose(list(from_dicom["probabilities"].values()), list(body["probabilities"].values()), atol=1e-6)
+
+
+def _at_once(calls) -> list:
+    """Each of ``calls`` (functions of no argument) in its own thread, started together; their results in order."""
+    results: list = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i):
+        start.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_requests_that_arrive_together_share_a_forward_pass(evaluated, sample_images):
+    """With --max-batch 8 and a long --batch-wait-ms, eight clients posting at once are answered from fewer
+    passes than requests, each as if alone; an undecodable upload among them is refused by name (422) and
+    delays or fails none of the others."""
+    from cxrlearn.serving.app import create_app
+
+    run = evaluated[0]
+    app = create_app(run, max_upload_bytes=UPLOAD_LIMIT, upload_timeout_s=UPLOAD_TIMEOUT, max_batch=8,
+                     batch_wait_ms=400)
+    paths = [sample_images / name for name in sorted(find_images(sample_images))[:7]]
+    uploads = [(path.name, path.read_bytes()) for path in paths] + [("broken.png", b"\x89PNG\r\n\x1a\n not an image")]
+    service = _run_service(run, app=app)
+    url, _ = next(service)
+    try:
+        answers = _at_once([lambda name=name, data=data: _post(url, name, data) for name, data in uploads])
+    finally:
+        service.close()
+    assert answers[-1][0] == 422 and "broken.png" in answers[-1][1]["detail"]
+    alone = Predictor(run).predict([load_grayscale(path) for path in paths], [path.name for path in paths])
+    for (status, body), expected in zip(answers[:-1], alone):
+        assert status == 200, body
+        assert body["image"] == expected.image and body["input_check"] == expected.input_check
+        assert np.allclose([body["probabilities"][f] for f in FINDINGS],
+                           [expected.probabilities[f] for f in FINDINGS], atol=1e-5)
+    batcher = app.state.batcher
+    assert batcher.images == 7 and batcher.batches < 7, (batcher.batches, batcher.images)
+
+
+def test_a_batch_that_fails_fails_only_the_image_at_fault(evaluated, xray):
+    """A forward pass that raises is run again image by image: the others get their answers."""
+    from cxrlearn.inference.predictor import Prepared
+    from cxrlearn.serving.batching import Batcher
+
+    predictor = Predictor(evaluated[0])
+    batcher = Batcher(predictor, max_batch=4, wait_s=0.4)
+    good = predictor.prepare(xray)
+    odd = Prepared(np.zeros((64, 64, 3), np.uint8), None)  # colour: the network cannot take it, alone or not
+    try:
+        answers = _at_once([lambda p=p: _answer_or_error(batcher, p) for p in (good, odd, good, good)])
+    finally:
+        batcher.close()
+    expected = predictor.predict_prepared([good], ["x"])[0].probabilities
+    for answer in (answers[0], answers[2], answers[3]):
+        assert np.allclose(list(answer.probabilities.values()), list(expected.values()), atol=1e-5)
+    assert isinstance(answers[1], Exception)
+    assert batcher.images == 3
+
+
+def _answer_or_error(batcher, prepared):
+    try:
+        return batcher.predict(prepared, "x")
+    except Exception as err:  # noqa: BLE001 - the test looks at it
+        return err
 
 
 def test_a_turned_xray_gets_a_warning_and_strict_refuses_it(server, strict_server, xray):

@@ -51,9 +51,10 @@ from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
 from cxrlearn.defaults import IMAGE_SIZE
 from cxrlearn.errors import CxrlearnError, DataError, Interrupted
-from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
+from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
-from cxrlearn.serving import HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S
+from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT,
+                              UPLOAD_TIMEOUT_S)
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -274,7 +275,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
         write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
         table=str(args.table) if args.table else None, dataset=args.dataset, columns=_columns(args.column),
-        uncertain=args.uncertain, findings=_findings(args),
+        uncertain=args.uncertain, findings=_findings(args), runtime=args.runtime,
     )
     _want_folder(args.out, "--out")
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
@@ -324,7 +325,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
     _want_folder(args.dicom_out, "--dicom-out")
-    predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress)
+    predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress,
+                                                    workers=predict_workers() if args.workers is None else args.workers)
     failures = unreadable + failures
     for _, message in failures:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
@@ -472,7 +474,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
-          strict=args.strict, device=args.device, api_key_file=args.api_key_file)
+          strict=args.strict, device=args.device, api_key_file=args.api_key_file, max_batch=args.max_batch,
+          batch_wait_ms=args.batch_wait_ms)
     return 0
 
 
@@ -523,6 +526,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= 3600:  # also false for nan
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds over 0 and at most 3600")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    """An argparse type: milliseconds from 0 to 1000 (not -1, nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= value <= 1000:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number of milliseconds from 0 to 1000")
     return value
 
 
@@ -712,6 +726,9 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     evaluate.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
     evaluate.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE)
     evaluate.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
+    evaluate.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                          help="what runs the network: the bundle in PyTorch, or its ONNX export (onnx, onnx-int8: "
+                          "made by `cxrlearn export`; the bundle's thresholds are then not updated)")
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
@@ -778,6 +795,9 @@ def _add_model_commands(commands) -> None:
     _add_runtime_options(predict)
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
     predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
+    predict.add_argument("--workers", type=_bounded_int(0, 64, "a count"),
+                         help="processes decoding and preparing images ahead of the network (0: this one; default: "
+                              "one per core beyond the first, at most 4)")
     predict.add_argument("--strict", action="store_true",
                          help="refuse inputs the input check flags (not a frontal chest X-ray like the training "
                               "images), naming the reason, instead of predicting with a warning")
@@ -803,6 +823,11 @@ def _add_model_commands(commands) -> None:
                             "the page asks for it once")
     serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
+    serve.add_argument("--max-batch", type=_bounded_int(1, 1024, "a batch size"), default=MAX_BATCH,
+                       help="most images in one forward pass, from requests that arrive together (default %(default)s)")
+    serve.add_argument("--batch-wait-ms", type=_milliseconds, default=BATCH_WAIT_MS,
+                       help="milliseconds a request waits for others to share its forward pass (default %(default)s; "
+                            "0 with --max-batch 1: one request per pass)")
     serve.set_defaults(run=_cmd_serve)
 
 

@@ -99,6 +99,7 @@ class Provenance(Record):
     split: SplitRecord | None = None
     images_left_out_undecodable: int | None = None
     tta: bool | None = None
+    runtime: str | None = None  # what ran the network: torch, onnx or onnx-int8 (None: torch, before it was said)
     temperature_scaling: str | bool | None = None
     versions: dict[str, str] | None = None
 

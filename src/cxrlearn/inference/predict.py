@@ -30,34 +30,47 @@ def flip_averaged(forward, images):
     return average_with_mirror(forward(images), forward(mirror(images)))
 
 
-@torch.no_grad()
+#: A network on uint8 batches (B, 1, S, S): their pooled features (None where the runtime gives none) and logits.
+Forward = Callable[[torch.Tensor], tuple[np.ndarray | None, np.ndarray]]
+
+
+def torch_forward(model: ChestXrayClassifier, transform: BatchTransform,
+                  device: str | torch.device = "cpu") -> Forward:
+    """The :data:`Forward` of a classifier in PyTorch on ``device``, normalising with ``transform``."""
+    model = model.to(device).eval()
+    transform = transform.to(device)
+
+    @torch.no_grad()
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        features = model.backbone(transform(images.to(device)))
+        return features.float().cpu().numpy(), model.head(features).float().cpu().numpy()  # model(x), features kept
+
+    return forward
+
+
 def predict_logits(
-    model: ChestXrayClassifier, loader: DataLoader, transform: BatchTransform, tta: bool = False,
-    device: str | torch.device = "cpu", progress: bool = False, flip: bool = False,
-    inspect: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    forward: Forward, loader: DataLoader, tta: bool = False, progress: bool = False, flip: bool = False,
+    inspect: Callable[[np.ndarray, np.ndarray | None], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Logits (N, findings), labels (N, findings; NaN where unknown) and names for every batch of ``loader``.
 
+    ``forward``: :func:`torch_forward`, or a :class:`cxrlearn.inference.predictor.Predictor`'s runtime.
     ``tta`` averages the logits of each image and its horizontal mirror;
     ``flip`` gives the mirror's alone (to compare the two). ``inspect``, when given, is called with each
-    batch's uint8 images and the backbone's pooled features of them, from the same pass as the logits
+    batch's (B, S, S) uint8 images and the backbone's pooled features of them, from the same pass as the logits
     (the input check needs both).
     """
 
-    model = model.to(device).eval()
-    transform = transform.to(device)
     logits_out, labels, names = [], [], []
     for images, y, batch_names in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        x = transform(images.to(device))
         if flip:
-            x = mirror(x)
-        features = model.backbone(x)
+            images = mirror(images)
+        features, logits = forward(images)
         if inspect is not None:
-            inspect(images, features)
-        logits = model.head(features)  # model(x), with the features kept
+            inspect(images[:, 0].numpy(), features)
         if tta:
-            logits = average_with_mirror(logits, model(mirror(x)))
-        logits_out.append(logits.float().cpu().numpy())
+            logits = average_with_mirror(logits, forward(mirror(images))[1])
+        logits_out.append(logits)
         labels.append(y.numpy())
         names.extend(batch_names)
     return np.concatenate(logits_out), np.concatenate(labels), names
@@ -68,7 +81,7 @@ def predict_loader(
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Probabilities (N, findings), labels (N, findings) and names for every batch of ``loader``."""
-    logits, labels, names = predict_logits(model, loader, transform, tta=tta, device=device)
+    logits, labels, names = predict_logits(torch_forward(model, transform, device), loader, tta=tta)
     return sigmoid(logits), labels, names
 
 

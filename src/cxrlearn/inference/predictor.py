@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cxrlearn import __version__
@@ -26,6 +27,7 @@ from cxrlearn._files import utf8, write_atomic
 from cxrlearn.data.columns import IMAGE
 from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour, regular_file
 from cxrlearn.data.pipeline.normalize import normalizer
+from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
@@ -128,6 +130,21 @@ def find_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
     return found, unreadable
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the network: its (S, S) uint8 input, and what the cheap checks found in the decoded file
+    (:func:`cxrlearn.model.input_check.cheap_reasons`), which the network's input no longer shows."""
+
+    pixels: np.ndarray
+    cheap: Flag | None
+
+
+def prepare(preprocessing: Preprocessing, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
+    """A decoded grayscale image (any size) as the network's input, resized as in training, with the cheap checks'
+    finding (``colour``: the file's colour spread)."""
+    return Prepared(preprocessing.model_pixels(decoded), cheap_reasons(decoded, colour, preprocessing.input_size))
+
+
 #: The file each ONNX runtime reads in a bundle's folder.
 ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": INT8_FILE}
 
@@ -199,9 +216,9 @@ class Predictor:
 
     # ---- the network -------------------------------------------------------------------------------------
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        return self._features_and_logits(batch)[1]
+        return self.features_and_logits(batch)[1]
 
-    def _features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """The backbone's pooled features and the logits (features None from an ONNX file exported before they
         were one of its outputs)."""
         if self.runtime != "torch":
@@ -217,7 +234,7 @@ class Predictor:
         return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
     def _logits_and_verdicts(self, batch: np.ndarray, cheap: list[Flag | None]) -> tuple[np.ndarray, list[Verdict]]:
-        features, logits = self._features_and_logits(batch)
+        features, logits = self.features_and_logits(batch)
         if self.tta:
             logits = average_with_mirror(logits, self._forward(mirror(batch)))
         if self.input_check is None:
@@ -231,18 +248,25 @@ class Predictor:
         logits, verdicts = self._logits_and_verdicts(batch, cheap or [None] * len(batch))
         return probabilities(logits, self.findings, self.temperature), verdicts
 
+    def prepare(self, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
+        """A decoded grayscale image (any size) as the network's input, with the cheap checks' finding."""
+        return prepare(self.preprocessing, decoded, colour)
+
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str],
                 colours: Sequence[float] | None = None) -> list[Prediction]:
         """Predictions for decoded grayscale images (any size), each with its input check.
 
         ``colours``: each source file's colour spread (:func:`cxrlearn.data.decoding.images.colour_spread`).
         """
-        if not images:
+        colours = colours or [0.0] * len(images)
+        return self.predict_prepared([self.prepare(image, colour) for image, colour in zip(images, colours)], names)
+
+    def predict_prepared(self, prepared: Sequence[Prepared], names: Sequence[str]) -> list[Prediction]:
+        """Predictions for images made ready by :meth:`prepare`, in one forward pass, each with its input check."""
+        if not prepared:
             return []
-        batch = np.stack([self.model_pixels(image) for image in images])[:, None]
-        cheap = [cheap_reasons(image, colour, self.image_size)
-                 for image, colour in zip(images, colours or [0.0] * len(images))]
-        logits, verdicts = self._logits_and_verdicts(batch, cheap)
+        batch = np.stack([p.pixels for p in prepared])[:, None]
+        logits, verdicts = self._logits_and_verdicts(batch, [p.cheap for p in prepared])
         probs = probabilities(logits, self.findings, self.temperature)
         broken = ~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
         if broken.any():  # never a blank answer passed off as one: the bundle's numbers are at fault
@@ -259,32 +283,47 @@ class Predictor:
             for i, (name, row, verdict) in enumerate(zip(names, probs, verdicts))
         ]
 
-    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE, progress: bool = True
-                      ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-        """Predictions for image files, and ``(file, error)`` for those that cannot be read; none is lost."""
+    def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE,
+                      progress: bool = True, workers: int = 0) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predictions for image files, in their order, and ``(file, error)`` for those that cannot be read; none
+        is lost. ``workers`` processes decode and prepare files (:meth:`prepare`) ahead of the network, at most two
+        batches each (0: this process does it, between batches)."""
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch size must be a whole number >= 1, not {batch_size!r}")
+        if not isinstance(workers, int) or workers < 0:
+            raise ConfigError(f"workers must be a whole number >= 0, not {workers!r}")
         paths = [Path(p) for p in paths]
-
         names = _display_names(paths)
+        loader = DataLoader(_PreparedFiles(paths, self.preprocessing), batch_size=batch_size, num_workers=workers,
+                            collate_fn=list, prefetch_factor=2 if workers else None)
         predictions: list[Prediction] = []
         failures: list[tuple[str, str]] = []
-        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr)
-        for start in range(0, len(paths), batch_size):
-            images, batch_names, colours = [], [], []
-            for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
-                try:
-                    pixels, colour = load_grayscale_and_colour(path)
-                    images.append(pixels)
-                    colours.append(colour)
-                    batch_names.append(name)
-                except DataError as err:
-                    failures.append((str(path), str(err)))
-            predictions += self.predict(images, batch_names, colours)
-            bar.update(min(batch_size, len(paths) - start))
-        bar.close()
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for batch in loader:
+                read = [(i, prepared) for i, prepared, _ in batch if prepared is not None]
+                failures += [(str(paths[i]), error) for i, _, error in batch if error is not None]
+                predictions += self.predict_prepared([p for _, p in read], [names[i] for i, _ in read])
+                bar.update(len(batch))
         return predictions, failures
+
+
+class _PreparedFiles(Dataset):
+    """Image files as ``(index, Prepared, None)``, or ``(index, None, why)`` for one that cannot be read: what
+    :meth:`Predictor.predict_files`' loader workers give (the file's bytes are read and decoded there)."""
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing):
+        self.paths, self.preprocessing = paths, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
+        try:
+            pixels, colour = load_grayscale_and_colour(self.paths[i])
+        except DataError as err:
+            return i, None, str(err)
+        return i, prepare(self.preprocessing, pixels, colour), None
 
 
 def _display_names(paths: Sequence[Path]) -> list[str]:

@@ -18,16 +18,19 @@ an empty or undecodable file or a DICOM without pixels (422), a file name
 with path separators (400).
 
 Memory is bounded: a request body is read into memory only up to the limit;
-at most ``decoders`` images are decoded at once (each within the pixel
-budget); inference runs in FastAPI's thread pool behind a lock (one forward
-pass at a time uses every core), and a request that fails frees both like any
-other. Uvicorn refuses connections beyond ``limit_concurrency`` with 503.
+at most ``decoders`` images are decoded (and made ready for the network) at once,
+each within the pixel budget, in FastAPI's thread pool; the network runs in one
+thread, on batches of the requests that arrived within ``batch_wait_ms`` of each
+other, at most ``max_batch`` of them (:mod:`cxrlearn.serving.batching`), and a
+request that fails frees its place like any other. Uvicorn refuses connections
+beyond ``limit_concurrency`` with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import io
 import json
@@ -51,9 +54,10 @@ from cxrlearn.defaults import usable_cores
 from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
-from cxrlearn.inference.predictor import Predictor
-from cxrlearn.serving import (HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT,
-                              UPLOAD_TIMEOUT_S)
+from cxrlearn.inference.predictor import Predictor, Prepared
+from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_BATCH, MAX_CONNECTIONS,
+                              MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S)
+from cxrlearn.serving.batching import Batcher
 
 log = logging.getLogger(__name__)
 #: The key of a request's scope["state"] that says it came on a connection beyond the limit (health checks only).
@@ -73,20 +77,22 @@ def _check_name(name: str | None) -> str:
     return name
 
 
-def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore) -> tuple[np.ndarray, float]:
-    """Decoded grayscale pixels of an upload and its colour spread; every failure is the upload's and becomes
-    a 4xx.
+def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore, predictor: Predictor
+            ) -> tuple[np.ndarray, Prepared]:
+    """Decoded grayscale pixels of an upload, and the image made ready for the network; every failure is the
+    upload's and becomes a 4xx.
 
     Images whose decoded pixels would exceed the budget are refused from their headers (413), before any
     pixel is decoded; at most as many decodes as ``slots`` allows run at once (the colour spread's
-    thumbnail among them, not under the inference lock).
+    thumbnail and the resizing to the network's input among them, outside the network's batches).
     """
 
     if not data:
         raise HTTPException(422, f"{name}: the upload is empty")
     try:
         with slots:
-            return decode_grayscale_and_colour(data, name)
+            pixels, colour = decode_grayscale_and_colour(data, name)
+            return pixels, predictor.prepare(pixels, colour)
     except ImageTooLarge as err:
         raise HTTPException(413, str(err)) from None
     except DataError as err:
@@ -263,16 +269,26 @@ def default_decoders() -> int:
 
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False,
-               device: str = "auto", api_key: str | None = None) -> FastAPI:
+               device: str = "auto", api_key: str | None = None, max_batch: int = MAX_BATCH,
+               batch_wait_ms: float = BATCH_WAIT_MS) -> FastAPI:
     """The service. ``strict``: refuse (422, naming the reason) an input the input check flags, rather than
     answer it with ``input_check: "warning: ..."``. ``device``: where the torch model runs (``auto``: a CUDA
-    GPU when there is one). ``api_key``: required on ``/v1/`` (:class:`Traced`)."""
+    GPU when there is one). ``api_key``: required on ``/v1/`` (:class:`Traced`). ``max_batch``, ``batch_wait_ms``:
+    requests share forward passes of at most ``max_batch`` images, waiting at most ``batch_wait_ms`` for company
+    (:class:`~cxrlearn.serving.batching.Batcher`; 1 and 0: one request per pass, as before batching)."""
 
     predictor = Predictor(model_dir, runtime=runtime, device=device)
     predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first request
-    lock = threading.Lock()
+    batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
     slots = threading.BoundedSemaphore(decoders or default_decoders())
-    app = FastAPI(title="cxrlearn", description="Chest X-ray findings (NIH ChestX-ray14)", version="1")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="cxrlearn", description="Chest X-ray findings (NIH ChestX-ray14)", version="1",
+                  lifespan=lifespan)
     page = resources.files("cxrlearn.serving").joinpath("page.html").read_text(encoding="utf-8")
     # Room for the multipart framing around the file itself.
     app.add_middleware(BoundedBodies, max_bytes=max_upload_bytes + 64 * 1024, timeout_s=upload_timeout_s)
@@ -299,50 +315,51 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(413, f"{name}: upload over the limit of {max_upload_bytes:,} bytes")
         if cam is not None and cam != "top" and cam not in predictor.findings:
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
-        pixels, colour = _decode(data, name, slots)
-        with lock:
-            try:
-                result = predictor.predict([pixels], [name], [colour])[0]
-            except ConfigError as err:  # the bundle's fault, not the upload's: said, never a blank answer
-                raise HTTPException(500, str(err)) from None
-            if strict and result.flagged:
-                raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
-            body = {
-                "image": name,
-                "probabilities": result.probabilities,
-                "positive_findings": result.positive,
-                "thresholds": predictor.thresholds or None,
-                "threshold_method": predictor.meta.threshold_method,
-                "input_check": result.input_check,
-                "input_score": result.input_score,
-                **predictor.provenance.columns(),
-                "request_id": request.state.request_id,
-            }
-            if cam is not None:
-
-                finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
+        pixels, prepared = _decode(data, name, slots, predictor)
+        try:
+            result = batcher.predict(prepared, name)
+        except ConfigError as err:  # the bundle's fault, not the upload's: said, never a blank answer
+            raise HTTPException(500, str(err)) from None
+        if strict and result.flagged:
+            raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
+        body = {
+            "image": name,
+            "probabilities": result.probabilities,
+            "positive_findings": result.positive,
+            "thresholds": predictor.thresholds or None,
+            "threshold_method": predictor.meta.threshold_method,
+            "input_check": result.input_check,
+            "input_score": result.input_score,
+            **predictor.provenance.columns(),
+            "request_id": request.state.request_id,
+        }
+        if cam is not None:
+            finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
+            with batcher.lock:  # the same model as the batches' when the runtime is torch
                 heat = heatmaps(predictor, pixels, [finding])[finding]
-                picture = annotated_overlay(pixels, heat, finding, result.probabilities[finding],
-                                            (predictor.thresholds or {}).get(finding))
-                body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
-                                   "image_png": _png_base64(pixels)}
+            picture = annotated_overlay(pixels, heat, finding, result.probabilities[finding],
+                                        (predictor.thresholds or {}).get(finding))
+            body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
+                               "image_png": _png_base64(pixels)}
         return body
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page
 
-    app.state.predictor = predictor
+    app.state.predictor, app.state.batcher = predictor, batcher
     return app
 
 
 def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runtime: str = "torch",
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
           upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
-          strict: bool = False, device: str = "auto", api_key_file: str | os.PathLike | None = None) -> None:
+          strict: bool = False, device: str = "auto", api_key_file: str | os.PathLike | None = None,
+          max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS) -> None:
     import uvicorn
 
     api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
-                     upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key)
+                     upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key,
+                     max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     uvicorn.Server(server_config(app, host, port, limit_concurrency)).run()

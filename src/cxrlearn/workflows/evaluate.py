@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sklearn
-import torch
 
 from cxrlearn._files import file_digest, source_digest, write_atomic
 from cxrlearn.data.cohort.split import SPLIT, SPLITS, apply_split, read_split_file
@@ -52,7 +51,8 @@ from cxrlearn.evaluation.results import (BundleRecord, EvaluationMetrics, FileRe
 from cxrlearn.evaluation.subgroups import subgroup_metrics
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
-from cxrlearn.inference.predict import average_with_mirror, predict_logits
+from cxrlearn.inference.predict import Forward, average_with_mirror, predict_logits, torch_forward
+from cxrlearn.inference.predictor import Predictor
 from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
@@ -81,6 +81,7 @@ class EvaluationOptions:
     workers: int | None = None
     write_bundle: bool = True
     progress: bool = True
+    runtime: str = "torch"  # or an ONNX file of the bundle (RUNTIMES); the bundle is then not updated
     command: list[str] = field(default_factory=list)
     # Another label table than the run's own (external validation): a dataset's files, or the generic format.
     table: str | None = None
@@ -212,25 +213,32 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
     return _Selection(judged, None, what, info)
 
 
-def _predict(model, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: bool, options: EvaluationOptions,
-             device, findings: list[str], columns: list[int], check: InputCheck | None = None) -> _Judged:
+def _predict(forward: Forward, meta: BundleMeta, cache_dir: Path, rows: pd.DataFrame, tta: bool,
+             options: EvaluationOptions, findings: list[str], columns: list[int], check: InputCheck | None = None
+             ) -> _Judged:
     """Logits of the model's outputs ``columns`` (the judged ``findings``) on the cached ``rows``; with ``check``,
     its verdicts too, from the same pass (cached pixels are square, so the aspect check is not made here)."""
     cached, loader = judging_loader(cache_dir, rows, findings, meta.preprocessing, options.batch_size)
-    transform = normalizer(meta.preprocessing)
     verdicts: list[Verdict] = []
 
-    def judge(images: torch.Tensor, features: torch.Tensor) -> None:
-        pixels = images[:, 0].numpy()
-        verdicts.extend(check.judge(pixels, features.float().cpu().numpy(), [cheap_reasons(p) for p in pixels]))
+    def judge(pixels: np.ndarray, features: np.ndarray | None) -> None:
+        verdicts.extend(check.judge(pixels, features, [cheap_reasons(p) for p in pixels]))
 
-    logits, labels, _ = predict_logits(model, loader, transform, device=device, progress=options.progress,
+    logits, labels, _ = predict_logits(forward, loader, progress=options.progress,
                                        inspect=judge if check is not None else None)
     flipped = None
     if tta:
-        flipped, _, _ = predict_logits(model, loader, transform, device=device, progress=options.progress, flip=True)
+        flipped, _, _ = predict_logits(forward, loader, progress=options.progress, flip=True)
         flipped = flipped[:, columns]
     return _Judged(cached, labels, logits[:, columns], flipped, verdicts if check is not None else None)
+
+
+def _forward(model_dir: Path, model, meta: BundleMeta, runtime: str) -> Forward:
+    """The network evaluation runs: the bundle's in PyTorch (on a GPU when there is one), or an ONNX file of it."""
+    if runtime == "torch":
+        return torch_forward(model, normalizer(meta.preprocessing), resolve_device())
+    runner = Predictor(model_dir, runtime=runtime)
+    return lambda images: runner.features_and_logits(images.numpy())
 
 
 def _flagged_summary(verdicts: list[Verdict], labels: np.ndarray, probs: np.ndarray, findings, mean_auc
@@ -339,11 +347,11 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
         log.warning("the bundle's thresholds were chosen without flip averaging; --tta changes what they apply to")
 
     cache_dir = _cache_for(model_dir, meta, fingerprint, [val_rows, judged_rows], images, csv, options)
-    device = resolve_device()
-    val = _predict(model, meta, cache_dir, val_rows, tta, options, device, findings, columns) \
+    forward = _forward(model_dir, model, meta, options.runtime)
+    val = _predict(forward, meta, cache_dir, val_rows, tta, options, findings, columns) \
         if val_rows is not None else None
     check = InputCheck.load(model_dir, meta.input_check) if meta.input_check else None
-    test = _predict(model, meta, cache_dir, judged_rows, tta, options, device, findings, columns, check)
+    test = _predict(forward, meta, cache_dir, judged_rows, tta, options, findings, columns, check)
     left_out = len(judged_rows) - len(test.rows)
     if left_out:
         log.warning(f"{left_out:,} images to judge could not be decoded and are left out (see {cache_dir}/failed.tsv)")
@@ -390,7 +398,10 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
-    if options.write_bundle and chosen is not None:
+    if options.write_bundle and chosen is not None and options.runtime != "torch":
+        log.warning(f"the bundle's thresholds are left as they are: they belong to its PyTorch model, and this "
+                    f"evaluation ran {options.runtime}")
+    elif options.write_bundle and chosen is not None:
         _update_bundle(model_dir, meta, chosen, options.threshold_method, temperature, tta, metrics, out,
                        selection.what)
     return metrics
@@ -482,6 +493,7 @@ def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: Spli
         split=split_info,
         images_left_out_undecodable=left_out,
         tta=tta,
+        runtime=options.runtime,
         temperature_scaling=(("the bundle's" if meta.temperature else False) if split_info.all_present
                              else options.calibrate),
         versions=_versions(),
