@@ -5,7 +5,13 @@ real sample X-rays (PNG) to /v1/predict in a loop until the time is up, and repo
 throughput, p50/p99 latency and errors. Traffic goes to loopback only and stops by
 itself (time- and request-bounded).
 
-Usage: python benchmarks/serve_load.py --model RUN_DIR [--clients 1 4 8] [--seconds 20] [--runtime torch|onnx] [--cam]
+First, offline: the same model in this process on the same images, already decoded, in
+batches of --max-batch (the ceiling a service on this device can reach); each level's
+throughput is also given as a share of it. With --unbatched, the service is run a second
+time with one request per forward pass (--max-batch 1 --batch-wait-ms 0), side by side.
+
+Usage: python benchmarks/serve_load.py --model RUN_DIR [--clients 1 8 32] [--seconds 20] [--runtime torch|onnx]
+       [--max-batch 32] [--unbatched] [--cam]
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import uuid
 
 import numpy as np
 from _common import machine, parser
+
+from cxrlearn.data.decoding.images import load_grayscale_and_colour
+from cxrlearn.inference.predictor import Predictor
+from cxrlearn.serving import MAX_BATCH
 
 MAX_REQUESTS_PER_CLIENT = 10_000
 
@@ -89,34 +99,63 @@ def client(url: str, bodies: list[tuple[bytes, str]], stop_at: float, latencies:
             errors.append(str(err))
 
 
+def offline_rate(model: str, runtime: str, paths: list, batch: int, seconds: float = 5.0) -> float:
+    """Images per second of the model alone on already-decoded images, in batches of ``batch``, for ``seconds``."""
+    predictor = Predictor(model, runtime=runtime)
+    prepared = [predictor.prepare(*load_grayscale_and_colour(path)) for path in paths]
+    prepared = (prepared * (batch // len(prepared) + 1))[:batch]
+    names = [str(i) for i in range(len(prepared))]
+    predictor.predict_prepared(prepared, names)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        done += len(predictor.predict_prepared(prepared, names))
+    return done / (time.perf_counter() - started)
+
+
+def load_levels(url: str, bodies, levels: list[int], seconds: float, offline: float, what: str) -> None:
+    client(url, bodies, time.perf_counter() + 2.0, [], [])  # warm-up
+    for clients in levels:
+        latencies: list[float] = []
+        errors: list[str] = []
+        stop_at = time.perf_counter() + seconds
+        started = time.perf_counter()
+        in_parallel(clients, client, url, bodies, stop_at, latencies, errors)
+        elapsed = time.perf_counter() - started
+        ms = np.array(latencies) * 1000
+        rate = len(latencies) / elapsed
+        print(f"| {what} | {clients} | {len(latencies):,} | {rate:.1f} | {rate / offline:.2f} | "
+              f"{np.percentile(ms, 50):.0f} | {np.percentile(ms, 99):.0f} | {len(errors)} |")
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--runtime", default="torch")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    p.add_argument("--unbatched", action="store_true", help="also the service with one request per forward pass")
     p.add_argument("--cam", action="store_true", help="ask for the Grad-CAM overlay too")
     args = p.parse_args()
     images = sorted((args.data / "nih-sample" / "images-256").glob("*.png"))[:32]
     bodies = [multipart(path.name, path.read_bytes()) for path in images]
-    with running_service(args.model, ["--runtime", args.runtime]) as (_, base):
-        meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())
-        url = f"{base}/v1/predict" + ("?cam=top" if args.cam else "")
-        print(f"# serve load: {meta['backbone']} at {meta['preprocessing']['input_size']} px, runtime {args.runtime}, "
-              f"tta {meta['tta']}, cam {args.cam}; {args.seconds:g} s per level; {machine()}")
-        print("| clients | requests | throughput (req/s) | p50 (ms) | p99 (ms) | errors |")
-        print("|---|---|---|---|---|---|")
-        client(url, bodies, time.perf_counter() + 2.0, [], [])  # warm-up
-        for clients in args.clients:
-            latencies: list[float] = []
-            errors: list[str] = []
-            stop_at = time.perf_counter() + args.seconds
-            started = time.perf_counter()
-            in_parallel(clients, client, url, bodies, stop_at, latencies, errors)
-            elapsed = time.perf_counter() - started
-            ms = np.array(latencies) * 1000
-            print(f"| {clients} | {len(latencies):,} | {len(latencies) / elapsed:.1f} | {np.percentile(ms, 50):.0f} | "
-                  f"{np.percentile(ms, 99):.0f} | {len(errors)} |")
+    offline = offline_rate(args.model, args.runtime, images, args.max_batch)
+    settings = {f"batched (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)]}
+    if args.unbatched:
+        settings["one request per pass"] = ["--max-batch", "1", "--batch-wait-ms", "0"]
+    header = False
+    for what, options in settings.items():
+        with running_service(args.model, ["--runtime", args.runtime, *options]) as (_, base):
+            if not header:
+                meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())
+                print(f"# serve load: {meta['backbone']} at {meta['preprocessing']['input_size']} px, runtime "
+                      f"{args.runtime}, tta {meta['tta']}, cam {args.cam}; {args.seconds:g} s per level; {machine()}")
+                print(f"offline, batches of {args.max_batch} already decoded: {offline:.1f} images/s")
+                print("| service | clients | requests | throughput (req/s) | of offline | p50 (ms) | p99 (ms) | errors |")
+                print("|---|---|---|---|---|---|---|---|")
+                header = True
+            url = f"{base}/v1/predict" + ("?cam=top" if args.cam else "")
+            load_levels(url, bodies, args.clients, args.seconds, offline, what)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,8 @@ def test_a_batch_that_fails_fails_only_the_image_at_fault(evaluated, xray):
     good = predictor.prepare(xray)
     odd = Prepared(np.zeros((64, 64, 3), np.uint8), None)  # colour: the network cannot take it, alone or not
     try:
-        answers = _at_once([lambda p=p: _answer_or_error(batcher, p) for p in (good, odd, good, good)])
+        with batcher.arriving():  # a request on its way: the batch waits (0.4 s) and gathers all four
+            answers = _at_once([lambda p=p: _answer_or_error(batcher, p) for p in (good, odd, good, good)])
     finally:
         batcher.close()
     expected = predictor.predict_prepared([good], ["x"])[0].probabilities

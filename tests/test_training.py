@@ -138,6 +138,100 @@ def test_ddp_two_cpu_processes_match_single_process_evaluation(table_path, sampl
             assert float(logged[-1][f"val/auc/{name}"]) == pytest.approx(value, abs=1e-5)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_launched_by_torchrun_train_one_run(table_path, sample_images, present, tmp_path):
+    """Two "nodes" launched as on a cluster, ``torchrun --nnodes 2 --node-rank {0,1}`` (one CPU process each,
+    gloo over loopback), each with its own run folder (node-local disks) and one shared cache folder that neither
+    has filled: they train as one run of two processes, only the first node writes checkpoints and the bundle,
+    and the validation AUC logged in training is a single-process evaluation's of the same weights."""
+    split = split_file(present, tmp_path / "split.csv", n_train=48, n_val=37)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "cxrlearn.cli.main", "train", "--csv", str(table_path), "--images", str(sample_images),
+            "--split", str(split), "--backbone", "tf_efficientnet_lite0", "--image-size", "64", "--epochs", "1",
+            "--batch-size", "8", "--devices", "1", "--num-nodes", "2", "--accelerator", "cpu",
+            "--out", str(tmp_path / f"node{rank}"), "--no-progress", "--set", "model.hub=false",
+            "--set", "data.num_workers=0", "--set", f"data.cache={tmp_path / 'cache'}",
+            "--set", "model.head.units=32", "--set", "train.early_stopping_patience=0",
+        ]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    nodes = [node(0), node(1)]
+    try:
+        outputs = [n.communicate(timeout=600) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    for n, (_, err) in zip(nodes, outputs):
+        assert n.returncode == 0, err[-3000:]
+    first, second = tmp_path / "node0", tmp_path / "node1"
+    assert "MEMBER: 2/2" in outputs[1][1] + outputs[1][0]  # the second node's process joined as rank 1 of 2
+    assert (first / "model.json").is_file() and (first / "model.safetensors").is_file()
+    assert not (second / "model.json").exists() and not (second / "model.safetensors").exists()
+    assert not list(second.rglob("*.ckpt")) and list((first / "checkpoints").glob("*.ckpt"))
+    with open(first / "logs" / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("val/mean_auc")]
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["val"]["n_images"] == (pd.read_csv(split)["split"] == "val").sum()
+    assert float(logged[-1]["val/mean_auc"]) == pytest.approx(metrics["val"]["mean_auc"], abs=1e-5)
+
+
+def test_a_slurm_job_warned_by_sigusr1_keeps_its_progress_asks_for_requeue_and_continues(
+        table_path, sample_images, present, tmp_path):
+    """As ``sbatch --signal=USR1@90 --requeue`` runs it: SIGUSR1 ends training with its progress kept and asks SLURM
+    to requeue the job (``scontrol requeue JOB``, here a script on PATH that records its arguments: no SLURM
+    controller runs in a test); the requeued job (SLURM_RESTART_COUNT=1), with the same command and no --resume,
+    continues the run to its last epoch."""
+    import signal
+    import time
+
+    split = split_file(present, tmp_path / "split.csv", n_train=48, n_val=16)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (tools / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cxrlearn", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**os.environ, **slurm, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "cxrlearn.cli.main", "train", "--csv", str(table_path), "--images", str(sample_images),
+        "--split", str(split), "--backbone", "tf_efficientnet_lite0", "--image-size", "64", "--epochs", "4",
+        "--batch-size", "8", "--accelerator", "cpu", "--out", str(run), "--no-progress", "--set", "model.hub=false",
+        "--set", "data.num_workers=0", "--set", f"data.cache={tmp_path / 'cache'}", "--set", "model.head.units=32",
+        "--set", "train.early_stopping_patience=0",
+    ]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists() and job.poll() is None:  # the first epoch is done
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 130, err[-3000:]
+    assert "--resume" in err and (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"]
+
+    requeued = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                              env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "SLURM requeued this job (1 time(s))" in requeued.stderr
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 4 and stopped_at < 3
+    assert (run / "logs" / "resumed-1").is_dir()  # the continuation logged beside the first part
+
+
 def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(table_path, sample_images, present,
                                                                                  tmp_path, caplog):
     from cxrlearn.errors import ConfigError

@@ -14,6 +14,23 @@ RATIOS = (0.7, 0.1, 0.2)
 IMAGE_SIZE = 240
 
 
+def launch_rank() -> int:
+    """This process's rank among the processes of one training run, as its launcher set it before Lightning
+    starts: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or Lightning's own launcher's ``NODE_RANK`` and
+    ``LOCAL_RANK`` (1 for any process but the first); 0 when launched alone."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0 if os.environ.get("NODE_RANK", "0") == os.environ.get("LOCAL_RANK", "0") == "0" else 1
+
+
+def launched_with_others() -> bool:
+    """Whether a launcher started this process as one of several of one run (torchrun's ``WORLD_SIZE``, SLURM's
+    ``SLURM_NTASKS``, or a rank other than the first): they start together and may share folders."""
+    sizes = (os.environ.get("WORLD_SIZE", ""), os.environ.get("SLURM_NTASKS", ""))
+    return launch_rank() != 0 or any(size.isdigit() and int(size) > 1 for size in sizes)
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity where the system reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

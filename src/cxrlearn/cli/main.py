@@ -49,7 +49,7 @@ from cxrlearn.data.sources.boxes import read_boxes
 from cxrlearn.data.sources.datasets import READERS, labels_path, merge_tables, read_labels
 from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
-from cxrlearn.defaults import IMAGE_SIZE
+from cxrlearn.defaults import IMAGE_SIZE, launch_rank
 from cxrlearn.errors import CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
@@ -68,7 +68,7 @@ class _Stderr(logging.Handler):
     first process of a DDP run only; written to ``sys.stderr`` as it is at each record."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        if launch_rank() != 0:
             return
         message = record.getMessage()
         print(f"warning: {message}" if record.levelno >= logging.WARNING else message, file=sys.stderr, flush=True)
@@ -900,7 +900,7 @@ def _add_inspection_commands(commands, table_args: argparse.ArgumentParser) -> N
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    """Ctrl-C (SIGINT) and SIGTERM (how SLURM and Kubernetes stop a job) raise :class:`Interrupted` in this
+    """Ctrl-C (SIGINT), SIGTERM (how SLURM and Kubernetes stop a job) and SIGUSR1 raise :class:`Interrupted` in this
     process, so that the work in progress can keep what it has (Lightning turns a plain KeyboardInterrupt into
     exit status 1). Processes forked from this one (data loader workers) ignore them: this one stops them."""
     main_pid = os.getpid()
@@ -912,7 +912,9 @@ def _signals_interrupt():
         if os.getpid() == main_pid:
             raise Interrupted(signal.Signals(number).name)
 
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    # SIGUSR1: SLURM's warning before a job's time runs out (sbatch --signal=USR1@90), after which train keeps its
+    # progress and asks SLURM to requeue the job (README: "On a cluster").
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
     finally:

@@ -12,9 +12,9 @@ MAX_CONNECTIONS = 64
 HEALTH_SLOTS = 4
 #: Seconds a connection may take to send a request's headers whole (after opening, or after its last answer).
 HEADER_TIMEOUT_S = 10.0
-#: Most images in one forward pass of the service (``cxrlearn serve --max-batch``): where a GPU's throughput levels
-#: off for B1 (docs/benchmarks.md); a CPU gains little beyond a few.
-MAX_BATCH = 32
+#: Most images in one forward pass of the service (``cxrlearn serve --max-batch``). On a 2-core CPU, 32 clients
+#: got 0.96-1.08 of offline throughput with 16, 0.70 with 32 (docs/benchmarks.md); a GPU gains up to 64-128.
+MAX_BATCH = 16
 #: Milliseconds a request waits for others to share its forward pass (``cxrlearn serve --batch-wait-ms``): a few,
 #: against a forward pass of tens of milliseconds on a CPU.
 BATCH_WAIT_MS = 5.0

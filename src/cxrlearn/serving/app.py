@@ -54,7 +54,7 @@ from cxrlearn.defaults import usable_cores
 from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
-from cxrlearn.inference.predictor import Predictor, Prepared
+from cxrlearn.inference.predictor import Prediction, Predictor, Prepared
 from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_BATCH, MAX_CONNECTIONS,
                               MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.serving.batching import Batcher
@@ -262,6 +262,21 @@ def server_config(app, host: str = HOST, port: int = PORT, max_connections: int 
                           limit_concurrency=max_connections + HEALTH_SLOTS, timeout_keep_alive=5, access_log=False)
 
 
+def _answer(predictor: Predictor, result: Prediction, request_id: str) -> dict:
+    """The JSON answer to ``POST /v1/predict`` (without the heatmap)."""
+    return {
+        "image": result.image,
+        "probabilities": result.probabilities,
+        "positive_findings": result.positive,
+        "thresholds": predictor.thresholds or None,
+        "threshold_method": predictor.meta.threshold_method,
+        "input_check": result.input_check,
+        "input_score": result.input_score,
+        **predictor.provenance.columns(),
+        "request_id": request_id,
+    }
+
+
 def default_decoders() -> int:
     """Images decoded at once: one per core, at most 4 (each may take up to the pixel budget, several times over)."""
     return max(1, min(4, usable_cores()))
@@ -315,24 +330,15 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(413, f"{name}: upload over the limit of {max_upload_bytes:,} bytes")
         if cam is not None and cam != "top" and cam not in predictor.findings:
             raise HTTPException(422, f"cam must be 'top' or one of {', '.join(predictor.findings)}, not {cam!r}")
-        pixels, prepared = _decode(data, name, slots, predictor)
+        with batcher.arriving():
+            pixels, prepared = _decode(data, name, slots, predictor)
         try:
             result = batcher.predict(prepared, name)
         except ConfigError as err:  # the bundle's fault, not the upload's: said, never a blank answer
             raise HTTPException(500, str(err)) from None
         if strict and result.flagged:
             raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
-        body = {
-            "image": name,
-            "probabilities": result.probabilities,
-            "positive_findings": result.positive,
-            "thresholds": predictor.thresholds or None,
-            "threshold_method": predictor.meta.threshold_method,
-            "input_check": result.input_check,
-            "input_score": result.input_score,
-            **predictor.provenance.columns(),
-            "request_id": request.state.request_id,
-        }
+        body = _answer(predictor, result, request.state.request_id)
         if cam is not None:
             finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
             with batcher.lock:  # the same model as the batches' when the runtime is torch

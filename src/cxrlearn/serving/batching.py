@@ -3,8 +3,8 @@
 What Triton's and TorchServe's dynamic batchers do, over a :class:`~cxrlearn.inference.predictor.Predictor` (any
 runtime): the first request waiting opens a batch, which closes when it holds ``max_batch`` images or ``wait_s``
 has passed since it opened, whichever comes first; one thread runs the network on it while the next batch fills.
-Under load the wait costs nothing (the next batch is already waiting when a pass ends); a lone request waits at
-most ``wait_s`` for company.
+A batch waits only while other requests are on their way (being decoded, :meth:`Batcher.arriving`): a lone
+request does not wait at all, and under load the next batch is already waiting when a pass ends.
 
 What is batched is only the network: each request decodes and prepares its image in its own thread before it
 joins (:meth:`Predictor.prepare`), so a slow or undecodable upload never holds a batch back. A batch whose pass
@@ -13,6 +13,7 @@ fails is run again one image at a time, so that only the image at fault fails.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -45,9 +46,22 @@ class Batcher:
         self.batches = 0  # forward passes run, and the images in them: how well requests are being batched
         self.images = 0
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._arriving = 0  # requests being decoded, which a batch may wait for
+        self._counting = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cxrlearn-batcher", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around a request's decoding: while it lasts, an open batch may wait (at most ``wait_s``) for it."""
+        with self._counting:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._counting:
+                self._arriving -= 1
 
     def predict(self, prepared: Prepared, name: str) -> Prediction:
         """The prediction for one prepared image, from a forward pass it may share with others; raises what the
@@ -71,6 +85,8 @@ class Batcher:
         jobs = [first]
         closes_at = time.monotonic() + self.wait_s
         while len(jobs) < self.max_batch:
+            if self._arriving == 0 and self._queue.empty():  # no one else on the way: no reason to wait
+                break
             try:
                 job = self._queue.get(timeout=max(0.0, closes_at - time.monotonic()))
             except queue.Empty:

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, Subset
 
 from cxrlearn._files import file_digest, read_json_object, remove_stale_temporaries, write_atomic
@@ -39,6 +41,7 @@ from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path
 from cxrlearn.data.columns import IMAGE, finding_columns
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fingerprint
+from cxrlearn.defaults import launch_rank, launched_with_others
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
@@ -201,6 +204,7 @@ def prepare_data(config: RunConfig, run_dir: Path, preprocessing: Preprocessing,
     summary = prepare_cache(
         in_split, cache_dir, fingerprint, preprocessing, workers=data.prepare_workers,
         images_dir=str(data.images), label_table=table_path.name, progress=progress,
+        wait=launched_with_others(),  # a shared cache is filled by whichever process comes first; the others wait
     )
     log.info(summary.text())
     return table, fingerprint, present, split, cache_dir, split_path
@@ -354,9 +358,12 @@ def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume
     loggers = [CSVLogger(run_dir, name="logs", version=version), TensorBoardLogger(run_dir, name="logs", version=version)]
     if tracker is not None:
         loggers.append(tracker)
+    plugins = [_atomic_checkpoints()]
+    if SLURMEnvironment.detect():  # cxrlearn requeues on SIGUSR1 itself (train), keeping progress as --resume reads it
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         default_root_dir=run_dir,
-        plugins=[_atomic_checkpoints()],
+        plugins=plugins,
         max_epochs=int(t.epochs),
         accelerator=t.accelerator,
         devices=devices,
@@ -412,10 +419,18 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     """Run the training that ``config`` describes into ``run_dir``; return the bundle folder. ``tracking``: an
     MLflow tracking URI to log parameters, per-epoch metrics, the split's digest and the bundle to.
 
-    Interrupted (Ctrl-C, SIGTERM), it raises :class:`Interrupted` saying what was kept and how to continue."""
+    Interrupted (Ctrl-C, SIGTERM, SIGUSR1), it raises :class:`Interrupted` saying what was kept and how to continue.
+    Under SLURM, SIGUSR1 (``sbatch --signal=USR1@90``) also asks SLURM to requeue the job, and a requeued job
+    continues its run as ``resume`` does."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not resume and restarts.isdigit() and int(restarts) > 0 and (Path(run_dir) / CHECKPOINTS / "last.ckpt").exists():
+        log.info(f"SLURM requeued this job ({restarts} time(s)): {run_dir} continues as with --resume")
+        resume = True
     try:
         return _train(config, Path(run_dir), resume, progress, tracking)
     except (KeyboardInterrupt, Interrupted) as err:
+        if getattr(err, "signal_name", "") == "SIGUSR1":
+            _requeue_slurm_job()
         if isinstance(err, Interrupted) and err.kept:
             raise
         last = Path(run_dir) / CHECKPOINTS / "last.ckpt"
@@ -423,6 +438,26 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             raise Interrupted.keeping(err, f"training's progress at the last finished epoch: {last}", "--resume") \
                 from None
         raise Interrupted.keeping(err, f"the split and the preprocessing cache made so far ({run_dir})") from None
+
+
+def _requeue_slurm_job() -> None:
+    """Ask SLURM to requeue this job (``scontrol requeue``), from the run's first process, as Lightning's own
+    SLURM plugin would; the progress is kept already, and the requeued job continues it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or launch_rank() != 0:
+        return
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning(f"SLURM job {job} was not requeued (scontrol: {err}): submit it again to continue")
+        return
+    if done.returncode == 0:
+        log.info(f"asked SLURM to requeue job {job}: it continues this run when it starts again")
+    else:
+        log.warning(f"SLURM job {job} was not requeued (scontrol exit {done.returncode}: {done.stderr.strip()}): "
+                    "submit it again to continue")
 
 
 def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
@@ -437,7 +472,9 @@ def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
         # continues it too, and keeps its split: it may not change the settings that made it.
         check_same_run(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (run_dir, run_dir / CHECKPOINTS):
+    # Only the first process of a distributed run clears what interrupted writes left: in a run folder shared by
+    # several nodes, another process's temporaries may be writes under way.
+    for folder in (run_dir, run_dir / CHECKPOINTS) if launch_rank() == 0 else ():
         for name in remove_stale_temporaries(folder):
             log.info(f"removed {folder / name}, left by an interrupted write")
     write_atomic(run_dir / CONFIG_FILE, dump_config(config))

@@ -224,14 +224,15 @@ def _read_meta(path: Path) -> CacheMeta:
 
 
 @contextlib.contextmanager
-def writing(folder: Path):
+def writing(folder: Path, wait: bool = False):
     """Hold the cache folder's lock while adding to it: a second ``prepare`` (or training run) on the same
-    cache is refused by name rather than let the two truncate each other's files."""
+    cache is refused by name rather than let the two truncate each other's files; with ``wait``, it waits for
+    the first to finish instead (the other processes of one distributed run, which find the work done)."""
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK, "a+")
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"{folder}: another cxrlearn process is adding to this cache; wait for it to finish, "
                             "or use another cache folder") from None
@@ -328,6 +329,7 @@ def prepare_cache(
     label_table: str = "",
     progress: bool = True,
     flush_every: int = 256,
+    wait: bool = False,
 ) -> PrepareSummary:
     """Decode and resize the table's present images (column ``path``) into a cache, as ``preprocessing`` says
     (steps 1-2: :meth:`Preprocessing.cached`).
@@ -338,11 +340,12 @@ def prepare_cache(
 
     Images already cached are skipped. Undecodable ones are listed in
     ``failed.tsv`` and left out. Returns a summary; raises :class:`DataError` for
-    a cache of another size or table.
+    a cache of another size or table, or one that another process is adding to
+    (with ``wait``: waits for it).
     """
 
     out = Path(out)
-    with writing(out):
+    with writing(out, wait):
         return _prepare(table, out, fingerprint, preprocessing, workers, images_dir, label_table, progress,
                         flush_every)
 
