@@ -24,7 +24,8 @@ class ImageTooLarge(DataError):
 
 
 class Interrupted(BaseException):
-    """The work was stopped from outside: Ctrl-C (SIGINT) or SIGTERM, as SLURM and Kubernetes stop a job.
+    """The work was stopped from outside: Ctrl-C (SIGINT) or SIGTERM, as SLURM and Kubernetes stop a job (or SIGUSR1,
+    SLURM's warning that a job's time is running out).
 
     A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it. ``kept`` says
     what was kept and ``resume`` how to continue (both may be empty); the CLI prints them and exits 130.

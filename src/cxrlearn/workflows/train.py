@@ -41,10 +41,10 @@ from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path
 from cxrlearn.data.columns import IMAGE, finding_columns
 from cxrlearn.data.decoding.images import attach_images
 from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fingerprint
-from cxrlearn.defaults import launch_rank, launched_with_others
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
+from cxrlearn.defaults import launch_rank, launched_with_others
 from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.evaluation.model_card import write_model_card
