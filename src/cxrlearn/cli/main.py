@@ -518,26 +518,25 @@ def _bounded_int(low: int, high: int, what: str):
     return parse
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a number of seconds, over 0 and at most an hour (not -1, nan or inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:  # also false for nan
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds over 0 and at most 3600")
-    return value
+def _number_of(unit: str, low: float, high: float, low_allowed: bool):
+    """An argparse type: a number of ``unit`` up to ``high``, above ``low`` (or from it, with ``low_allowed``),
+    refused with a one-line message otherwise (also -1, nan and inf)."""
+    bounds = f"from {low:g} to {high:g}" if low_allowed else f"over {low:g} and at most {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not (low <= value if low_allowed else low < value) or not value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is not a number of {unit} {bounds}")
+        return value
+    return parse
 
 
-def _milliseconds(text: str) -> float:
-    """An argparse type: milliseconds from 0 to 1000 (not -1, nan or inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
-    if not 0 <= value <= 1000:  # also false for nan
-        raise argparse.ArgumentTypeError(f"{text} is not a number of milliseconds from 0 to 1000")
-    return value
+#: Seconds, over 0 and at most an hour; milliseconds of a wait, from 0 to a second.
+_seconds = _number_of("seconds", 0, 3600, low_allowed=False)
+_milliseconds = _number_of("milliseconds", 0, 1000, low_allowed=True)
 
 
 def _ratios(text: str) -> float:

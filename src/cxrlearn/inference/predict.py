@@ -35,14 +35,16 @@ Forward = Callable[[torch.Tensor], tuple[np.ndarray | None, np.ndarray]]
 
 
 def torch_forward(model: ChestXrayClassifier, transform: BatchTransform,
-                  device: str | torch.device = "cpu") -> Forward:
-    """The :data:`Forward` of a classifier in PyTorch on ``device``, normalising with ``transform``."""
+                  device: str | torch.device = "cpu", channels_last: bool = False) -> Forward:
+    """The :data:`Forward` of a classifier in PyTorch on ``device``, normalising with ``transform``; with
+    ``channels_last``, the normalised images in that layout (the model's own must be too)."""
     model = model.to(device).eval()
     transform = transform.to(device)
 
     @torch.no_grad()
     def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        features = model.backbone(transform(images.to(device)))
+        x = transform(images.to(device))
+        features = model.backbone(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         return features.float().cpu().numpy(), model.head(features).float().cpu().numpy()  # model(x), features kept
 
     return forward

@@ -31,7 +31,7 @@ from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
-from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror
+from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror, torch_forward
 from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
 from cxrlearn.model.quantize import INT8_FILE
@@ -186,6 +186,7 @@ class Predictor:
         # channels_last: oneDNN's and cuDNN's fast convolution layout (about 2x on a CPU, docs/benchmarks.md).
         self.model.to(self.device, memory_format=torch.channels_last)
         self.transform = normalizer(self.preprocessing).to(self.device)
+        self._torch_forward = torch_forward(self.model, self.transform, self.device, channels_last=True)
 
     def _load_onnx(self, path: Path) -> None:
         import onnxruntime
@@ -224,10 +225,7 @@ class Predictor:
         if self.runtime != "torch":
             outputs = self.session.run(None, {"image": batch})
             return (outputs[1] if len(outputs) > 1 else None), outputs[0]
-        with torch.no_grad():
-            x = self.transform(torch.from_numpy(batch).to(self.device))
-            features = self.model.backbone(x.contiguous(memory_format=torch.channels_last))
-            return features.float().cpu().numpy(), self.model.head(features).float().cpu().numpy()
+        return self._torch_forward(torch.from_numpy(batch))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""

@@ -53,7 +53,7 @@ from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import Forward, average_with_mirror, predict_logits, torch_forward
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.model.bundle import library_versions, load_bundle, write_meta
+from cxrlearn.model.bundle import library_versions, load_bundle, read_meta, write_meta
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import BundleMeta, LastEvaluation
@@ -328,7 +328,8 @@ def _cache_for(model_dir: Path, meta: BundleMeta, fingerprint: str, rows: list[p
 def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> EvaluationMetrics:
     _check_options(options)
     model_dir, out = Path(model_dir), Path(out)
-    model, meta = load_bundle(model_dir)
+    # The PyTorch model only when it runs: an ONNX runtime reads its own file.
+    model, meta = load_bundle(model_dir) if options.runtime == "torch" else (None, read_meta(model_dir))
     table, csv = _judged_table(meta, csv, options)
     table, findings, skipped = _shared_findings(table, list(meta.findings))
     columns = [list(meta.findings).index(name) for name in findings]  # of the model's outputs
@@ -398,10 +399,7 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     parts = [(test, test_p)] if val is None else [(val, val_p), (test, test_p)]
     _write_predictions(out / PREDICTIONS_FILE, findings, parts)
     write_report(out, metrics, test.labels, test_p, findings)
-    if options.write_bundle and chosen is not None and options.runtime != "torch":
-        log.warning(f"the bundle's thresholds are left as they are: they belong to its PyTorch model, and this "
-                    f"evaluation ran {options.runtime}")
-    elif options.write_bundle and chosen is not None:
+    if options.write_bundle and chosen is not None:
         _update_bundle(model_dir, meta, chosen, options.threshold_method, temperature, tta, metrics, out,
                        selection.what)
     return metrics
@@ -410,7 +408,13 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
 def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: Chosen, method: str, temperature: dict | None, tta: bool,
                    metrics: EvaluationMetrics, out: Path, judged: str) -> None:
     """The thresholds and temperatures chosen on the val images into the bundle, with this evaluation's summary
-    and a new model card."""
+    and a new model card; not when they were chosen on an ONNX runtime's outputs (they belong to the PyTorch
+    model)."""
+    runtime = metrics.provenance.runtime
+    if runtime != "torch":
+        log.warning(f"the bundle's thresholds are left as they are: they belong to its PyTorch model, and this "
+                    f"evaluation ran {runtime}")
+        return
     meta.thresholds = chosen.thresholds[method]
     meta.threshold_method = method
     meta.operating_points = chosen.thresholds
