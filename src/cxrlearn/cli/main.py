@@ -244,13 +244,14 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace):
+    """The run's config: the preset or file, then the flags the config's declarations name (those this command
+    has), then --set."""
     from cxrlearn.training.config import FLAGS, load_config
-    from cxrlearn.workflows.train import train
 
     overrides: dict = {"data": {}, "model": {}, "train": {}}
     for flag, key in FLAGS.items():  # the flags the config's declarations name, each setting one key
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
         if value is not None:
             section, name = key.split(".")
             overrides[section][name] = str(value) if isinstance(value, Path) else value
@@ -261,22 +262,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.findings:
         overrides["data"]["findings"] = _findings(args)
     _want_folder(args.out, "--out")
-    config = load_config(args.config, overrides, args.set)
-    train(config, args.out, resume=args.resume, progress=not args.no_progress, tracking=args.mlflow)
+    return load_config(args.config, overrides, args.set)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.train import train
+
+    train(_run_config(args), args.out, resume=args.resume, progress=not args.no_progress, tracking=args.mlflow)
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxrlearn.workflows.evaluate import EvaluationOptions, evaluate
+def _cmd_linear_probe(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.probe import PROBE_FILE, linear_probe
 
-    options = EvaluationOptions(
-        split=args.split, subset=args.subset, official_test=args.official_test, expert_labels=args.expert_labels,
-        resamples=args.resamples, seed=args.seed, tta=args.tta, calibrate=args.calibrate,
-        threshold_method=args.threshold_method, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
-        write_bundle=not args.no_bundle_update, progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
+    run = linear_probe(_run_config(args), args.out, progress=not args.no_progress)
+    print(f"wrote the linear probe's bundle to {run} (each strength's validation AUC in {run / PROBE_FILE}); judge it "
+          f"with `cxrlearn evaluate --model {run} --subset test ...` or `cxrlearn compare`")
+    return 0
+
+
+def _evaluation_options(args: argparse.Namespace, **more):
+    """EvaluationOptions from the judging options evaluate and compare share, and ``more`` of evaluate's own."""
+    from cxrlearn.workflows.evaluate import EvaluationOptions
+
+    return EvaluationOptions(
+        split=args.split, subset=args.subset, official_test=args.official_test, resamples=args.resamples,
+        seed=args.seed, tta=args.tta, cache=args.cache, batch_size=args.batch_size, workers=args.workers,
+        progress=not args.no_progress, command=["cxrlearn", *sys.argv[1:]],
         table=str(args.table) if args.table else None, dataset=args.dataset, columns=_columns(args.column),
-        uncertain=args.uncertain, findings=_findings(args), runtime=args.runtime,
+        uncertain=args.uncertain, findings=_findings(args), runtime=args.runtime, **more,
     )
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.evaluate import evaluate
+
+    options = _evaluation_options(args, expert_labels=args.expert_labels, calibrate=args.calibrate,
+                                  threshold_method=args.threshold_method, write_bundle=not args.no_bundle_update)
     _want_folder(args.out, "--out")
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
     low, high = metrics.mean_auc_ci95 or (float("nan"), float("nan"))
@@ -292,6 +314,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     chosen = metrics.operating_points.val is not None and not args.no_bundle_update
     print(f"wrote {args.out}/report.html, report.md, metrics.json, predictions.csv"
           + (f"; thresholds ({args.threshold_method}) into {args.model}/model.json" if chosen else ""))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.compare import compare
+
+    _want_folder(args.out, "--out")
+    comparison = compare(args.models, args.csv, args.images, args.out, _evaluation_options(args))
+    print(f"{comparison.n_images:,} images of {comparison.n_patients:,} patients judged by every model")
+    for model in comparison.models:
+        low, high = model.mean_auc_ci95 or (float("nan"), float("nan"))
+        spread = (f"; its {len(model.members)} members {min(v for v in model.members_mean_auc if v is not None):.4f}-"
+                  f"{max(v for v in model.members_mean_auc if v is not None):.4f}"
+                  if model.members_mean_auc and any(v is not None for v in model.members_mean_auc) else "")
+        print(f"{model.name}: mean AUC {model.mean_auc:.4f} (95% CI {low:.4f}-{high:.4f}){spread}")
+    for pair in comparison.pairs:
+        low, high = pair.mean_auc_difference_ci95 or (float("nan"), float("nan"))
+        print(f"{pair.b} - {pair.a}: {pair.mean_auc_difference:+.4f} mean AUC (95% CI {low:+.4f} to {high:+.4f}): "
+              f"{pair.verdict}")
+        for side, names in ((pair.b, pair.better_after_holm), (pair.a, pair.worse_after_holm)):
+            if names:
+                print(f"  {side} better after Holm's correction: {', '.join(names)}")
+    print(f"wrote {args.out}/compare.html, compare.md, compare.json, forest.png")
     return 0
 
 
@@ -660,41 +705,60 @@ def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
     download.set_defaults(run=_cmd_download)
 
 
+def _run_arguments() -> argparse.ArgumentParser:
+    """What a run is made of, as train and linear-probe take it: the config, the data, the backbone, the folder."""
+    run_args = argparse.ArgumentParser(add_help=False)
+    run_args.add_argument("--config", type=Path, help="YAML config (e.g. configs/kufel2023.yaml)")
+    run_args.add_argument("--images", type=Path, help="image folder")
+    run_args.add_argument("--csv", type=Path, help="NIH label table")
+    _add_table_options(run_args)
+    run_args.add_argument("--split", type=Path, help="split file; default: the custom split of the images present")
+    run_args.add_argument("--cache", type=Path, metavar="DIR",
+                          help="preprocessing cache (one `cxrlearn prepare` made, or a new folder; data.cache); "
+                               "default: RUN/../cache/<table>-<size>, shared by the runs beside it")
+    run_args.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
+    run_args.add_argument("--image-size", type=int)
+    run_args.add_argument("--batch-size", type=int)
+    run_args.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="any config value, e.g. optim.lr=3e-4")
+    run_args.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs and the model bundle")
+    run_args.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    return run_args
+
+
 def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> None:
     """train and evaluate."""
+    run_args = _run_arguments()
     train = commands.add_parser(
-        "train",
+        "train", parents=[run_args],
         help="train a classifier: split, cache, fine-tune, and write the model bundle",
         description="Train from a YAML config (configs/*.yaml); options override the config.",
     )
-    train.add_argument("--config", type=Path, help="YAML config (e.g. configs/kufel2023.yaml)")
-    train.add_argument("--images", type=Path, help="image folder")
-    train.add_argument("--csv", type=Path, help="NIH label table")
-    _add_table_options(train)
     train.add_argument("--init-from", type=Path, metavar="RUN",
                        help="start from this cxrlearn run's backbone and head (shared findings keep their head rows)")
-    train.add_argument("--split", type=Path, help="split file; default: the custom split of the images present")
-    train.add_argument("--cache", type=Path, metavar="DIR",
-                       help="preprocessing cache (one `cxrlearn prepare` made, or a new folder; data.cache); default: "
-                            "RUN/../cache/<table>-<size>, shared by the runs beside it")
-    train.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
-    train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seeds", type=int, metavar="N",
+                       help="train N runs differing only in the training seed (the same split) into OUT/seed-K/, "
+                            "with their mean and spread in OUT/seeds.json; `compare` takes OUT as one model")
     train.add_argument("--devices", help="devices per node (e.g. 1, 2 or auto)")
     train.add_argument("--num-nodes", type=int)
     train.add_argument("--accelerator", help="auto, cpu or gpu")
     train.add_argument("--precision", help="32-true, bf16-mixed or 16-mixed")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")
-    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs and the model bundle")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     train.add_argument("--mlflow", metavar="URI", help="log parameters, per-epoch metrics, the split's digest and the "
                        "bundle to MLflow (file:./mlruns, or a tracking server's URL); needs cxrlearn[mlflow]")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(run=_cmd_train)
 
-    from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES
-    from cxrlearn.evaluation.bootstrap import DEFAULT_SEED as BOOTSTRAP_SEED
+    probe = commands.add_parser(
+        "linear-probe", parents=[run_args],
+        help="the small-data baseline: a logistic regression per finding on frozen ImageNet features, as a bundle",
+        description="The backbone's pooled ImageNet features of the training and validation images (the run's "
+        "split, cache and preprocessing, as train makes them), and an L2 logistic regression per finding on the "
+        "standardised features, its strength chosen by the validation mean AUC. Writes an ordinary model bundle "
+        "(evaluate, compare, predict, serve and export take it) and OUT/probe.json.")
+    probe.set_defaults(run=_cmd_linear_probe)
+
     from cxrlearn.evaluation.operating_points import DEFAULT_METHOD
     from cxrlearn.evaluation.operating_points import METHODS as THRESHOLD_METHODS
 
@@ -708,29 +772,51 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
         "images and storing them in the bundle; or NIH's official test list (--official-test).",
     )
     evaluate.add_argument("--model", type=Path, required=True, help="run folder holding model.json + model.safetensors")
-    evaluate.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, predictions.csv and the report")
-    evaluate.add_argument("--split", type=Path, help="split file to judge a subset of (default with --subset: the run's own)")
-    evaluate.add_argument("--subset", help="which split of --split to judge, e.g. test; without --split and --subset, "
-                          "every labelled image in --images is judged (none may be of the run's train or val patients)")
-    evaluate.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
-                          help="judge the images of NIH's official test list (default LIST: the shipped test_list.txt)")
+    _add_judging_options(evaluate)
     evaluate.add_argument("--expert-labels", type=Path, help="Google's 2019 expert labels (google2019_nih-chest-xray-labels.csv.gz)")
-    evaluate.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default %(default)s)")
-    evaluate.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default %(default)s)")
-    evaluate.add_argument("--tta", action="store_true", help="average each image with its mirror, and report whether it helps")
     evaluate.add_argument("--calibrate", action="store_true", help="fit a temperature per finding on val (stored in the bundle)")
     evaluate.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default=DEFAULT_METHOD,
                           help="which operating point the bundle's thresholds use (default %(default)s)")
-    evaluate.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
-    evaluate.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE)
-    evaluate.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
-    evaluate.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                          help="what runs the network: the bundle in PyTorch, or its ONNX export (onnx, onnx-int8: "
-                          "made by `cxrlearn export`; the bundle's thresholds are then not updated)")
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    compare = commands.add_parser(
+        "compare", parents=[table_args],
+        help="is model B better than model A? paired tests on the same images, a report and a forest plot",
+        description="Evaluate each model (a bundle, or a folder of seeds from `train --seeds N`: the mean of its "
+        "members' probabilities) on the same images, as evaluate does (no bundle is changed), and compare them on "
+        "the images all of them judged: per finding and for the mean AUC, the difference with a paired patient-"
+        "bootstrap 95% interval, DeLong's test and Holm's correction across findings. Writes OUT/compare.json, "
+        "compare.md, compare.html and forest.png, and each model's evaluation under OUT/models/.")
+    compare.add_argument("models", nargs="+", type=Path, metavar="RUN", help="two or more runs (or seeds folders); "
+                         "each later one is compared with each earlier one")
+    compare.add_argument("--out", type=Path, required=True, help="folder for the comparison")
+    _add_judging_options(compare)
+    compare.set_defaults(run=_cmd_compare)
+
+
+def _add_judging_options(parser: argparse.ArgumentParser) -> None:
+    """What evaluate and compare judge, and how: the images, the subset, the bootstrap, the runtime."""
+    from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES
+    from cxrlearn.evaluation.bootstrap import DEFAULT_SEED as BOOTSTRAP_SEED
+
+    parser.add_argument("--images", type=Path, required=True, help="image folder (flat or as the NIH archives unpack)")
+    parser.add_argument("--split", type=Path, help="split file to judge a subset of (default with --subset: the run's own)")
+    parser.add_argument("--subset", help="which split of --split to judge, e.g. test; without --split and --subset, "
+                        "every labelled image in --images is judged (none may be of the run's train or val patients)")
+    parser.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
+                        help="judge the images of NIH's official test list (default LIST: the shipped test_list.txt)")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default %(default)s)")
+    parser.add_argument("--tta", action="store_true", help="average each image with its mirror, and report whether it helps")
+    parser.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
+    parser.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE)
+    parser.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="what runs the network: the bundle in PyTorch, or its ONNX export (onnx, onnx-int8: "
+                        "made by `cxrlearn export`; the bundle's thresholds are then not updated)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_export_command(commands) -> None:

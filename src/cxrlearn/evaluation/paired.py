@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_aucs, percentile_interval
+from cxrlearn.evaluation.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, BootstrapResult, bootstrap_aucs,
+                                          percentile_interval)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,14 @@ class PairedBootstrap:
         return percentile_interval(values)
 
 
+def paired_difference(a: BootstrapResult, b: BootstrapResult, columns: Sequence[int]) -> PairedBootstrap:
+    """The differences B - A of two models' bootstrap AUCs drawn on the same resamples (same patients, same
+    seed); the mean AUC over ``columns`` (the findings both are judged on)."""
+    if a.seed != b.seed or a.aucs.shape != b.aucs.shape:
+        raise ValueError("paired bootstrap differences need both models' AUCs on the same resamples")
+    return PairedBootstrap(b.aucs - a.aucs, b.mean_auc(columns) - a.mean_auc(columns), len(a.aucs), a.seed)
+
+
 def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, patients: np.ndarray,
                      columns: Sequence[int], resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
                      ) -> PairedBootstrap:
@@ -110,4 +119,4 @@ def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     are judged on)."""
     a = bootstrap_aucs(labels, scores_a, patients, resamples, seed)
     b = bootstrap_aucs(labels, scores_b, patients, resamples, seed)  # same seed and patients: same resamples
-    return PairedBootstrap(b.aucs - a.aucs, b.mean_auc(columns) - a.mean_auc(columns), resamples, seed)
+    return paired_difference(a, b, columns)

@@ -188,6 +188,9 @@ class TrainOptions(Settings):
     early_stopping_patience: Whole = Field(4, ge=0, description="stop after this many epochs without a better "
                                            "validation mean AUC; 0: never")
     seed: Seed = Field(SEED, description="the training seed: weights of the new layers, augmentation, batch order")
+    seeds: Whole = Field(1, ge=1, le=100, description="train this many runs differing only in the training seed (seed, "
+                         "seed + 1, …; the same split) into RUN/seed-K/, with their mean and spread in RUN/seeds.json "
+                         "(`--seeds`)", json_schema_extra={"flag": "--seeds"})
     precision: Choice("32-true", "32", "bf16-mixed", "16-mixed", "auto") = Field(
         "32-true", description="32-true, bf16-mixed, 16-mixed, or auto: bf16/fp16 mixed on a GPU, fp32 on a CPU "
         "(`--precision`)", json_schema_extra={"flag": "--precision"})

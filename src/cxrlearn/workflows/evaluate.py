@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+#: The ``split`` of the judged rows in ``predictions.csv`` when they are not a split's subset.
+OFFICIAL_TEST = "official-test"
+ALL_PRESENT = "judged"
 
 
 @dataclass
@@ -95,6 +98,13 @@ class EvaluationOptions:
         """Whether a split (or the official list) is judged, with thresholds chosen on its val images; else
         every labelled image present is judged with the bundle's own."""
         return bool(self.official_test or self.split or self.subset)
+
+    @property
+    def judged_split(self) -> str:
+        """The ``split`` value of the judged rows in ``predictions.csv`` (the others are the val images)."""
+        if self.official_test:
+            return OFFICIAL_TEST
+        return (self.subset or "test") if self.chooses_thresholds else ALL_PRESENT
 
 
 @dataclass
@@ -155,7 +165,7 @@ def _images_to_judge(present: pd.DataFrame, images: str, run_dir: Path, meta: Bu
     subset = options.subset or "test"
     if options.official_test:
         listed = set(read_image_list(options.official_test))
-        judged = present[present[IMAGE].isin(listed)].assign(**{SPLIT: "official-test"})
+        judged = present[present[IMAGE].isin(listed)].assign(**{SPLIT: OFFICIAL_TEST})
         what = f"NIH's official test list ({Path(options.official_test).name}): {len(judged):,} of its {len(listed):,} images present"
         val = val[~val[PATIENT_ID].isin(set(judged[PATIENT_ID]))]
     else:
@@ -207,7 +217,7 @@ def _all_present(present: pd.DataFrame, images: str, run_split: Path, trained_on
             "bundle's thresholds were chosen on the val patients. To judge the run's own test split, pass "
             "--subset test; to judge other patients, give a folder without these images"
         )
-    judged = present.assign(**{SPLIT: "judged"})
+    judged = present.assign(**{SPLIT: ALL_PRESENT})
     what = f"every labelled image in {Path(images).name} ({len(judged):,} images, none of the run's train or val patients)"
     info = SplitRecord(file=run_split.name, sha256=file_digest(run_split), subset=None, all_present=True)
     return _Selection(judged, None, what, info)

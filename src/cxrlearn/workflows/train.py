@@ -299,6 +299,7 @@ def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: st
 
 
 MLFLOW_RUN = "mlflow.json"
+SEEDS_FILE = "seeds.json"
 #: The files of the bundle and its run that go to MLflow as artifacts (under ``bundle/``), when present.
 BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors", "MODEL_CARD.md", "metrics.json",
                     CONFIG_FILE, SPLIT_FILE, "split.report.json")
@@ -422,9 +423,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     Interrupted (Ctrl-C, SIGTERM, SIGUSR1), it raises :class:`Interrupted` saying what was kept and how to continue.
     Under SLURM, SIGUSR1 (``sbatch --signal=USR1@90``) also asks SLURM to requeue the job, and a requeued job
     continues its run as ``resume`` does."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    if not resume and restarts.isdigit() and int(restarts) > 0 and (Path(run_dir) / CHECKPOINTS / "last.ckpt").exists():
-        log.info(f"SLURM requeued this job ({restarts} time(s)): {run_dir} continues as with --resume")
+    if config.train.seeds > 1:
+        return train_seeds(config, Path(run_dir), resume, progress, tracking)
+    if not resume and _requeued() and (Path(run_dir) / CHECKPOINTS / "last.ckpt").exists():
+        log.info(f"SLURM requeued this job: {run_dir} continues as with --resume")
         resume = True
     try:
         return _train(config, Path(run_dir), resume, progress, tracking)
@@ -438,6 +440,84 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             raise Interrupted.keeping(err, f"training's progress at the last finished epoch: {last}", "--resume") \
                 from None
         raise Interrupted.keeping(err, f"the split and the preprocessing cache made so far ({run_dir})") from None
+
+
+def _requeued() -> bool:
+    """Whether SLURM requeued this job (``SLURM_RESTART_COUNT`` of 1 or more)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0
+
+
+class SeedRun(Record):
+    """One run of ``--seeds``: its folder, its training seed and what training measured."""
+
+    folder: str
+    seed: int
+    metrics: TrainingMetrics
+
+
+class SeedSpread(Record):
+    """The runs' AUCs on one split: per finding and of the mean AUC, their mean and standard deviation (ddof 1)."""
+
+    mean_auc: float | None
+    mean_auc_sd: float | None
+    auc: dict[str, float | None]
+    auc_sd: dict[str, float | None]
+
+
+class SeedsSummary(Record):
+    """``RUN/seeds.json``: the runs of one recipe differing only in the training seed, and their spread."""
+
+    runs: list[SeedRun]
+    val: SeedSpread | None = None
+    test: SeedSpread | None = None
+
+
+def _spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None
+    return float(np.mean(known)), float(np.std(known, ddof=1)) if len(known) > 1 else None
+
+
+def seed_spread(runs: list[SeedRun], split: str) -> SeedSpread | None:
+    parts = [getattr(run.metrics, split) for run in runs]
+    if any(part is None for part in parts):
+        return None
+    mean, sd = _spread([part.mean_auc for part in parts])
+    findings = list(parts[0].auc)
+    per = {name: _spread([part.auc.get(name) for part in parts]) for name in findings}
+    return SeedSpread(mean_auc=mean, mean_auc_sd=sd, auc={n: v[0] for n, v in per.items()},
+                      auc_sd={n: v[1] for n, v in per.items()})
+
+
+def train_seeds(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
+    """``train.seeds`` runs into ``run_dir/seed-K`` (training seed ``train.seed + K``), all on the first run's split
+    (or the given one); then ``seeds.json``. Continued (``resume``, or a requeued SLURM job), finished runs are kept
+    and an interrupted one resumes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = config.data.split
+    runs = []
+    for k in range(config.train.seeds):
+        member = run_dir / f"seed-{k}"
+        seed = config.train.seed + k
+        one = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed, "seeds": 1}),
+                                        "data": config.data.model_copy(update={"split": split})})
+        if (resume or _requeued()) and (member / "model.json").is_file():
+            log.info(f"seed {seed}: {member} is trained already")
+        else:
+            log.info(f"seed {seed} ({k + 1} of {config.train.seeds}): training into {member}")
+            train(one, member, resume=(resume or _requeued()) and (member / CHECKPOINTS / "last.ckpt").exists(),
+                  progress=progress, tracking=tracking)
+        split = split or str(member / SPLIT_FILE)  # the first run's split serves the others
+        runs.append(SeedRun(folder=member.name, seed=seed, metrics=read_meta(member).metrics or TrainingMetrics()))
+    summary = SeedsSummary(runs=runs, val=seed_spread(runs, "val"), test=seed_spread(runs, "test"))
+    write_atomic(run_dir / SEEDS_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
+    for name, part in (("val", summary.val), ("test", summary.test)):
+        if part is not None and part.mean_auc is not None:
+            log.info(f"{name} mean AUC over {len(runs)} seeds: {part.mean_auc:.4f}"
+                     + (f" ± {part.mean_auc_sd:.4f} (SD)" if part.mean_auc_sd is not None else ""))
+    return run_dir
 
 
 def _requeue_slurm_job() -> None:
@@ -460,7 +540,7 @@ def _requeue_slurm_job() -> None:
                     "submit it again to continue")
 
 
-def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
+def open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
     """The run folder made (or checked for ``--resume``) and its config written; the path of its last checkpoint."""
     last = run_dir / CHECKPOINTS / "last.ckpt"
     if resume and not last.exists():
@@ -484,7 +564,7 @@ def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path:
 def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, tracking: str | None) -> Path:
     check_before_work(config)
     check_tracking(tracking)
-    last = _open_run_dir(config, run_dir, resume)
+    last = open_run_dir(config, run_dir, resume)
     started = time.time()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
 
@@ -565,38 +645,52 @@ def summarise(model, datamodule, tta: bool, findings: list[str]) -> TrainingMetr
     return out
 
 
+def evenly_spaced(count: int, most: int) -> np.ndarray:
+    """At most ``most`` indices of ``count`` items, evenly spaced."""
+    return np.unique(np.linspace(0, count - 1, min(count, most)).astype(int))
+
+
 @torch.no_grad()
+def backbone_features(model, datamodule, name: str, device: str, chosen: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The layouts (:func:`cxrlearn.model.input_check.layout`) and the backbone's pooled features of split
+    ``name``'s images (``chosen`` of them, or all), without augmentation; the model is left on ``device``."""
+    model = model.to(device).eval()
+    transform = datamodule.transform.to(device)
+    dataset = datamodule.datasets[name]
+    chosen = np.arange(len(dataset)) if chosen is None else chosen
+    augmentation, dataset.augmentation = dataset.augmentation, None
+    try:
+        loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=datamodule.batch_size,
+                            num_workers=datamodule.num_workers)
+        layouts, features = [], []
+        for images, _, _ in loader:
+            layouts.append(layout(images[:, 0].numpy()))
+            features.append(model.backbone(transform(images.to(device))).float().cpu().numpy())
+    finally:
+        dataset.augmentation = augmentation
+    return np.concatenate(layouts), np.concatenate(features)
+
+
 def fit_check(model, datamodule, device: str) -> InputCheck | None:
     """The input check (:mod:`cxrlearn.model.input_check`): fitted on at most ``MAX_FIT_IMAGES`` training images
     (evenly spaced, without augmentation), thresholded on as many validation images."""
     if not {"train", "val"} <= set(datamodule.datasets):
         log.warning("no validation images: the bundle gets no input check")
         return None
-    model = model.to(device).eval()
-    transform = datamodule.transform.to(device)
     counts = {name: min(len(datamodule.datasets[name]), MAX_FIT_IMAGES) for name in ("train", "val")}
     log.info(f"input check: the backbone's features of {counts['train']:,} training and {counts['val']:,} "
              f"validation images ({device})")
-
-    def collect(name: str) -> tuple[np.ndarray, np.ndarray]:
-        dataset = datamodule.datasets[name]
-        augmentation, dataset.augmentation = dataset.augmentation, None
-        try:
-            chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MAX_FIT_IMAGES)).astype(int))
-            loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=datamodule.batch_size,
-                                num_workers=datamodule.num_workers)
-            layouts, features = [], []
-            for images, _, _ in loader:
-                layouts.append(layout(images[:, 0].numpy()))
-                features.append(model.backbone(transform(images.to(device))).float().cpu().numpy())
-        finally:
-            dataset.augmentation = augmentation
-        return np.concatenate(layouts), np.concatenate(features)
-
-    train_layouts, train_features = collect("train")
-    val_layouts, val_features = collect("val")
-    check = fit_input_check(train_layouts, train_features, val_features, val_layouts)
+    train_layouts, train_features = backbone_features(
+        model, datamodule, "train", device, evenly_spaced(len(datamodule.datasets["train"]), MAX_FIT_IMAGES))
+    val_layouts, val_features = backbone_features(
+        model, datamodule, "val", device, evenly_spaced(len(datamodule.datasets["val"]), MAX_FIT_IMAGES))
     model.cpu()
+    return fit_and_log_check(train_layouts, train_features, val_layouts, val_features)
+
+
+def fit_and_log_check(train_layouts, train_features, val_layouts, val_features) -> InputCheck:
+    check = fit_input_check(train_layouts, train_features, val_features, val_layouts)
     log.info(f"input check: fitted on {len(train_features):,} training images, threshold at the "
              f"{check.fit.percentile:g}th percentile of {len(val_features):,} validation images")
     return check
