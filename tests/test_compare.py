@@ -171,3 +171,58 @@ def test_compare_takes_a_seeds_folder_as_the_mean_of_its_members(seeds_run, trai
         assert seeds["auc"][finding] == pytest.approx(roc_auc_score(labels, mean), abs=1e-9)
         own = [roc_auc_score(labels, m.loc[images, finding]) for m in members]
         assert seeds["members_auc_sd"][finding] == pytest.approx(np.std(own, ddof=1), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(trained_run, probe_run, tmp_path_factory):
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("ensemble") / "ens"
+    assert main(["ensemble", str(run), str(probe_run), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_an_ensemble_bundle_averages_its_members_probabilities(ensemble_run, trained_run, probe_run, sample_images):
+    from cxrlearn.inference.predictor import Predictor
+
+    run, _ = trained_run
+    meta = read_meta(ensemble_run)
+    assert [m.folder for m in meta.members] == [str(run), str(probe_run)]
+    assert meta.thresholds and meta.evaluation is not None  # chosen on the members' val images
+    assert (ensemble_run / "evaluation" / "report.html").is_file()
+    assert (ensemble_run / "input_check.safetensors").is_file()
+    images = sorted(Path(sample_images).glob("*.png"))[:6]
+    ensemble = Predictor(ensemble_run).predict_files(images, progress=False)[0]
+    members = [Predictor(m).predict_files(images, progress=False)[0] for m in (run, probe_run)]
+    for finding in meta.findings:
+        mean = [(a.probabilities[finding] + b.probabilities[finding]) / 2 for a, b in zip(*members)]
+        assert np.allclose([p.probabilities[finding] for p in ensemble], mean, atol=1e-5), finding
+
+
+def test_an_ensemble_exports_to_one_onnx_graph_and_draws_heatmaps(ensemble_run, sample_images, tmp_path):
+    from cxrlearn.inference.predictor import Predictor
+
+    assert main(["export", "--model", str(ensemble_run)]) == 0
+    images = sorted(Path(sample_images).glob("*.png"))[:4]
+    torch_p = Predictor(ensemble_run).predict_files(images, progress=False)[0]
+    onnx_p = Predictor(ensemble_run, runtime="onnx").predict_files(images, progress=False)[0]
+    for finding in read_meta(ensemble_run).findings:
+        assert np.allclose([p.probabilities[finding] for p in torch_p], [p.probabilities[finding] for p in onnx_p],
+                           atol=1e-4), finding
+    assert main(["predict", str(images[0]), "--model", str(ensemble_run), "--cam", str(tmp_path / "cam"),
+                 "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert list((tmp_path / "cam").glob("*.png"))
+
+
+def test_an_ensemble_refuses_members_of_other_splits(trained_run, probe_run, tmp_path):
+    import shutil
+
+    run, _ = trained_run
+    other = tmp_path / "other"
+    shutil.copytree(probe_run, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["split"]["sha256"] = "0" * 64
+    (other / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="split file"):
+        from cxrlearn.workflows.ensemble import make_ensemble
+        make_ensemble([run, other], tmp_path / "ens", progress=False)
+    assert not (tmp_path / "ens" / "model.json").exists()

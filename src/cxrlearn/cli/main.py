@@ -340,6 +340,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.ensemble import EVALUATION_FOLDER, make_ensemble
+
+    _want_folder(args.out, "--out")
+    out = make_ensemble(args.runs, args.out, images=args.images, csv=args.csv, progress=not args.no_progress)
+    print(f"wrote the ensemble bundle to {out}: thresholds chosen on the members' validation images, its test "
+          f"report in {out / EVALUATION_FOLDER}/report.html")
+    return 0
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from cxrlearn.workflows.reproduce import REPORT_MD, ReproduceOptions, reproduce
 
@@ -627,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(commands, table_args)
     _add_training_commands(commands, table_args)
+    _add_comparison_commands(commands, table_args)
     _add_model_commands(commands)
     _add_dicom_commands(commands)
     _add_inspection_commands(commands, table_args)
@@ -781,6 +792,9 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
     evaluate.set_defaults(run=_cmd_evaluate)
 
+
+def _add_comparison_commands(commands, table_args: argparse.ArgumentParser) -> None:
+    """compare and ensemble: several runs at once."""
     compare = commands.add_parser(
         "compare", parents=[table_args],
         help="is model B better than model A? paired tests on the same images, a report and a forest plot",
@@ -794,6 +808,20 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     compare.add_argument("--out", type=Path, required=True, help="folder for the comparison")
     _add_judging_options(compare)
     compare.set_defaults(run=_cmd_compare)
+
+    ensemble = commands.add_parser(
+        "ensemble", help="several runs as one bundle that averages their probabilities",
+        description="One model bundle holding every member's network (bundles of the same findings and "
+        "preprocessing, trained on one split; a seeds folder stands for its runs), averaging their probabilities. "
+        "Its input check is fitted and its thresholds chosen on the members' own training and validation images "
+        "(their table, split and cache), and it is judged on their test images (OUT/evaluation). It works "
+        "wherever a bundle does: evaluate, compare, predict, serve, export, DICOM.")
+    ensemble.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="two or more runs (or seeds folders)")
+    ensemble.add_argument("--out", type=Path, required=True, help="folder for the ensemble's bundle")
+    ensemble.add_argument("--images", type=Path, help="image folder (default: the first member's, as its config says)")
+    ensemble.add_argument("--csv", type=Path, help="NIH label table (default: the first member's)")
+    ensemble.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ensemble.set_defaults(run=_cmd_ensemble)
 
 
 def _add_judging_options(parser: argparse.ArgumentParser) -> None:

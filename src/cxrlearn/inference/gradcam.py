@@ -22,7 +22,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def grad_cam(model, x: torch.Tensor, finding: int) -> np.ndarray:
-    """Heatmap (H, W) in [0, 1] of finding index ``finding`` for one normalised image ``x`` (1, C, H, W)."""
+    """Heatmap (H, W) in [0, 1] of finding index ``finding`` for one normalised image ``x`` (1, C, H, W). An
+    ensemble's is the mean of its members' heatmaps (each of its own last feature maps), scaled again to [0, 1]."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        mean = np.mean([grad_cam(member, x, finding) for member in members], axis=0)
+        high = float(mean.max())
+        return (mean / high).astype(np.float32) if high > 0 else mean.astype(np.float32)
     model.eval()
     with torch.enable_grad():
         features = model.forward_features(x.detach())

@@ -28,6 +28,7 @@ import cxrlearn
 from cxrlearn._files import file_digest, write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import ChestXrayClassifier
+from cxrlearn.model.ensemble import EnsembleClassifier
 from cxrlearn.model.meta import INPUT_CHECK_FILE as CHECK_FILE
 from cxrlearn.model.meta import META, BundleMeta
 
@@ -53,11 +54,28 @@ def bundle_digest(folder: str | os.PathLike) -> str:
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
-def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier, meta: BundleMeta) -> Path:
+def _architecture(model: ChestXrayClassifier | EnsembleClassifier) -> list[tuple]:
+    networks = model.members if isinstance(model, EnsembleClassifier) else [model]
+    return [(m.backbone_name, m.head_config, m.in_chans, m.num_findings) for m in networks]
+
+
+def _described(meta: BundleMeta) -> list[tuple]:
+    if meta.members:
+        return [(m.backbone, m.head, m.in_chans, len(meta.findings)) for m in meta.members]
+    return [(meta.backbone, meta.head, meta.in_chans, len(meta.findings))]
+
+
+def build_network(meta: BundleMeta) -> ChestXrayClassifier | EnsembleClassifier:
+    """The network ``meta`` describes, with fresh weights: one classifier, or an ensemble of its ``members``."""
+    networks = [ChestXrayClassifier(backbone, head, num_findings=findings, in_chans=in_chans)
+                for backbone, head, in_chans, findings in _described(meta)]
+    return EnsembleClassifier(networks) if meta.members else networks[0]
+
+
+def save_bundle(folder: str | os.PathLike, model: ChestXrayClassifier | EnsembleClassifier, meta: BundleMeta) -> Path:
     """Write the weights and ``model.json``; the model must be the one ``meta`` describes."""
-    described = (model.backbone_name, model.head_config, model.in_chans, model.num_findings)
-    if described != (meta.backbone, meta.head, meta.in_chans, len(meta.findings)):
-        raise ConfigError(f"the model ({described}) is not the one the metadata describes")
+    if _architecture(model) != _described(meta):
+        raise ConfigError(f"the model ({_architecture(model)}) is not the one the metadata describes")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -118,8 +136,7 @@ def _check_weights_fit(meta: BundleMeta, weights: Path, folder) -> None:
         raise ConfigError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
     try:
         with torch.device("meta"):
-            skeleton = ChestXrayClassifier(meta.backbone, meta.head, num_findings=len(meta.findings),
-                                           in_chans=meta.in_chans)
+            skeleton = build_network(meta)
     except ConfigError as err:
         raise ConfigError(f"{Path(folder) / META}: {err}") from None
     expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
@@ -131,13 +148,13 @@ def _check_weights_fit(meta: BundleMeta, weights: Path, folder) -> None:
                           f"{expected.get(name, 'absent')} in the model")
 
 
-def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier, BundleMeta]:
+def load_bundle(folder: str | os.PathLike) -> tuple[ChestXrayClassifier | EnsembleClassifier, BundleMeta]:
     """The model (in eval mode, on the CPU) and its metadata."""
     meta = read_meta(folder)
     weights = Path(folder) / WEIGHTS
     _check_weights_fit(meta, weights, folder)  # before the model takes any memory (a ViT-Huge takes 3 GB)
     try:
-        model = ChestXrayClassifier(meta.backbone, meta.head, num_findings=len(meta.findings), in_chans=meta.in_chans)
+        model = build_network(meta)
     except ConfigError as err:
         raise ConfigError(f"{Path(folder) / META}: {err}") from None
     state = read_safetensors(weights, f"{folder}: the bundle has no {WEIGHTS}", load_file)

@@ -123,6 +123,16 @@ class TrainedWith(Record):
     ratios: Any = None
 
 
+class MemberRecord(Record):
+    """One network of an ensemble bundle (``members``): what it is, and the bundle it was taken from."""
+
+    backbone: str
+    head: HeadConfig
+    in_chans: int
+    folder: str | None = None
+    weights_sha256: str | None = None
+
+
 class LastEvaluation(Record):
     """``evaluation``: the last ``evaluate`` that chose the bundle's thresholds."""
 
@@ -177,6 +187,9 @@ class BundleMeta:
     metrics: TrainingMetrics = Field(default_factory=TrainingMetrics)
     versions: dict[str, Any] = Field(default_factory=dict)
     evaluation: LastEvaluation | None = None
+    #: An ensemble's networks (:mod:`cxrlearn.model.ensemble`: their probabilities averaged); None: one network,
+    #: ``backbone`` and ``head``.
+    members: list[MemberRecord] | None = None
     format: Choice(*READABLE_FORMATS) = BUNDLE_FORMAT
 
     @property

@@ -55,7 +55,8 @@ from cxrlearn.model.bundle import load_bundle, read_meta, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
-from cxrlearn.model.meta import BundleMeta, DataRecord, SplitAuc, SplitRecord, TrainingMetrics, WeightsRecord
+from cxrlearn.model.meta import (BundleMeta, DataRecord, MemberRecord, SplitAuc, SplitRecord, TrainingMetrics,
+                                 WeightsRecord)
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
 from cxrlearn.records import Record
 from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
@@ -697,12 +698,16 @@ def fit_and_log_check(train_layouts, train_features, val_layouts, val_features) 
 
 
 def write_run_bundle(run_dir, model, config, preprocessing, weights_source, split_path, datamodule, metrics,
-                     check: InputCheck | None = None, findings: list[str] = FINDINGS) -> None:
+                     check: InputCheck | None = None, findings: list[str] = FINDINGS,
+                     members: list[MemberRecord] | None = None) -> None:
+    """The bundle of a run (or, with ``members``, of an ensemble: its backbone named by its members')."""
     sizes = {name: len(ds) for name, ds in datamodule.datasets.items()}
     positives = {name: dict(zip(findings, np.nansum(ds.labels, axis=0).astype(int).tolist()))
                  for name, ds in datamodule.datasets.items()}
+    networks = model.members if members else [model]
     meta = BundleMeta(
-        backbone=model.backbone_name, head=model.head_config, in_chans=model.in_chans, preprocessing=preprocessing,
+        backbone="+".join(m.backbone_name for m in networks), head=networks[0].head_config, in_chans=model.in_chans,
+        preprocessing=preprocessing, members=members,
         findings=tuple(findings), config=config.to_dict(), split=SplitRecord(split_path.name, file_digest(split_path)),
         data=DataRecord(label_table=labels_path(config.data.table, config.data.csv).name, images=sizes,
                         positives=positives, missing_from_cache=datamodule.missing),
