@@ -30,6 +30,9 @@ _LAZY = {
     "train": "cxrlearn.workflows.train",
     "evaluate": "cxrlearn.workflows.evaluate",
     "EvaluationOptions": "cxrlearn.workflows.evaluate",
+    "compare": "cxrlearn.workflows.compare",
+    "make_ensemble": "cxrlearn.workflows.ensemble",
+    "linear_probe": "cxrlearn.workflows.probe",
     "reproduce": "cxrlearn.workflows.reproduce",
     "ReproduceOptions": "cxrlearn.workflows.reproduce",
 }
