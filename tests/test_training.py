@@ -268,3 +268,31 @@ def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(t
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2
     assert not list(run.glob(".*.tmp-*")) and not list((run / "checkpoints").glob(".*.tmp-*"))
     assert not list((run / "checkpoints").glob("best-v*.ckpt"))
+
+
+def test_ema_of_the_weights_is_what_validation_checkpoints_and_the_bundle_hold_and_resumes_exactly(
+        table_path, sample_images, present, tmp_path):
+    """train.ema_decay: Lightning's EMA callback averages the weights; the best checkpoint and the bundle hold the
+    average (not the last step's weights, which the checkpoint keeps beside it to resume), and resuming continues
+    the average bit for bit."""
+    from safetensors.torch import load_file
+
+    split = split_file(present, tmp_path / "split.csv", n_train=40, n_val=16)
+    ema = {"epochs": 3, "seed": 11, "ema_decay": 0.9}
+    whole = train(tiny_config(table_path, sample_images, split, tmp_path, train=ema), tmp_path / "whole",
+                  progress=False)
+    best = torch.load(whole / "checkpoints" / "best.ckpt", weights_only=False)
+    averaged, current = best["state_dict"], best["current_model_state"]
+    weights = [k for k in averaged if k.startswith("model.") and k.endswith("weight")]
+    assert any(not torch.equal(averaged[k], current[k]) for k in weights)  # an average, not the last step
+    bundle = load_file(whole / "model.safetensors")
+    assert all(torch.equal(bundle[k.removeprefix("model.")], averaged[k]) for k in weights)
+
+    train(tiny_config(table_path, sample_images, split, tmp_path, train={**ema, "epochs": 2}), tmp_path / "resumed",
+          progress=False)
+    train(tiny_config(table_path, sample_images, split, tmp_path, train=ema), tmp_path / "resumed", resume=True,
+          progress=False)
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    for part in ("state_dict", "current_model_state"):
+        assert [k for k in a[part] if not torch.equal(a[part][k], b[part][k])] == [], part

@@ -191,6 +191,9 @@ class TrainOptions(Settings):
     seeds: Whole = Field(1, ge=1, le=100, description="train this many runs differing only in the training seed (seed, "
                          "seed + 1, …; the same split) into RUN/seed-K/, with their mean and spread in RUN/seeds.json "
                          "(`--seeds`)", json_schema_extra={"flag": "--seeds"})
+    ema_decay: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
+        None, description="keep an exponential moving average of the weights (this decay per optimiser step; "
+        "0.98 averages over about 50 steps), which validation, checkpoints and the bundle use; null: none")
     precision: Choice("32-true", "32", "bf16-mixed", "16-mixed", "auto") = Field(
         "32-true", description="32-true, bf16-mixed, 16-mixed, or auto: bf16/fp16 mixed on a GPU, fp32 on a CPU "
         "(`--precision`)", json_schema_extra={"flag": "--precision"})

@@ -31,7 +31,8 @@ import timm
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+                                         ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, Subset
@@ -427,7 +428,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if config.train.seeds > 1:
         return train_seeds(config, Path(run_dir), resume, progress, tracking)
     if not resume and _requeued() and (Path(run_dir) / CHECKPOINTS / "last.ckpt").exists():
-        log.info(f"SLURM requeued this job: {run_dir} continues as with --resume")
+        restarts = os.environ["SLURM_RESTART_COUNT"]
+        log.info(f"SLURM requeued this job ({restarts} time(s)): {run_dir} continues as with --resume")
         resume = True
     try:
         return _train(config, Path(run_dir), resume, progress, tracking)
@@ -601,6 +603,8 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
                              enable_version_counter=False)
     interrupted = KeepInterruptedEpoch(last)
     callbacks = [checkpoint, latest, interrupted, LearningRateMonitor(logging_interval="epoch")]
+    if config.train.ema_decay is not None:  # Lightning's: validation and checkpoints see the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=config.train.ema_decay))
     if config.train.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience))
     tracker = _mlflow_logger(tracking, config, run_dir, resume) if tracking else None
