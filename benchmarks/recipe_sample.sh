@@ -16,6 +16,7 @@ SPLIT=$OUT/base/split.csv
 run linear-probe --config cpu-sample --split "$SPLIT" --out "$OUT/probe"
 # Candidates.
 run train --config cpu-sample --split "$SPLIT" --set optim.scheduler=cosine --set optim.warmup_epochs=1 --out "$OUT/cosine"
+run train --config cpu-sample --split "$SPLIT" --set train.ema_decay=0.98 --out "$OUT/ema"
 run train --config cpu-sample --split "$SPLIT" --seeds 2 --set train.seed=2138 --out "$OUT/seeds"
 run ensemble "$OUT/base" "$OUT/probe" --out "$OUT/ens-base-probe"
 run ensemble "$OUT/base" "$OUT/seeds" --out "$OUT/ens-3seeds"
@@ -24,3 +25,4 @@ run ensemble "$OUT/base" "$OUT/seeds" "$OUT/probe" --out "$OUT/ens-3seeds-probe"
 run compare "$OUT/probe" "$OUT/base" "$OUT/cosine" "$OUT/ens-base-probe" --images "$IMAGES" --subset test --out "$OUT/compare-1"
 run compare "$OUT/probe" "$OUT/base" "$OUT/seeds" "$OUT/ens-3seeds" "$OUT/ens-3seeds-probe" --images "$IMAGES" \
     --subset test --out "$OUT/compare-2"
+run compare "$OUT/probe" "$OUT/base" "$OUT/ema" --images "$IMAGES" --subset test --out "$OUT/compare-3"

@@ -192,7 +192,12 @@ def test_an_ensemble_bundle_averages_its_members_probabilities(ensemble_run, tra
     assert (ensemble_run / "input_check.safetensors").is_file()
     images = sorted(Path(sample_images).glob("*.png"))[:6]
     ensemble = Predictor(ensemble_run).predict_files(images, progress=False)[0]
-    members = [Predictor(m).predict_files(images, progress=False)[0] for m in (run, probe_run)]
+    members = []
+    for folder in (run, probe_run):  # the members' networks: their own flip averaging and temperatures are not carried
+        member = Predictor(folder)
+        member.tta, member.temperature = False, None
+        members.append(member.predict_files(images, progress=False)[0])
+    assert not meta.tta and meta.temperature is None
     for finding in meta.findings:
         mean = [(a.probabilities[finding] + b.probabilities[finding]) / 2 for a, b in zip(*members)]
         assert np.allclose([p.probabilities[finding] for p in ensemble], mean, atol=1e-5), finding

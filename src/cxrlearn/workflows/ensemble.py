@@ -11,6 +11,10 @@
 4. thresholds chosen on the shared validation images and a report on the test images: ``evaluate --subset
    test`` into ``OUT/evaluation``.
 
+The ensemble averages what the members' networks give: a member's own flip averaging and temperatures
+(``evaluate --tta --calibrate`` on it) are not carried over; ``evaluate --tta --calibrate`` on the ensemble
+chooses its own.
+
 The bundle then works wherever a bundle does: evaluate, compare, predict, serve, export (one ONNX graph), the
 DICOM outputs; Grad-CAM shows the mean of the members' heatmaps.
 """
@@ -85,6 +89,10 @@ def make_ensemble(runs: list[str | os.PathLike], out: str | os.PathLike, images:
         raise ConfigError("an ensemble needs at least two bundles")
     metas = [read_meta(folder) for folder in folders]
     _check_members(folders, metas)
+    carried = [str(f) for f, m in zip(folders, metas) if m.tta or m.temperature is not None]
+    if carried:
+        log.info("the ensemble averages its members' networks: the flip averaging and temperatures of "
+                 f"{', '.join(carried)} are not carried over (evaluate --tta --calibrate on the ensemble chooses its own)")
     out = Path(out)
     config = _ensemble_config(folders[0], metas[0], images, csv)
     open_run_dir(config, out, resume=False)
