@@ -266,6 +266,7 @@ def test_a_16_bit_png_decodes_without_float_copies(tmp_path):
     ("train.seed=4294967296", "train.seed must be a whole number from 0 to 4294967295"),
     ("train.strategy=bogus", "train.strategy must be one of auto, ddp"),
     ("model.trainable_blocks=1000", "model.trainable_blocks 1000: tf_efficientnet_lite0 has 7 stages"),
+    ("optim.layer_decay=1.5", "optim.layer_decay must be null or a number > 0 and <= 1, not 1.5"),
     ("model.weights=missing.pth", "model.weights missing.pth: no such file"),
     ("model.init_from=missing-run", "missing-run: not a cxrlearn model bundle"),
     ("data.cache=a-file.txt", "data.cache (--cache) a-file.txt: is a file"),

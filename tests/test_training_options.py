@@ -1,5 +1,6 @@
 """The training options the committed configs rely on, each checked for what it promises: the losses,
-head-only epochs, the unfreezing warm-up, trainable_blocks, freeze_bn and the cosine schedule."""
+head-only epochs, the unfreezing warm-up, trainable_blocks, layer-wise learning-rate decay, freeze_bn and the
+cosine schedule."""
 
 from __future__ import annotations
 
@@ -93,14 +94,18 @@ class Normalised(L.LightningDataModule):
 
 
 class LearningRates(L.Callback):
+    """After each step: the rate of the backbone's top group and of the head (the last group)."""
+
     def __init__(self):
         self.backbone: list[float] = []
         self.head: list[float] = []
+        self.groups: list[list[float]] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         groups = trainer.optimizers[0].param_groups
-        self.backbone.append(groups[0]["lr"])
-        self.head.append(groups[1]["lr"])
+        self.backbone.append(groups[-2]["lr"])
+        self.head.append(groups[-1]["lr"])
+        self.groups.append([group["lr"] for group in groups])
 
 
 def fit(dataset, epochs: int, optim: dict | None = None, **module_options):
@@ -138,6 +143,21 @@ def test_trainable_blocks_fine_tune_only_the_top_stages(images):
     assert backbone and all(k.startswith((last, "backbone.conv_head", "backbone.bn2")) for k in backbone), \
         sorted(backbone)[:5]
     assert not any(k.startswith(("backbone.conv_stem", "backbone.blocks.0.")) for k in changed)
+
+
+def test_layer_decay_lowers_each_stage_s_rate_below_the_one_above_and_warms_them_all_up(images):
+    stages = len(ChestXrayClassifier(BACKBONE).backbone.blocks)
+    changed, rates = fit(images, epochs=2, optim={"head_only_epochs": 1, "backbone_lr_scale": 0.1,
+                                                  "layer_decay": 0.5})
+    steps = len(images) // 4
+    # The stem, each stage, and the top (conv_head, bn2): 1e-4 at the top, halved per depth below it.
+    expected = [1e-4 * 0.5 ** (stages + 1 - depth) for depth in range(stages + 2)]
+    assert rates.groups[-1] == pytest.approx(expected + [1e-3])
+    # The unfreezing epoch ramps every backbone group up, keeping their ratios.
+    assert rates.groups[steps] == pytest.approx([lr / steps for lr in expected] + [1e-3])
+    assert {k.split(".")[1] for k in changed if k.startswith("backbone.")} >= {"conv_stem", "blocks", "conv_head"}
+    _, plain = fit(images, epochs=1)
+    assert len(plain.groups[-1]) == 2  # without it: one backbone group
 
 
 def test_freeze_bn_keeps_imagenet_statistics_while_weights_learn(images):

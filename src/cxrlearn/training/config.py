@@ -161,6 +161,9 @@ class OptimConfig(Settings):
     plateau_factor: Real = Field(0.1, gt=0, lt=1, description="ReduceLROnPlateau's factor")
     plateau_patience: Whole = Field(1, ge=0, description="ReduceLROnPlateau's patience, in epochs")
     warmup_epochs: Real = Field(0.0, ge=0, description="linear warm-up of the cosine schedule, in epochs")
+    layer_decay: Annotated[Real, Field(gt=0, le=1)] | None = Field(
+        None, description="layer-wise learning-rate decay: the backbone's top at its learning rate, each stage "
+        "below at this share of the one above, the stem lowest (timm EfficientNets); null: one rate")
     head_only_epochs: Whole = Field(0, ge=0, description="epochs that train the head alone on a frozen backbone "
                                     "before fine-tuning")
     unfreeze_warmup: Flag = Field(True, description="ramp the backbone's learning rate up over the epoch that "

@@ -66,6 +66,30 @@ def trainable_parameters(model: ChestXrayClassifier, blocks: int | None) -> set[
     return {id(p) for m in modules for p in m.parameters()}
 
 
+def backbone_groups(model: ChestXrayClassifier, lr: float, layer_decay: float | None) -> list[dict]:
+    """The backbone's optimiser groups: one at ``lr``, or with layer-wise learning-rate decay one per depth.
+
+    Layer-wise decay (Howard & Ruder 2018; Bao et al. 2022) gives the top of the backbone (the
+    stages after the last block) ``lr``, each stage below ``layer_decay`` times the rate of the
+    one above, and the stem the lowest: the generic low-level filters move least.
+    """
+    backbone = model.backbone
+    if layer_decay is None:
+        return [{"params": list(backbone.parameters()), "lr": lr}]
+    stages = getattr(backbone, "blocks", None)
+    if stages is None:
+        raise ConfigError(f"optim.layer_decay needs a backbone with stages (timm EfficientNets); {model.backbone_name} has none")
+    top = len(stages) + 1
+    by_depth: dict[int, list] = {}
+    for name, parameter in backbone.named_parameters():
+        if name.startswith("blocks."):
+            depth = int(name.split(".")[1]) + 1
+        else:
+            depth = 0 if name.startswith(("conv_stem.", "bn1.")) else top
+        by_depth.setdefault(depth, []).append(parameter)
+    return [{"params": params, "lr": lr * layer_decay ** (top - depth)} for depth, params in sorted(by_depth.items())]
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A seed for one epoch's randomness (dropout, drop-path): resumed runs draw the same."""
     return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
@@ -136,15 +160,21 @@ class ChestXrayModule(L.LightningModule):
         # Adam's first steps on parameters without history move each weight by about
         # the full learning rate, which knocks a pretrained backbone off its features.
         if self._unfreezing_epoch():
-            group = self.optimizers().optimizer.param_groups[0]
+            groups = self._backbone_param_groups()
             if batch_idx == 0:
-                self._backbone_lr = group["lr"]
+                self._backbone_lrs = [group["lr"] for group in groups]
             steps = max(1, int(self.trainer.num_training_batches))
-            group["lr"] = self._backbone_lr * (batch_idx + 1) / steps
+            for group, lr in zip(groups, self._backbone_lrs):
+                group["lr"] = lr * (batch_idx + 1) / steps
+
+    def _backbone_param_groups(self) -> list[dict]:
+        """The optimiser's backbone groups: all but the last, the head's (:meth:`configure_optimizers`)."""
+        return self.optimizers().optimizer.param_groups[:-1]
 
     def on_train_epoch_end(self) -> None:
         if self._unfreezing_epoch():
-            self.optimizers().optimizer.param_groups[0]["lr"] = self._backbone_lr
+            for group, lr in zip(self._backbone_param_groups(), self._backbone_lrs):
+                group["lr"] = lr
         seconds = time.perf_counter() - self._epoch_start
         if seconds > 0:
             self.log("train/images_per_sec", self._epoch_images / seconds * self.trainer.world_size, sync_dist=False)
@@ -204,8 +234,9 @@ class ChestXrayModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         lr = float(o.lr)
-        groups = [
-            {"params": list(self.model.backbone.parameters()), "lr": lr * float(o.backbone_lr_scale)},
+        decay = float(o.layer_decay) if o.layer_decay is not None else None
+        # The head's group comes last (the unfreezing warm-up ramps every group before it).
+        groups = backbone_groups(self.model, lr * float(o.backbone_lr_scale), decay) + [
             {"params": list(self.model.head.parameters()), "lr": lr},
         ]
         wd = float(o.weight_decay)

@@ -106,11 +106,14 @@ def check_before_work(config: RunConfig) -> None:
     if data.cache and Path(data.cache).exists() and not Path(data.cache).is_dir():
         raise ConfigError(f"data.cache (--cache) {data.cache}: is a file; the cache is a folder")
     backbone_config(model.backbone)  # an unknown backbone is refused by name, with similar names
-    if model.trainable_blocks is not None:
+    if model.trainable_blocks is not None or config.optim.layer_decay is not None:
         with torch.device("meta"):  # the backbone's layout alone: no memory, no weights
             stages = len(getattr(timm.create_model(model.backbone, pretrained=False), "blocks", []))
-        if model.trainable_blocks > stages:
+        if model.trainable_blocks is not None and model.trainable_blocks > stages:
             raise ConfigError(f"model.trainable_blocks {model.trainable_blocks}: {model.backbone} has {stages} stages")
+        if config.optim.layer_decay is not None and not stages:
+            raise ConfigError(f"optim.layer_decay: {model.backbone} has no stages to decay the learning rate over "
+                              "(timm EfficientNets have)")
     accelerator = config.train.accelerator
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator {accelerator}: this machine has no CUDA GPU (auto or cpu train here)")
