@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxrlearn.cli.main import main
 from cxrlearn.errors import ConfigError, DataError
+from cxrlearn.evaluation.comparison import FOREST_COLUMNS, plot_forest
 from cxrlearn.evaluation.paired import delong
 from cxrlearn.model.bundle import load_bundle, read_meta
 from cxrlearn.training.config import load_config
@@ -78,6 +80,16 @@ def test_the_linear_probe_is_a_bundle_holding_its_regression(probe_run, trained_
 
 def test_the_probe_beats_chance_on_real_images_of_other_patients(probe_run):
     assert read_meta(probe_run).metrics.test.mean_auc > 0.55
+
+
+def test_the_forest_plot_wraps_many_pairs_into_rows(compared, tmp_path):
+    comparison, out, _ = compared
+    one_width, one_height = Image.open(out / "forest.png").size  # one pair: one panel
+    many = comparison.model_copy(update={"pairs": comparison.pairs * 10})  # five models make ten pairs
+    plot_forest(tmp_path / "forest.png", many)
+    width, height = Image.open(tmp_path / "forest.png").size
+    rows = -(-10 // FOREST_COLUMNS)
+    assert width < (FOREST_COLUMNS + 0.5) * one_width and height > (rows - 0.5) * one_height
 
 
 def test_compare_pairs_two_runs_on_the_same_test_images(compared, trained_run, probe_run):

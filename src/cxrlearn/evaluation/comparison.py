@@ -33,6 +33,8 @@ from cxrlearn.records import Record
 
 COMPARISON_FILE = "compare.json"
 FOREST_FIGURE = "forest.png"
+#: Panels (pairs) in one row of the forest plot.
+FOREST_COLUMNS = 3
 #: The level of the tests and intervals (two-sided 5%, 95% intervals).
 ALPHA = 0.05
 MULTIPLE_COMPARISONS = (
@@ -268,9 +270,14 @@ def plot_forest(path: Path, comparison: Comparison) -> None:
 
     pairs = comparison.pairs
     rows = len(comparison.findings) + 1
-    figure, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 0.32 * rows + 1.4), squeeze=False,
-                                sharey=True)
-    for ax, pair in zip(axes[0], pairs):
+    # At most FOREST_COLUMNS panels a row: ten pairs (five models) side by side would be unreadably wide.
+    columns = min(len(pairs), FOREST_COLUMNS)
+    lines = -(-len(pairs) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, (0.32 * rows + 1.2) * lines + 0.4),
+                                squeeze=False, sharey=True, layout="constrained")
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax, pair in zip(axes.flat, pairs):
         entries = [(r.finding, r.difference, r.bootstrap_ci95, r.holm_p) for r in pair.findings]
         entries.append(("mean AUC", pair.mean_auc_difference, pair.mean_auc_difference_ci95, None))
         for y, (name, difference, interval, p) in enumerate(reversed(entries)):
@@ -288,7 +295,6 @@ def plot_forest(path: Path, comparison: Comparison) -> None:
         ax.tick_params(axis="x", labelsize=7)
     figure.suptitle(f"{comparison.n_images:,} images of {comparison.n_patients:,} patients; red: Holm-adjusted "
                     "DeLong p < 0.05", fontsize=9)
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
