@@ -94,18 +94,22 @@ class Normalised(L.LightningDataModule):
 
 
 class LearningRates(L.Callback):
-    """After each step: the rate of the backbone's top group and of the head (the last group)."""
+    """After each step: every optimiser group's rate (the head's group last)."""
 
     def __init__(self):
-        self.backbone: list[float] = []
-        self.head: list[float] = []
         self.groups: list[list[float]] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        groups = trainer.optimizers[0].param_groups
-        self.backbone.append(groups[-2]["lr"])
-        self.head.append(groups[-1]["lr"])
-        self.groups.append([group["lr"] for group in groups])
+        self.groups.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    @property
+    def backbone(self) -> list[float]:
+        """The rate of the backbone's top group (its only one without layer-wise decay)."""
+        return [rates[-2] for rates in self.groups]
+
+    @property
+    def head(self) -> list[float]:
+        return [rates[-1] for rates in self.groups]
 
 
 def fit(dataset, epochs: int, optim: dict | None = None, **module_options):

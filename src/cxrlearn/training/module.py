@@ -47,6 +47,14 @@ class LabelCounts(Metric):
         return self.positives, self.known, self.count
 
 
+def backbone_stages(model: ChestXrayClassifier, key: str) -> torch.nn.Sequential:
+    """The backbone's stages (a timm EfficientNet's ``blocks``), which the setting ``key`` needs."""
+    stages = getattr(model.backbone, "blocks", None)
+    if stages is None:
+        raise ConfigError(f"{key} needs a backbone with stages (timm EfficientNets); {model.backbone_name} has none")
+    return stages
+
+
 def trainable_parameters(model: ChestXrayClassifier, blocks: int | None) -> set[int]:
     """ids of the backbone parameters fine-tuning may change: all, or the last ``blocks`` stages.
 
@@ -57,9 +65,7 @@ def trainable_parameters(model: ChestXrayClassifier, blocks: int | None) -> set[
     backbone = model.backbone
     if blocks is None:
         return {id(p) for p in backbone.parameters()}
-    stages = getattr(backbone, "blocks", None)
-    if stages is None:
-        raise ConfigError(f"model.trainable_blocks needs a backbone with stages (timm EfficientNets); {model.backbone_name} has none")
+    stages = backbone_stages(model, "model.trainable_blocks")
     if not 0 <= blocks <= len(stages):
         raise ConfigError(f"model.trainable_blocks must be between 0 and {len(stages)} for {model.backbone_name}")
     modules = list(stages[len(stages) - blocks:]) + [getattr(backbone, n) for n in ("conv_head", "bn2") if hasattr(backbone, n)]
@@ -76,10 +82,7 @@ def backbone_groups(model: ChestXrayClassifier, lr: float, layer_decay: float | 
     backbone = model.backbone
     if layer_decay is None:
         return [{"params": list(backbone.parameters()), "lr": lr}]
-    stages = getattr(backbone, "blocks", None)
-    if stages is None:
-        raise ConfigError(f"optim.layer_decay needs a backbone with stages (timm EfficientNets); {model.backbone_name} has none")
-    top = len(stages) + 1
+    top = len(backbone_stages(model, "optim.layer_decay")) + 1
     by_depth: dict[int, list] = {}
     for name, parameter in backbone.named_parameters():
         if name.startswith("blocks."):
