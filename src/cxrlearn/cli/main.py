@@ -440,7 +440,7 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
     outbox = Outbox(args.outbox)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
-                allow_ae=args.allow_ae)
+                allow_ae=args.allow_ae, secondary_captures=args.secondary_captures)
     try:
         node.start()
     except OSError as err:
@@ -962,6 +962,9 @@ def _add_dicom_commands(commands) -> None:
     listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112)
     listen.add_argument("--allow-ae", action="append", metavar="NAME",
                         help="accept associations only from this calling AE title (repeat for several)")
+    listen.add_argument("--secondary-captures", action="store_true",
+                        help="answer secondary captures too (default: CR and DX only; cxrlearn's own results are "
+                             "never answered)")
     _add_runtime_options(listen)
     listen.set_defaults(run=_cmd_dicom_listen)
     poll = dicom_commands.add_parser(

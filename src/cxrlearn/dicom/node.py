@@ -2,15 +2,20 @@
 
 Three parts, each in its own thread, joined by the on-disk :class:`cxrlearn.dicom.outbox.Outbox`:
 
-1. a C-STORE SCP (pynetdicom) for CR, DX and secondary-capture images: an instance is written to
-   ``received/`` (synced) and only then acknowledged with success; an instance without pixels, or one that
-   cannot be stored, gets a failure status; calling AE titles outside ``--allow-ae`` are rejected;
+1. a C-STORE SCP (pynetdicom) for CR and DX images (and secondary captures with ``secondary_captures``): an
+   instance is written to ``received/`` (synced) and only then acknowledged with success; an instance without
+   pixels, or one that cannot be stored, gets a failure status; calling AE titles outside ``--allow-ae`` are
+   rejected; cxrlearn's own results sent back to it (a PACS rule that forwards everything) are acknowledged and
+   dropped, never answered, so no loop can start;
 2. the predictor: takes what is waiting (at most a batch), predicts with one model, writes each image's
    structured report and secondary capture (:mod:`cxrlearn.dicom.results`) to ``outgoing/``; an instance no
-   result can be made for goes to ``refused/`` with the reason, and the node goes on;
+   result can be made for goes to ``refused/`` with the reason, alone, and the node goes on
+   (:mod:`cxrlearn.dicom.predicting`);
 3. the sender: a C-STORE SCU that sends each result to the destination and removes it only on a success (or
-   warning) status; while the destination is down, it retries with back-off (1 s, doubling, at most
-   :data:`MAX_BACKOFF_S`).
+   warning) status; while the destination is down, or refuses what is offered, it retries with back-off (1 s,
+   doubling, at most :data:`MAX_BACKOFF_S`). A structured report goes as Comprehensive 3D SR, or as Comprehensive
+   SR where the destination accepts only that (its content has no 3D coordinates); an outgoing file that is not
+   DICOM is set aside in ``refused/`` with the reason. Nothing a file or a destination does ends the thread.
 
 Started again after any stop, the node finds its unfinished work in the outbox.
 """
@@ -23,16 +28,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, SecondaryCaptureImageStorage)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from cxrlearn._files import remove_stale_temporaries
-from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
+from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, read_result, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
-from cxrlearn.dicom.results import SOURCE_CLASSES
+from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
 
@@ -72,9 +77,10 @@ class Node:
 
     def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
-                 batch: int = NODE_BATCH):
+                 batch: int = NODE_BATCH, secondary_captures: bool = False):
         self.predictor, self.outbox, self.destination = predictor, outbox, destination
         self.ae_title, self.host, self.port, self.batch = ae_title, host, port, batch
+        self.secondary_captures = secondary_captures
         self.allow_ae = list(allow_ae or [])
         predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first instance
         self._stopping = threading.Event()
@@ -88,7 +94,7 @@ class Node:
         for name in (RECEIVED, OUTGOING, REFUSED):
             remove_stale_temporaries(self.outbox.root / name)
         ae = AE(ae_title=self.ae_title)
-        for sop_class in SOURCE_CLASSES:
+        for sop_class in SOURCE_CLASSES if self.secondary_captures else RADIOGRAPH_CLASSES:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_supported_context(Verification)
         if self.allow_ae:
@@ -120,16 +126,23 @@ class Node:
             log.warning("refused a C-STORE from %s: %s", event.assoc.requestor.ae_title, err)
             return CANNOT_UNDERSTAND
         try:
-            has_pixels = "PixelData" in event.dataset
+            dataset = event.dataset
+            has_pixels = "PixelData" in dataset
+            own = made_by_cxrlearn(dataset)
+            key = f"{dataset.get('StudyInstanceUID', '')}|{dataset.get('PatientID', '')}"
             data = event.encoded_dataset(include_meta=True)
         except Exception as err:  # noqa: BLE001 - a sender's damaged data set: a failure status, not a crash
             log.warning("refused %s: its data set cannot be read (%s)", uid, err)
             return CANNOT_UNDERSTAND
+        if own:  # cxrlearn's own result, forwarded back: acknowledged (no retries) and never answered
+            self.outbox.ignore(uid, "a result cxrlearn made itself")
+            log.info("ignored %s from %s: a result cxrlearn made itself", uid, event.assoc.requestor.ae_title)
+            return SUCCESS
         if not has_pixels:
             log.warning("refused %s: it has no pixel data", uid)
             return DATA_SET_MISMATCH
         try:
-            self.outbox.receive(uid, data)
+            self.outbox.receive(uid, data, key)
         except OSError as err:
             log.error("could not store %s: %s", uid, err)
             return OUT_OF_RESOURCES
@@ -146,13 +159,14 @@ class Node:
                 continue
             try:
                 self.predict_batch(waiting)
-            except Exception:  # noqa: BLE001 - the node keeps running; the instances stay queued
-                log.exception("predicting failed; the instances stay in %s", self.outbox.root / RECEIVED)
+            except Exception as err:  # noqa: BLE001 - the node keeps running; the instances stay queued
+                log.exception("predicting %s failed (%s: %s); they stay in %s", ", ".join(p.name for p in waiting),
+                              type(err).__name__, err, self.outbox.root / RECEIVED)
                 self._stopping.wait(5.0)
 
     def predict_batch(self, paths: list[Path]) -> None:
-        """Predict on received instances together, and queue their results (or refuse them)."""
-        predict_batch(self.outbox, self.predictor, paths)
+        """Predict on received instances together, and queue their results (or refuse them, each alone)."""
+        predict_batch(self.outbox, self.predictor, paths, self.secondary_captures)
         self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------
@@ -164,42 +178,84 @@ class Node:
                 self._results.wait(1.0)
                 self._results.clear()
                 continue
-            if self.send(pending):
+            try:
+                confirmed = self.send(pending)
+            except Exception as err:  # noqa: BLE001 - the sender never dies: logged, and tried again
+                log.exception("sending failed (%s: %s); the results stay in %s", type(err).__name__, err,
+                              self.outbox.root / OUTGOING)
+                confirmed = False
+            if confirmed:
                 backoff = 1.0
             else:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    def _readable(self, results: list[Path]) -> list[tuple[Path, Dataset, tuple]]:
+        """The results that are DICOM files, each with its stamp; any other is set aside in ``refused/``."""
+        readable = []
+        for result in results:
+            try:
+                data, stamp = self.outbox.read_result(result)
+                readable.append((result, read_result(data), stamp))
+            except FileNotFoundError:
+                continue
+            except Exception as err:  # noqa: BLE001 - a truncated, empty or foreign file: never sent, never blocks
+                why = f"{OUTGOING}/{result.name}: not a DICOM file that can be sent ({type(err).__name__}: {err})"
+                self.outbox.refuse(result, why)
+                log.warning("set aside %s", why)
+        return readable
+
     def send(self, results: list[Path]) -> bool:
         """Send results over one association; True when all were confirmed."""
+        readable = self._readable(results)
+        if not readable:
+            return True
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
         for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
         if not assoc.is_established:
-            self.outbox.send_failed(results[0], str(self.destination), "no association (the destination is down "
-                                    "or refused this node)")
+            self._failed(readable[0][0], "no association (the destination is down or refused this node)")
             return False
         confirmed = True
         try:
-            for result in results:
-                if self._stopping.is_set():
+            accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+            for result, ds, stamp in readable:
+                if self._stopping.is_set() or not assoc.is_established:
+                    confirmed = False
                     break
-                try:
-                    status = assoc.send_c_store(dcmread(result))
-                except FileNotFoundError:
+                ds = _as_accepted(ds, accepted)
+                if ds is None:
+                    confirmed = False
+                    self._failed(result, f"the destination accepts no presentation context for its SOP class "
+                                         f"({', '.join(sorted(accepted)) or 'none'} accepted)")
                     continue
+                status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code == SUCCESS or code in STORED_WITH_WARNING:
-                    self.outbox.sent(result, str(self.destination))
+                    self.outbox.sent(result, str(self.destination), stamp)
+                    log.info("sent %s to %s", result.name, self.destination)
                 else:
                     confirmed = False
-                    why = "no answer" if code is None else f"status 0x{code:04X}"
-                    self.outbox.send_failed(result, str(self.destination), why)
-                    if not assoc.is_established:
-                        break
+                    self._failed(result, "no answer" if code is None else f"status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
         return confirmed
+
+    def _failed(self, result: Path, why: str) -> None:
+        self.outbox.send_failed(result, str(self.destination), why)
+        log.warning("could not send %s to %s: %s (tried again)", result.name, self.destination, why)
+
+
+def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset | None:
+    """``ds`` in a SOP class the destination accepted: itself, or a Comprehensive 3D SR as Comprehensive SR (the
+    same content: cxrlearn's reports hold no 3D coordinates); None when the destination accepts neither."""
+    if str(ds.SOPClassUID) in accepted:
+        return ds
+    if str(ds.SOPClassUID) == Comprehensive3DSRStorage and ComprehensiveSRStorage in accepted:
+        ds.SOPClassUID = ComprehensiveSRStorage
+        ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+        return ds
+    return None

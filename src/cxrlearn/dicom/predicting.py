@@ -1,5 +1,9 @@
 """The step the DICOM node and the DICOMweb poller share: predict on instances waiting in an outbox's
-``received/`` and queue their results in ``outgoing/`` (or refuse them, with the reason)."""
+``received/`` and queue their results in ``outgoing/`` (or refuse them, with the reason).
+
+Each instance stands alone: one that cannot be read, checked (:func:`cxrlearn.dicom.source.reference`), predicted
+on or given results goes to ``refused/`` with its reason, and the others of its batch get theirs. Only a fault that
+is not the instance's (the disk, the model) leaves the batch waiting."""
 
 from __future__ import annotations
 
@@ -7,29 +11,58 @@ import logging
 from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
-from cxrlearn.dicom.results import dicom_results, read_source
-from cxrlearn.errors import DataError
+from cxrlearn.dicom.results import result_files
+from cxrlearn.dicom.source import read_source
+from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference.predictor import Predictor
 
 log = logging.getLogger("cxrlearn.dicom")
 
 
-def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path]) -> int:
+def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secondary_captures: bool = False) -> int:
     """Predict on received instances together and queue their results; refuse the ones no result can be made
     for. The number of instances predicted on."""
     sources, decoded, kept = [], [], []
     for path in paths:
         try:
-            source, pixels = read_source(path.read_bytes(), path.name)
+            source, pixels = read_source(path.read_bytes(), path.name, secondary_captures)
         except DataError as err:
-            outbox.refuse(path, str(err))
-            log.warning("refused %s", err)
+            _refuse(outbox, path, str(err))
             continue
         sources.append(source)
         decoded.append(pixels)
         kept.append(path)
-    predictions = predictor.predict(decoded, [p.stem for p in kept])
+    try:
+        predictions = predictor.predict(decoded, [p.name for p in kept]) if kept else []
+    except (ConfigError, OSError, MemoryError):
+        raise  # the model's or the machine's fault: the instances wait
+    except Exception:  # noqa: BLE001 - one image the network cannot take: each alone, so only it is refused
+        predictions = [_predict_one(outbox, predictor, path, pixels) for path, pixels in zip(kept, decoded)]
+    done = 0
     for path, source, pixels, prediction in zip(kept, sources, decoded, predictions):
-        outbox.predicted(path, dicom_results(source, pixels, prediction, predictor).files())
-        log.info("predicted %s: %s", path.stem, prediction.input_check)
-    return len(kept)
+        if prediction is None:
+            continue
+        try:
+            files = result_files(source, pixels, prediction, predictor, path.name)
+        except DataError as err:
+            _refuse(outbox, path, str(err))
+            continue
+        outbox.predicted(path, files)
+        log.info("predicted %s: %s", path.name, prediction.input_check)
+        done += 1
+    return done
+
+
+def _predict_one(outbox: Outbox, predictor: Predictor, path: Path, pixels):
+    try:
+        return predictor.predict([pixels], [path.name])[0]
+    except (ConfigError, OSError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - this image's fault alone
+        _refuse(outbox, path, f"{path.name}: the model cannot predict on it ({type(err).__name__}: {err})")
+        return None
+
+
+def _refuse(outbox: Outbox, path: Path, why: str) -> None:
+    outbox.refuse(path, why)
+    log.warning("refused %s", why)

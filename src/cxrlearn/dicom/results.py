@@ -10,9 +10,11 @@
   probability and threshold written on it (:func:`cxrlearn.inference.gradcam.annotated_overlay`), marked the
   same way, ``BurnedInAnnotation`` YES.
 
-Both copy the patient, study and accession of the source (a new series each) and have UIDs derived from the
-source's SOP Instance UID and the bundle's digest (:func:`derived_uid`): the same image through the same model
-gives the same objects, so a PACS that receives them twice stores them once.
+Both copy the patient, study and accession of the source as :func:`cxrlearn.dicom.source.reference` checked them
+(a new series each), and have UIDs derived from the source's SOP Instance UID, study and patient and the bundle's
+digest (:func:`derived_uid`): the same image through the same model gives the same objects, so a PACS that
+receives them twice stores them once, while two patients' images that share a SOP Instance UID get different ones.
+The capture names its source image (SourceImageSequence, ReferencedImageSequence).
 
 Findings are coded in a local scheme (:data:`SCHEME`, PS3.16's "99" prefix for private schemes) under their
 cxrlearn names: a bundle's findings are whatever its table named, and a mapping to SNOMED CT is the site's to
@@ -30,7 +32,6 @@ from typing import Sequence
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -38,17 +39,14 @@ from pydicom.sr.coding import Code
 from cxrlearn import __version__
 from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
-from cxrlearn.data.decoding.images import decode_grayscale
+from cxrlearn.dicom.source import MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source
 from cxrlearn.errors import DataError
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.overlays import distinct_names
 from cxrlearn.inference.predictor import Prediction, Predictor
 
-MANUFACTURER = "cxrlearn"
 #: What every object says of itself, in its series description.
 NOT_FOR_DIAGNOSIS = "not for diagnostic use"
-SR_SERIES_NUMBER = 9901
-SC_SERIES_NUMBER = 9902
 #: The local coding scheme of findings and of cxrlearn's own concepts.
 SCHEME = "99CXRLEARN"
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
@@ -59,20 +57,18 @@ LIKE_TRAINING = Code("OK", SCHEME, "Like the training images")
 UNLIKE_TRAINING = Code("WARNING", SCHEME, "Unlike the training images")
 UNAVAILABLE = Code("UNAVAILABLE", SCHEME, "Input check unavailable")
 NO_UNITS = Code("1", "UCUM", "no units")
-#: The image classes a result is made for: radiographs, and secondary captures of them.
-SOURCE_CLASSES = {
-    pydicom.uid.ComputedRadiographyImageStorage: "CR",
-    pydicom.uid.DigitalXRayImageStorageForPresentation: "DX",
-    pydicom.uid.DigitalXRayImageStorageForProcessing: "DX",
-    pydicom.uid.SecondaryCaptureImageStorage: "SC",
-}
 
 
 def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
     """A UID under 2.25 (a UUID's integer, PS3.5 B.2): a name-based UUID (RFC 4122 version 5) of the source
-    instance, the bundle and what is derived, so the same three always give the same UID. (pydicom's
+    (its :func:`~cxrlearn.dicom.source.patient_key`: instance, study and patient), the bundle and what is derived,
+    so the same three always give the same UID. (pydicom's
     ``generate_uid`` ignores its entropy sources under 2.25 and returns a random UUID.)"""
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([str(source_uid), model_sha256, kind])).int}"
+
+
+def _study_key(source: Dataset) -> str:
+    return f"{source.StudyInstanceUID}|{source.PatientID}"
 
 
 def finding_code(name: str) -> Code:
@@ -100,18 +96,6 @@ def to_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def check_source(ds: Dataset, name: str) -> None:
-    """Refuses (DataError naming ``name``) an instance cxrlearn should not answer on: not a radiograph or a
-    secondary capture, or without the UIDs its results must refer to."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class not in SOURCE_CLASSES:
-        raise DataError(f"{name}: SOP class {sop_class or 'missing'} is not a radiograph (CR, DX) or a secondary "
-                        "capture: no result is made for it")
-    for keyword in ("SOPInstanceUID", "StudyInstanceUID"):
-        if not str(ds.get(keyword, "")).strip():
-            raise DataError(f"{name}: the DICOM file has no {keyword}, which its results must refer to")
-
-
 def _algorithm(predictor: Predictor) -> hd.sr.AlgorithmIdentification:
     provenance = predictor.provenance
     return hd.sr.AlgorithmIdentification(
@@ -132,7 +116,7 @@ def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, s
             name=code, value=codes.SCT.Present if finding in prediction.positive else codes.SCT.Absent)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(source.SOPInstanceUID, predictor.provenance.model_sha256, f"track {finding}"),
+            uid=derived_uid(patient_key(source), predictor.provenance.model_sha256, f"track {finding}"),
             identifier=f"cxrlearn {finding}"[:64]),
         finding_type=code, algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
@@ -147,7 +131,7 @@ def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dat
         measurements = [hd.sr.Measurement(name=INPUT_SCORE, value=float(prediction.input_score), unit=NO_UNITS)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(source.SOPInstanceUID, predictor.provenance.model_sha256, "track input check"),
+            uid=derived_uid(patient_key(source), predictor.provenance.model_sha256, "track input check"),
             identifier="cxrlearn input check"),
         finding_type=INPUT_CHECK, algorithm_id=algorithm, measurements=measurements,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=INPUT_CHECK, value=value)])
@@ -174,8 +158,8 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
         procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source], content=report,
-        series_instance_uid=derived_uid(source.StudyInstanceUID, digest, "sr series"), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, digest, "sr"), instance_number=1,
+        series_instance_uid=derived_uid(_study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(patient_key(source), digest, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
         software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
@@ -199,39 +183,46 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
     picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                 (predictor.thresholds or {}).get(finding))
     digest = predictor.provenance.model_sha256
-    orientation = source.get("PatientOrientation")
+    orientation = list(source.get("PatientOrientation") or ["L", "F"])  # checked by source.reference
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=derived_uid(source.StudyInstanceUID, digest, "sc series"), series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, digest, "sc"), instance_number=1,
+        series_instance_uid=derived_uid(_study_key(source), digest, "sc series"), series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(patient_key(source), digest, "sc"), instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
+        patient_orientation=tuple(orientation),
         series_description=f"cxrlearn heatmap - {NOT_FOR_DIAGNOSIS}", software_versions=__version__)
     capture.BurnedInAnnotation = "YES"
     capture.Laterality = source.get("Laterality", "")  # Type 2C: the chest is not a paired part, so empty
     capture.ImageComments = (f"Grad-CAM of {finding} by cxrlearn {__version__} (model sha256 {digest}): research "
                              f"use, {NOT_FOR_DIAGNOSIS}")[:10240]
     capture.DerivationDescription = f"Grad-CAM heatmap of {finding} over the source image"[:1024]
+    capture.SourceImageSequence = [_image_reference(source)]
+    capture.ReferencedImageSequence = [_image_reference(source)]
     return capture
+
+
+def _image_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    return item
 
 
 def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor
                   ) -> DicomResults:
-    """Both objects for one source instance (already checked by :func:`check_source`)."""
+    """Both objects for one source instance (its :func:`cxrlearn.dicom.source.reference`)."""
     return DicomResults(structured_report(source, prediction, predictor),
                         heatmap_capture(source, decoded, prediction, predictor))
 
 
-def read_source(data: bytes, name: str) -> tuple[Dataset, np.ndarray]:
-    """A received or read DICOM instance, checked (:func:`check_source`), and its decoded grayscale pixels;
-    :class:`DataError` naming ``name`` otherwise."""
+def result_files(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor, name: str
+                 ) -> dict[str, bytes]:
+    """:meth:`DicomResults.files` of one source, or :class:`DataError` naming ``name`` when they cannot be made:
+    whatever one instance holds, it fails alone."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001 - pydicom raises many types on damaged data
-        raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
-    check_source(ds, name)
-    return ds, decode_grayscale(data, name)
+        return dicom_results(source, decoded, prediction, predictor).files()
+    except Exception as err:  # noqa: BLE001 - highdicom and pydicom raise many types on values they refuse
+        raise DataError(f"{name}: no result can be made for it ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)
@@ -258,10 +249,11 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
             continue
         try:
             source, decoded = read_source(data, str(path))
+            results = result_files(source, decoded, prediction, predictor, str(path))
         except DataError as err:
             refused.append((Path(path), str(err)))
             continue
-        for kind, content in dicom_results(source, decoded, prediction, predictor).files().items():
+        for kind, content in results.items():
             target = out / f"{stems[Path(path)]}.{kind}.dcm"
             write_atomic(target, content)
             files.append(target)

@@ -18,3 +18,6 @@ MAX_BATCH = 16
 #: Milliseconds a request waits for others to share its forward pass (``cxrlearn serve --batch-wait-ms``): a few,
 #: against a forward pass of tens of milliseconds on a CPU.
 BATCH_WAIT_MS = 5.0
+#: Longest side of the heatmap picture the service returns (``?cam=``): the upload is shown scaled down to it, so an
+#: 8,000-pixel image costs a 2,048-pixel overlay's memory, not float copies of 64 million pixels.
+OVERLAY_MAX_SIDE = 2048

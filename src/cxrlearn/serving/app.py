@@ -3,8 +3,8 @@
 ``POST /v1/predict``   multipart ``file`` (PNG, JPEG, TIFF or DICOM) -> probabilities, positive
                        findings at the bundle's thresholds, and with ``?cam=FINDING`` (or
                        ``cam=top``) the uploaded image and its Grad-CAM overlay (at the image's own
-                       resolution, finding, probability, threshold and colour scale written on it)
-                       as base64 PNGs
+                       resolution up to 2,048 px a side, scaled down beyond: ``OVERLAY_MAX_SIDE``;
+                       finding, probability, threshold and colour scale written on it) as base64 PNGs
 ``GET /v1/model``      the bundle's metadata (findings, thresholds, image size, metrics, versions)
 ``GET /healthz``       liveness
 ``GET /``              a web page: drop an X-ray, see the 14 probabilities and the heatmap
@@ -56,7 +56,7 @@ from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Prediction, Predictor, Prepared
 from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_BATCH, MAX_CONNECTIONS,
-                              MAX_UPLOAD_BYTES, PORT, UPLOAD_TIMEOUT_S)
+                              MAX_UPLOAD_BYTES, OVERLAY_MAX_SIDE, PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.serving.batching import Batcher
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,16 @@ def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore, predictor
         raise HTTPException(422, str(err)) from None
 
 
+def _within(pixels: np.ndarray, side: int) -> np.ndarray:
+    """``pixels`` scaled down (area averaging) so that neither side exceeds ``side``; itself when it fits."""
+    height, width = pixels.shape[:2]
+    if max(height, width) <= side:
+        return pixels
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
+
+
 async def _send_json(send, status: int, detail: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -112,28 +122,39 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def read_api_key(path: str | os.PathLike) -> str:
-    """The key in ``path`` (its first line), refused by name when the file is missing, empty or too short."""
+    """The key in ``path`` (its first line), refused by name when the file is missing, empty, too short, or holds
+    characters other than printable ASCII (an HTTP header carries bytes, and a browser sends only Latin-1: a key
+    of other characters could never be sent as it is written, and would lock everyone out)."""
     key = first_line(path, "API key file", ConfigError)
     if len(key) < 16:
         raise ConfigError(f"--api-key-file {path}: the key must be at least 16 characters on its first line")
+    if not all(" " < c <= "~" for c in key):
+        raise ConfigError(f"--api-key-file {path}: the key may hold only printable ASCII characters (letters, digits, "
+                          "punctuation), no spaces or other characters")
     return key
+
+
+#: What needs the key when the service has one: the API, and its description (the page and /healthz stay open).
+KEYED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
 
 
 class Traced:
     """ASGI middleware: every response carries ``X-Request-ID`` (the client's, when it sent a usable one, else a
     new one) and every request is logged once with it; with ``api_key``, ``/v1/`` answers 401 unless the request
-    carries the key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``). The page and ``/healthz`` stay open,
+    carries the key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``), and so do ``/docs`` and
+    ``/openapi.json`` (:data:`KEYED_PATHS`). The page and ``/healthz`` stay open,
     so that a browser can load the page and ask for the key, and a load balancer can check liveness."""
 
     def __init__(self, app, api_key: str | None = None):
         self.app, self.api_key = app, api_key
 
     def _authorised(self, headers: dict) -> bool:
-        given = headers.get(b"x-api-key", b"").decode("latin-1")
-        bearer = headers.get(b"authorization", b"").decode("latin-1")
-        if bearer[:7].lower() == "bearer ":
+        """The key compared as the bytes it travels as (UTF-8 of the key file's text)."""
+        given = headers.get(b"x-api-key", b"")
+        bearer = headers.get(b"authorization", b"")
+        if bearer[:7].lower() == b"bearer ":
             given = given or bearer[7:].strip()
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+        return hmac.compare_digest(given, self.api_key.encode("utf-8"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -155,7 +176,7 @@ class Traced:
         try:
             if scope["state"].get(OVERFLOW) and scope["path"] != "/healthz":
                 return await _send_json(traced, 503, "the service is at its connection limit; try again shortly")
-            if self.api_key and scope["path"].startswith("/v1/") and not self._authorised(headers):
+            if self.api_key and scope["path"].startswith(KEYED_PATHS) and not self._authorised(headers):
                 return await _send_json(traced, 401, "this service needs its API key: send it as "
                                                      "'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                                         ((b"www-authenticate", b"Bearer"),))
@@ -342,11 +363,12 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
         if cam is not None:
             finding = max(result.probabilities, key=result.probabilities.get) if cam == "top" else cam
             with batcher.lock:  # the same model as the batches' when the runtime is torch
-                heat = heatmaps(predictor, pixels, [finding])[finding]
-            picture = annotated_overlay(pixels, heat, finding, result.probabilities[finding],
+                heat = heatmaps(predictor, pixels, [finding])[finding]  # at the network's input size
+            shown = _within(pixels, OVERLAY_MAX_SIDE)
+            picture = annotated_overlay(shown, heat, finding, result.probabilities[finding],
                                         (predictor.thresholds or {}).get(finding))
             body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
-                               "image_png": _png_base64(pixels)}
+                               "image_png": _png_base64(shown)}
         return body
 
     @app.get("/", response_class=HTMLResponse)
