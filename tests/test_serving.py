@@ -503,3 +503,41 @@ def test_the_nginx_example_proxies_the_service(server, tmp_path, xray):
     finally:
         subprocess.run([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-s", "quit"],
                        capture_output=True, timeout=30)
+
+
+# ---- issue 32: the key in bytes, the API's description behind it, Grad-CAM of a huge upload ----------------------
+
+def test_a_key_that_cannot_travel_as_written_is_refused_at_start_up(tmp_path):
+    from cxrlearn.errors import ConfigError
+    from cxrlearn.serving.app import read_api_key
+
+    for key in ("schlüssel-" + "k" * 16, "key with spaces " + "k" * 8, "ключ" * 5):
+        (tmp_path / "key").write_text(key + "\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match="only printable ASCII"):
+            read_api_key(tmp_path / "key")
+
+
+def test_the_api_description_needs_the_key_too(keyed_server):
+    url, _ = keyed_server
+    for path in ("/docs", "/openapi.json"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(f"{url}{path}")
+        assert refused.value.code == 401, path
+        request = urllib.request.Request(f"{url}{path}", headers={"X-API-Key": "k" * 20 + "-secret"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200, path
+
+
+def test_a_huge_image_gets_its_heatmap_at_a_bounded_size(server, xray):
+    from cxrlearn.serving import OVERLAY_MAX_SIDE
+
+    url, _ = server
+    huge = np.asarray(Image.fromarray(xray).resize((8000, 7900), Image.Resampling.NEAREST))
+    data = _png(huge)
+    assert len(data) < UPLOAD_LIMIT  # 63 million pixels, as the attack sent (decoded within the budget)
+    status, body = _post(url, "huge.png", data, "?cam=top")
+    assert status == 200, body
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["overlay_png"])))
+    image = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["image_png"])))
+    assert image.size == (OVERLAY_MAX_SIDE, round(7900 * OVERLAY_MAX_SIDE / 8000))
+    assert overlay.width == OVERLAY_MAX_SIDE and overlay.height > image.height  # the caption below the picture
