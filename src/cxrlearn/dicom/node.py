@@ -190,41 +190,40 @@ class Node:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    def _readable(self, results: list[Path]) -> list[tuple[Path, Dataset, tuple]]:
-        """The results that are DICOM files, each with its stamp; any other is set aside in ``refused/``."""
-        readable = []
-        for result in results:
-            try:
-                data, stamp = self.outbox.read_result(result)
-                readable.append((result, read_result(data), stamp))
-            except FileNotFoundError:
-                continue
-            except Exception as err:  # noqa: BLE001 - a truncated, empty or foreign file: never sent, never blocks
-                why = f"{OUTGOING}/{result.name}: not a DICOM file that can be sent ({type(err).__name__}: {err})"
-                self.outbox.refuse(result, why)
-                log.warning("set aside %s", why)
-        return readable
+    def _read(self, result: Path) -> tuple[Dataset, tuple] | None:
+        """One result to send, with its stamp; None when it is gone, or is not a DICOM file (then set aside in
+        ``refused/`` with the reason: a truncated, empty or foreign file is never sent and never blocks)."""
+        try:
+            data, stamp = self.outbox.read_result(result)
+            return read_result(data), stamp
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001 - whatever the file holds
+            why = f"{OUTGOING}/{result.name}: not a DICOM file that can be sent ({type(err).__name__}: {err})"
+            self.outbox.refuse(result, why)
+            log.warning("set aside %s", why)
+            return None
 
     def send(self, results: list[Path]) -> bool:
-        """Send results over one association; True when all were confirmed."""
-        readable = self._readable(results)
-        if not readable:
-            return True
-        ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
-        if not assoc.is_established:
-            self._failed(readable[0][0], "no association (the destination is down or refused this node)")
-            return False
-        confirmed = True
+        """Send results over one association, reading each only when its turn comes (a queue that grew while the
+        destination was down is never held in memory whole); True when all were confirmed."""
+        assoc, accepted, confirmed = None, set(), True
         try:
-            accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
-            for result, ds, stamp in readable:
-                if self._stopping.is_set() or not assoc.is_established:
-                    confirmed = False
-                    break
+            for result in results:
+                if self._stopping.is_set():
+                    return False
+                read = self._read(result)
+                if read is None:
+                    continue
+                ds, stamp = read
+                if assoc is None:
+                    assoc = self._associate()
+                    if not assoc.is_established:
+                        self._failed(result, "no association (the destination is down or refused this node)")
+                        return False
+                    accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+                if not assoc.is_established:
+                    return False
                 ds = _as_accepted(ds, accepted)
                 if ds is None:
                     confirmed = False
@@ -240,9 +239,16 @@ class Node:
                     confirmed = False
                     self._failed(result, "no answer" if code is None else f"status 0x{code:04X}")
         finally:
-            if assoc.is_established:
+            if assoc is not None and assoc.is_established:
                 assoc.release()
         return confirmed
+
+    def _associate(self):
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
 
     def _failed(self, result: Path, why: str) -> None:
         self.outbox.send_failed(result, str(self.destination), why)
