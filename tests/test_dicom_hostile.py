@@ -464,3 +464,64 @@ def test_predict_dicom_out_answers_every_file_it_can_and_names_the_others(evalua
                                                           for k in ("sc", "sr"))
     for path in sorted(out.iterdir())[:6]:
         assert _dciodvfy_errors(path.read_bytes(), tmp_path) == [], path.name
+
+
+# ---- compressed bombs: the codestream's own size, before decoding ------------------------------------------------
+
+def _encapsulated(pixels: np.ndarray, frame: bytes, syntax) -> bytes:
+    """A DX holding ``frame`` as its one compressed frame, the header saying ``pixels``' size."""
+    from pydicom.encaps import encapsulate
+
+    ds = chest_dx(pixels)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return _bytes(ds)
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _j2k(pixels: np.ndarray) -> bytes:
+    from openjpeg import encode
+
+    return bytes(encode(pixels, photometric_interpretation=2))  # MONOCHROME2, lossless
+
+
+def _claiming(frame: bytes, width: int, height: int) -> bytes:
+    """The same codestream, its SOF or SIZ marker rewritten to claim width × height."""
+    import struct
+
+    data = bytearray(frame)
+    at = data.find(b"\xff\x4f\xff\x51")
+    if at >= 0:
+        data[at + 8:at + 16] = struct.pack(">II", width, height)
+        data[at + 16:at + 24] = bytes(8)
+        return bytes(data)
+    at = max(data.find(bytes([0xFF, sof])) for sof in (0xC0, 0xC1, 0xC2))
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "j2k"])
+def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(xrays, kind):
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    from cxrlearn.data.decoding.images import decode_grayscale
+    from cxrlearn.errors import DataError, ImageTooLarge
+
+    pixels = np.ascontiguousarray(xrays[0][::4, ::4])  # a real radiograph, 256 px
+    frame, syntax = (_jpeg(pixels), JPEGBaseline8Bit) if kind == "jpeg" else (_j2k(pixels), JPEG2000Lossless)
+    honest = decode_grayscale(_encapsulated(pixels, frame, syntax), f"honest.{kind}.dcm")
+    assert honest.shape == pixels.shape  # an honest frame still decodes
+    with pytest.raises(ImageTooLarge, match=f"bomb.{kind}.dcm: image is implausibly large .*16000×20000"):
+        decode_grayscale(_encapsulated(pixels, _claiming(frame, 16000, 20000), syntax), f"bomb.{kind}.dcm")
+    with pytest.raises(DataError, match=f"liar.{kind}.dcm: the compressed frame is 512×300 pixels but the DICOM "
+                                        "header says 256×256: refused before decoding"):
+        decode_grayscale(_encapsulated(pixels, _claiming(frame, 512, 300), syntax), f"liar.{kind}.dcm")

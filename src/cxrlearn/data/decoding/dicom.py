@@ -16,6 +16,10 @@ grayscale pipeline (PS3.3 C.11):
 4. MONOCHROME1 is inverted, so that bone is bright, as in NIH's images;
 5. scaled to 0–255.
 
+A compressed frame is judged by its own codestream before it is decoded (:func:`codestream_size`: the JPEG or
+JPEG-LS SOF marker, the JPEG 2000 SIZ marker): a frame of 20,000 pixels behind a header that says 256 is refused
+there, not after the decoder has taken gigabytes.
+
 Windowing is written out here rather than taken from pydicom's
 ``apply_windowing``: that returns values in the stored bit depth's range,
 which would need rescaling again, while the standard's formulas give the
@@ -25,6 +29,7 @@ display range [0, 1] directly.
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image
@@ -37,6 +42,61 @@ DICOM_MAGIC_OFFSET = 128
 def is_dicom(head: bytes, name: str = "") -> bool:
     """True for a DICOM file's first bytes ('DICM' after the 128-byte preamble) or a .dcm name."""
     return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+
+
+#: JPEG start-of-frame markers (ITU T.81 B.1.1.3; 0xF7 is JPEG-LS's SOF55): height and width follow them.
+_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) as a compressed frame's own codestream states them (JPEG/JPEG-LS SOF, JPEG 2000 SIZ), read
+    from its first bytes; None for a codestream that states none (RLE) or that cannot be parsed here."""
+    head = bytes(frame[:65536])
+    at = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 box)
+    if at >= 0 and len(head) >= at + 24:
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[at + 8:at + 24])
+        return max(0, xsiz - xosiz), max(0, ysiz - yosiz)
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 9 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            height, width = struct.unpack(">HH", head[i + 5:i + 9])
+            return width, height
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        i += 2 + struct.unpack(">H", head[i + 2:i + 4])[0]
+    return None
+
+
+def _check_codestream(ds, name: str, columns: int, rows: int, bytes_per_pixel: int, check_dimensions) -> None:
+    """Refuses a compressed frame whose codestream is not the size the header says, or too large, before it is
+    decoded."""
+    from pydicom.encaps import generate_frames
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        first = next(generate_frames(ds.PixelData, number_of_frames=1), b"")
+    except Exception as err:  # noqa: BLE001 - damaged encapsulation raises many types
+        raise DataError(f"{name}: the compressed DICOM pixel data cannot be read ({type(err).__name__}: {err})") from None
+    size = codestream_size(first)
+    if size is None:
+        return
+    width, height = size
+    if check_dimensions is not None:
+        check_dimensions(name, width, height, bytes_per_pixel)
+    if (width, height) != (columns, rows):
+        raise DataError(f"{name}: the compressed frame is {width}×{height} pixels but the DICOM header says "
+                        f"{columns}×{rows}: refused before decoding")
 
 
 def _first(value) -> float:
@@ -88,13 +148,14 @@ def read_dicom(data: bytes, name: str, check_dimensions=None) -> np.ndarray:
     if rows * columns > Image.MAX_IMAGE_PIXELS:  # the same bound Pillow puts on PNGs, checked before decoding
         raise ImageTooLarge(f"{name}: image is implausibly large ({columns}×{rows} pixels, over Pillow's limit of "
                             f"{Image.MAX_IMAGE_PIXELS:,})")
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    bytes_per_pixel = max(1, (bits + 7) // 8) * int(ds.get("SamplesPerPixel", 1) or 1)
     if check_dimensions is not None:
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        check_dimensions(name, columns, rows, max(1, (bits + 7) // 8) * samples)
+        check_dimensions(name, columns, rows, bytes_per_pixel)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise DataError(f"{name}: a DICOM of {frames} frames; a radiograph has one")
+    _check_codestream(ds, name, columns, rows, bytes_per_pixel, check_dimensions)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for missing decoders and bad data
