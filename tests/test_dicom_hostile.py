@@ -525,3 +525,67 @@ def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(xr
     with pytest.raises(DataError, match=f"liar.{kind}.dcm: the compressed frame is 512×300 pixels but the DICOM "
                                         "header says 256×256: refused before decoding"):
         decode_grayscale(_encapsulated(pixels, _claiming(frame, 512, 300), syntax), f"liar.{kind}.dcm")
+
+
+# ---- the node is bounded: associations, idle connections, instance size ---------------------------------------
+
+def _associate(port: int, source: str, ds=None):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    if ds is not None:
+        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="CXRLEARN", bind_address=(source, 0))
+
+
+def test_the_node_is_bounded_and_one_sender_cannot_shut_out_the_others(predictor, xrays, tmp_path):
+    import socket
+
+    from cxrlearn.dicom.node import Bounds, Destination, Node
+    from cxrlearn.dicom.outbox import Outbox
+
+    port = free_port()
+    bounds = Bounds(max_associations=4, per_host=2, idle_s=2.0, max_instance_bytes=2 * 2**20)
+    node = Node(predictor, Outbox(tmp_path / "outbox"), Destination("PACS", "127.0.0.1", free_port()), port=port,
+                bounds=bounds)
+    node.start()
+    try:
+        # One address holds its share with half-open connections (no association request): it gets no more ...
+        half_open = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.5)
+        assert not _associate(port, "127.0.0.1").is_established
+        # ... while another sender is served at once.
+        other = _associate(port, "127.0.0.2")
+        assert other.is_established and other.send_c_echo().Status == 0
+        other.release()
+        # The half-open connections are closed once idle for 2 s (ARTIM), and the address is served again.
+        started = time.monotonic()
+        for connection in half_open:
+            connection.settimeout(15)
+            assert connection.recv(64) == b""
+            connection.close()
+        assert time.monotonic() - started < 8
+        # An association that sends nothing is aborted after the idle time.
+        idle = _associate(port, "127.0.0.3")
+        assert idle.is_established
+        _wait(lambda: not idle.is_established, 15, "the idle association closed by the node")
+        # Beyond the node's limit, a sender is told so (A-ASSOCIATE-RJ, local limit exceeded).
+        _wait(lambda: not node._server.ae.active_associations, 15, "the node's associations ended")
+        held = [_associate(port, f"127.0.0.{4 + i // 2}") for i in range(4)]
+        assert all(a.is_established for a in held)
+        refused = _associate(port, "127.0.0.9")
+        assert refused.is_rejected
+        for assoc in held:
+            assoc.release()
+        # An instance over the size limit is refused with a status (0xA700), from a temporary file, not memory.
+        big = chest_dx(np.tile(xrays[0], (2, 2)), patient_id="BIG")  # 2,048 px square: 4 MiB of pixels
+        small = chest_dx(xrays[1], patient_id="SMALL")  # 1 MiB
+        assoc = _associate(port, "127.0.0.10", big)
+        assert assoc.send_c_store(big).Status == 0xA700
+        assert assoc.send_c_store(small).Status == 0x0000
+        assoc.release()
+        assert [p.name.split("_")[0] for p in node.outbox.waiting()] + \
+            [e["uid"] for e in node.outbox.events() if e["event"] == "received"] != []
+        assert all(t.is_alive() for t in node._threads)
+    finally:
+        node.stop()

@@ -431,7 +431,7 @@ def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Pa
 
 
 def _cmd_dicom_listen(args: argparse.Namespace) -> int:
-    from cxrlearn.dicom.node import Destination, Node
+    from cxrlearn.dicom.node import Bounds, Destination, Node
     from cxrlearn.dicom.outbox import Outbox
     from cxrlearn.inference.predictor import Predictor
 
@@ -439,8 +439,10 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
     _want_folder(args.outbox, "--outbox")
     predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
     outbox = Outbox(args.outbox)
+    bounds = Bounds(max_associations=args.max_associations, per_host=min(args.per_host, args.max_associations),
+                    idle_s=args.idle_timeout, max_instance_bytes=args.max_instance_mb * 2**20)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
-                allow_ae=args.allow_ae, secondary_captures=args.secondary_captures)
+                allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds)
     try:
         node.start()
     except OSError as err:
@@ -962,6 +964,14 @@ def _add_dicom_commands(commands) -> None:
     listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112)
     listen.add_argument("--allow-ae", action="append", metavar="NAME",
                         help="accept associations only from this calling AE title (repeat for several)")
+    listen.add_argument("--max-associations", type=_bounded_int(1, 1000, "a number of associations"), default=10,
+                        help="associations at once; a sender beyond them is rejected (default %(default)s)")
+    listen.add_argument("--per-host", type=_bounded_int(1, 1000, "a number of associations"), default=4,
+                        help="associations one address may hold at once (default %(default)s)")
+    listen.add_argument("--idle-timeout", type=_seconds, default=30.0, metavar="S",
+                        help="close a connection or association that sends nothing for S seconds (default %(default)s)")
+    listen.add_argument("--max-instance-mb", type=_bounded_int(1, 65536, "megabytes"), default=256, metavar="MB",
+                        help="refuse (status 0xA700) an instance larger than MB megabytes (default %(default)s)")
     listen.add_argument("--secondary-captures", action="store_true",
                         help="answer secondary captures too (default: CR and DX only; cxrlearn's own results are "
                              "never answered)")

@@ -18,6 +18,13 @@ Three parts, each in its own thread, joined by the on-disk :class:`cxrlearn.dico
    DICOM is set aside in ``refused/`` with the reason. Nothing a file or a destination does ends the thread.
 
 Started again after any stop, the node finds its unfinished work in the outbox.
+
+The node is bounded (:class:`Bounds`): at most ``max_associations`` at once (a sender beyond them is rejected with
+A-ASSOCIATE-RJ "local limit exceeded"), at most ``per_host`` of them from one address (so that one sender, or one
+attacker, cannot hold them all; further connections from it are closed at once), a connection that sends no
+association request, or an association that sends nothing, for ``idle_s`` seconds is closed (ARTIM and network
+timeouts), PDUs of at most :data:`MAX_PDU_BYTES` are asked for, and an instance is received into a temporary file,
+not memory, and refused with status 0xA700 (out of resources) when it is over ``max_instance_bytes``.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import dcmread
 from pydicom.uid import (Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, SecondaryCaptureImageStorage)
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from cxrlearn._files import remove_stale_temporaries
@@ -51,6 +59,18 @@ MAX_BACKOFF_S = 60.0
 #: Images predicted on together, at most.
 NODE_BATCH = 16
 TIMEOUT_S = 30
+#: The largest PDU the node asks senders for (PS3.8 9.3.1; 0 would mean any size).
+MAX_PDU_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How much of the node one sender, or all of them, may hold (see the module's description)."""
+
+    max_associations: int = 10
+    per_host: int = 4
+    idle_s: float = 30.0
+    max_instance_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,8 +97,8 @@ class Node:
 
     def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
-                 batch: int = NODE_BATCH, secondary_captures: bool = False):
-        self.predictor, self.outbox, self.destination = predictor, outbox, destination
+                 batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds()):
+        self.predictor, self.outbox, self.destination, self.bounds = predictor, outbox, destination, bounds
         self.ae_title, self.host, self.port, self.batch = ae_title, host, port, batch
         self.secondary_captures = secondary_captures
         self.allow_ae = list(allow_ae or [])
@@ -99,9 +119,13 @@ class Node:
         ae.add_supported_context(Verification)
         if self.allow_ae:
             ae.require_calling_aet = self.allow_ae
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.maximum_associations = self.bounds.max_associations
+        ae.acse_timeout = ae.network_timeout = self.bounds.idle_s  # ARTIM, and an association that sends nothing
+        _config.STORE_RECV_CHUNKED_DATASET = True  # an instance arrives in a temporary file, not in memory
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server.verify_request = self._admit
         for target, name in ((self._predict_loop, "cxrlearn-predict"), (self._send_loop, "cxrlearn-send")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -119,6 +143,17 @@ class Node:
             thread.join(timeout=TIMEOUT_S)
 
     # ---- 1. receiving ---------------------------------------------------------------------------------
+    def _admit(self, request, address) -> bool:
+        """A new connection from ``address``, unless that address already holds ``per_host`` associations."""
+        host = address[0] if isinstance(address, tuple) else str(address)
+        live = sum(1 for assoc in self._server.ae.active_associations
+                   if assoc.is_acceptor and assoc.requestor.address == host)
+        if live >= self.bounds.per_host:
+            log.warning("closed a connection from %s: it already holds %d association(s), the most one address may",
+                        host, live)
+            return False
+        return True
+
     def _on_store(self, event) -> int:
         try:
             uid = safe_uid(event.request.AffectedSOPInstanceUID)
@@ -126,11 +161,17 @@ class Node:
             log.warning("refused a C-STORE from %s: %s", event.assoc.requestor.ae_title, err)
             return CANNOT_UNDERSTAND
         try:
-            dataset = event.dataset
+            path = event.dataset_path
+            size = path.stat().st_size
+            if size > self.bounds.max_instance_bytes:
+                log.warning("refused %s from %s: %s bytes, over the limit of %s", uid, event.assoc.requestor.ae_title,
+                            f"{size:,}", f"{self.bounds.max_instance_bytes:,}")
+                return OUT_OF_RESOURCES
+            dataset = dcmread(path, defer_size=4096)  # large values (the pixels) are read only when asked for
             has_pixels = "PixelData" in dataset
             own = made_by_cxrlearn(dataset)
             key = f"{dataset.get('StudyInstanceUID', '')}|{dataset.get('PatientID', '')}"
-            data = event.encoded_dataset(include_meta=True)
+            data = path.read_bytes()
         except Exception as err:  # noqa: BLE001 - a sender's damaged data set: a failure status, not a crash
             log.warning("refused %s: its data set cannot be read (%s)", uid, err)
             return CANNOT_UNDERSTAND
