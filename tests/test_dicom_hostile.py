@@ -589,3 +589,30 @@ def test_the_node_is_bounded_and_one_sender_cannot_shut_out_the_others(predictor
         assert all(t.is_alive() for t in node._threads)
     finally:
         node.stop()
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_abandoned_at_its_deadline(predictor, archive, tmp_path, monkeypatch):
+    import cxrlearn.dicom.poll as poll
+
+    monkeypatch.setattr(poll, "ANSWER_DEADLINE_S", 2.0)
+    handler = archive.server.RequestHandlerClass
+
+    def trickle(self):  # headers at once, then the body a byte every 0.3 s (well within each read's timeout)
+        body = json.dumps([]).encode() + b" " * 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for byte in body:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.3)
+
+    monkeypatch.setattr(handler, "do_GET", trickle)
+    started = time.monotonic()
+    done = _poller(predictor, archive, tmp_path).run_round()
+    assert done.failure == f"cannot search {archive.url}: no whole answer within 2 s"
+    assert time.monotonic() - started < 30  # the whole answer would take a minute; dicomweb-client tries 3 times

@@ -16,8 +16,9 @@ Each round (dicomweb-client):
 A misbehaving archive gets a line, never a traceback: answers of the wrong shape are refused by name; a search is
 read page by page, at most :data:`MAX_PAGES` pages and :data:`SEARCH_DEADLINE_S` seconds a round (the rest waits
 for the next round); redirects are not followed (a redirected POST would be re-sent without its body, and a
-token to another host); a retrieved instance whose SOP Instance UID is not the one asked for is refused, not
-answered; and a round in which every retrieval failed says so (the command exits 2).
+token to another host); an answer must arrive whole within :data:`ANSWER_DEADLINE_S` however it trickles; a
+retrieved instance whose SOP Instance UID is not the one asked for is refused, not answered; and a round in which
+every retrieval failed says so (the command exits 2).
 
 The outbox is the same folder the node uses (:mod:`cxrlearn.dicom.outbox`), so ``cxrlearn dicom status`` reads it,
 and a poll killed at any point picks up where it stopped. Its results' UIDs are derived from the source and the
@@ -59,27 +60,46 @@ HTTP_ATTEMPTS, HTTP_BACKOFF_MS = 3, 500
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 #: A search read page by page: at most this many pages (of the archive's size) and seconds a round.
 MAX_PAGES, SEARCH_DEADLINE_S = 200, 120.0
+#: Seconds one answer may take to arrive whole, however it trickles (each read also has TIMEOUT_S).
+ANSWER_DEADLINE_S = 300.0
 
 
 class ArchiveError(Exception):
     """The archive answered, but not as DICOMweb says it must: what was wrong, in a few words."""
 
 
-class _NoRedirects(requests.Session):
-    """A session that follows no redirect. A redirected search or retrieval is an error (a token must not follow
-    it to another host); a redirected store is answered as it came, so it confirms nothing and the results stay
-    (dicomweb-client retries a request that raised, and a store's body, sent in chunks, would go again empty)."""
+class _ArchiveSession(requests.Session):
+    """A session that follows no redirect and gives each answer :data:`ANSWER_DEADLINE_S` to arrive whole.
+
+    A redirected search or retrieval is an error (a token must not follow it to another host); a redirected store
+    is answered as it came, so it confirms nothing and the results stay (dicomweb-client retries a request that
+    raised, and a store's body, sent in chunks, would go again empty). An answer's body is read as it arrives and
+    abandoned at the deadline: a server that trickles a byte at a time within each read's timeout cannot hold a
+    round for ever."""
 
     last_redirect: str | None = None
 
     def request(self, method, url, *args, **kwargs):
         kwargs["allow_redirects"] = False
+        kwargs["stream"] = True
+        started = time.monotonic()
         response = super().request(method, url, *args, **kwargs)
         if response.is_redirect:
+            response.close()
             self.last_redirect = (f"HTTP {response.status_code} to {response.headers.get('Location', '?')[:200]}: a "
                                   "redirect, which is not followed (give the archive's own DICOMweb root)")
             if method.upper() != "POST":
                 raise requests.HTTPError(self.last_redirect, response=response)
+            return response
+        chunks = []
+        try:
+            while chunk := response.raw.read1(1 << 16, decode_content=True):
+                chunks.append(chunk)
+                if time.monotonic() - started > ANSWER_DEADLINE_S:
+                    raise requests.Timeout(f"no whole answer within {ANSWER_DEADLINE_S:g} s")
+        finally:
+            response.close()
+        response._content, response._content_consumed = b"".join(chunks), True
         return response
 
 
@@ -144,7 +164,7 @@ class Poller:
     def __init__(self, predictor: Predictor, outbox: Outbox, url: str, since: datetime.date | None = None,
                  token: str | None = None, batch: int = POLL_BATCH):
         self.predictor, self.outbox, self.url, self.since, self.batch = predictor, outbox, url.rstrip("/"), since, batch
-        self.session = session = _NoRedirects()
+        self.session = session = _ArchiveSession()
         if token:
             session.headers["Authorization"] = f"Bearer {token}"
         self.client = DICOMwebClient(self.url, session=session, timeout=TIMEOUT_S)
@@ -298,7 +318,7 @@ def _reason(err: requests.RequestException) -> str:
     if response is not None:
         return f"HTTP {response.status_code} {response.reason}"
     if isinstance(err, requests.Timeout):
-        return f"no answer within {TIMEOUT_S} s"
+        return str(err) if "whole answer" in str(err) else f"no answer within {TIMEOUT_S} s"
     if isinstance(err, requests.ConnectionError):
         return "no connection (is the archive running, and the URL right?)"
     return type(err).__name__
