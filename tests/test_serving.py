@@ -541,3 +541,56 @@ def test_a_huge_image_gets_its_heatmap_at_a_bounded_size(server, xray):
     image = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["image_png"])))
     assert image.size == (OVERLAY_MAX_SIDE, round(7900 * OVERLAY_MAX_SIDE / 8000))
     assert overlay.width == OVERLAY_MAX_SIDE and overlay.height > image.height  # the caption below the picture
+
+
+@pytest.fixture(scope="module")
+def attacked_server(evaluated):
+    yield from _run_service(evaluated[0], connections={"max_connections": 6, "header_timeout_s": 1.0,
+                                                       "max_per_client": 4})
+
+
+def test_a_sustained_attacker_cannot_shut_out_health_checks_or_clients(attacked_server):
+    """An attacker on another address keeps 80 connections open, reopening each as soon as it is closed, half of them
+    sending headers a byte at a time (slowloris), for 8 s; health checks and clients are answered throughout."""
+    url, _ = attacked_server
+    host, port = url.removeprefix("http://").split(":")
+    stop, opened = threading.Event(), [0]
+
+    def attacker(slow: bool):
+        sockets = []
+        while not stop.is_set():
+            while len(sockets) < 40:
+                try:
+                    connection = socket.create_connection((host, int(port)), timeout=2,
+                                                          source_address=("127.0.0.2", 0))
+                except OSError:
+                    break
+                opened[0] += 1
+                sockets.append(connection)
+            for connection in list(sockets):
+                try:
+                    connection.sendall(b"G" if slow else b"")
+                except OSError:  # closed by the service: reopened on the next pass
+                    sockets.remove(connection)
+                    connection.close()
+            time.sleep(0.05)
+        for connection in sockets:
+            connection.close()
+
+    threads = [threading.Thread(target=attacker, args=(slow,), daemon=True) for slow in (False, True)]
+    for thread in threads:
+        thread.start()
+    answered = []
+    try:
+        time.sleep(0.5)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            answered.append(_get(f"{url}/healthz")[0])
+            answered.append(_get(f"{url}/v1/model")[0])
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert opened[0] > 80  # the attacker did reopen what was closed
+    assert len(answered) > 20 and set(answered) == {200}

@@ -53,8 +53,8 @@ from cxrlearn.defaults import IMAGE_SIZE, launch_rank
 from cxrlearn.errors import CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
-from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_UPLOAD_BYTES, PORT,
-                              UPLOAD_TIMEOUT_S)
+from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_PER_CLIENT, MAX_UPLOAD_BYTES,
+                              PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
 
 EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -532,7 +532,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
           strict=args.strict, device=args.device, api_key_file=args.api_key_file, max_batch=args.max_batch,
-          batch_wait_ms=args.batch_wait_ms)
+          batch_wait_ms=args.batch_wait_ms, max_per_client=args.max_per_client)
     return 0
 
 
@@ -938,6 +938,9 @@ def _add_model_commands(commands) -> None:
                             "the page asks for it once")
     serve.add_argument("--max-connections", type=_bounded_int(1, 10_000, "a count"), default=MAX_CONNECTIONS,
                        help="connections served at once; more are answered 503 (default %(default)s)")
+    serve.add_argument("--max-per-client", type=_bounded_int(1, 10_000, "a count"), default=MAX_PER_CLIENT,
+                       help="connections one client address may hold; more are closed at once (default %(default)s; "
+                            "behind a reverse proxy, raise it to --max-connections)")
     serve.add_argument("--max-batch", type=_bounded_int(1, 1024, "a batch size"), default=MAX_BATCH,
                        help="most images in one forward pass, from requests that arrive together (default %(default)s)")
     serve.add_argument("--batch-wait-ms", type=_milliseconds, default=BATCH_WAIT_MS,

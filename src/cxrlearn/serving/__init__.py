@@ -8,8 +8,13 @@ UPLOAD_TIMEOUT_S = 30.0
 HOST, PORT = "127.0.0.1", 8000
 #: Connections served at once; beyond them the service answers 503 (but /healthz, below).
 MAX_CONNECTIONS = 64
-#: Connections beyond MAX_CONNECTIONS kept for health checks alone, so a full service still says it is alive.
-HEALTH_SLOTS = 4
+#: Connections beyond MAX_CONNECTIONS, as a multiple of it, kept for health checks alone (a connection beyond them
+#: is closed at once), so a full service still says it is alive.
+HEALTH_FACTOR = 3
+#: Connections one client address may hold at once (``cxrlearn serve --max-per-client``); one beyond them is closed
+#: at once, so one client, or one attacker, cannot fill the service. Behind a reverse proxy every request comes from
+#: the proxy's address: raise it to --max-connections there, and limit clients in the proxy.
+MAX_PER_CLIENT = 16
 #: Seconds a connection may take to send a request's headers whole (after opening, or after its last answer).
 HEADER_TIMEOUT_S = 10.0
 #: Most images in one forward pass of the service (``cxrlearn serve --max-batch``). On a 2-core CPU, 32 clients

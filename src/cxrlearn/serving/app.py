@@ -22,8 +22,7 @@ at most ``decoders`` images are decoded (and made ready for the network) at once
 each within the pixel budget, in FastAPI's thread pool; the network runs in one
 thread, on batches of the requests that arrived within ``batch_wait_ms`` of each
 other, at most ``max_batch`` of them (:mod:`cxrlearn.serving.batching`), and a
-request that fails frees its place like any other. Uvicorn refuses connections
-beyond ``limit_concurrency`` with 503.
+request that fails frees its place like any other. Connections are bounded by :class:`GuardedH11`.
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Prediction, Predictor, Prepared
-from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_SLOTS, HOST, MAX_BATCH, MAX_CONNECTIONS,
-                              MAX_UPLOAD_BYTES, OVERLAY_MAX_SIDE, PORT, UPLOAD_TIMEOUT_S)
+from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_FACTOR, HOST, MAX_BATCH, MAX_CONNECTIONS,
+                              MAX_PER_CLIENT, MAX_UPLOAD_BYTES, OVERLAY_MAX_SIDE, PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.serving.batching import Batcher
 
 log = logging.getLogger(__name__)
@@ -232,23 +231,33 @@ class BoundedBodies:
 
 
 class GuardedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with two guards against connections that send nothing (or unfinished headers)
-    and so held every slot, answering /healthz and every client 503 for as long as they stayed open:
+    """uvicorn's HTTP/1.1 protocol with three guards against connections that send nothing (or unfinished headers)
+    and so held every slot, answering /healthz and every client 503 for as long as they stayed open, or, reopened
+    as they closed, for as long as an attacker liked:
 
     * a connection whose request headers are not whole ``header_timeout`` seconds after it opened (or after its
       last response) is closed; the body has its own limit (:class:`BoundedBodies`);
-    * uvicorn admits ``max_connections`` plus :data:`HEALTH_SLOTS` connections, and the ones beyond
-      ``max_connections`` may only ask ``/healthz`` (:class:`Traced` answers them 503 otherwise), so a load
-      balancer's health check is answered while the service is full."""
+    * one client address may hold at most ``max_per_client`` connections; one more is closed at once, so a single
+      client cannot fill the service however fast it reconnects;
+    * ``max_connections`` connections are served; beyond them, up to :data:`HEALTH_FACTOR` times as many more may
+      only ask ``/healthz`` (:class:`Traced` answers them 503 otherwise), and a connection beyond those is closed
+      at once. uvicorn's own limit (which answered every request 503, ``/healthz`` too, once its count of
+      connections was reached) is not used."""
 
     header_timeout: float = HEADER_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
+    max_per_client: int = MAX_PER_CLIENT
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._header_timer = None
+        host = self.client[0] if self.client else None
+        same = sum(1 for other in self.connections if other.client and other.client[0] == host)
+        if same > self.max_per_client or len(self.connections) > self.max_connections * (1 + HEALTH_FACTOR):
+            transport.close()
+            return
         overflow = len(self.connections) > self.max_connections
         self.app_state = {**self.app_state, OVERFLOW: overflow}  # each request's scope["state"] copies it
-        self._header_timer = None
         self._arm()
 
     def _arm(self) -> None:
@@ -272,15 +281,17 @@ class GuardedH11(H11Protocol):
 
 
 def server_config(app, host: str = HOST, port: int = PORT, max_connections: int = MAX_CONNECTIONS,
-                  header_timeout_s: float = HEADER_TIMEOUT_S, log_level: str = "info"):
+                  header_timeout_s: float = HEADER_TIMEOUT_S, log_level: str = "info",
+                  max_per_client: int = MAX_PER_CLIENT):
     """The uvicorn configuration ``serve`` runs ``app`` with (:class:`GuardedH11`); tests start the same."""
     import uvicorn
 
     protocol = type("GuardedH11", (GuardedH11,), {"header_timeout": header_timeout_s,
-                                                  "max_connections": max_connections})
+                                                  "max_connections": max_connections,
+                                                  "max_per_client": max_per_client})
     # Each request is logged once by Traced, with its request id; uvicorn's own access line would lack it.
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
-                          limit_concurrency=max_connections + HEALTH_SLOTS, timeout_keep_alive=5, access_log=False)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, limit_concurrency=None,
+                          timeout_keep_alive=5, access_log=False)
 
 
 def _answer(predictor: Predictor, result: Prediction, request_id: str) -> dict:
@@ -383,11 +394,12 @@ def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runt
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
           upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
           strict: bool = False, device: str = "auto", api_key_file: str | os.PathLike | None = None,
-          max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS) -> None:
+          max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS, max_per_client: int = MAX_PER_CLIENT
+          ) -> None:
     import uvicorn
 
     api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
                      upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key,
                      max_batch=max_batch, batch_wait_ms=batch_wait_ms)
-    uvicorn.Server(server_config(app, host, port, limit_concurrency)).run()
+    uvicorn.Server(server_config(app, host, port, limit_concurrency, max_per_client=max_per_client)).run()
