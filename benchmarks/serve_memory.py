@@ -6,9 +6,11 @@ The service is started in a subprocess on a free 127.0.0.1 port; N clients uploa
 bounded if it levels off rather than climbing round after round) and the answers are reported. Traffic goes to
 loopback only and stops by itself.
 
-`--pythonpath DIR` runs the service from another checkout's ``src`` (an earlier commit: before/after).
+`--pythonpath DIR` runs the service from another checkout's ``src`` (an earlier commit: before/after). `--bits 8
+--cam` uploads an 8-bit PNG and asks for its Grad-CAM overlay (``?cam=top``): the attack's 8,000 px case.
 
-Usage: python benchmarks/serve_memory.py --model RUN_DIR [--clients 4] [--rounds 3] [--pythonpath OLD/src]
+Usage: python benchmarks/serve_memory.py --model RUN_DIR [--clients 4] [--rounds 3] [--side 9000] [--bits 16]
+       [--cam] [--pythonpath OLD/src]
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from _common import machine, parser
 from serve_load import in_parallel, multipart, running_service
 
 
-def flat_png16(side: int) -> bytes:
-    """A side × side 16-bit grayscale PNG of zeros, compressed row by row (no 162 MB buffer here)."""
+def flat_png16(side: int, bits: int = 16) -> bytes:
+    """A side × side grayscale PNG (16 or 8 bits) of zeros, compressed row by row (no 162 MB buffer here)."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     compressor = zlib.compressobj(9)
-    row = b"\x00" * (1 + 2 * side)  # filter byte + 16-bit samples
+    row = b"\x00" * (1 + bits // 8 * side)  # filter byte + samples
     data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", side, side, bits, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
@@ -50,9 +52,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--side", type=int, default=9000)
+    p.add_argument("--bits", type=int, choices=(8, 16), default=16)
+    p.add_argument("--cam", action="store_true", help="ask for the Grad-CAM overlay (?cam=top)")
     p.add_argument("--pythonpath", help="run the service from this src folder (another checkout)")
     args = p.parse_args()
-    png = flat_png16(args.side)
+    png = flat_png16(args.side, args.bits)
     body, kind = multipart("large16.png", png)
     env = dict(os.environ)
     if args.pythonpath:
@@ -63,7 +67,7 @@ def main() -> None:
         seconds: list[float] = []
 
         def upload() -> None:
-            request = urllib.request.Request(f"{base}/v1/predict", data=body, method="POST",
+            request = urllib.request.Request(f"{base}/v1/predict" + ("?cam=top" if args.cam else ""), data=body, method="POST",
                                              headers={"Content-Type": kind})
             started = time.perf_counter()
             try:
@@ -83,7 +87,8 @@ def main() -> None:
         healthy = urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
         source = args.pythonpath or "this checkout"
         print(f"# serve memory: {args.clients} concurrent uploads × {args.rounds} rounds of a {args.side}×{args.side} "
-              f"16-bit PNG ({len(png) / 1e3:,.0f} KB file, {args.side ** 2 * 2 / 1e6:,.0f} MB of pixels); "
+              f"{args.bits}-bit PNG ({len(png) / 1e3:,.0f} KB file, {args.side ** 2 * args.bits // 8 / 1e6:,.0f} MB of "
+              f"pixels){'; ?cam=top' if args.cam else ''}; "
               f"service from {source}; {machine()}")
         answers = {s: statuses.count(s) for s in sorted(set(statuses))}
         print(f"idle {idle / 1024:,.0f} MB, peak {peak / 1024:,.0f} MB (+{(peak - idle) / 1024:,.0f} MB); answers "
