@@ -31,6 +31,7 @@ class Orthanc:
     modalities: dict
     process: subprocess.Popen | None = None
     ae_title: str = "ORTHANC"
+    extra: dict | None = None  # more configuration (a Lua script's path under "LuaScripts", say)
 
     @property
     def url(self) -> str:
@@ -45,6 +46,7 @@ class Orthanc:
             "DicomModalities": self.modalities, "StableAge": 1, "ConcurrentJobs": 1,
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **(self.extra or {}),
         }
         (self.folder / "orthanc.json").write_text(json.dumps(config, indent=1))
         log = open(self.folder / "orthanc.log", "ab")

@@ -23,6 +23,7 @@ from pynetdicom import AE
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.results import NOT_FOR_DIAGNOSIS, SCHEME
 from orthanc import Orthanc, free_port
 from xray_files import chest_dx
@@ -271,7 +272,6 @@ def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(evaluated, xray
 
 def test_poll_stores_results_through_dicomweb_once_and_waits_for_an_archive_that_is_down(
         evaluated, xrays, pacs, tmp_path, capsys):
-    from cxrlearn.dicom.outbox import Outbox
     from cxrlearn.dicom.poll import Poller, parse_since
     from cxrlearn.inference.predictor import Predictor
 
@@ -322,3 +322,42 @@ def test_poll_stores_results_through_dicomweb_once_and_waits_for_an_archive_that
     assert len(orthanc.get("/instances")) == 10
     events = [e["event"] for e in Outbox(outbox).events()]
     assert events.count("received") == 3 and events.count("sent") == 6
+
+
+# ---- issue 32 against a real Orthanc: a rule that forwards everything, and an instance without PatientSex -------
+
+FORWARD_ALL = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   SendToModality(instanceId, 'cxrlearn')
+end
+"""
+
+
+def test_a_pacs_rule_that_forwards_everything_makes_no_loop(evaluated, xrays, tmp_path):
+    """Orthanc forwards every instance it stores to the node, the node's own results included (a common routing
+    rule): each image gets one SR and one SC, and nothing more arrives; an instance without PatientSex is answered
+    like the others."""
+    _require_tools()
+    node_port = free_port()
+    (tmp_path / "orthanc").mkdir()
+    (tmp_path / "forward.lua").write_text(FORWARD_ALL)
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(), {"cxrlearn": ["CXRLEARN", "127.0.0.1", node_port]},
+                      extra={"LuaScripts": [str(tmp_path / "forward.lua")]}).start()
+    node = NodeProcess(evaluated[0], tmp_path / "outbox", node_port, orthanc, ["--secondary-captures"]).start()
+    try:
+        plain = chest_dx(xrays[0], patient_id="LOOP-1")
+        unsexed = chest_dx(xrays[1], patient_id="LOOP-2")
+        del unsexed.PatientSex
+        for ds in (plain, unsexed):
+            orthanc.upload(_write(ds, tmp_path / f"{ds.PatientID}.dcm").read_bytes())
+        for ds in (plain, unsexed):
+            _wait(lambda: len(_results(orthanc, ds.StudyInstanceUID)) >= 3, 180, f"{ds.PatientID}'s SR and SC")
+        time.sleep(15)  # the results were forwarded back to the node: nothing more may come of them
+        for ds in (plain, unsexed):
+            assert _results(orthanc, ds.StudyInstanceUID) == ["DX", "OT", "SR"]
+        assert len(orthanc.get("/instances")) == 6
+        events = [e["event"] for e in Outbox(tmp_path / "outbox").events()]
+        assert events.count("predicted") == 2 and events.count("ignored") >= 2  # the SCs came back and were dropped
+    finally:
+        node.stop()
+        orthanc.stop()
