@@ -251,12 +251,14 @@ class GuardedH11(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_timer = None
+        # Connections already closed (a refused one stays in the set until the loop reports it lost) do not count.
+        live = [other for other in self.connections if not other.transport.is_closing()]
         host = self.client[0] if self.client else None
-        same = sum(1 for other in self.connections if other.client and other.client[0] == host)
-        if same > self.max_per_client or len(self.connections) > self.max_connections * (1 + HEALTH_FACTOR):
+        same = sum(1 for other in live if other.client and other.client[0] == host)
+        if same > self.max_per_client or len(live) > self.max_connections * (1 + HEALTH_FACTOR):
             transport.close()
             return
-        overflow = len(self.connections) > self.max_connections
+        overflow = len(live) > self.max_connections
         self.app_state = {**self.app_state, OVERFLOW: overflow}  # each request's scope["state"] copies it
         self._arm()
 
