@@ -29,6 +29,7 @@ not memory, and refused with status 0xA700 (out of resources) when it is over ``
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -43,9 +44,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from cxrlearn._files import remove_stale_temporaries
-from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, read_result, safe_uid
+from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
-from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn
+from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
 
@@ -167,11 +168,11 @@ class Node:
                 log.warning("refused %s from %s: %s bytes, over the limit of %s", uid, event.assoc.requestor.ae_title,
                             f"{size:,}", f"{self.bounds.max_instance_bytes:,}")
                 return OUT_OF_RESOURCES
-            dataset = dcmread(path, defer_size=4096)  # large values (the pixels) are read only when asked for
+            data = path.read_bytes()  # the file once; the data set parsed from it, its pixels left unread
+            dataset = dcmread(io.BytesIO(data), defer_size=4096)
             has_pixels = "PixelData" in dataset
             own = made_by_cxrlearn(dataset)
-            key = f"{dataset.get('StudyInstanceUID', '')}|{dataset.get('PatientID', '')}"
-            data = path.read_bytes()
+            key = patient_key(dataset)
         except Exception as err:  # noqa: BLE001 - a sender's damaged data set: a failure status, not a crash
             log.warning("refused %s: its data set cannot be read (%s)", uid, err)
             return CANNOT_UNDERSTAND
@@ -231,20 +232,6 @@ class Node:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    def _read(self, result: Path) -> tuple[Dataset, tuple] | None:
-        """One result to send, with its stamp; None when it is gone, or is not a DICOM file (then set aside in
-        ``refused/`` with the reason: a truncated, empty or foreign file is never sent and never blocks)."""
-        try:
-            data, stamp = self.outbox.read_result(result)
-            return read_result(data), stamp
-        except FileNotFoundError:
-            return None
-        except Exception as err:  # noqa: BLE001 - whatever the file holds
-            why = f"{OUTGOING}/{result.name}: not a DICOM file that can be sent ({type(err).__name__}: {err})"
-            self.outbox.refuse(result, why)
-            log.warning("set aside %s", why)
-            return None
-
     def send(self, results: list[Path]) -> bool:
         """Send results over one association, reading each only when its turn comes (a queue that grew while the
         destination was down is never held in memory whole); True when all were confirmed."""
@@ -253,7 +240,7 @@ class Node:
             for result in results:
                 if self._stopping.is_set():
                     return False
-                read = self._read(result)
+                read = self.outbox.take_result(result)
                 if read is None:
                     continue
                 ds, stamp = read

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrlearn._files import write_atomic
+
+log = logging.getLogger("cxrlearn.dicom")
 
 RECEIVED, OUTGOING, REFUSED, LOG = "received", "outgoing", "refused", "log.jsonl"
 #: A SOP Instance UID as a file name: digits and dots only (PS3.5 9.1), at most 64 characters.
@@ -118,16 +121,27 @@ class Outbox:
         """Results waiting for the destination, oldest first (entries that are not files set aside)."""
         return self._regular_files(OUTGOING)
 
-    def read_result(self, result: Path) -> tuple[bytes, tuple]:
-        """A result's bytes and the stamp of that very file (:meth:`sent` removes it only if it is still the one)."""
-        with open(result, "rb") as handle:
-            before = os.fstat(handle.fileno())
-            data = handle.read()
-        return data, (before.st_ino, before.st_mtime_ns, before.st_size)
+    def take_result(self, result: Path):
+        """A result to send, as (dataset, stamp of that very file: :meth:`sent` removes it only if it is still the
+        one); None when it is gone, or when it is not a DICOM file that can be sent (empty, truncated, foreign: then
+        it is moved to ``refused/`` with the reason, so it is never sent and never blocks another)."""
+        try:
+            with open(result, "rb") as handle:
+                before = os.fstat(handle.fileno())
+                data = handle.read()
+            ds = _dataset(data)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001 - whatever the file holds
+            why = f"{OUTGOING}/{result.name}: not a DICOM file that can be sent ({type(err).__name__}: {err})"
+            self.refuse(result, why)
+            log.warning("set aside %s", why)
+            return None
+        return ds, (before.st_ino, before.st_mtime_ns, before.st_size)
 
     def sent(self, result: Path, destination: str, stamp: tuple | None = None) -> None:
         """The destination confirmed ``result``: removed, unless a newer result has replaced the file since it was
-        read (``stamp`` from :meth:`read_result`), which then waits for its own confirmation."""
+        read (``stamp`` from :meth:`take_result`), which then waits for its own confirmation."""
         try:
             now = os.stat(result)
             if stamp is None or (now.st_ino, now.st_mtime_ns, now.st_size) == stamp:
@@ -189,9 +203,8 @@ class Outbox:
         return [path for _, _, path in sorted(entries)]
 
 
-def read_result(data: bytes):
-    """An outgoing file's bytes as the dataset to send; ValueError when it is not one (empty, truncated, foreign):
-    the caller sets it aside."""
+def _dataset(data: bytes):
+    """An outgoing file's bytes as the dataset to send; ValueError when it is not one."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data))

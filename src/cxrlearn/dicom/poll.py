@@ -39,10 +39,10 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from cxrlearn._files import first_line
-from cxrlearn.dicom.outbox import Outbox, read_result, safe_uid
+from cxrlearn.dicom.outbox import Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.results import to_bytes
-from cxrlearn.dicom.source import RADIOGRAPH_CLASSES
+from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
 
@@ -66,6 +66,10 @@ ANSWER_DEADLINE_S = 300.0
 
 class ArchiveError(Exception):
     """The archive answered, but not as DICOMweb says it must: what was wrong, in a few words."""
+
+
+class AnswerTooSlow(requests.Timeout):
+    """An answer that did not arrive whole within :data:`ANSWER_DEADLINE_S`."""
 
 
 class _ArchiveSession(requests.Session):
@@ -96,7 +100,7 @@ class _ArchiveSession(requests.Session):
             while chunk := response.raw.read1(1 << 16, decode_content=True):
                 chunks.append(chunk)
                 if time.monotonic() - started > ANSWER_DEADLINE_S:
-                    raise requests.Timeout(f"no whole answer within {ANSWER_DEADLINE_S:g} s")
+                    raise AnswerTooSlow(f"no whole answer within {ANSWER_DEADLINE_S:g} s")
         finally:
             response.close()
         response._content, response._content_consumed = b"".join(chunks), True
@@ -235,7 +239,7 @@ class Poller:
                                            " instead; no result is made")
             self.taken.add(uid)
             return False
-        self.outbox.receive(uid, data, f"{ds.get('StudyInstanceUID', '')}|{ds.get('PatientID', '')}")
+        self.outbox.receive(uid, data, patient_key(ds))
         self.taken.add(uid)
         return True
 
@@ -248,14 +252,8 @@ class Poller:
         for start in range(0, len(results), self.batch):
             chunk = []
             for path in results[start:start + self.batch]:
-                try:
-                    data, stamp = self.outbox.read_result(path)
-                    chunk.append((path, read_result(data), stamp))
-                except FileNotFoundError:
-                    continue
-                except Exception as err:  # noqa: BLE001 - a damaged outgoing file is set aside, never sent
-                    self.outbox.refuse(path, f"outgoing/{path.name}: not a DICOM file that can be stored "
-                                             f"({type(err).__name__}: {err})")
+                if (taken := self.outbox.take_result(path)) is not None:
+                    chunk.append((path, *taken))
             if not chunk:
                 continue
             self.session.last_redirect = None
@@ -317,8 +315,10 @@ def _reason(err: requests.RequestException) -> str:
         return str(err)
     if response is not None:
         return f"HTTP {response.status_code} {response.reason}"
+    if isinstance(err, AnswerTooSlow):
+        return str(err)
     if isinstance(err, requests.Timeout):
-        return str(err) if "whole answer" in str(err) else f"no answer within {TIMEOUT_S} s"
+        return f"no answer within {TIMEOUT_S} s"
     if isinstance(err, requests.ConnectionError):
         return "no connection (is the archive running, and the URL right?)"
     return type(err).__name__

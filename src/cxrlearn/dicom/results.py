@@ -39,7 +39,8 @@ from pydicom.sr.coding import Code
 from cxrlearn import __version__
 from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
-from cxrlearn.dicom.source import MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source
+from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source,
+                                   study_key)
 from cxrlearn.errors import DataError
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.overlays import distinct_names
@@ -65,10 +66,6 @@ def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
     so the same three always give the same UID. (pydicom's
     ``generate_uid`` ignores its entropy sources under 2.25 and returns a random UUID.)"""
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([str(source_uid), model_sha256, kind])).int}"
-
-
-def _study_key(source: Dataset) -> str:
-    return f"{source.StudyInstanceUID}|{source.PatientID}"
 
 
 def finding_code(name: str) -> Code:
@@ -158,7 +155,7 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
         procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source], content=report,
-        series_instance_uid=derived_uid(_study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
+        series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(patient_key(source), digest, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
@@ -187,7 +184,7 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=derived_uid(_study_key(source), digest, "sc series"), series_number=SC_SERIES_NUMBER,
+        series_instance_uid=derived_uid(study_key(source), digest, "sc series"), series_number=SC_SERIES_NUMBER,
         sop_instance_uid=derived_uid(patient_key(source), digest, "sc"), instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=tuple(orientation),

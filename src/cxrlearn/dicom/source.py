@@ -171,10 +171,15 @@ def reference(ds: Dataset, name: str, secondary_captures: bool = True) -> Datase
     return ref
 
 
-def patient_key(ref: Dataset) -> str:
+def patient_key(ds: Dataset) -> str:
     """What tells one patient's image from another's that carries the same SOP Instance UID: results' UIDs and the
     outbox's file names include it, so two such instances never share a result."""
-    return "|".join(str(ref.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientID"))
+    return "|".join(str(ds.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientID"))
+
+
+def study_key(ds: Dataset) -> str:
+    """A study as its patient's (results' series UIDs derive from it)."""
+    return "|".join(str(ds.get(k, "")) for k in ("StudyInstanceUID", "PatientID"))
 
 
 def read_source(data: bytes, name: str, secondary_captures: bool = True) -> tuple[Dataset, np.ndarray]:
