@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -49,7 +50,11 @@ def test_reproduce_killed_during_training_continues_where_it_stopped(sample_imag
     assert "[split] done earlier" in rerun.stderr and "[prepare] done earlier" in rerun.stderr
     assert "continuing the interrupted training" in rerun.stderr
     assert "estimate:" in rerun.stderr
-    assert (out / "model" / "logs" / "resumed-1").is_dir()
+    # One table: the killed run's epochs, then the continued run's, each once.
+    with open(out / "model" / "logs" / "metrics.csv") as handle:
+        validated = [int(row["epoch"]) for row in csv.DictReader(handle) if row.get("val/mean_auc")]
+    assert validated == list(range(len(validated))) and len(validated) >= 2, validated
+    assert not list((out / "model" / "logs").glob("resumed-*"))
     assert (out / "split.csv").read_bytes() == split_before
 
     report = json.loads((out / "reproduction.json").read_text())

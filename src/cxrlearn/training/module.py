@@ -22,6 +22,7 @@ from cxrlearn.inference.predict import flip_averaged
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.training.config import OptimConfig
 from cxrlearn.training.losses import MultiLabelLoss
+from cxrlearn.training.stopping import between_batches
 
 MONITOR = "val/mean_auc"
 #: The target an unknown label becomes for torchmetrics, which leaves it out (``ignore_index``).
@@ -126,6 +127,9 @@ class ChestXrayModule(L.LightningModule):
         self.val_counts = LabelCounts(n)
         self._epoch_images = 0
         self._epoch_start = 0.0
+        self._loss_sum, self._loss_images = torch.zeros(()), 0  # the epoch's loss so far, for its mean
+        self._resumed_loss: tuple[torch.Tensor, int] | None = None
+        self._epoch_begun: int | None = None
         self.last_val: dict = {}
 
     # ---- the backbone's state per epoch -------------------------------------------------
@@ -141,9 +145,10 @@ class ChestXrayModule(L.LightningModule):
                 # Frozen BatchNorm keeps ImageNet statistics: small batches of X-rays would skew them.
                 # Stages that trainable_blocks leaves frozen keep theirs too, or their "frozen" output
                 # would drift with the running statistics while their weights stay put.
+                # Set both ways: a BatchNorm frozen in the head-only epochs trains again once its stage does (it
+                # stayed in eval mode before, in a run continued from a checkpoint of the epoch before too).
                 outside = not any(id(p) in self.trainable for p in module.parameters(recurse=False))
-                if frozen or self.freeze_bn or outside:
-                    module.eval()
+                module.train(not (frozen or self.freeze_bn or outside))
 
     def on_fit_start(self) -> None:
         if self.channels_last:
@@ -151,14 +156,27 @@ class ChestXrayModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
+        self._begin_epoch()
+
+    def _begin_epoch(self) -> None:
+        """The epoch's state: at its start, or, for a run continued between two of its batches (for which
+        Lightning does not call ``on_train_epoch_start``; the random state is the checkpoint's), at its next
+        batch."""
         self._set_backbone_mode()
         self._epoch_images, self._epoch_start = 0, time.perf_counter()
+        if self._resumed_loss is not None:  # continued between two batches: the batches before count too
+            (self._loss_sum, self._loss_images), self._resumed_loss = self._resumed_loss, None
+        else:
+            self._loss_sum, self._loss_images = torch.zeros((), device=self.device), 0
+        self._epoch_begun = self.current_epoch
 
     def _unfreezing_epoch(self) -> bool:
         head_only = self.optim.head_only_epochs
         return head_only > 0 and self.current_epoch == head_only and self.optim.unfreeze_warmup
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._epoch_begun != self.current_epoch:
+            self._begin_epoch()
         # The epoch that unfreezes the backbone ramps its learning rate up from zero:
         # Adam's first steps on parameters without history move each weight by about
         # the full learning rate, which knocks a pretrained backbone off its features.
@@ -170,11 +188,30 @@ class ChestXrayModule(L.LightningModule):
             for group, lr in zip(groups, self._backbone_lrs):
                 group["lr"] = lr * (batch_idx + 1) / steps
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The unfreezing epoch's target learning rates (its groups hold the ramped ones), for a run continued
+        # between two of its batches (:mod:`cxrlearn.training.stopping`).
+        # ... and the epoch's loss so far, for its mean.
+        if hasattr(self, "_backbone_lrs"):
+            checkpoint["cxrlearn_backbone_lrs"] = list(self._backbone_lrs)
+        checkpoint["cxrlearn_epoch_loss"] = (self._loss_sum.detach().cpu(), self._loss_images)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "cxrlearn_backbone_lrs" in checkpoint:
+            self._backbone_lrs = list(checkpoint["cxrlearn_backbone_lrs"])
+        if "cxrlearn_epoch_loss" in checkpoint and between_batches(checkpoint):
+            total, images = checkpoint["cxrlearn_epoch_loss"]
+            self._resumed_loss = (total.to(self.device), int(images))
+
     def _backbone_param_groups(self) -> list[dict]:
         """The optimiser's backbone groups: all but the last, the head's (:meth:`configure_optimizers`)."""
         return self.optimizers().optimizer.param_groups[:-1]
 
     def on_train_epoch_end(self) -> None:
+        # The epoch's mean loss, kept here rather than by Lightning (whose running mean a checkpoint does not hold,
+        # so that a run continued between two batches would log the mean of the batches after them only).
+        if self._loss_images:
+            self.log("train/loss_epoch", self._loss_sum / self._loss_images, on_epoch=True)
         if self._unfreezing_epoch():
             for group, lr in zip(self._backbone_param_groups(), self._backbone_lrs):
                 group["lr"] = lr
@@ -192,7 +229,9 @@ class ChestXrayModule(L.LightningModule):
         images, labels, _ = batch
         loss = self.loss(self(images), labels)
         self._epoch_images += len(labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self._loss_sum = self._loss_sum + loss.detach().float() * len(labels)
+        self._loss_images += len(labels)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
         return loss
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:

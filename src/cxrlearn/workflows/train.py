@@ -15,6 +15,7 @@ Steps, each reusing what an earlier run left where it can:
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
 import json
@@ -31,9 +32,11 @@ import timm
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import (Callback, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, Subset
 
@@ -63,6 +66,7 @@ from cxrlearn.records import Record
 from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
 from cxrlearn.training.module import MONITOR, ChestXrayModule
+from cxrlearn.training.stopping import StopBetweenBatches, first_step_to_log, resumes_exactly
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +351,59 @@ def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: Trai
     log.info(f"MLflow: logged the bundle to run {logger.run_id} ({uri})")
 
 
+class _ContinuedTable(ExperimentWriter):
+    """Lightning's CSV writer, but continuing the table of the run being resumed (Lightning's own starts it over):
+    the rows logged before the checkpoint stay, those logged after it (by a run stopped at once, which the
+    resumed run logs again) are dropped."""
+
+    def __init__(self, log_dir: str, from_step: int | None):
+        self.from_step = from_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self.from_step is None or not path.is_file():
+            return super()._check_log_dir_exists()
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            keys, rows = list(reader.fieldnames or []), [row for row in reader]
+        kept = [row for row in rows if str(row.get("step", "")).isdigit() and int(row["step"]) < self.from_step]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_atomic(path, out.getvalue().encode())
+        self.metrics_keys = sorted(keys)
+
+
+class RunTable(CSVLogger):
+    """``RUN/logs/metrics.csv``: one table of the whole run, continued by a resumed run from the step of the
+    checkpoint ``continuing``."""
+
+    def __init__(self, run_dir: Path, continuing: dict | None = None):
+        super().__init__(run_dir, name="logs", version="")
+        self._from_step = first_step_to_log(continuing) if continuing is not None else None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedTable(self.log_dir, self._from_step)
+        return self._experiment
+
+
+def _continued_checkpoint(last: Path) -> dict:
+    """The checkpoint a resumed run continues; a warning when the continued run will not be the uninterrupted
+    one (in cxrlearn's words: Lightning, seeing a loader that keeps its place, no longer warns itself)."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    if not resumes_exactly(checkpoint):
+        log.warning(f"{last} was written in the middle of an epoch without the loader's place in it (by an older "
+                    f"cxrlearn): the continued run repeats that epoch's first batches and will differ from an "
+                    f"uninterrupted run; resume from an epoch's end checkpoint, or train anew, for an exact run")
+    return checkpoint
+
+
 def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False, tracker=None):
     t = config.train
     devices = int(t.devices) if str(t.devices).isdigit() else t.devices
@@ -354,14 +411,9 @@ def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume
     strategy = t.strategy
     if strategy == "auto" and processes > 1:
         strategy = "ddp"
-    # A resumed run logs beside the first one (logs/resumed-N/), never over it.
-    version = ""
-    if resume:
-        n = 1
-        while (run_dir / "logs" / f"resumed-{n}").exists():
-            n += 1
-        version = f"resumed-{n}"
-    loggers = [CSVLogger(run_dir, name="logs", version=version), TensorBoardLogger(run_dir, name="logs", version=version)]
+    # A resumed run continues the run's table (logs/metrics.csv) and its TensorBoard events.
+    table = RunTable(run_dir, continuing=_continued_checkpoint(run_dir / CHECKPOINTS / "last.ckpt") if resume else None)
+    loggers = [table, TensorBoardLogger(run_dir, name="logs", version="")]
     if tracker is not None:
         loggers.append(tracker)
     plugins = [_atomic_checkpoints()]
@@ -388,22 +440,6 @@ def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume
         limit_train_batches=t.limit_train_batches,
         num_sanity_val_steps=0,
     )
-
-
-class KeepInterruptedEpoch(Callback):
-    """On Ctrl-C or SIGTERM during fitting, save the state reached as ``last.ckpt``, mid-epoch if need be, so that
-    ``--resume`` continues from there: a run stopped in its first epoch can be resumed too. (Lightning then
-    replays the interrupted epoch's remaining batches from a fresh loader and warns that the loader is not
-    resumable.) One process only: in a DDP run a save needs every process, and the end of the last epoch is kept."""
-
-    def __init__(self, path: Path):
-        self.path, self.saved = path, ""
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, Interrupted)) or trainer.world_size > 1:
-            return
-        trainer.save_checkpoint(self.path)
-        self.saved = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step:,}: {self.path}"
 
 
 def _atomic_checkpoints():
@@ -443,7 +479,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             raise
         last = Path(run_dir) / CHECKPOINTS / "last.ckpt"
         if last.exists():
-            raise Interrupted.keeping(err, f"training's progress at the last finished epoch: {last}", "--resume") \
+            raise Interrupted.keeping(err, f"training's progress at its last checkpoint: {last}", "--resume") \
                 from None
         raise Interrupted.keeping(err, f"the split and the preprocessing cache made so far ({run_dir})") from None
 
@@ -604,21 +640,18 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool, track
     # needs the latest epoch whatever its score, so "last" is a checkpoint of its own.
     latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False)
-    interrupted = KeepInterruptedEpoch(last)
-    callbacks = [checkpoint, latest, interrupted, LearningRateMonitor(logging_interval="epoch")]
+    stopper = StopBetweenBatches(last)
+    callbacks = [checkpoint, latest, stopper, LearningRateMonitor(logging_interval="epoch")]
     if config.train.ema_decay is not None:  # Lightning's: validation and checkpoints see the averaged weights
         callbacks.append(EMAWeightAveraging(decay=config.train.ema_decay))
     if config.train.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience))
     tracker = _mlflow_logger(tracking, config, run_dir, resume) if tracking else None
     trainer = _trainer(config, run_dir, callbacks, progress, resume, tracker)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
-    except (KeyboardInterrupt, Interrupted) as err:
-        if interrupted.saved:
-            raise Interrupted.keeping(err, f"training's progress at {interrupted.saved}",
-                              "--resume") from None
-        raise
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    if stopper.requested:  # after the last epoch: the bundle is written by --resume
+        raise Interrupted(stopper.requested, f"the finished training ({last}); --resume writes the bundle",
+                          "--resume")
     if not trainer.is_global_zero:
         return run_dir
 

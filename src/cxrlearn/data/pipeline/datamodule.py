@@ -107,13 +107,42 @@ class EpochShuffleSampler(DistributedSampler):
     uninterrupted one.
     """
 
+    _resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """The next iterator of epoch ``epoch`` leaves out its first ``done`` indices (those trained on before
+        the run was stopped)."""
+        self._resume = (int(epoch), int(done))
+
     def __iter__(self):
         epoch = self.epoch
-        return ((i, epoch) for i in super().__iter__())
+        order = iter(super().__iter__())
+        if self._resume is not None and self._resume[0] == epoch:
+            for _ in range(self._resume[1]):
+                next(order, None)
+        self._resume = None
+        return ((i, epoch) for i in order)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, whose place in its epoch a checkpoint saved between batches keeps (Lightning's
+    ``state_dict``/``load_state_dict`` protocol for loaders): a run continued from it goes on with the epoch's next
+    batch, as the uninterrupted run did, instead of drawing the epoch's first batches again. ``position`` (epoch,
+    batches done) is set while such a checkpoint is written (:class:`cxrlearn.training.stopping.StopBetweenBatches`);
+    a checkpoint of a finished epoch keeps no position."""
+
+    position: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        return {} if self.position is None else {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 def _in_order(dataset: CachedXrayDataset, batch_size: int, num_workers: int) -> DataLoader:
@@ -234,7 +263,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         # training set of k x batch + 1 images drops its last, single image each epoch (another one each epoch,
         # as the order is reshuffled). Evaluation keeps every image.
         lone_last = shuffle and len(sampler) % self.batch_size == 1
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
