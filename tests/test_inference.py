@@ -373,6 +373,51 @@ def test_a_stale_onnx_file_is_refused(evaluated, onnx_file, tmp_path):
         Predictor(copy, runtime="onnx", onnx_path=onnx_file)
 
 
+def test_a_changed_or_swapped_onnx_file_is_refused_and_answers_name_their_file(evaluated, onnx_file, tmp_path,
+                                                                              sample_images, capsys):
+    """The attack: model.onnx with one weight changed (its metadata intact) gave all probabilities 1.0 under the
+    genuine model_sha256; a float file copied to model.int8.onnx ran as int8. Now each is refused by name, and every
+    row names the runtime and the SHA-256 of the file that computed it."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from cxrlearn._files import file_digest
+    from cxrlearn.errors import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_file.parent, run)
+    on_onnx = Predictor(run, runtime="onnx")
+    assert on_onnx.provenance.runtime == "onnx"
+    assert on_onnx.provenance.runtime_sha256 == file_digest(run / "model.onnx")
+    on_torch = Predictor(run)
+    assert (on_torch.provenance.runtime, on_torch.provenance.runtime_sha256) == (
+        "torch", file_digest(run / "model.safetensors"))
+    assert on_onnx.provenance.model_sha256 == on_torch.provenance.model_sha256
+    assert on_onnx.provenance.answer_key != on_torch.provenance.answer_key  # DICOM results' UIDs differ too
+
+    image = sorted(sample_images.glob("*.png"))[0]
+    assert main(["predict", "--model", str(run), "--runtime", "onnx", str(image), "--no-progress"]) == 0
+    row = pd.read_csv(io.StringIO(capsys.readouterr().out)).iloc[0]
+    assert row["runtime"] == "onnx" and row["runtime_sha256"] == file_digest(run / "model.onnx")
+
+    shutil.copy(run / "model.onnx", run / "model.int8.onnx")  # a float file where the int8 one belongs
+    with pytest.raises(ConfigError, match="model.int8.onnx: this is the bundle's onnx export"):
+        Predictor(run, runtime="onnx-int8")
+
+    model = onnx.load(str(run / "model.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    changed = numpy_helper.to_array(weight).copy()
+    changed.flat[0] += 1.0
+    weight.CopyFrom(numpy_helper.from_array(changed, weight.name))
+    onnx.save(model, str(run / "model.onnx"))
+    with pytest.raises(ConfigError, match="model.onnx: not a file that `cxrlearn export` wrote"):
+        Predictor(run, runtime="onnx")
+    assert main(["predict", "--model", str(run), "--runtime", "onnx", str(image), "--no-progress"]) == 2
+    assert "export it again" in capsys.readouterr().err
+
+
 def test_evaluate_runs_the_onnx_export_as_the_bundle(evaluated, onnx_file, table_path, sample_images, tmp_path):
     """``evaluate --runtime onnx`` judges the exported file on the same images: the same AUCs as the PyTorch
     evaluation within float rounding, the runtime recorded, and the bundle's thresholds (PyTorch's) left alone."""
@@ -385,6 +430,7 @@ def test_evaluate_runs_the_onnx_export_as_the_bundle(evaluated, onnx_file, table
     judged = EvaluationMetrics.read(tmp_path / "metrics.json")
     torch_judged = evaluated[2]
     assert judged.provenance.runtime == "onnx" and torch_judged.provenance.runtime == "torch"
+    assert judged.provenance.runtime_sha256 != torch_judged.provenance.runtime_sha256
     assert judged.input_check.judged == torch_judged.input_check.judged
     for finding, auc in torch_judged.auc.items():
         assert judged.auc[finding] == (None if auc is None else pytest.approx(auc, abs=0.003)), finding
@@ -399,6 +445,7 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     import shutil
     import sys
 
+    from cxrlearn._files import file_digest
     from cxrlearn.errors import ConfigError
     from cxrlearn.model.export import read_contract
 
@@ -406,6 +453,7 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     shutil.copytree(evaluated[0], run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     with pytest.raises(ConfigError, match="--int8"):  # nothing made yet: the error says how to make it
         Predictor(run, runtime="onnx-int8")
+    (run / ".int8-killed").mkdir()  # what an export killed before cleaning up left (the attack's case)
     # A gate no model can meet (int8 better by a whole AUC): refused, both figures printed, nothing written.
     assert main(["export", "--model", str(run), "--int8", "--max-auc-loss", "-1", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -431,7 +479,10 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     # no agreement at all.
     assert 0 < np.abs(a - b).mean() < 0.08 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
     assert main(["predict", "--model", str(run), "--runtime", "onnx-int8", str(paths[0]), "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("\n") == 2  # the header and one row
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2  # the header and one row
+    row = pd.read_csv(io.StringIO(out)).iloc[0]  # named by the int8 file, not only the bundle
+    assert row["runtime"] == "onnx-int8" and row["runtime_sha256"] == file_digest(run / "model.int8.onnx")
     out = run.parent / "int8-evaluation"
     assert main(["evaluate", "--model", str(run), "--csv", str(table_path), "--images", str(sample_images),
                  "--subset", "test", "--runtime", "onnx-int8", "--resamples", "100", "--out", str(out),

@@ -12,7 +12,7 @@
 
 Both copy the patient, study and accession of the source as :func:`cxrlearn.dicom.source.reference` checked them
 (a new series each), and have UIDs derived from the source's SOP Instance UID, study and patient and the bundle's
-digest (:func:`derived_uid`): the same image through the same model gives the same objects, so a PACS that
+digest (and an ONNX runtime's file, :attr:`Provenance.answer_key`; :func:`derived_uid`): the same image through the same model gives the same objects, so a PACS that
 receives them twice stores them once, while two patients' images that share a SOP Instance UID get different ones.
 The capture names its source image (SourceImageSequence, ReferencedImageSequence).
 
@@ -97,7 +97,8 @@ def _algorithm(predictor: Predictor) -> hd.sr.AlgorithmIdentification:
     provenance = predictor.provenance
     return hd.sr.AlgorithmIdentification(
         name=MANUFACTURER, version=f"{provenance.cxrlearn_version} {predictor.meta.backbone}",
-        parameters=[f"model_sha256={provenance.model_sha256}"])
+        parameters=[f"model_sha256={provenance.model_sha256}", f"runtime={provenance.runtime}",
+                    f"runtime_sha256={provenance.runtime_sha256}"])
 
 
 def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, source: Dataset,
@@ -113,7 +114,7 @@ def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, s
             name=code, value=codes.SCT.Present if finding in prediction.positive else codes.SCT.Absent)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(patient_key(source), predictor.provenance.model_sha256, f"track {finding}"),
+            uid=derived_uid(patient_key(source), predictor.provenance.answer_key, f"track {finding}"),
             identifier=f"cxrlearn {finding}"[:64]),
         finding_type=code, algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
@@ -128,7 +129,7 @@ def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dat
         measurements = [hd.sr.Measurement(name=INPUT_SCORE, value=float(prediction.input_score), unit=NO_UNITS)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(patient_key(source), predictor.provenance.model_sha256, "track input check"),
+            uid=derived_uid(patient_key(source), predictor.provenance.answer_key, "track input check"),
             identifier="cxrlearn input check"),
         finding_type=INPUT_CHECK, algorithm_id=algorithm, measurements=measurements,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=INPUT_CHECK, value=value)])
@@ -141,7 +142,7 @@ def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dat
 
 def structured_report(source: Dataset, prediction: Prediction, predictor: Predictor) -> Dataset:
     """The TID 1500 report of one prediction, in the source's study (see the module's description)."""
-    digest = predictor.provenance.model_sha256
+    digest = predictor.provenance.answer_key
     algorithm = _algorithm(predictor)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -179,7 +180,7 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
     heat = heatmaps(predictor, decoded, [finding])[finding]
     picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                 (predictor.thresholds or {}).get(finding))
-    digest = predictor.provenance.model_sha256
+    digest = predictor.provenance.answer_key
     orientation = list(source.get("PatientOrientation") or ["L", "F"])  # checked by source.reference
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
@@ -191,7 +192,8 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
         series_description=f"cxrlearn heatmap - {NOT_FOR_DIAGNOSIS}", software_versions=__version__)
     capture.BurnedInAnnotation = "YES"
     capture.Laterality = source.get("Laterality", "")  # Type 2C: the chest is not a paired part, so empty
-    capture.ImageComments = (f"Grad-CAM of {finding} by cxrlearn {__version__} (model sha256 {digest}): research "
+    capture.ImageComments = (f"Grad-CAM of {finding} by cxrlearn {__version__} (model sha256 "
+                             f"{predictor.provenance.model_sha256}): research "
                              f"use, {NOT_FOR_DIAGNOSIS}")[:10240]
     capture.DerivationDescription = f"Grad-CAM heatmap of {finding} over the source image"[:1024]
     capture.SourceImageSequence = [_image_reference(source)]

@@ -252,6 +252,8 @@ def _provenance_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
             ["date", prov.date],
             ["command", f"`{prov.command}`" if prov.command else "—"],
             ["model bundle", f"{bundle.folder} (weights SHA-256 {bundle.weights_sha256[:16]}…)"],
+            ["runtime", f"{prov.runtime or 'torch'}" + (f" (file SHA-256 {prov.runtime_sha256[:16]}…)"
+                                                        if prov.runtime_sha256 else "")],
             ["trained on split", f"SHA-256 {(bundle.trained_split_sha256 or '—')[:16]}…"],
             ["judged split", f"{split.file} (SHA-256 {split.sha256[:16]}…)"
              + (f"; official test list {split.official_test.file}" if split.official_test else "")],

@@ -100,6 +100,7 @@ class Provenance(Record):
     images_left_out_undecodable: int | None = None
     tta: bool | None = None
     runtime: str | None = None  # what ran the network: torch, onnx or onnx-int8 (None: torch, before it was said)
+    runtime_sha256: str | None = None  # of the file it ran: the bundle's weights, or the ONNX file
     temperature_scaling: str | bool | None = None
     versions: dict[str, str] | None = None
 

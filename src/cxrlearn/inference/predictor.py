@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cxrlearn import __version__
-from cxrlearn._files import utf8, write_atomic
+from cxrlearn._files import file_digest, utf8, write_atomic
 from cxrlearn.data.columns import IMAGE
 from cxrlearn.data.decoding.images import IMAGE_SUFFIXES, load_grayscale_and_colour, regular_file
 from cxrlearn.data.pipeline.normalize import normalizer
@@ -32,8 +32,8 @@ from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror, torch_forward
-from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta
-from cxrlearn.model.export import ONNX_FILE, check_onnx_matches_bundle
+from cxrlearn.model.bundle import WEIGHTS, bundle_digest, load_bundle, read_meta
+from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle
 from cxrlearn.model.quantize import INT8_FILE
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
@@ -42,14 +42,32 @@ from cxrlearn.model.meta import INPUT_CHECK_FILE
 
 @dataclass(frozen=True)
 class Provenance:
-    """Which model gave an answer: the bundle's digest (:func:`cxrlearn.model.bundle.bundle_digest`) and the
-    cxrlearn that ran it. Written beside every prediction, so a result in a spreadsheet or a log can be traced."""
+    """Which model gave an answer: the bundle's digest (:func:`cxrlearn.model.bundle.bundle_digest`), the runtime
+    that ran it (torch, onnx, onnx-int8: their probabilities differ), the SHA-256 of the file that runtime read
+    (the bundle's weights, or the ONNX file), and the cxrlearn that ran it. Written beside every answer, so a result
+    in a spreadsheet, a report or a log can be traced to what computed it."""
 
     model_sha256: str
     cxrlearn_version: str
+    runtime: str = "torch"
+    runtime_sha256: str = ""
 
     def columns(self) -> dict[str, str]:
-        return {"model_sha256": self.model_sha256, "cxrlearn_version": self.cxrlearn_version}
+        return {"model_sha256": self.model_sha256, "runtime": self.runtime, "runtime_sha256": self.runtime_sha256,
+                "cxrlearn_version": self.cxrlearn_version}
+
+    @property
+    def answer_key(self) -> str:
+        """What names this predictor's answers apart (DICOM results' UIDs derive from it): the bundle's digest,
+        and for an ONNX runtime, which file ran it (its answers differ from torch's)."""
+        if self.runtime == "torch":
+            return self.model_sha256
+        return f"{self.model_sha256}|{self.runtime}|{self.runtime_sha256}"
+
+    def text(self) -> str:
+        """One line, for reports and logs."""
+        return (f"model {self.model_sha256} run by {self.runtime} (file {self.runtime_sha256}), "
+                f"cxrlearn {self.cxrlearn_version}")
 
 
 @dataclass
@@ -153,13 +171,14 @@ class Predictor:
     """A model bundle ready to predict: ``Predictor(run_dir).predict([pixels], names)``."""
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "torch", onnx_path: str | os.PathLike | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", checked: bool = True):
+        """``checked``: refuse an ONNX file that is not one ``cxrlearn export`` recorded for the bundle (false only
+        for the files an export is judging before it writes them)."""
 
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_meta(self.model_dir)
-        self.provenance = Provenance(bundle_digest(self.model_dir), __version__)
         self.findings: list[str] = list(self.meta.findings)
         self.preprocessing = self.meta.preprocessing
         self.thresholds: dict = self.meta.thresholds
@@ -171,8 +190,11 @@ class Predictor:
         self.input_check = InputCheck.load(self.model_dir, self.meta.input_check) if self.meta.input_check else None
         if runtime == "torch":
             self._load_torch()
+            computed_by = file_digest(self.model_dir / WEIGHTS)
         else:
-            self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime])
+            computed_by = self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime],
+                                          checked)
+        self.provenance = Provenance(bundle_digest(self.model_dir), __version__, runtime, computed_by)
         if self.input_check is not None:
             width = self.input_check.feature_mean.shape[0]
             features = (self.model.backbone.num_features if runtime == "torch"
@@ -188,15 +210,21 @@ class Predictor:
         self.transform = normalizer(self.preprocessing).to(self.device)
         self._torch_forward = torch_forward(self.model, self.transform, self.device, channels_last=True)
 
-    def _load_onnx(self, path: Path) -> None:
+    def _load_onnx(self, path: Path, checked: bool) -> str:
+        """The ONNX session of ``path``; its SHA-256."""
         import onnxruntime
 
         if not path.is_file():
             made_by = "--int8" if self.runtime == "onnx-int8" else f"--format onnx --out {path}"
             raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
                               f"{made_by}`")
-        check_onnx_matches_bundle(path, self.model_dir)
+        if checked:
+            digest = check_export(path, self.model_dir, self.runtime)
+        else:
+            check_onnx_matches_bundle(path, self.model_dir)
+            digest = file_digest(path)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return digest
 
     def with_gradients(self) -> Predictor:
         """This predictor when it runs torch, else the same bundle run by torch on the same device, made once:

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrlearn._files import file_digest, write_atomic
+from cxrlearn._files import file_digest, read_json_object, write_atomic
 from cxrlearn.data.pipeline.normalize import normalizer
 from cxrlearn.errors import ConfigError
 from cxrlearn.model import ONNX_OPSET
 from cxrlearn.model.bundle import WEIGHTS, load_bundle
+from cxrlearn.records import Record
 
 ONNX_FILE = "model.onnx"  # a bundle's ONNX export, beside model.json
 
@@ -75,9 +76,11 @@ def contract(meta: dict, weights_sha256: str) -> dict:
     }
 
 
-def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = ONNX_OPSET) -> Path:
+def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = ONNX_OPSET,
+                record: bool = True) -> Path:
     """Write the bundle in ``model_dir`` as one ONNX file at ``out`` (default ``model_dir/model.onnx``, where
-    ``cxrlearn predict --runtime onnx`` looks); return its path."""
+    ``cxrlearn predict --runtime onnx`` looks), recorded in the bundle's ``exports.json`` (unless ``record`` is
+    false: a working copy); return its path."""
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / ONNX_FILE
     model, meta = load_bundle(model_dir)
@@ -90,7 +93,10 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         wrapper, (example,), input_names=["image"], output_names=["logits", "features"], opset_version=opset, dynamo=True,
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False,
     )
-    return write_with_contract(program.model_proto, contract(meta, file_digest(model_dir / WEIGHTS)), out)
+    written = write_with_contract(program.model_proto, contract(meta, file_digest(model_dir / WEIGHTS)), out)
+    if record:
+        record_export(model_dir, written, "onnx")
+    return written
 
 
 def write_with_contract(proto, terms: dict, out: Path) -> Path:
@@ -135,3 +141,56 @@ def check_onnx_matches_bundle(path: str | os.PathLike, model_dir: str | os.PathL
     if found["weights_sha256"] != file_digest(Path(model_dir) / WEIGHTS):
         raise ConfigError(f"{path} was exported from other weights than {model_dir}'s; export it again")
     return found
+
+
+#: The bundle's record of the files exported from it (not part of :func:`cxrlearn.model.bundle.bundle_digest`:
+#: exporting does not change the model's name).
+EXPORTS_FILE = "exports.json"
+
+
+class ExportedFile(Record):
+    """One file ``cxrlearn export`` wrote from the bundle: its name, SHA-256, and the runtime that reads it."""
+
+    file: str
+    sha256: str
+    runtime: str  # onnx or onnx-int8
+
+
+class Exports(Record):
+    """``RUN/exports.json``."""
+
+    files: list[ExportedFile] = []
+
+
+def read_exports(model_dir: str | os.PathLike) -> Exports:
+    path = Path(model_dir) / EXPORTS_FILE
+    if not path.is_file():
+        return Exports()
+    return Exports.model_validate(read_json_object(path, ConfigError, "export the bundle's ONNX files again"))
+
+
+def record_export(model_dir: str | os.PathLike, path: Path, runtime: str) -> str:
+    """Record the file ``path``, just written from the bundle in ``model_dir`` for ``runtime``; its SHA-256."""
+    digest = file_digest(path)
+    name = path.name if path.resolve().parent == Path(model_dir).resolve() else str(path.resolve())
+    exports = read_exports(model_dir)
+    files = [f for f in exports.files if f.file != name] + [ExportedFile(file=name, sha256=digest, runtime=runtime)]
+    write_atomic(Path(model_dir) / EXPORTS_FILE, json.dumps(Exports(files=files).to_dict(), indent=2) + "\n")
+    return digest
+
+
+def check_export(path: str | os.PathLike, model_dir: str | os.PathLike, runtime: str) -> str:
+    """Refuse an ONNX file that is not one ``cxrlearn export`` wrote from this bundle for ``runtime`` (changed
+    since, or another export copied over it: a float file named ``model.int8.onnx``); return its SHA-256, which
+    names it beside every answer it gives."""
+    check_onnx_matches_bundle(path, model_dir)  # first: a stale export is the likelier, and says so
+    path, digest = Path(path), file_digest(path)
+    recorded = [f for f in read_exports(model_dir).files if f.sha256 == digest]
+    if not recorded:
+        raise ConfigError(f"{path}: not a file that `cxrlearn export` wrote from {model_dir} (its SHA-256 "
+                          f"{digest[:16]}... is not in {Path(model_dir) / EXPORTS_FILE}): it was changed, or made "
+                          f"from another bundle; export it again")
+    if all(f.runtime != runtime for f in recorded):
+        raise ConfigError(f"{path}: this is the bundle's {recorded[0].runtime} export ({recorded[0].file}), not "
+                          f"its {runtime} one; export it again")
+    return digest

@@ -52,7 +52,7 @@ from cxrlearn.evaluation.subgroups import subgroup_metrics
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.outputs import probabilities
 from cxrlearn.inference.predict import Forward, average_with_mirror, predict_logits, torch_forward
-from cxrlearn.inference.predictor import Predictor
+from cxrlearn.inference.predictor import ONNX_FILES, Predictor
 from cxrlearn.model.bundle import library_versions, load_bundle, read_meta, write_meta
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
@@ -508,6 +508,8 @@ def _provenance(model_dir: Path, meta: BundleMeta, csv, images, split_info: Spli
         images_left_out_undecodable=left_out,
         tta=tta,
         runtime=options.runtime,
+        runtime_sha256=file_digest(model_dir / ("model.safetensors" if options.runtime == "torch"
+                                                 else ONNX_FILES[options.runtime])),
         temperature_scaling=(("the bundle's" if meta.temperature else False) if split_info.all_present
                              else options.calibrate),
         versions=_versions(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,15 @@ from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.inference.predictor import Predictor
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
 from cxrlearn.model.bundle import read_meta
-from cxrlearn.model.export import export_onnx
+from cxrlearn.model.export import export_onnx, record_export
 from cxrlearn.model.quantize import INT8_FILE, cpu_has_vnni, quantise
 from cxrlearn.training.config import RunConfig
 from cxrlearn.workflows.train import SPLIT_FILE, read_run_labels
 
 log = logging.getLogger(__name__)
+
+#: The working folder of an int8 export, in the bundle's folder (removed when done, or by the next export).
+WORK_PREFIX = ".int8-"
 
 #: Images per forward pass while judging.
 BATCH = 32
@@ -87,15 +91,19 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
     """Quantise the bundle in ``model_dir`` and judge it (module docstring); the judgement, and the path of
     ``model.int8.onnx`` when it passed (None, and nothing written, when it did not)."""
     model_dir = Path(model_dir)
+    for stale in model_dir.glob(f"{WORK_PREFIX}*"):  # left by an export killed before it could clean up
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info(f"removed {stale}, left by an interrupted export")
     datamodule = _run_data(model_dir)
     vnni = cpu_has_vnni()
     reduce_range = vnni is False
     if reduce_range:
         log.warning("this CPU has AVX2 but no VNNI: weights are quantised to 7 bits (reduce_range), as ONNX Runtime "
                     "advises, so that its uint8 x int8 kernels cannot saturate")
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".int8-") as work:
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=WORK_PREFIX) as work:
         work = Path(work)
-        fp32 = export_onnx(model_dir, work / "model.onnx")
+        fp32 = export_onnx(model_dir, work / "model.onnx", record=False)
         int8 = quantise(fp32, work / INT8_FILE, _calibration(datamodule, calibration_images), reduce_range)
         judgement = _judge(model_dir, fp32, int8, datamodule, max_auc_loss, min_agreement, resamples, reduce_range,
                            progress)
@@ -103,6 +111,7 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
             return judgement, None
         out = model_dir / INT8_FILE
         write_atomic(out, int8.read_bytes())
+        record_export(model_dir, out, "onnx-int8")
     return judgement, out
 
 
@@ -139,8 +148,8 @@ def _calibration(datamodule: ChestXrayDataModule, count: int) -> np.ndarray:
 def _judge(model_dir: Path, fp32: Path, int8: Path, datamodule: ChestXrayDataModule, max_auc_loss: float,
            min_agreement: float, resamples: int, reduce_range: bool, progress: bool) -> Int8Judgement:
     """Both models through the Predictor on the validation images, and the paired comparison."""
-    models = {"float": Predictor(model_dir, runtime="onnx", onnx_path=fp32),
-              "int8": Predictor(model_dir, runtime="onnx-int8", onnx_path=int8)}
+    models = {"float": Predictor(model_dir, runtime="onnx", onnx_path=fp32, checked=False),
+              "int8": Predictor(model_dir, runtime="onnx-int8", onnx_path=int8, checked=False)}
     probs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     flagged: dict[str, list[bool]] = {name: [] for name in models}
     labels = []
