@@ -25,6 +25,7 @@ from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.results import NOT_FOR_DIAGNOSIS, SCHEME
+from cxrlearn.evaluation.operating_points import NOT_CALLED
 from orthanc import Orthanc, free_port
 from xray_files import chest_dx
 
@@ -55,7 +56,8 @@ def _groups(sr) -> list:
 
 
 def _read_back(sr) -> tuple[dict[str, float], dict[str, str], str]:
-    """(probability per finding, call per finding, input check comment) from a structured report."""
+    """(probability per finding, call per finding, input check comment) from a structured report; a finding
+    without a threshold has its comment ("not called: ...") as its call."""
     probabilities, calls, comment = {}, {}, None
     for group in _groups(sr):
         finding = group.finding_type.meaning
@@ -65,8 +67,10 @@ def _read_back(sr) -> tuple[dict[str, float], dict[str, str], str]:
                 probabilities[finding] = float(item.MeasuredValueSequence[0].NumericValue)
             elif item.ValueType == "CODE" and finding != "Input check" and name == finding:
                 calls[finding] = item.ConceptCodeSequence[0].CodeMeaning
-            elif item.ValueType == "TEXT" and name == "Comment":
+            elif item.ValueType == "TEXT" and name == "Comment" and finding == "Input check":
                 comment = item.TextValue
+            elif item.ValueType == "TEXT" and name == "Comment":
+                calls[finding] = item.TextValue
     return probabilities, calls, comment
 
 
@@ -103,7 +107,10 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
         row = rows.loc[f"{stem}.dcm"]
         assert sorted(probabilities) == sorted(findings)
         assert all(abs(probabilities[f] - row[f]) < 1e-5 for f in findings)
-        assert {f for f, call in calls.items() if call == "Present"} == {f for f in findings if row[f + "_positive"]}
+        assert {f for f, call in calls.items() if call == "Present"} == {f for f in findings
+                                                                         if row[f + "_positive"] == 1}
+        # A finding without a threshold (too few validation cases): its probability, and "not called" in words.
+        assert {f for f, call in calls.items() if call == NOT_CALLED} == set(str(row["not_called"]).split("|"))
         assert comment == row["input_check"]
         assert SCHEME in {c.CodingSchemeDesignator for c in sr.CodingSchemeIdentificationSequence}
         sc = pydicom.dcmread(out / f"{stem}.sc.dcm")

@@ -3,6 +3,7 @@ on val and stored, calibration, subgroups and expert labels, on a model trained 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_thresholds_chosen_on_val_are_stored_in_the_bundle_and_applied_to_test(e
     for name in FINDINGS:
         y, p = val[f"label_{name}"].to_numpy(), val[name].to_numpy()
         stored = meta.thresholds[name]
-        if not 0 < y.sum() < len(y):
+        if not 10 <= y.sum() <= len(y) - 10:  # fewer than 10 val positives or negatives: no threshold
             assert stored is None
             continue
         # Youden's J from scikit-learn's ROC curve on the val predictions alone.
@@ -382,3 +383,64 @@ def test_metrics_json_keeps_its_format_reads_older_files_and_has_a_current_schem
     for name, schema in (("metrics.schema.json", metrics_schema()), ("model.schema.json", model_schema())):
         assert json.loads((docs / name).read_text()) == schema, \
             f"docs/{name} is out of date: python -m cxrlearn.{'evaluation.results' if 'metrics' in name else 'model.meta'} > docs/{name}"
+
+
+# ---- no call on a handful of positives -----------------------------------------------------------------------
+
+
+def test_a_threshold_needs_ten_validation_positives_and_negatives():
+    """The attack's demo bundle chose Hernia's threshold on 1 validation positive; now fewer than 10 positives (or
+    negatives) leave a finding without a threshold, with the reason; 10 are enough."""
+    from cxrlearn.evaluation.operating_points import MIN_VALIDATION_CASES, choose_thresholds, wilson_interval
+
+    rng = np.random.default_rng(0)
+    n = 200
+    scores = rng.random((n, 3))
+    labels = np.zeros((n, 3))
+    labels[:3, 0] = 1  # 3 positives
+    labels[:MIN_VALIDATION_CASES, 1] = 1  # exactly enough
+    labels[: n - 4, 2] = 1  # 4 negatives
+    chosen = choose_thresholds(labels, scores, ["a", "b", "c"])
+    assert chosen.thresholds["youden"]["a"] is None and chosen.thresholds["youden"]["c"] is None
+    assert chosen.thresholds["youden"]["b"] is not None
+    assert chosen.undefined == {"a": "only 3 positives in validation (a threshold needs at least 10)",
+                                "c": "only 4 negatives in validation (a threshold needs at least 10)"}
+    low, high = wilson_interval(8, 10)  # Wilson's interval for 8 of 10, as tables give it
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)
+    assert wilson_interval(0, 0) is None
+
+
+def test_findings_without_a_threshold_are_not_called_anywhere(evaluated, sample_images, capsys):
+    """Every finding of the evaluated bundle with fewer than 10 validation positives (or negatives) has no threshold,
+    and is 'not called' in predict's CSV (an empty call, not a 0), the service's answer, the model card and the
+    report; the others keep theirs, with Wilson intervals on the judged images."""
+    from cxrlearn.evaluation.operating_points import MIN_VALIDATION_CASES, NOT_CALLED
+    from cxrlearn.model.bundle import read_meta
+
+    run, out, metrics = evaluated
+    meta = read_meta(run)
+    val_positives = meta.data.positives["val"]
+    val_images = meta.data.images["val"]
+    few = {f for f, n in val_positives.items()
+           if n < MIN_VALIDATION_CASES or val_images - n < MIN_VALIDATION_CASES}
+    assert few and few != set(meta.findings)  # the sample's small validation split has both kinds
+    assert {f for f, t in meta.thresholds.items() if t is None} == few
+    assert set(meta.not_called) == few and all("in validation" in why for why in meta.not_called.values())
+
+    image = sorted(sample_images.glob("*.png"))[0]
+    assert main(["predict", "--model", str(run), str(image), "--no-progress"]) == 0
+    row = pd.read_csv(io.StringIO(capsys.readouterr().out), keep_default_na=False).iloc[0]
+    assert set(row["not_called"].split("|")) == few
+    for finding in meta.findings:
+        assert (row[f"{finding}_positive"] == "") == (finding in few), finding
+        assert 0 <= float(row[finding]) <= 1  # the probability is always given
+    assert not few & set(filter(None, row["positive_findings"].split("|")))
+
+    card = (run / "MODEL_CARD.md").read_text()
+    assert card.count(NOT_CALLED) == len(few) + 1  # one row each, and the rule stated once
+    assert f"fewer than {MIN_VALIDATION_CASES} validation positives or negatives" in card
+    report = (out / "report.md").read_text()
+    assert report.count(NOT_CALLED) >= len(few)
+    called = [f for f in meta.findings if f not in few]
+    point = metrics.operating_points.test[meta.threshold_method][called[0]]
+    assert point.sensitivity_ci95 is None or point.sensitivity_ci95[0] <= point.sensitivity <= point.sensitivity_ci95[1]

@@ -318,7 +318,8 @@ def test_predictions_name_the_bundle_and_cxrlearn(evaluated, sample_images, tmp_
     assert main(["predict", "--model", str(run), *images, "--out", str(tmp_path / "p.json"), "--no-progress"]) == 0
     table = pd.read_csv(tmp_path / "p.csv")
     digest = bundle_digest(run)
-    assert list(table.columns[-2:]) == ["model_sha256", "cxrlearn_version"]
+    assert list(table.columns[-4:]) == ["model_sha256", "runtime", "runtime_sha256", "cxrlearn_version"]
+    assert (table["runtime"] == "torch").all()
     assert (table["model_sha256"] == digest).all() and (table["cxrlearn_version"].astype(str) == __version__).all()
     rows = json.loads((tmp_path / "p.json").read_text())
     assert {(r["model_sha256"], r["cxrlearn_version"]) for r in rows} == {(digest, __version__)}

@@ -171,7 +171,8 @@ def test_predict_json_and_thresholds_from_the_bundle(evaluated, sample_images, t
     for row in rows:
         expected = [f for f in FINDINGS if meta.thresholds[f] is not None and row[f] >= meta.thresholds[f]]
         assert row["positive_findings"] == "|".join(expected)
-        assert all(row[f"{f}_positive"] == int(f in expected) for f in FINDINGS)
+        assert all(row[f"{f}_positive"] == ("" if meta.thresholds[f] is None else int(f in expected))
+                   for f in FINDINGS)
 
 
 def test_predictor_matches_evaluation_on_the_same_images(evaluated, sample_images):
@@ -344,7 +345,7 @@ def test_onnx_parity_on_real_images(evaluated, onnx_file, sample_images):
     # The same positive calls, except where a probability lies within that parity bound of its threshold:
     # thresholds are chosen on val probabilities, so a val image among these sits exactly on one, and
     # either runtime may fall on either side of it (seen with OMP_NUM_THREADS=1).
-    thresholds = np.array([on_torch.thresholds[f] for f in FINDINGS])
+    thresholds = np.array([np.inf if on_torch.thresholds[f] is None else on_torch.thresholds[f] for f in FINDINGS])
     decided = np.abs(a - thresholds) > 1e-4
     calls = lambda predictions: np.array([[f in p.positive for f in FINDINGS] for p in predictions])  # noqa: E731
     assert decided.mean() > 0.95 and (calls(torch_p) == calls(onnx_p))[decided].all()

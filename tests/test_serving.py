@@ -326,6 +326,10 @@ def test_the_page_in_a_headless_browser(server, sample_images, tmp_path):
         rows = browser.find_elements(By.CSS_SELECTOR, "#bars .row")
         assert [r.get_attribute("data-finding") for r in rows] == list(FINDINGS)
         assert all(r.find_element(By.CSS_SELECTOR, ".value").text.endswith("%") for r in rows)
+        # A finding without a threshold says so, and is never red (the attack saw red bold on 3.5% Cardiomegaly).
+        uncalled = [r for r in rows if "uncalled" in r.get_attribute("class")]
+        assert uncalled and all(r.find_element(By.CSS_SELECTOR, ".name").text.endswith("(not called)")
+                                and "positive" not in r.get_attribute("class") for r in uncalled)
         picture = browser.find_element(By.ID, "picture")
         WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", picture) > 0)
         # The heatmap over the upload at the upload's own 256 px (not the network's 64), then the upload itself.

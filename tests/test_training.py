@@ -229,7 +229,10 @@ def test_a_slurm_job_warned_by_sigusr1_keeps_its_progress_asks_for_requeue_and_c
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "SLURM requeued this job (1 time(s))" in requeued.stderr
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 4 and stopped_at < 3
-    assert (run / "logs" / "resumed-1").is_dir()  # the continuation logged beside the first part
+    # The continuation logged into the run's one table: every epoch validated once.
+    with open(run / "logs" / "metrics.csv") as handle:
+        validated = [int(row["epoch"]) for row in csv.DictReader(handle) if row.get("val/mean_auc")]
+    assert validated == [0, 1, 2, 3], validated
 
 
 def test_resume_refuses_another_split_size_or_backbone_before_writing_anything(table_path, sample_images, present,

@@ -42,6 +42,7 @@ from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
 from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source,
                                    study_key)
 from cxrlearn.errors import DataError
+from cxrlearn.evaluation.operating_points import MIN_VALIDATION_CASES, NOT_CALLED
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.overlays import distinct_names
 from cxrlearn.inference.predictor import Prediction, Predictor
@@ -98,7 +99,9 @@ def _algorithm(predictor: Predictor) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=MANUFACTURER, version=f"{provenance.cxrlearn_version} {predictor.meta.backbone}",
         parameters=[f"model_sha256={provenance.model_sha256}", f"runtime={provenance.runtime}",
-                    f"runtime_sha256={provenance.runtime_sha256}"])
+                    f"runtime_sha256={provenance.runtime_sha256}",
+                    f"operating_point={predictor.meta.threshold_method or 'none'} chosen on validation, findings "
+                    f"with fewer than {MIN_VALIDATION_CASES} validation positives or negatives not called"])
 
 
 def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, source: Dataset,
@@ -112,12 +115,16 @@ def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, s
         measurements.append(hd.sr.Measurement(name=THRESHOLD, value=round(float(threshold), 6), unit=NO_UNITS))
         evaluations = [hd.sr.QualitativeEvaluation(
             name=code, value=codes.SCT.Present if finding in prediction.positive else codes.SCT.Absent)]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(patient_key(source), predictor.provenance.answer_key, f"track {finding}"),
             identifier=f"cxrlearn {finding}"[:64]),
         finding_type=code, algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+    if finding in prediction.not_called:  # a probability, and in words why there is no call
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=NOT_CALLED, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
 def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dataset,

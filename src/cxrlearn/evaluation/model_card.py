@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import DataError
+from cxrlearn.evaluation.operating_points import METHOD_NAMES, MIN_VALIDATION_CASES, NOT_CALLED
 from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.model.bundle import bundle_digest, read_meta
 from cxrlearn.model.input_check import PERCENTILE
@@ -136,14 +137,28 @@ def _operating_points(meta: BundleMeta, evaluation: EvaluationMetrics | None, fi
         return lines + ["No thresholds yet: `cxrlearn evaluate --subset test` chooses them on validation images.", ""]
     table = (evaluation.operating_points.test or {}) if evaluation else {}
     method = meta.threshold_method or "youden"
-    lines += [f"A finding is called positive at or above its threshold ({method}, chosen on validation images)"
-              + ("; sensitivity and specificity on the judged images:" if table else ":"), "",
+    lines += [f"A finding is called positive at or above its threshold, chosen per finding on validation images by "
+              f"{METHOD_NAMES.get(method, method)}. A finding with fewer than {MIN_VALIDATION_CASES} validation "
+              f"positives or negatives gets no threshold: its probability is given, and it is {NOT_CALLED}"
+              + ("; sensitivity and specificity (95% Wilson intervals) on the judged images:" if table else ":"), "",
               "| finding | threshold | sensitivity | specificity |", "| --- | --- | --- | --- |"]
     for f in findings:
         point = (table.get(method) or {}).get(f)
-        lines.append(f"| {f} | {_num(meta.thresholds.get(f))} | {_num(point and point.sensitivity)} | "
-                     f"{_num(point and point.specificity)} |")
+        if meta.thresholds.get(f) is None:
+            why = (meta.not_called or {}).get(f, "")
+            lines.append(f"| {f} | {NOT_CALLED}{f' ({why})' if why else ''} | — | — |")
+            continue
+        lines.append(f"| {f} | {_num(meta.thresholds.get(f))} | {_rate(point, 'sensitivity')} | "
+                     f"{_rate(point, 'specificity')} |")
     return lines + [""]
+
+
+def _rate(point, name: str) -> str:
+    """A rate and its interval, as the card prints them."""
+    if point is None or getattr(point, name) is None:
+        return "—"
+    interval = getattr(point, f"{name}_ci95", None)
+    return _num(getattr(point, name)) + (f" ({_num(interval[0])}-{_num(interval[1])})" if interval else "")
 
 
 def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list[str]:

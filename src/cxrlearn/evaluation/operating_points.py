@@ -11,6 +11,12 @@ probability is at least the threshold:
 
 Thresholds are chosen on validation, never on the images they are judged on,
 and the chosen ones are written into the model bundle for ``predict``.
+
+A threshold is an estimate, and a handful of positives does not carry one (the attack saw Hernia's chosen on one
+validation positive, and an SR call 11 of 14 findings "Present"): a finding with fewer than
+:data:`MIN_VALIDATION_CASES` validation positives, or negatives, gets no threshold. It keeps its probability
+everywhere, and is "not called: threshold not established" instead of a positive or negative call. The
+sensitivity and specificity at each threshold come with Wilson 95% intervals.
 """
 
 from __future__ import annotations
@@ -24,8 +30,13 @@ from cxrlearn.evaluation.metrics import undefined_reason
 from cxrlearn.records import Record
 
 METHODS = ("youden", "f1", "spec90")
+METHOD_NAMES = {"youden": "Youden's J", "f1": "maximum F1", "spec90": "sensitivity at 90% specificity"}
 DEFAULT_METHOD = "youden"
 TARGET_SPECIFICITY = 0.90
+#: The fewest validation positives (and negatives) a finding's threshold is chosen on.
+MIN_VALIDATION_CASES = 10
+#: What every output says of a finding without a threshold.
+NOT_CALLED = "not called: threshold not established"
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str) -> float:
@@ -62,6 +73,8 @@ class Confusion(Record):
     specificity: float | None
     ppv: float | None
     npv: float | None
+    sensitivity_ci95: list[float] | None = None  # Wilson score interval
+    specificity_ci95: list[float] | None = None
 
 
 #: ``{method: {finding: threshold or None}}``.
@@ -97,16 +110,40 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray, findings: Sequence
     undefined = {}
     for i, name in enumerate(findings):
         reason = undefined_reason(labels[:, i])
+        reason = f"{reason} in validation" if reason else too_few_cases(labels[:, i])
         for method in METHODS:
             known = ~np.isnan(np.asarray(labels[:, i], dtype=np.float64))
             out[method][name] = None if reason else choose_threshold(labels[known, i], scores[known, i], method)
         if reason:
-            undefined[name] = f"{reason} in validation"
+            undefined[name] = reason
     return Chosen(thresholds=out, undefined=undefined)
+
+
+def too_few_cases(labels: np.ndarray) -> str | None:
+    """Why these validation labels cannot carry a threshold (fewer than :data:`MIN_VALIDATION_CASES` positives
+    or negatives), or None."""
+    known = np.asarray(labels, dtype=np.float64)
+    known = known[~np.isnan(known)]
+    positives, negatives = int(known.sum()), int(len(known) - known.sum())
+    for count, kind in ((positives, "positive"), (negatives, "negative")):
+        if count < MIN_VALIDATION_CASES:
+            return (f"only {count} {kind}{'s' if count != 1 else ''} in validation (a threshold needs at least "
+                    f"{MIN_VALIDATION_CASES})")
+    return None
 
 
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
+
+
+def wilson_interval(successes: int, total: int) -> list[float] | None:
+    """The Wilson score 95% interval of a proportion (Wilson 1927), or None without cases."""
+    if not total:
+        return None
+    z, p = 1.959963984540054, successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
@@ -116,7 +153,8 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confu
     tp, fp = int((called & labels).sum()), int((called & ~labels).sum())
     fn, tn = int((~called & labels).sum()), int((~called & ~labels).sum())
     return Confusion(threshold=float(threshold), tp=tp, fp=fp, tn=tn, fn=fn, sensitivity=_ratio(tp, tp + fn),
-                     specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp), npv=_ratio(tn, tn + fn))
+                     specificity=_ratio(tn, tn + fp), ppv=_ratio(tp, tp + fp), npv=_ratio(tn, tn + fn),
+                     sensitivity_ci95=wilson_interval(tp, tp + fn), specificity_ci95=wilson_interval(tn, tn + fp))
 
 
 def operating_point_table(labels: np.ndarray, scores: np.ndarray, thresholds: Thresholds, findings: Sequence[str]

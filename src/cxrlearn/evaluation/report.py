@@ -19,14 +19,13 @@ from sklearn.metrics import roc_curve
 from cxrlearn._files import write_atomic
 from cxrlearn.evaluation.calibration import Reliability
 from cxrlearn.evaluation.metrics import FindingMetrics
-from cxrlearn.evaluation.operating_points import METHODS
+from cxrlearn.evaluation.operating_points import METHOD_NAMES, METHODS, NOT_CALLED
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.findings import FINDINGS
 
 ROC_FIGURE = "roc_curves.png"
 RELIABILITY_FIGURE = "reliability.png"
-METHOD_NAMES = {"youden": "Youden's J", "f1": "maximum F1", "spec90": "sensitivity at 90% specificity"}
 
 
 @dataclass
@@ -130,8 +129,10 @@ def _operating_point_blocks(metrics: EvaluationMetrics, findings: Sequence[str])
         blocks += [("h2", "Operating points"), ("p", op.unavailable)]
     else:
         method = op.bundle_method
+        why = op.undefined or {}
         rows = [
-            [name, _num(op.thresholds[method][name])]
+            [name, _num(op.thresholds[method][name]) if op.thresholds[method][name] is not None
+             else f"{NOT_CALLED}" + (f" ({why[name]})" if name in why else "")]
             + ([_pct(p.sensitivity), _pct(p.specificity), _pct(p.ppv), _pct(p.npv)] if p else ["—"] * 4)
             for name, p in op.test[method].items()
         ]

@@ -76,6 +76,9 @@ class Prediction:
     probabilities: dict[str, float]
     positive: list[str] | None  # None when the bundle has no thresholds
     verdict: Verdict | None = None  # the input check's (cxrlearn.model.input_check); None: the bundle has none
+    #: Findings without a threshold in a bundle that has thresholds (too few validation cases to establish one):
+    #: a probability, and neither a positive nor a negative call.
+    not_called: tuple[str, ...] = ()
 
     @property
     def input_check(self) -> str:
@@ -92,12 +95,15 @@ class Prediction:
         return self.verdict is not None and not self.verdict.ok
 
     def row(self, findings: Sequence[str], provenance: Provenance | None = None) -> dict:
-        """Flat: ``image``, one column per finding, ``positive_findings`` and one 0/1 column per finding, then
-        ``input_check`` and ``input_score``, then ``model_sha256`` and ``cxrlearn_version`` when given."""
+        """Flat: ``image``, one column per finding, ``positive_findings``, ``not_called`` and one 0/1 column per
+        finding (empty where not called), then ``input_check`` and ``input_score``, then the provenance
+        (:meth:`Provenance.columns`) when given."""
         out: dict = {IMAGE: self.image, **{name: self.probabilities[name] for name in findings}}
         if self.positive is not None:
             out["positive_findings"] = "|".join(self.positive)
-            out.update({f"{name}_positive": int(name in self.positive) for name in findings})
+            out["not_called"] = "|".join(self.not_called)
+            out.update({f"{name}_positive": "" if name in self.not_called else int(name in self.positive)
+                        for name in findings})
         out.update(input_check=self.input_check, input_score=self.input_score)
         if provenance is not None:
             out.update(provenance.columns())
@@ -299,12 +305,14 @@ class Predictor:
             raise ConfigError(f"{self.model_dir}: the model gave non-finite outputs for {names[int(np.argmax(broken))]} "
                               "(its weights or preprocessing numbers are damaged): no answer is given")
         calls = positive_calls(probs, self.findings, self.thresholds) if self.thresholds else None
+        not_called = tuple(f for f in self.findings if self.thresholds.get(f) is None) if self.thresholds else ()
         return [
             Prediction(
                 image=name,
                 probabilities={f: float(p) for f, p in zip(self.findings, row)},
                 positive=None if calls is None else [f for f, c in zip(self.findings, calls[i]) if c],
                 verdict=verdict,
+                not_called=not_called,
             )
             for i, (name, row, verdict) in enumerate(zip(names, probs, verdicts))
         ]

@@ -171,6 +171,8 @@ class BundleMeta:
     #: Per finding: the probability at or above which it is called positive (chosen by evaluation).
     thresholds: dict[str, Probability] = Field(default_factory=dict)
     threshold_method: str | None = None
+    #: Findings without a threshold, and why (too few validation positives or negatives): not called.
+    not_called: dict[str, str] | None = None
     #: Every method's thresholds and what they gave on validation (chosen by evaluation).
     operating_points: dict[str, Any] | None = None
     #: Per finding: temperature scaling of the logits (``evaluate --calibrate``); None: plain sigmoid.

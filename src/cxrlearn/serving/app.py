@@ -302,6 +302,7 @@ def _answer(predictor: Predictor, result: Prediction, request_id: str) -> dict:
         "image": result.image,
         "probabilities": result.probabilities,
         "positive_findings": result.positive,
+        "not_called": list(result.not_called),  # no threshold established: a probability and no call
         "thresholds": predictor.thresholds or None,
         "threshold_method": predictor.meta.threshold_method,
         "input_check": result.input_check,

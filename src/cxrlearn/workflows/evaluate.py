@@ -43,7 +43,7 @@ from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, perce
 from cxrlearn.evaluation.expert import ExpertComparison, expert_metrics
 from cxrlearn.evaluation.metrics import FindingMetrics, auc_per_finding, finding_metrics
 from cxrlearn.evaluation.model_card import write_model_card
-from cxrlearn.evaluation.operating_points import (DEFAULT_METHOD, METHODS, Chosen, OperatingPoints, choose_thresholds,
+from cxrlearn.evaluation.operating_points import (DEFAULT_METHOD, METHODS, NOT_CALLED, Chosen, OperatingPoints, choose_thresholds,
                                                   operating_point_table)
 from cxrlearn.evaluation.report import write_report
 from cxrlearn.evaluation.results import (BundleRecord, EvaluationMetrics, FileRecord, InputCheckSummary, Provenance,
@@ -427,6 +427,7 @@ def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: Chosen, method: st
         return
     meta.thresholds = chosen.thresholds[method]
     meta.threshold_method = method
+    meta.not_called = dict(chosen.undefined) or None
     meta.operating_points = chosen.thresholds
     meta.temperature = temperature  # None: probabilities are the plain sigmoid
     meta.tta = tta  # thresholds were chosen on (un)averaged predictions: predict must match
@@ -442,6 +443,9 @@ def _operating_points(model_dir: Path, meta: BundleMeta, val: _Judged | None, va
     the val images when there are some, else the bundle's applied to the judged images."""
     if val is not None:
         chosen = choose_thresholds(val.labels, val_p, findings)
+        if chosen.undefined:
+            log.info(f"{NOT_CALLED} for {len(chosen.undefined)} finding(s): " + "; ".join(
+                f"{name}: {why}" for name, why in chosen.undefined.items()))
         return OperatingPoints(
             chosen_on=f"{len(val.rows):,} validation images", bundle_method=options.threshold_method,
             thresholds=chosen.thresholds, undefined=chosen.undefined,
