@@ -110,6 +110,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             os.fsync(out.fileno())
         os.replace(temporary, path)
         fsync_folder(path.parent)
+    except OSError as err:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        if err.filename is None:  # a write to the open file (a full disk, a quota): name the file it was for
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

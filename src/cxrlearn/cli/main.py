@@ -40,7 +40,7 @@ from cxrlearn.data.cohort.split import (
     split_and_save,
 )
 from cxrlearn.data.cohort.stats import TableStats, format_stats, table_stats
-from cxrlearn.data.columns import DATASET, IMAGE, PATH, PATIENT_ID, SPLIT, UNCERTAIN_POLICIES, finding_columns
+from cxrlearn.data.columns import DATASET, PATH, PATIENT_ID, SPLIT, UNCERTAIN_POLICIES, finding_columns
 from cxrlearn.data.decoding.images import attach_images, check_images, find_images
 from cxrlearn.data.pipeline.cache import prepare_cache, table_fingerprint
 from cxrlearn.data.preprocessing import Preprocessing
@@ -49,8 +49,8 @@ from cxrlearn.data.sources.boxes import read_boxes
 from cxrlearn.data.sources.datasets import READERS, labels_path, merge_tables, read_labels
 from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
-from cxrlearn.defaults import IMAGE_SIZE, launch_rank
-from cxrlearn.errors import CxrlearnError, DataError, Interrupted
+from cxrlearn.defaults import IMAGE_SIZE, launch_rank, launcher_environment_problems
+from cxrlearn.errors import ConfigError, CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
 from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_PER_CLIENT, MAX_UPLOAD_BYTES,
@@ -497,7 +497,7 @@ def _cmd_dicom_status(args: argparse.Namespace) -> int:
 
     if not args.outbox.is_dir():
         raise DataError(f"--outbox {args.outbox}: no such folder")
-    counts = Outbox(args.outbox).counts()
+    counts = Outbox(args.outbox, create=False).counts()
     print(f"waiting to be predicted on: {counts.received}\nwaiting to be sent: {counts.outgoing}\n"
           f"sent (confirmed): {counts.sent}\nrefused: {counts.refused}")
     if counts.last_failure:
@@ -1059,6 +1059,15 @@ def _continue_command(argv: list[str], resume: str) -> str:
     return shlex.join(words)
 
 
+def _check_launcher_environment() -> None:
+    """Launchers' whole numbers (RANK, SLURM_RESTART_COUNT, ...) checked before Lightning is imported: it reads
+    RANK as it loads, and stops with a traceback on one that is not a number."""
+    if problems := launcher_environment_problems():
+        raise ConfigError(f"the environment's {', '.join(problems)}: not a whole number, as torchrun and SLURM set "
+                          f"{'it' if len(problems) == 1 else 'them'}; correct or unset "
+                          f"{'it' if len(problems) == 1 else 'them'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1066,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     if "csv" in args and args.csv is None and args.command not in ("train", "evaluate"):
         args.csv = tables.label_table()
     try:
+        _check_launcher_environment()
         with _signals_interrupt():
             return args.run(args)
     except CxrlearnError as err:
@@ -1075,8 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in _UNWRITABLE:
             raise
         where = err.filename or "an output file"
-        print(f"cxrlearn {args.command}: error: cannot write {where}: {err.strerror} (choose another output path, "
-              "or one you may write)", file=sys.stderr)
+        advice = ("free some space, or choose an output path on another disk" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else "choose another output path, or one you may write")
+        print(f"cxrlearn {args.command}: error: cannot write {where}: {err.strerror} ({advice})", file=sys.stderr)
         return EXIT_REFUSED
     except (KeyboardInterrupt, Interrupted) as err:
         kept = getattr(err, "kept", "")

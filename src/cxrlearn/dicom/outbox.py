@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrlearn._files import write_atomic
+from cxrlearn.errors import DataError
 
 log = logging.getLogger("cxrlearn.dicom")
 
@@ -67,9 +68,15 @@ class Counts:
 
 
 class Outbox:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        """``create``: make the outbox's folders where they are missing (the node and the poller); without it
+        (``dicom status``), a folder that is not an outbox is refused and left as it is."""
         self.root = Path(root)
-        for name in (RECEIVED, OUTGOING, REFUSED):
+        missing = [name for name in (RECEIVED, OUTGOING, REFUSED) if not (self.root / name).is_dir()]
+        if missing and not create:
+            raise DataError(f"{self.root}: not an outbox (no {', '.join(f'{m}/' for m in missing)} in it): a "
+                            f"`cxrlearn dicom listen` or `dicom poll` outbox has all three")
+        for name in missing:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._log_lock = threading.Lock()
 

@@ -28,6 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from cxrlearn.data.decoding.images import decode_grayscale
+from cxrlearn.defaults import whole_number
 from cxrlearn.errors import DataError
 
 #: Who made cxrlearn's own results (their Manufacturer), and the series numbers they are written in.
@@ -160,8 +161,8 @@ def reference(ds: Dataset, name: str, secondary_captures: bool = True) -> Datase
         ref.PatientOrientation = orientation
     for keyword in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):  # says it is an image
         value = _text(ds, keyword)
-        if value and value.isdigit():
-            setattr(ref, keyword, int(value))
+        if whole_number(value) is not None:
+            setattr(ref, keyword, whole_number(value))
     laterality = _text(ds, "Laterality") or ""
     ref.Laterality = laterality if laterality in ("R", "L") else ""
     texts = [str(ref.PatientID), str(ref.PatientName), str(ref.ReferringPhysicianName), ref.AccessionNumber,

@@ -49,7 +49,7 @@ from PIL import Image
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cxrlearn.data.decoding.images import decode_grayscale_and_colour
-from cxrlearn.defaults import usable_cores
+from cxrlearn.defaults import usable_cores, whole_number
 from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
@@ -199,7 +199,7 @@ class BoundedBodies:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"").decode("latin-1")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if (whole_number(length) or 0) > self.max_bytes:
             return await _send_json(send, 413, f"upload of {int(length):,} bytes is over the limit of "
                                                f"{self.max_bytes:,} bytes")
         chunks, size = [], 0

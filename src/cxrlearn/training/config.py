@@ -23,7 +23,7 @@ from cxrlearn.configs import preset, presets
 from cxrlearn.data.columns import UNCERTAIN_POLICIES
 from cxrlearn.data.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from cxrlearn.data.sources.datasets import READERS as DATASETS
-from cxrlearn.defaults import IMAGE_SIZE, RATIOS, SEED, usable_cores
+from cxrlearn.defaults import IMAGE_SIZE, RATIOS, SEED, usable_cores, whole_number
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.classifier import HeadConfig
 from cxrlearn.settings import Choice, Flag, Real, Settings, Text, Whole, accepts, check, fields_of
@@ -182,7 +182,7 @@ class LossConfig(Settings):
 
 def _devices(value):
     """``--devices 2`` arrives as text."""
-    return int(value) if isinstance(value, str) and value.isdigit() else value
+    return whole_number(value) if isinstance(value, str) and whole_number(value) is not None else value
 
 
 class TrainOptions(Settings):

@@ -104,6 +104,18 @@ def _check_labels(frames: dict[tuple[str, str], pd.DataFrame], images: list[str]
     return labels
 
 
+def _refuse_out_in_a_model(out: Path, folders: list[Path]) -> None:
+    """``--out`` neither a model's folder nor inside one, nor another model bundle: the comparison writes
+    models/, predictions and a report there, which would mix with (or overwrite) a model's own files."""
+    resolved = out.resolve()
+    for folder in folders:
+        model = folder.resolve()
+        if resolved == model or model in resolved.parents:
+            raise ConfigError(f"--out {out}: inside the compared model {folder}; write the comparison elsewhere")
+    if (out / META).is_file():
+        raise ConfigError(f"--out {out}: a model bundle's folder (it has {META}); write the comparison elsewhere")
+
+
 def compare(models: list[str | os.PathLike], csv: str | os.PathLike | None, images: str | os.PathLike,
             out: str | os.PathLike, options: EvaluationOptions | None = None) -> Comparison:
     """Compare the models (bundles or seeds folders) on the images of ``images`` they can all be judged on;
@@ -114,6 +126,7 @@ def compare(models: list[str | os.PathLike], csv: str | os.PathLike | None, imag
     if len(folders) < 2:
         raise ConfigError("compare needs at least two models")
     out = Path(out)
+    _refuse_out_in_a_model(out, folders)
     names = model_names(folders)
     members = {name: members_of(folder) for name, folder in zip(names, folders)}
     frames: dict[tuple[str, str], pd.DataFrame] = {}

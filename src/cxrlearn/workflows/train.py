@@ -23,6 +23,9 @@ import logging
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import lightning as L
@@ -48,7 +51,7 @@ from cxrlearn.data.pipeline.cache import cache_location, prepare_cache, table_fi
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.data.sources.datasets import labels_path, read_labels
-from cxrlearn.defaults import launch_rank, launched_with_others
+from cxrlearn.defaults import launch_rank, launched_with_others, whole_number
 from cxrlearn.errors import ConfigError, Interrupted
 from cxrlearn.evaluation.metrics import auc_per_finding
 from cxrlearn.evaluation.model_card import write_model_card
@@ -314,10 +317,57 @@ BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors"
                     CONFIG_FILE, SPLIT_FILE, "split.report.json")
 
 
+#: Tracking URIs MLflow stores runs at: a folder, a tracking server, Databricks, a database.
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+#: How long ``--mlflow``'s server has to answer before any work starts (MLflow itself retries for minutes).
+TRACKING_TIMEOUT_S = 5
+
+
 def check_tracking(uri: str | None) -> None:
-    """``--mlflow`` needs MLflow, an optional extra: a one-line error naming it, before any work."""
-    if uri and importlib.util.find_spec("mlflow") is None:
+    """``--mlflow URI``, checked before any work, each problem one line: a scheme MLflow stores runs at, a folder
+    that can be one, a server that answers (within :data:`TRACKING_TIMEOUT_S`), Databricks configured, and MLflow
+    (an optional extra) installed."""
+    if not uri:
+        return
+    scheme = urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+    if ":" in uri and not scheme and uri.split(":", 1)[0].lower() not in ("", "databricks"):
+        scheme = uri.split(":", 1)[0].lower()
+    if uri.lower() == "databricks" or uri.lower().startswith("databricks:"):
+        scheme = "databricks"
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"--mlflow {uri[:100]}: not a tracking URI MLflow can store runs at (a folder, file:PATH, "
+                          f"http(s)://SERVER, databricks, or a database URL)")
+    if scheme in ("", "file"):
+        folder = Path(urllib.parse.urlsplit(uri).path if scheme == "file" else uri).expanduser().absolute()
+        if folder.parts[:2] in (("/", "proc"), ("/", "sys"), ("/", "dev")):
+            raise ConfigError(f"--mlflow {uri}: {folder} is a system folder, not one to store runs in")
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--mlflow {uri}: {folder} is a file; MLflow stores runs in a folder")
+    elif scheme in ("http", "https"):
+        _reach_tracking_server(uri)
+    elif scheme == "databricks" and not (os.environ.get("DATABRICKS_HOST")
+                                         or Path("~/.databrickscfg").expanduser().is_file()):
+        raise ConfigError(f"--mlflow {uri}: Databricks is not configured (no DATABRICKS_HOST and no "
+                          f"~/.databrickscfg): run `databricks configure`, or set DATABRICKS_HOST and DATABRICKS_TOKEN")
+    if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(f"--mlflow {uri}: MLflow is not installed; install the extra: pip install 'cxrlearn[mlflow]'")
+
+
+def _reach_tracking_server(uri: str) -> None:
+    """A tracking server that answers its health check (or at least answers, below HTTP 500) in time."""
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=TRACKING_TIMEOUT_S) as answer:
+            answer.read(64)
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise ConfigError(f"--mlflow {uri}: the tracking server answered HTTP {err.code} ({err.reason}); "
+                              f"check the server, or log to a folder (--mlflow file:./mlruns)") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"--mlflow {uri}: no tracking server answers there within {TRACKING_TIMEOUT_S} s "
+                          f"({reason}); start it (mlflow server ...), or log to a folder (--mlflow file:./mlruns)"
+                          ) from None
 
 
 def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
@@ -406,8 +456,8 @@ def _continued_checkpoint(last: Path) -> dict:
 
 def _trainer(config: RunConfig, run_dir: Path, callbacks, progress: bool, resume: bool = False, tracker=None):
     t = config.train
-    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
-    processes = (int(devices) if str(devices).isdigit() else 1) * int(t.num_nodes)
+    devices = whole_number(str(t.devices)) if whole_number(str(t.devices)) is not None else t.devices
+    processes = (devices if isinstance(devices, int) else 1) * int(t.num_nodes)
     strategy = t.strategy
     if strategy == "auto" and processes > 1:
         strategy = "ddp"
@@ -486,8 +536,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
 
 def _requeued() -> bool:
     """Whether SLURM requeued this job (``SLURM_RESTART_COUNT`` of 1 or more)."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return restarts.isdigit() and int(restarts) > 0
+    return (whole_number(os.environ.get("SLURM_RESTART_COUNT")) or 0) > 0
 
 
 class SeedRun(Record):

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import mmap
 import os
 import signal
@@ -46,11 +47,14 @@ from cxrlearn._files import read_json_object, write_atomic
 from cxrlearn.data.columns import IMAGE, PATH, PATIENT_ID, finding_columns
 from cxrlearn.data.decoding.images import load_grayscale
 from cxrlearn.data.preprocessing import CACHE_RESAMPLING, Preprocessing
+from cxrlearn.defaults import whole_number
 from cxrlearn.errors import DataError
 from cxrlearn.records import Record
 from cxrlearn.settings import Whole
 
 CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
+
 META, PIXELS, INDEX, FAILED, LOCK = "meta.json", "pixels.u8", "index.tsv", "failed.tsv", ".lock"
 
 
@@ -255,7 +259,7 @@ def _read_index(path: Path) -> dict[str, int]:
     rows: dict[str, int] = {}
     for number, line in enumerate(complete, start=1):
         name, _, row = line.partition("\t")
-        if not row.isdigit() or int(row) != len(rows):
+        if whole_number(row) != len(rows):
             raise DataError(f"{path}: line {number} is damaged ({line!r}); delete the cache folder and prepare again")
         rows[name] = int(row)
     return rows
@@ -283,8 +287,14 @@ def _open_or_create(out: Path, preprocessing: Preprocessing, fingerprint: str, i
             handle.truncate(cut)
     pixels_path = out / PIXELS
     row_bytes = size * size
+    held = pixels_path.stat().st_size // row_bytes if pixels_path.exists() else 0
+    if held < len(rows):  # the file was cut short (a copy or a disk that failed): those images are decoded again
+        log.warning(f"{pixels_path} holds {held:,} whole images but {index_path} lists {len(rows):,}: the last "
+                    f"{len(rows) - held:,} are decoded again")
+        rows = {name: row for name, row in rows.items() if row < held}
+        write_atomic(index_path, "".join(f"{name}\t{row}\n" for name, row in rows.items()))
     if pixels_path.exists() and pixels_path.stat().st_size > len(rows) * row_bytes:
-        with open(pixels_path, "r+b") as handle:  # rows written but never indexed
+        with open(pixels_path, "r+b") as handle:  # rows written but never indexed (or a torn last row)
             handle.truncate(len(rows) * row_bytes)
     return rows
 

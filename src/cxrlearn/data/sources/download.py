@@ -48,7 +48,9 @@ RETRIES, STALL_TIMEOUT_S = 5, 60.0
 
 #: What an archive's name may be: a plain file name (no folder, no leading dot, no ``..``), so that neither the
 #: download nor the folder it is extracted into can be anywhere but inside ``--to``.
-ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(tar\.gz|tgz|tar)")
+#: At most 200 characters, so that the partial download's and the staging folder's names (a few more) stay under
+#: the 255 bytes a file name may have.
+ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,192}\.(tar\.gz|tgz|tar)")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ def read_archives(path: str | os.PathLike | None = None) -> list[Archive]:
             raise DataError(f"{source}: line {number} is not archive<TAB>url<TAB>md5 (32 hex digits)")
         name = cells[0].strip()
         if not ARCHIVE_NAME.fullmatch(name):
-            raise DataError(f"{source}: line {number}: archive {name!r} is not a plain file name like "
+            raise DataError(f"{source}: line {number}: archive {name[:80]!r}{'...' if len(name) > 80 else ''} is not "
+                            f"a plain file name of at most 200 characters like "
                             "images_001.tar.gz (letters, digits, '_' or '-', then .tar.gz, .tgz or .tar): it is "
                             "downloaded into, and extracted beside, the --to folder only")
         archives.append(Archive(name, cells[1].strip(), cells[2].strip().lower()))

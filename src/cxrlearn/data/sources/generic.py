@@ -117,6 +117,25 @@ def canonical_age(path, raw: pd.Series, column: str, first_line: int = 2) -> np.
     return values
 
 
+def same_patient_ids(ids: pd.Series, path) -> pd.Series:
+    """Patient IDs of digits that differ only by leading zeros ("12" and "00012": a spreadsheet drops them, an
+    export pads them) are one patient: they are written the same way (without the zeros), so that the patient-wise
+    split keeps their images together, and a warning names the pairs. Other IDs are kept as they are written."""
+    digits = ids.str.fullmatch(r"[0-9]+").fillna(False).astype(bool)
+    stripped = ids[digits].str.lstrip("0").replace("", "0")
+    variants = ids[digits].groupby(stripped).unique()
+    merged = variants[variants.map(len) > 1]
+    normal = ids.copy()
+    if len(merged):
+        clash = stripped.isin(merged.index)
+        normal[clash[clash].index] = stripped[clash]
+        shown = "; ".join(" = ".join(sorted(v)) for v in merged.iloc[:5])
+        log.warning(f"{path}: {len(merged):,} patient ID(s) written with and without leading zeros are taken as one "
+                    f"patient each ({shown}{'; ...' if len(merged) > 5 else ''}), so that no patient straddles the "
+                    f"split")
+    return normal
+
+
 def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), findings: list[str] | None = None,
                uncertain: str = "ignore") -> pd.DataFrame:
     """A labelled table in the generic format, as cxrlearn's frame (image, patient_id, [view, sex, age], findings)."""
@@ -151,6 +170,7 @@ def read_table(path: str | os.PathLike, columns: TableColumns = TableColumns(), 
         empty = out[target].eq("")
         if empty.any():
             raise DataError(f"{path}: column {given[role]!r} line {int(np.flatnonzero(empty)[0]) + 2} is empty")
+    out[PATIENT_ID] = same_patient_ids(out[PATIENT_ID], path)
     escaping = out[IMAGE].map(outside).to_numpy()
     if escaping.any():
         row = int(np.flatnonzero(escaping)[0])
