@@ -243,3 +243,32 @@ def test_an_ensemble_refuses_members_of_other_splits(trained_run, probe_run, tmp
         from cxrlearn.workflows.ensemble import make_ensemble
         make_ensemble([run, other], tmp_path / "ens", progress=False)
     assert not (tmp_path / "ens" / "model.json").exists()
+
+
+def test_no_claim_on_a_handful_of_positives(tmp_path):
+    """compare's headline said "probe better after Holm's correction: Hernia", a finding with 3 test positives, and
+    the forest plot painted it red. A finding with fewer than 10 positives (or negatives) is now marked † in every
+    output and left out of the claims and the colouring, however small its p-value; one with enough is claimed."""
+    from cxrlearn.evaluation.comparison import Scored, build_blocks, compare_scores
+    from cxrlearn.evaluation.report import render_markdown
+
+    rng = np.random.default_rng(3)
+    n = 400
+    labels = np.zeros((n, 2))
+    labels[:60, 0] = 1  # enough positives
+    labels[:4, 1] = 1  # a handful
+    noise = rng.normal(0, 1, (n, 2))
+    a = 1 / (1 + np.exp(-(noise + 0.3 * labels)))  # A barely separates either finding
+    b = 1 / (1 + np.exp(-(noise + 4.0 * labels)))  # B separates both almost perfectly
+    patients = np.array([f"p{i}" for i in range(n)])
+    comparison = compare_scores(labels, patients, ["Effusion", "Hernia"], [
+        Scored("base", "a", ["a"], [a]), Scored("probe", "b", ["b"], [b])], resamples=200, seed=0, judged="test")
+    pair = comparison.pairs[0]
+    hernia = next(r for r in pair.findings if r.finding == "Hernia")
+    assert hernia.few_cases and hernia.positives == 4 and hernia.holm_p < 0.05  # "significant", and yet no claim
+    assert pair.better_after_holm == ["Effusion"] and pair.few_cases == ["Hernia"]
+    text = render_markdown(build_blocks(comparison))
+    assert "| Hernia † |" in text and "Hernia" not in text.split("**Per finding, after Holm's correction**")[1] \
+        .split(".")[0]
+    plot_forest(tmp_path / "forest.png", comparison)
+    assert (tmp_path / "forest.png").stat().st_size > 0

@@ -318,6 +318,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from cxrlearn.evaluation.metrics import FEW_CASES
     from cxrlearn.workflows.compare import compare
 
     _want_folder(args.out, "--out")
@@ -336,6 +337,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for side, names in ((pair.b, pair.better_after_holm), (pair.a, pair.worse_after_holm)):
             if names:
                 print(f"  {side} better after Holm's correction: {', '.join(names)}")
+        if pair.few_cases:
+            print(f"  no claim on {', '.join(pair.few_cases)} † (fewer than {FEW_CASES} positives or negatives)")
     print(f"wrote {args.out}/compare.html, compare.md, compare.json, forest.png")
     return 0
 

@@ -27,8 +27,9 @@ import numpy as np
 from cxrlearn._files import write_atomic
 from cxrlearn.evaluation.bootstrap import BootstrapResult
 from cxrlearn.evaluation.metrics import FindingMetrics, auc_per_finding, finding_metrics
+from cxrlearn.evaluation.metrics import FEW_CASES
 from cxrlearn.evaluation.paired import delong, holm, paired_difference
-from cxrlearn.evaluation.report import FEW_POSITIVES, Table, _ci, _num, _signed_ci, render_html, render_markdown
+from cxrlearn.evaluation.report import Table, _ci, _num, _signed_ci, render_html, render_markdown
 from cxrlearn.records import Record
 
 COMPARISON_FILE = "compare.json"
@@ -65,6 +66,9 @@ class FindingDifference(Record):
 
     finding: str
     positives: int
+    negatives: int | None = None
+    #: Fewer than FEW_CASES positives or negatives: marked †, never a claim in the headline, never coloured.
+    few_cases: bool = False
     auc_a: float | None
     auc_b: float | None
     difference: float | None
@@ -86,8 +90,9 @@ class PairComparison(Record):
     mean_auc_difference_ci95: list[float] | None
     verdict: str
     findings: list[FindingDifference]
-    better_after_holm: list[str]  # findings where B's AUC is higher, Holm-adjusted p < 0.05
+    better_after_holm: list[str]  # findings where B's AUC is higher, Holm-adjusted p < 0.05 (and enough cases)
     worse_after_holm: list[str]
+    few_cases: list[str] = []  # findings left out of the claims: fewer than FEW_CASES positives or negatives
 
 
 class Comparison(Record):
@@ -155,12 +160,15 @@ def _pair(labels: np.ndarray, findings: Sequence[str], mean_over: Sequence[str],
     rows = []
     for i, name in enumerate(findings):
         test = tests[i]
+        known = labels[:, i][~np.isnan(np.asarray(labels[:, i], dtype=np.float64))]
+        positives, negatives = int(known.sum()), int(len(known) - known.sum())
         rows.append(FindingDifference(
-            finding=name, positives=metrics_a.positives[name], auc_a=metrics_a.auc[name], auc_b=metrics_b.auc[name],
+            finding=name, positives=positives, negatives=negatives,
+            few_cases=positives < FEW_CASES or negatives < FEW_CASES, auc_a=metrics_a.auc[name], auc_b=metrics_b.auc[name],
             difference=test.difference if test else None, bootstrap_ci95=paired.interval(i) if test else None,
             delong_se=test.standard_error if test else None, delong_ci95=test.ci95 if test else None,
             delong_p=test.p_value if test else None, holm_p=adjusted[i]))
-    significant = [r for r in rows if r.holm_p is not None and r.holm_p < ALPHA]
+    significant = [r for r in rows if r.holm_p is not None and r.holm_p < ALPHA and not r.few_cases]
     interval = paired.interval()
     difference = (metrics_b.mean_auc - metrics_a.mean_auc
                   if metrics_a.mean_auc is not None and metrics_b.mean_auc is not None else None)
@@ -168,7 +176,8 @@ def _pair(labels: np.ndarray, findings: Sequence[str], mean_over: Sequence[str],
         a=a.name, b=b.name, mean_auc_a=metrics_a.mean_auc, mean_auc_b=metrics_b.mean_auc,
         mean_auc_difference=difference, mean_auc_difference_ci95=interval, verdict=_verdict(a.name, b.name, interval),
         findings=rows, better_after_holm=[r.finding for r in significant if r.difference > 0],
-        worse_after_holm=[r.finding for r in significant if r.difference < 0])
+        worse_after_holm=[r.finding for r in significant if r.difference < 0],
+        few_cases=[r.finding for r in rows if r.few_cases])
 
 
 def compare_scores(labels: np.ndarray, patients: np.ndarray, findings: Sequence[str], models: Sequence[Scored],
@@ -213,10 +222,11 @@ def _model_blocks(comparison: Comparison) -> list[tuple[str, object]]:
 
 
 def _pair_blocks(pair: PairComparison) -> list[tuple[str, object]]:
-    rows = [[r.finding, str(r.positives) + (" †" if r.positives < FEW_POSITIVES else ""), _num(r.auc_a),
+    rows = [[r.finding + (" †" if r.few_cases else ""), str(r.positives), _num(r.auc_a),
              _num(r.auc_b), "—" if r.difference is None else f"{r.difference:+.3f}", _signed_ci(r.bootstrap_ci95),
              _p(r.delong_p),
-             _p(r.holm_p) + (" *" if r.holm_p is not None and r.holm_p < ALPHA else "")] for r in pair.findings]
+             _p(r.holm_p) + (" *" if r.holm_p is not None and r.holm_p < ALPHA and not r.few_cases else "")]
+            for r in pair.findings]
     rows.append(["**mean AUC**", "", _num(pair.mean_auc_a), _num(pair.mean_auc_b),
                  "—" if pair.mean_auc_difference is None else f"{pair.mean_auc_difference:+.4f}",
                  _signed_ci(pair.mean_auc_difference_ci95), "", ""])
@@ -253,8 +263,9 @@ def build_blocks(comparison: Comparison) -> list[tuple[str, object]]:
     for pair in comparison.pairs:
         blocks += _pair_blocks(pair)
     blocks.append(("p", "* Holm-adjusted p < 0.05. " + comparison.multiple_comparisons
-                   + f" † Fewer than {FEW_POSITIVES} positives: DeLong's normal approximation and the percentile "
-                   "interval are both unreliable; read such a finding's difference as unknown."))
+                   + f" † Fewer than {FEW_CASES} positives (or negatives): DeLong's normal approximation and the "
+                   "percentile interval are both unreliable; such a finding is left out of the claims and the "
+                   "colouring, and its difference read as unknown."))
     if provenance:
         blocks.append(("p", " · ".join(f"{key}: `{value}`" for key, value in provenance.items() if value)))
     return blocks
@@ -273,17 +284,19 @@ def plot_forest(path: Path, comparison: Comparison) -> None:
     # At most FOREST_COLUMNS panels a row: ten pairs (five models) side by side would be unreadably wide.
     columns = min(len(pairs), FOREST_COLUMNS)
     lines = -(-len(pairs) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, (0.32 * rows + 1.2) * lines + 0.4),
-                                squeeze=False, sharey=True, layout="constrained")
+    figure, axes = plt.subplots(lines, columns, figsize=(5.2 * columns, (0.32 * rows + 1.4) * lines + 0.4),
+                                squeeze=False, sharey=True, sharex=True, layout="constrained")
     for ax in axes.flat[len(pairs):]:
         ax.set_visible(False)
     for ax, pair in zip(axes.flat, pairs):
-        entries = [(r.finding, r.difference, r.bootstrap_ci95, r.holm_p) for r in pair.findings]
-        entries.append(("mean AUC", pair.mean_auc_difference, pair.mean_auc_difference_ci95, None))
-        for y, (name, difference, interval, p) in enumerate(reversed(entries)):
+        entries = [(r.finding + (" †" if r.few_cases else ""), r.difference, r.bootstrap_ci95,
+                    None if r.few_cases else r.holm_p, r.few_cases) for r in pair.findings]
+        entries.append(("mean AUC", pair.mean_auc_difference, pair.mean_auc_difference_ci95, None, False))
+        for y, (name, difference, interval, p, few) in enumerate(reversed(entries)):
             if difference is None:
                 continue
-            colour = "#111" if name == "mean AUC" else "#c0392b" if p is not None and p < ALPHA else "#1f5fa8"
+            colour = ("#111" if name == "mean AUC" else "#aaa" if few
+                      else "#c0392b" if p is not None and p < ALPHA else "#1f5fa8")
             if interval:
                 ax.plot(interval, [y, y], color=colour, lw=1.6 if name == "mean AUC" else 1.0)
             ax.plot([difference], [y], "D" if name == "mean AUC" else "o", color=colour, ms=5)
@@ -291,10 +304,11 @@ def plot_forest(path: Path, comparison: Comparison) -> None:
         ax.set_yticks(range(rows))
         ax.set_yticklabels([e[0] for e in reversed(entries)], fontsize=8)
         ax.set_title(f"{pair.b} − {pair.a}", fontsize=10)
-        ax.set_xlabel("difference in AUC (95% paired patient bootstrap)", fontsize=8)
+        ax.set_xlabel(f"← {pair.a} better   AUC difference (95% paired patient bootstrap)   {pair.b} better →",
+                      fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     figure.suptitle(f"{comparison.n_images:,} images of {comparison.n_patients:,} patients; red: Holm-adjusted "
-                    "DeLong p < 0.05", fontsize=9)
+                    f"DeLong p < 0.05; † grey: fewer than {FEW_CASES} positives or negatives, no claim", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -20,6 +20,11 @@ from cxrlearn.evaluation.bootstrap import (
     percentile_interval,
 )
 
+#: The fewest positives (and negatives) a per-finding figure rests on without a † beside it, and that a threshold
+#: is chosen on (:mod:`cxrlearn.evaluation.operating_points`): below it a percentile bootstrap interval has few
+#: distinct resamples, DeLong's normal approximation fails, and a threshold is noise.
+FEW_CASES = 10
+
 
 def undefined_reason(labels: np.ndarray) -> str | None:
     """Why a finding has no AUC on these labels (no known labels, no positives or no negatives), or None."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cxrlearn._files import write_atomic
 from cxrlearn.errors import DataError
+from cxrlearn.evaluation.metrics import FEW_CASES
 from cxrlearn.evaluation.operating_points import METHOD_NAMES, MIN_VALIDATION_CASES, NOT_CALLED
 from cxrlearn.evaluation.results import EvaluationMetrics
 from cxrlearn.model.bundle import bundle_digest, read_meta
@@ -125,8 +126,10 @@ def _performance(meta: BundleMeta, evaluation: EvaluationMetrics | None, finding
     if evaluation.subgroups:
         lines += ["Subgroups (mean AUC):", "", "| attribute | group | images | mean AUC | 95% CI |",
                   "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {g.attribute} | {g.group} | {g.n_images:,} | {_num(g.mean_auc)} | {_ci(g.mean_auc_ci95)} |"
-                  for g in evaluation.subgroups]
+        lines += [f"| {g.attribute} | {g.group}{' †' if g.few_cases else ''} | {g.n_images:,} | {_num(g.mean_auc)} | "
+                  f"{_ci(g.mean_auc_ci95)} |" for g in evaluation.subgroups]
+        if any(g.few_cases for g in evaluation.subgroups):
+            lines += ["", f"† No finding with {FEW_CASES} positives in the group: too few images to read its mean AUC."]
         lines.append("")
     return lines
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from cxrlearn.evaluation.metrics import undefined_reason
+from cxrlearn.evaluation.metrics import FEW_CASES, undefined_reason
 from cxrlearn.records import Record
 
 METHODS = ("youden", "f1", "spec90")
@@ -34,7 +34,7 @@ METHOD_NAMES = {"youden": "Youden's J", "f1": "maximum F1", "spec90": "sensitivi
 DEFAULT_METHOD = "youden"
 TARGET_SPECIFICITY = 0.90
 #: The fewest validation positives (and negatives) a finding's threshold is chosen on.
-MIN_VALIDATION_CASES = 10
+MIN_VALIDATION_CASES = FEW_CASES
 #: What every output says of a finding without a threshold.
 NOT_CALLED = "not called: threshold not established"
 

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_curve
 
 from cxrlearn._files import write_atomic
 from cxrlearn.evaluation.calibration import Reliability
-from cxrlearn.evaluation.metrics import FindingMetrics
+from cxrlearn.evaluation.metrics import FEW_CASES, FindingMetrics
 from cxrlearn.evaluation.operating_points import METHOD_NAMES, METHODS, NOT_CALLED
 from cxrlearn.evaluation.published import PUBLISHED, published_auc
 from cxrlearn.evaluation.results import EvaluationMetrics
@@ -42,12 +42,8 @@ def _ci(interval) -> str:
     return "—" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
-#: Below this many positives a percentile bootstrap interval is unreliable (few distinct resamples).
-FEW_POSITIVES = 10
-
-
 def _ci_marked(interval, positives: int) -> str:
-    return _ci(interval) + (" †" if interval and positives < FEW_POSITIVES else "")
+    return _ci(interval) + (" †" if interval and positives < FEW_CASES else "")
 
 
 def _signed_ci(interval) -> str:
@@ -105,7 +101,7 @@ def _auc_blocks(metrics: EvaluationMetrics, findings: Sequence[str]) -> list[tup
         ("h2", "Per-finding AUC"),
         ("table", Table(["finding"] + (["known labels"] if partial else [])
                         + ["positives", "AUC-ROC", "95% CI", "AUC-PR", "prevalence"] + sources, rows)),
-        ("p", f"† fewer than {FEW_POSITIVES} positives: the interval rests on very few images and is unreliable. "
+        ("p", f"† fewer than {FEW_CASES} positives: the interval rests on very few images and is unreliable. "
               + ("Published values are context, not a like-for-like target: other data, splits and models. "
                  + " ".join(f"{s}: {PUBLISHED[s].described()}."
                             for s in sources) if sources else "")),
@@ -178,10 +174,13 @@ def _subgroup_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
         ("h2", "Subgroups"),
         ("p", "Mean AUC by sex, age band and view position (each over the findings defined in that group)."),
         ("table", Table(["attribute", "group", "images", "patients", "mean AUC", "95% CI", "findings scored"],
-                        [[g.attribute, g.group, f"{g.n_images:,}", f"{g.n_patients:,}", _num(g.mean_auc),
-                          _ci(g.mean_auc_ci95), str(len(g.mean_over))]
+                        [[g.attribute, g.group + (" †" if g.few_cases else ""), f"{g.n_images:,}",
+                          f"{g.n_patients:,}", _num(g.mean_auc), _ci(g.mean_auc_ci95), str(len(g.mean_over))]
                          for g in metrics.subgroups])),
     ]
+    if any(g.few_cases for g in metrics.subgroups):
+        blocks.append(("p", f"† no finding with {FEW_CASES} positives in the group: its mean AUC and interval rest on "
+                            "too few images to read."))
     return blocks
 
 
@@ -205,7 +204,7 @@ def _expert_blocks(metrics: EvaluationMetrics) -> list[tuple[str, object]]:
             blocks += [
                 ("p", f"{expert.n_images} judged images have expert labels. Nodule or mass is scored by the "
                       "larger of the Nodule and Mass probabilities (NIH label: Nodule or Mass). "
-                      f"† fewer than {FEW_POSITIVES} positives: unreliable interval."),
+                      f"† fewer than {FEW_CASES} positives: unreliable interval."),
                 ("table", Table(["finding", "expert positives", "AUC vs expert", "95% CI", "NIH positives",
                                  "AUC vs NIH", "95% CI", "label agreement"], rows)),
             ]

@@ -16,7 +16,7 @@ import pandas as pd
 from cxrlearn.data.cohort.stats import AGE_BANDS, age_band
 from cxrlearn.data.columns import AGE, DATASET, PATIENT_ID, SEX, VIEW
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
-from cxrlearn.evaluation.metrics import finding_metrics
+from cxrlearn.evaluation.metrics import FEW_CASES, finding_metrics
 from cxrlearn.records import Record
 
 
@@ -33,6 +33,12 @@ class Subgroup(Record):
     mean_over: list[str]
     auc: dict[str, float | None]
     positives: dict[str, int]
+
+    @property
+    def few_cases(self) -> bool:
+        """Whether its mean AUC rests only on findings with fewer than ``FEW_CASES`` positives (a group of five
+        images, say): marked †, its interval read as unknown."""
+        return not any(self.positives.get(name, 0) >= FEW_CASES for name in self.mean_over)
 
 
 def subgroup_metrics(rows: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, findings: Sequence[str],
