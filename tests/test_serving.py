@@ -374,7 +374,9 @@ def test_answers_name_their_model_and_request(server, xray, caplog):
         assert body["cxrlearn_version"] == __version__
         assert body["request_id"] == headers["X-Request-ID"] == "ward-7:0042"
         deadline = time.time() + 5  # the line is logged once the response is sent: it may follow the answer
-        while not any("request ward-7:0042: POST /v1/predict 200" in r.getMessage() for r in caplog.records):
+        assert (body["runtime"], len(body["runtime_sha256"])) == ("torch", 64) and isinstance(body["not_called"], list)
+        while not any("request ward-7:0042 from 127.0.0.1: POST /v1/predict 200" in r.getMessage()
+                      for r in caplog.records):
             assert time.time() < deadline, [r.getMessage() for r in caplog.records]
             time.sleep(0.05)
     # Without a usable id (or with one that could forge log lines), a new one; errors carry it too.
@@ -382,6 +384,30 @@ def test_answers_name_their_model_and_request(server, xray, caplog):
     assert status == 422 and len(headers["X-Request-ID"]) == 32 and headers["X-Request-ID"] != "a\tb"
     _, model = _get(f"{url}/v1/model")
     assert json.loads(model)["model_sha256"] == bundle_digest(run)
+
+
+def test_the_service_says_at_start_what_it_serves_and_long_running_logs_carry_the_time(evaluated, caplog, capsys):
+    """Its start-up line names the model's digest, the runtime and its file, and whether a key is required; the
+    service's and the DICOM node's lines begin with the time (read days later, beside the PACS's own logs)."""
+    import logging
+    import re
+
+    from cxrlearn.cli.main import _show_library_log
+    from cxrlearn.model.bundle import bundle_digest
+    from cxrlearn.serving.app import create_app
+
+    run = evaluated[0]
+    with caplog.at_level(logging.INFO, logger="cxrlearn.serving.app"):
+        create_app(run)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("serving "))
+    assert bundle_digest(run) in line and "run by torch" in line and "no API key is required" in line
+    _show_library_log(timestamps=True)
+    try:
+        logging.getLogger("cxrlearn.serving.app").warning("a line")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d warning: a line\n",
+                            capsys.readouterr().err)
+    finally:
+        _show_library_log(timestamps=False)
 
 
 @pytest.fixture(scope="module")
@@ -422,15 +448,21 @@ def test_the_page_asks_for_the_key_once(keyed_server, sample_images):
     browser = _browser()
     try:
         browser.get(f"{url}/")
-        WebDriverWait(browser, 30).until(expected_conditions.alert_is_present())
-        prompt = browser.switch_to.alert
-        assert "API key" in prompt.text
-        prompt.send_keys("k" * 20 + "-secret")
-        prompt.accept()
+        # In a password field (the attack: window.prompt showed the key as it was typed), not an alert.
+        form = browser.find_element(By.ID, "key-form")
+        WebDriverWait(browser, 30).until(lambda b: form.is_displayed())
+        assert not expected_conditions.alert_is_present()(browser)
+        field = browser.find_element(By.ID, "key")
+        assert field.get_attribute("type") == "password" and "API key" in form.text
+        field.send_keys("k" * 20 + "-secret")
+        form.find_element(By.CSS_SELECTOR, "button").click()
         WebDriverWait(browser, 30).until(lambda b: "px" in b.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "file").send_keys(str(sample_images / "00000013_003.png"))
         WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#bars .row")) == len(FINDINGS))
-        assert not expected_conditions.alert_is_present()(browser)  # asked once, not again
+        assert not form.is_displayed()  # asked once, not again
+        # What computed the answer, on the page: the request, the model, the runtime and its file, the input score.
+        said = browser.find_element(By.ID, "provenance").text
+        assert "request " in said and "run by torch (file " in said and "input score " in said
     finally:
         browser.quit()
 

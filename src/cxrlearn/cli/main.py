@@ -13,6 +13,7 @@ unexpected failure (a bug) exits 1 with Python's traceback.
 from __future__ import annotations
 
 import argparse
+import datetime
 import contextlib
 import errno
 import json
@@ -65,19 +66,33 @@ _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEX
 
 class _Stderr(logging.Handler):
     """The library's log records as plain lines on standard error (``warning: `` before warnings), from the
-    first process of a DDP run only; written to ``sys.stderr`` as it is at each record."""
+    first process of a DDP run only; written to ``sys.stderr`` as it is at each record. ``timestamps``: each line
+    begins with the local time (the service and the DICOM node, whose logs are read days later)."""
+
+    timestamps = False
 
     def emit(self, record: logging.LogRecord) -> None:
         if launch_rank() != 0:
             return
         message = record.getMessage()
-        print(f"warning: {message}" if record.levelno >= logging.WARNING else message, file=sys.stderr, flush=True)
+        line = f"warning: {message}" if record.levelno >= logging.WARNING else message
+        if self.timestamps:
+            when = datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
+            line = f"{when} {line}"
+        print(line, file=sys.stderr, flush=True)
 
 
-def _show_library_log() -> None:
+#: The commands that run for days: their log lines carry the time.
+LONG_RUNNING = ("serve", "dicom")
+
+
+def _show_library_log(timestamps: bool = False) -> None:
     logger = logging.getLogger("cxrlearn")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
+    handler = next((h for h in logger.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        logger.addHandler(handler)
+    handler.timestamps = timestamps
     logger.setLevel(logging.INFO)
 
 
@@ -1074,7 +1089,7 @@ def _check_launcher_environment() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _show_library_log()
+    _show_library_log(timestamps=args.command in LONG_RUNNING)
     if "csv" in args and args.csv is None and args.command not in ("train", "evaluate"):
         args.csv = tables.label_table()
     try:

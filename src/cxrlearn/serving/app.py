@@ -181,7 +181,8 @@ class Traced:
                                         ((b"www-authenticate", b"Bearer"),))
             return await self.app(scope, receive, traced)
         finally:
-            log.info(f"request {request_id}: {scope['method']} {scope['path']} {status} "
+            client = scope.get("client") or ("?", 0)
+            log.info(f"request {request_id} from {client[0]}: {scope['method']} {scope['path']} {status} "
                      f"{1000 * (time.perf_counter() - started):.0f} ms")
 
 
@@ -329,6 +330,8 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
 
     predictor = Predictor(model_dir, runtime=runtime, device=device)
     predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first request
+    log.info(f"serving {model_dir}: {predictor.provenance.text()}; "
+             + ("an API key is required on /v1/, /docs and /openapi.json" if api_key else "no API key is required"))
     batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
     slots = threading.BoundedSemaphore(decoders or default_decoders())
 
