@@ -498,3 +498,17 @@ def test_png_bytes_and_file_decode_alike(gray, tmp_path):
     Image.fromarray(pixels).save(buffer, format="PNG")
     (tmp_path / "x.png").write_bytes(buffer.getvalue())
     np.testing.assert_array_equal(decode_grayscale(buffer.getvalue(), "x.png"), load_grayscale(tmp_path / "x.png"))
+
+
+def test_the_overlay_leaves_the_film_as_it_is_where_there_is_no_heat(sample_images):
+    """The attack: the overlay tinted the whole film blue. Colour now grows with the heat: none where there is none,
+    the most where it is highest."""
+    from cxrlearn.inference.gradcam import overlay
+
+    gray = load_grayscale(sample_images / "00000013_003.png")
+    heat = np.zeros((8, 8), np.float32)
+    heat[2:4, 2:4] = 1.0
+    picture = overlay(gray, heat).astype(int)
+    film = np.repeat(gray[..., None], 3, axis=2).astype(int)
+    assert np.array_equal(picture[200:], film[200:])  # far from the heat: the film itself
+    assert np.abs(picture[90:100, 90:100] - film[90:100, 90:100]).max() > 60  # at the heat: coloured

@@ -41,15 +41,17 @@ def grad_cam(model, x: torch.Tensor, finding: int) -> np.ndarray:
     return ((cam - low) / (high - low)).cpu().numpy() if high > low else np.zeros(tuple(cam.shape), dtype=np.float32)
 
 
-def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """An RGB uint8 picture: the X-ray with the heatmap (jet colours) blended over it."""
+def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.5, fade_low: bool = True) -> np.ndarray:
+    """An RGB uint8 picture: the X-ray with the heatmap (jet colours) blended over it, each pixel's colour in
+    proportion to its heat (``fade_low``): where there is none the film shows as it is, not tinted blue."""
     import cv2
 
     if heat.shape != gray.shape:
         heat = cv2.resize(heat.astype(np.float32), (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
     colours = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR -> RGB
     base = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    return np.rint((1 - alpha) * base + alpha * colours.astype(np.float32)).astype(np.uint8)
+    weight = alpha * np.clip(heat, 0.0, 1.0)[..., None].astype(np.float32) if fade_low else alpha
+    return np.rint((1 - weight) * base + weight * colours.astype(np.float32)).astype(np.uint8)
 
 
 #: The mark every picture carries: a research tool's heatmap, not a reading.
@@ -70,7 +72,7 @@ def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probabil
     bar_height = font_px
     caption = Image.new("RGB", (width, margin * 3 + line * 2 + bar_height + line), (0, 0, 0))
     draw = ImageDraw.Draw(caption)
-    call = "" if threshold is None else (
+    call = "  (not called: threshold not established)" if threshold is None else (
         f"  (threshold {threshold:.1%}: {'positive' if probability >= threshold else 'negative'})")
     draw.text((margin, margin), f"{finding}: probability {probability:.1%}{call}", fill=(255, 255, 255), font=font)
     draw.text((margin, margin + line), NOT_FOR_DIAGNOSIS, fill=(200, 200, 200), font=font)
@@ -78,10 +80,12 @@ def annotated_overlay(gray: np.ndarray, heat: np.ndarray, finding: str, probabil
     top = margin * 2 + line * 2
     span = max(1, width - 2 * margin)
     ramp = np.linspace(0.0, 1.0, span, dtype=np.float32)[None, :].repeat(bar_height, axis=0)
-    scale = overlay(np.zeros_like(ramp, dtype=np.uint8), ramp, alpha=1.0)
+    scale = overlay(np.zeros_like(ramp, dtype=np.uint8), ramp, alpha=1.0, fade_low=False)
     caption.paste(Image.fromarray(scale), (margin, top))
     draw.text((margin, top + bar_height + 2), "low", fill=(255, 255, 255), font=font)
     high = "high (Grad-CAM, scaled to this image's maximum)"
+    if draw.textlength(high, font=font) > span * 0.7:  # a small image: the short label, not one over "low"
+        high = "high"
     draw.text((width - margin - draw.textlength(high, font=font), top + bar_height + 2), high, fill=(255, 255, 255),
               font=font)
     return np.concatenate([picture, np.asarray(caption, dtype=np.uint8)], axis=0)
