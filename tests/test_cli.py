@@ -89,3 +89,27 @@ def test_prepare_command(tmp_path, table_path, data_dir, capsys):
     assert "48 were already cached" in capsys.readouterr().out
     assert main(args[:5] + ["--size", "64"] + args[7:]) == 2
     assert "cannot take 64×64" in capsys.readouterr().err
+
+
+def test_every_command_has_a_description_and_every_option_help():
+    """The attack: export, serve and dicom status had no description in --help, --runtime no help."""
+    import argparse
+
+    from cxrlearn.cli.main import build_parser
+
+    def walk(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from walk(child, f"{name} {sub}")
+
+    missing = []
+    for name, parser in walk(build_parser(), "cxrlearn"):
+        if name == "cxrlearn" or any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            continue
+        if not (parser.description or "").strip():
+            missing.append(f"{name}: no description")
+        missing += [f"{name} {a.option_strings[0]}: no help" for a in parser._actions
+                    if a.option_strings and a.help in (None, "") and a.option_strings[0] != "-h"]
+    assert missing == []

@@ -661,12 +661,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(commands)
     _add_dicom_commands(commands)
     _add_inspection_commands(commands, table_args)
+    _describe_from_help(parser)
     return parser
+
+
+def _describe_from_help(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help opens with a description: its own, or else its one-line help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe_from_help(sub)
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--runtime and --device, as every command that runs a model bundle takes them."""
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="what runs the network: the bundle in PyTorch (default), or the ONNX file `cxrlearn "
+                             "export` wrote into the bundle (onnx: float; onnx-int8: int8, whose probabilities differ "
+                             "a little); every answer names the runtime and the SHA-256 of its file")
     parser.add_argument("--device", default="auto", help="where the torch model (and Grad-CAM's, with --runtime onnx) "
                         "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
 
@@ -679,7 +694,8 @@ def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
         "Writes FILE (image,patient_id,split) and FILE's report as NAME.report.json beside it.",
     )
     split.add_argument("--out", type=Path, required=True, help="split file to write (CSV)")
-    split.add_argument("--ratios", type=_ratios, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"))
+    split.add_argument("--ratios", type=_ratios, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
+                       help="the share of images in each part (default %(default)s)")
     split.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s, as Kufel et al. 2023)")
     split.add_argument("--official-test", type=Path, nargs="?", const=tables.test_list(), metavar="LIST",
                        help="use NIH's official test list as the test set (default LIST: the shipped test_list.txt)")
@@ -748,8 +764,8 @@ def _run_arguments() -> argparse.ArgumentParser:
                           help="preprocessing cache (one `cxrlearn prepare` made, or a new folder; data.cache); "
                                "default: RUN/../cache/<table>-<size>, shared by the runs beside it")
     run_args.add_argument("--backbone", help="timm backbone name, e.g. efficientnet_b1")
-    run_args.add_argument("--image-size", type=int)
-    run_args.add_argument("--batch-size", type=int)
+    run_args.add_argument("--image-size", type=int, help="the network's input side in pixels (data.image_size)")
+    run_args.add_argument("--batch-size", type=int, help="images per training batch (data.batch_size)")
     run_args.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="any config value, e.g. optim.lr=3e-4")
     run_args.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs and the model bundle")
@@ -768,12 +784,12 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     )
     train.add_argument("--init-from", type=Path, metavar="RUN",
                        help="start from this cxrlearn run's backbone and head (shared findings keep their head rows)")
-    train.add_argument("--epochs", type=int)
+    train.add_argument("--epochs", type=int, help="epochs to train at most (train.epochs)")
     train.add_argument("--seeds", type=int, metavar="N",
                        help="train N runs differing only in the training seed (the same split) into OUT/seed-K/, "
                             "with their mean and spread in OUT/seeds.json; `compare` takes OUT as one model")
     train.add_argument("--devices", help="devices per node (e.g. 1, 2 or auto)")
-    train.add_argument("--num-nodes", type=int)
+    train.add_argument("--num-nodes", type=int, help="machines of a multi-node run (train.num_nodes)")
     train.add_argument("--accelerator", help="auto, cpu or gpu")
     train.add_argument("--precision", help="32-true, bf16-mixed or 16-mixed")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -859,7 +875,8 @@ def _add_judging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=BOOTSTRAP_SEED, help="bootstrap seed (default %(default)s)")
     parser.add_argument("--tta", action="store_true", help="average each image with its mirror, and report whether it helps")
     parser.add_argument("--cache", type=Path, help="preprocessing cache (default: the run's)")
-    parser.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=EVALUATE_BATCH_SIZE,
+                        help="images per forward pass (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="what runs the network: the bundle in PyTorch, or its ONNX export (onnx, onnx-int8: "
@@ -869,16 +886,21 @@ def _add_judging_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_export_command(commands) -> None:
     """export: ONNX, and int8 ONNX behind its accuracy gate."""
-    export = commands.add_parser("export", help="export a model bundle to ONNX (preprocessing contract inside)")
+    export = commands.add_parser(
+        "export", help="export a model bundle to ONNX (preprocessing contract inside)",
+        description="Write the bundle as one ONNX file (uint8 image in; logits and pooled features out; the "
+        "preprocessing contract in its metadata), or with --int8 an int8 one judged against the float model first. "
+        "Each file written is recorded in RUN/exports.json, and every ONNX runtime checks its file against it.")
     export.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the exported format (ONNX)")
     export.add_argument("--out", type=Path, help="ONNX file to write (default: RUN_DIR/model.onnx, where "
                         "predict --runtime onnx and serve --runtime onnx look)")
-    export.add_argument("--opset", type=int, default=ONNX_OPSET)
+    export.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset (default %(default)s)")
     export.add_argument("--int8", action="store_true",
-                        help="also quantise to int8 (RUN_DIR/model.int8.onnx, for --runtime onnx-int8), calibrated on "
-                             "the run's training images; written only if, on its validation images, it keeps the "
-                             "mean AUC (paired patient bootstrap) and the input check's verdicts")
+                        help="instead, quantise to int8 (RUN_DIR/model.int8.onnx, for --runtime onnx-int8; "
+                             "model.onnx is not written), calibrated on the run's training images; written only if, "
+                             "on its validation images, it keeps the mean AUC (paired patient bootstrap) and the "
+                             "input check's verdicts")
     export.add_argument("--max-auc-loss", type=float, default=INT8_MAX_AUC_LOSS, metavar="X",
                         help="--int8: the lower bound of the 95%% interval of mean AUC (int8 - float) must be above -X "
                              "(default %(default)s)")
@@ -907,15 +929,17 @@ def _add_model_commands(commands) -> None:
                            help="also train on a split that keeps NIH's official test list out, and judge that list")
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override the recipe's config, e.g. train.epochs=5")
-    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
     reproduce.set_defaults(run=_cmd_reproduce)
 
 
     predict = commands.add_parser(
         "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
-        description="One row per image: image, one probability per finding of the model, positive_findings and one <finding>_positive "
-        "column each at the bundle's thresholds. Unreadable files are reported and skipped (exit status 3); "
-        "when none can be read nothing is written (exit status 2).",
+        description="One row per image: image; one probability per finding of the model; positive_findings and "
+        "not_called (findings without a threshold, |-separated); one <finding>_positive column each (1 or 0 at the "
+        "bundle's thresholds, empty where not called); input_check and input_score; model_sha256, runtime, "
+        "runtime_sha256 and cxrlearn_version. Unreadable files are reported and skipped (exit status 3); when none "
+        "can be read nothing is written (exit status 2).",
     )
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files and folders")
     predict.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
@@ -927,26 +951,32 @@ def _add_model_commands(commands) -> None:
     predict.add_argument("--cam-findings", help="findings for --cam, comma-separated (default: the positive ones, else the top one)")
     _add_runtime_options(predict)
     predict.add_argument("--onnx", type=Path, help="ONNX file for --runtime onnx (default: RUN_DIR/model.onnx)")
-    predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE)
+    predict.add_argument("--batch-size", type=_bounded_int(1, 4096, "a batch size"), default=PREDICT_BATCH_SIZE,
+                         help="images per forward pass (default %(default)s)")
     predict.add_argument("--workers", type=_bounded_int(0, 64, "a count"),
                          help="processes decoding and preparing images ahead of the network (0: this one; default: "
                               "one per core beyond the first, at most 4)")
     predict.add_argument("--strict", action="store_true",
                          help="refuse inputs the input check flags (not a frontal chest X-ray like the training "
                               "images), naming the reason, instead of predicting with a warning")
-    predict.add_argument("--no-progress", action="store_true")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict.set_defaults(run=_cmd_predict)
 
     _add_export_command(commands)
 
-    serve = commands.add_parser("serve", help="HTTP service and web page for a model bundle")
+    serve = commands.add_parser(
+        "serve", help="HTTP service and web page for a model bundle",
+        description="POST /v1/predict (multipart 'file'; ?cam=top or a finding adds Grad-CAM), GET /v1/model, "
+        "GET /healthz, and a web page at /. Requests share batched forward passes; every answer names the model, "
+        "the runtime and its file, and a request id.")
     serve.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
     serve.add_argument("--strict", action="store_true",
                        help="answer 422 (naming the reason) to inputs the input check flags, instead of a warning")
-    serve.add_argument("--host", default=HOST)
-    serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT)
+    serve.add_argument("--host", default=HOST, help="address to listen on (default %(default)s: this machine only)")
+    serve.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=PORT, help="TCP port (default %(default)s)")
     _add_runtime_options(serve)
-    serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20)
+    serve.add_argument("--max-upload-mb", type=_bounded_int(1, 1024, "megabytes"), default=MAX_UPLOAD_BYTES // 2**20,
+                       help="the largest upload accepted, in MiB (default %(default)s)")
     serve.add_argument("--upload-timeout", type=float, default=UPLOAD_TIMEOUT_S,
                        help="seconds an upload may take to arrive whole (default %(default)s)")
     serve.add_argument("--decoders", type=_bounded_int(1, 64, "a count"),
@@ -980,9 +1010,10 @@ def _add_dicom_commands(commands) -> None:
     listen.add_argument("--send-to", required=True, metavar="AE@HOST:PORT", help="where results go (a PACS)")
     listen.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"),
                         help="folder of received instances and unsent results (default %(default)s)")
-    listen.add_argument("--ae-title", default="CXRLEARN")
+    listen.add_argument("--ae-title", default="CXRLEARN", help="this node's AE title (default %(default)s)")
     listen.add_argument("--host", default=HOST, help="address to listen on (default %(default)s: this machine only)")
-    listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112)
+    listen.add_argument("--port", type=_bounded_int(1, 65535, "a TCP port"), default=11112,
+                        help="TCP port (default %(default)s)")
     listen.add_argument("--allow-ae", action="append", metavar="NAME",
                         help="accept associations only from this calling AE title (repeat for several)")
     listen.add_argument("--max-associations", type=_bounded_int(1, 1000, "a number of associations"), default=10,
@@ -1015,8 +1046,13 @@ def _add_dicom_commands(commands) -> None:
                       help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
     _add_runtime_options(poll)
     poll.set_defaults(run=_cmd_dicom_poll)
-    status = dicom_commands.add_parser("status", help="what a node's outbox holds: queued, sent, refused")
-    status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"))
+    status = dicom_commands.add_parser(
+        "status", help="what a node's outbox holds: queued, sent, refused",
+        description="Count what a `dicom listen` or `dicom poll` outbox holds: instances waiting to be predicted on, "
+        "results waiting to be sent, results sent and confirmed, files refused, and the last failed send. Reads "
+        "only; a folder that is not an outbox is refused.")
+    status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"), help="the outbox folder "
+                        "(default %(default)s)")
     status.set_defaults(run=_cmd_dicom_status)
 
 
@@ -1036,7 +1072,7 @@ def _add_inspection_commands(commands, table_args: argparse.ArgumentParser) -> N
     localize.add_argument("--boxes", type=Path, default=tables.boxes(),
                           help="NIH's BBox_List_2017.csv(.gz) (default: the copy shipped with cxrlearn)")
     localize.add_argument("--out", type=Path, required=True, help="folder for pointing_game.json and overlays")
-    localize.add_argument("--no-progress", action="store_true")
+    localize.add_argument("--no-progress", action="store_true", help="no progress bar")
     localize.set_defaults(run=_cmd_localize)
 
     check = commands.add_parser("check", parents=[table_args], help="decode every present image and list those that fail")
