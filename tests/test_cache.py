@@ -167,3 +167,16 @@ def test_prepare_workers_end_when_prepare_is_killed(table_path, sample_images, t
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if alive(w)], "workers outlived their parent"
+
+
+def test_the_members_of_train_seeds_share_the_cache_a_single_run_beside_them_uses(tmp_path):
+    """train --seeds built its own cache (RUN/cache) though one for the same table and steps lay beside RUN."""
+    from cxrlearn.data.pipeline.cache import cache_location
+    from cxrlearn.data.preprocessing import Preprocessing
+
+    pre = Preprocessing.for_cache(64)
+    single = cache_location(None, pre, tmp_path / "runs" / "a", "f" * 64)
+    member = cache_location(None, pre, tmp_path / "runs" / "b" / "seed-3", "f" * 64)
+    assert single == member == tmp_path / "runs" / "cache" / f"{'f' * 12}-64"
+    assert cache_location(None, pre, tmp_path / "runs" / "seedling", "f" * 64).parent == tmp_path / "runs" / "cache"
+    assert cache_location(tmp_path / "mine", pre, tmp_path / "runs" / "b" / "seed-0", "f" * 64) == tmp_path / "mine"

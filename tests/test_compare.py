@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -189,7 +191,10 @@ def test_compare_takes_a_seeds_folder_as_the_mean_of_its_members(seeds_run, trai
 def ensemble_run(trained_run, probe_run, tmp_path_factory):
     run, _ = trained_run
     out = tmp_path_factory.mktemp("ensemble") / "ens"
-    assert main(["ensemble", str(run), str(probe_run), "--out", str(out), "--no-progress"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["ensemble", str(run), str(probe_run), "--out", str(out), "--no-progress"]) == 0
+    (out.parent / "printed.txt").write_text(printed.getvalue())
     return out
 
 
@@ -200,6 +205,12 @@ def test_an_ensemble_bundle_averages_its_members_probabilities(ensemble_run, tra
     meta = read_meta(ensemble_run)
     assert [m.folder for m in meta.members] == [str(run), str(probe_run)]
     assert meta.thresholds and meta.evaluation is not None  # chosen on the members' val images
+    # Its members' own AUCs printed beside its own, and its card names them with their weights' digests.
+    printed = (ensemble_run.parent / "printed.txt").read_text()
+    line = next(line for line in printed.splitlines() if line.startswith("val mean AUC: ensemble "))
+    assert f"{run.name} 0." in line and f"{probe_run.name} 0." in line
+    card = (ensemble_run / "MODEL_CARD.md").read_text()
+    assert "## Members" in card and all(m.weights_sha256 in card and m.folder in card for m in meta.members)
     assert (ensemble_run / "evaluation" / "report.html").is_file()
     assert (ensemble_run / "input_check.safetensors").is_file()
     images = sorted(Path(sample_images).glob("*.png"))[:6]
@@ -272,3 +283,20 @@ def test_no_claim_on_a_handful_of_positives(tmp_path):
         .split(".")[0]
     plot_forest(tmp_path / "forest.png", comparison)
     assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+def test_the_linear_probe_says_when_its_chosen_strength_is_at_the_edge_of_its_grid(caplog):
+    """A strength chosen at the edge of the grid may not be the best one: the probe says so, with rounded AUCs."""
+    import logging
+
+    from cxrlearn.workflows.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 20))
+    y = (x[:, :2] + 0.1 * rng.normal(size=(300, 2)) > 0).astype(float)  # nearly separable: the weakest C wins
+    with caplog.at_level(logging.INFO, logger="cxrlearn.workflows.probe"):
+        fit = fit_probe(x[:200], y[:200], x[200:], y[200:], ["a", "b"], strengths=(0.0001, 0.01, 1.0))
+    assert fit.strength == 1.0
+    assert "the chosen C=1 is the weakest regularisation tried" in caplog.text
+    assert all(len(line.split("validation mean AUC ")[1]) == 6 for line in caplog.text.splitlines()
+               if "validation mean AUC" in line)  # 0.xxxx, not 0.9876543210987

@@ -362,7 +362,16 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from cxrlearn.workflows.ensemble import EVALUATION_FOLDER, make_ensemble
 
     _want_folder(args.out, "--out")
+    from cxrlearn.model.bundle import read_meta
+
     out = make_ensemble(args.runs, args.out, images=args.images, csv=args.csv, progress=not args.no_progress)
+    for split in ("val", "test"):  # the members' own AUCs on the same split's images, beside the ensemble's
+        own = getattr(read_meta(out).metrics, split, None)
+        members = [(run, getattr(read_meta(run).metrics, split, None)) for run in args.runs]
+        if own is not None and own.mean_auc is not None:
+            print(f"{split} mean AUC: ensemble {own.mean_auc:.4f}; members " + ", ".join(
+                f"{Path(run).name} {part.mean_auc:.4f}" if part is not None and part.mean_auc is not None
+                else f"{Path(run).name} —" for run, part in members))
     print(f"wrote the ensemble bundle to {out}: thresholds chosen on the members' validation images, its test "
           f"report in {out / EVALUATION_FOLDER}/report.html")
     return 0

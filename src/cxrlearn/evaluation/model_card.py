@@ -95,6 +95,7 @@ def model_card(folder: str | os.PathLike) -> str:
                   "|" + " --- |" * (len(names) + 1)]
         lines += [f"| {f} | " + " | ".join(f"{positives[n].get(f, 0):,}" for n in names) + " |" for f in findings]
         lines.append("")
+    lines += _members(meta)
     lines += _performance(meta, evaluation, findings)
     lines += _operating_points(meta, evaluation, findings)
     lines += _input_check(meta, evaluation)
@@ -179,6 +180,16 @@ def _input_check(meta: BundleMeta, evaluation: EvaluationMetrics | None) -> list
     if check is not None and check.available:
         lines.append(f"On the judged images it flagged {check.flagged:,} of {check.judged:,}; mean AUC "
                      f"{_num(check.mean_auc_all)} with them, {_num(check.mean_auc_unflagged)} without.")
+    return lines + [""]
+
+
+def _members(meta: BundleMeta) -> list[str]:
+    """An ensemble's members: the bundles it averages, with the SHA-256 of the weights taken from each."""
+    if not meta.members:
+        return []
+    lines = ["## Members", "", f"The mean probability of {len(meta.members)} networks, taken from these bundles:", "",
+             "| member | backbone | weights SHA-256 |", "| --- | --- | --- |"]
+    lines += [f"| `{m.folder or '—'}` | {m.backbone} | `{m.weights_sha256 or '—'}` |" for m in meta.members]
     return lines + [""]
 
 

@@ -93,8 +93,14 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         weights, biases = np.stack([w for w, _ in parts]), np.array([b for _, b in parts])
         scores[strength] = auc_per_finding(val_y, val_s @ weights.T + biases, findings).mean_auc
         fits[strength] = (weights, biases)
-        log.info(f"linear probe, C={strength:g}: validation mean AUC {scores[strength]}")
+        shown = "undefined" if scores[strength] is None else f"{scores[strength]:.4f}"
+        log.info(f"linear probe, C={strength:g}: validation mean AUC {shown}")
     best = max(strengths, key=lambda c: -np.inf if scores[c] is None else scores[c])
+    if len(strengths) > 1 and best in (min(strengths), max(strengths)):
+        side = "weakest" if best == max(strengths) else "strongest"
+        log.warning(f"linear probe: the chosen C={best:g} is the {side} regularisation tried (the edge of "
+                    f"{', '.join(f'{c:g}' for c in sorted(strengths))}): a strength beyond it may do better; the "
+                    f"choice is not known to be the best")
     weights, biases = fits[best]
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     raw_weights = weights / scale  # w·(x - mean)/scale + b = (w/scale)·x + (b - (w/scale)·mean)

@@ -590,7 +590,7 @@ def train_seeds(config: RunConfig, run_dir: Path, resume: bool, progress: bool, 
     split = config.data.split
     runs = []
     for k in range(config.train.seeds):
-        member = run_dir / f"seed-{k}"
+        member = run_dir / f"seed-{k}"  # cache.SEED_MEMBER: the members share the cache beside run_dir
         seed = config.train.seed + k
         one = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed, "seeds": 1}),
                                         "data": config.data.model_copy(update={"split": split})})

@@ -29,6 +29,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import signal
 import sys
 import threading
@@ -58,15 +59,22 @@ log = logging.getLogger(__name__)
 META, PIXELS, INDEX, FAILED, LOCK = "meta.json", "pixels.u8", "index.tsv", "failed.tsv", ".lock"
 
 
+#: The folder name of one run of ``train --seeds`` (``RUN/seed-K``).
+SEED_MEMBER = re.compile(r"seed-[0-9]+")
+
+
 def cache_location(cache: str | os.PathLike | None, preprocessing: Preprocessing, run_dir: str | os.PathLike,
                    fingerprint: str) -> Path:
     """Where a run's preprocessing cache is: ``data.cache`` when given, else beside the run folder, named by the
-    label table and the cache's steps. Runs and evaluations of the same table and cache steps share one cache."""
+    label table and the cache's steps. Runs and evaluations of the same table and cache steps share one cache; the
+    members of ``train --seeds`` (``RUN/seed-K``) share the one beside ``RUN``, as a single run there would."""
     if cache:
         return Path(cache)
     steps = str(preprocessing.cache_size) + ("" if preprocessing.cache_resampling == CACHE_RESAMPLING
                                              else f"-{preprocessing.cache_resampling}")
-    return Path(run_dir).parent / "cache" / f"{fingerprint[:12]}-{steps}"
+    run_dir = Path(run_dir)
+    beside = run_dir.parent.parent if SEED_MEMBER.fullmatch(run_dir.name) else run_dir.parent
+    return beside / "cache" / f"{fingerprint[:12]}-{steps}"
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
