@@ -38,8 +38,8 @@ lock:
 		--no-emit-find-links --no-emit-trusted-host --output-file requirements.lock pyproject.toml
 
 # The main job: the fair split of the full table (and of the official test list), then a
-# model trained on the real sample (split -> cache -> train -> bundle; ~10 min on 2 cores),
-# then its evaluation report (patient-level CIs, operating points, calibration; ~1 min).
+# model trained on the real sample (split -> cache -> train -> bundle), then its evaluation report
+# (patient-level CIs, operating points, calibration). Its time, measured: README.md, Quickstart.
 demo: install
 	$(BIN)/cxrlearn split --csv $(TABLE) --out $(OUT)/split.csv
 	$(BIN)/cxrlearn split --csv $(TABLE) --official-test $(DATA)/nih/test_list.txt --out $(OUT)/split-official-test.csv
@@ -58,6 +58,7 @@ demo: install
 	@echo "  cpu-sample/logs/                                       metrics.csv and TensorBoard logs"
 	@echo "  evaluation/report.html (and report.md)                 the evaluation report: open it in a browser"
 	@echo "  evaluation/metrics.json, predictions.csv               every figure of the report, and the predictions"
+	@echo "  cpu-sample/MODEL_CARD.md                               the model card (also: cxrlearn card $(OUT)/cpu-sample)"
 
 test: install
 	CXRLEARN_DATA=$(DATA) $(BIN)/python -m pytest
