@@ -383,6 +383,12 @@ def test_train_logs_to_an_mlflow_file_store(table_path, sample_images, present, 
     assert logged.data.params["model.backbone"] == "tf_efficientnet_lite0"
     assert logged.data.params["data.image_size"] == "64"
     assert logged.data.params["split_sha256"] == file_digest(run / "split.csv")
+    from cxrlearn import __version__
+    from cxrlearn.model.bundle import bundle_digest
+
+    tags = logged.data.tags  # what the run is: cxrlearn's version (and commit in a checkout), its split, its model
+    assert tags["cxrlearn_version"] == __version__ and tags["model_sha256"] == bundle_digest(run)
+    assert tags["split_sha256"] == file_digest(run / "split.csv")
     history = client.get_metric_history(ids["run_id"], "val/mean_auc")
     assert len(history) == 2  # one a epoch
     artifacts = {a.path for a in client.list_artifacts(ids["run_id"], "bundle")}

@@ -43,6 +43,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader, Subset
 
+from cxrlearn import __version__
 from cxrlearn._files import file_digest, read_json_object, remove_stale_temporaries, write_atomic
 from cxrlearn.data.cohort.split import apply_split, read_split_file, report_path, split_and_save
 from cxrlearn.data.columns import IMAGE, finding_columns
@@ -58,7 +59,7 @@ from cxrlearn.evaluation.model_card import write_model_card
 from cxrlearn.findings import FINDINGS, match_findings
 from cxrlearn.inference.predict import predict_loader
 from cxrlearn.model.backbones import backbone_config
-from cxrlearn.model.bundle import load_bundle, read_meta, save_bundle
+from cxrlearn.model.bundle import bundle_digest, load_bundle, read_meta, save_bundle
 from cxrlearn.model.classifier import ChestXrayClassifier
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_check, layout
@@ -385,14 +386,32 @@ def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
                           log_model=False)
     if run_id is None:
         logger.log_hyperparams(flatten(config.to_dict()))
+        for key, value in (("cxrlearn_version", __version__), ("cxrlearn_git_commit", _git_commit())):
+            if value:
+                logger.experiment.set_tag(logger.run_id, key, value)
         record = MlflowRun(tracking_uri=uri, experiment_id=logger.experiment_id, run_id=logger.run_id)
         write_atomic(saved, json.dumps(record.to_dict(), indent=2) + "\n")
     return logger
 
 
+def _git_commit() -> str | None:
+    """The commit of the cxrlearn checkout this runs from (an editable install), or None (an installed package)."""
+    source = Path(__file__).resolve().parents[3]
+    if not (source / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: TrainingMetrics) -> None:
     """The split's digest, the final metrics and the bundle's files, into the run's MLflow run."""
     logger.experiment.log_param(logger.run_id, "split_sha256", file_digest(split_path))
+    logger.experiment.set_tag(logger.run_id, "split_sha256", file_digest(split_path))
+    logger.experiment.set_tag(logger.run_id, "model_sha256", bundle_digest(run_dir))  # as every answer names it
     logger.log_metrics({f"final_{name}_mean_auc": part.mean_auc for name, part in metrics.measured().items()
                         if part.mean_auc is not None})
     for name in BUNDLE_ARTIFACTS:
