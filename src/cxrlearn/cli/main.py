@@ -940,8 +940,12 @@ def _add_model_commands(commands) -> None:
                            help="override the recipe's config, e.g. train.epochs=5")
     reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
     reproduce.set_defaults(run=_cmd_reproduce)
+    _add_predict_command(commands)
+    _add_export_command(commands)
+    _add_serve_command(commands)
 
 
+def _add_predict_command(commands) -> None:
     predict = commands.add_parser(
         "predict", help="probabilities and positive findings for X-ray files or folders (PNG, JPEG, TIFF, DICOM)",
         description="One row per image: image; one probability per finding of the model; positive_findings and "
@@ -971,8 +975,8 @@ def _add_model_commands(commands) -> None:
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict.set_defaults(run=_cmd_predict)
 
-    _add_export_command(commands)
 
+def _add_serve_command(commands) -> None:
     serve = commands.add_parser(
         "serve", help="HTTP service and web page for a model bundle",
         description="POST /v1/predict (multipart 'file'; ?cam=top or a finding adds Grad-CAM), GET /v1/model, "
