@@ -26,6 +26,7 @@ LAYERS = [
     ("model", ["cxrlearn.model"]),
     ("inference", ["cxrlearn.inference"]),
     ("evaluation", ["cxrlearn.evaluation"]),
+    ("monitoring", ["cxrlearn.monitoring"]),
     ("training", ["cxrlearn.training"]),
     ("workflows", ["cxrlearn.workflows"]),
     ("dicom", ["cxrlearn.dicom"]),
@@ -100,7 +101,7 @@ OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "f
 #: not on every machine that trains), inside the commands that use them, so that
 #: ``cxrlearn --help``, ``split``, ``stats``, ``check``, ``prepare`` and ``download`` start without it.
 CLI_DEFERRED = ("cxrlearn.model", "cxrlearn.inference.", "cxrlearn.evaluation", "cxrlearn.training",
-                "cxrlearn.workflows", "cxrlearn.serving.app", "cxrlearn.dicom", "pandas", "PIL")
+                "cxrlearn.workflows", "cxrlearn.serving.app", "cxrlearn.dicom", "cxrlearn.monitoring", "pandas", "PIL")
 
 
 def test_imports_sit_at_the_top_of_modules():

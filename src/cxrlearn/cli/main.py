@@ -6,7 +6,7 @@ printing or saving what they return.
 
 Exit statuses: 0 all done; 2 refused (bad input or options: the message names the
 file or field, nothing is written); 3 done for every input that could be read, the
-others named on stderr and skipped (``predict``, ``check``); 130 interrupted. An
+others named on stderr and skipped (``predict``, ``check``); 4 an alert (``monitor``); 130 interrupted. An
 unexpected failure (a bug) exits 1 with Python's traceback.
 """
 
@@ -407,6 +407,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
     _want_folder(args.dicom_out, "--dicom-out")
+    prediction_log = _prediction_log(args, predictor)
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress,
                                                     workers=predict_workers() if args.workers is None else args.workers)
     failures = unreadable + failures
@@ -414,6 +415,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
     failed = {path for path, _ in failures}
     read = [p for p in paths if str(p) not in failed]  # read[i] is the file predictions[i] was made from
+    if prediction_log is not None and predictions:
+        prediction_log.record(_answered_files(read, predictions), predictor, "predict")
+        print(f"recorded {len(predictions):,} answer(s) in the prediction log {args.log}", file=sys.stderr)
     if args.strict:
         for prediction in predictions:
             if prediction.flagged:
@@ -443,6 +447,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if failures or refused else EXIT_OK
 
 
+def _prediction_log(args: argparse.Namespace, predictor):
+    """``--log``'s prediction log (opened before any work, so a log that cannot be written is said at once), with
+    the predictor summarising each image for it; None without ``--log``."""
+    if args.log is None:
+        return None
+    from cxrlearn.monitoring.log import PredictionLog
+
+    predictor.summarise = True
+    return PredictionLog(args.log, key_file=args.site_key)
+
+
+def _answered_files(read: list[Path], predictions: list) -> list:
+    """``predict --log``'s rows: each file's prediction, named by the file, with a DICOM file's tags."""
+    from cxrlearn.monitoring.log import Answered
+
+    answered = []
+    for path, prediction in zip(read, predictions):
+        header = (None, None)
+        if path.suffix.lower() in (".dcm", ".dicom") or path.suffix == "":
+            from cxrlearn.dicom.source import instance_tags  # pydicom: only where there is a DICOM input
+
+            header = instance_tags(path.read_bytes())
+        answered.append(Answered(prediction, prediction.image, *header))
+    return answered
+
+
 def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path) -> list[tuple[str, str]]:
     """``predict --dicom-out``: a structured report and a heatmap capture per DICOM input; the refused ones."""
     from cxrlearn.dicom.results import write_dicom_results
@@ -469,7 +499,8 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
     bounds = Bounds(max_associations=args.max_associations, per_host=min(args.per_host, args.max_associations),
                     idle_s=args.idle_timeout, max_instance_bytes=args.max_instance_mb * 2**20)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
-                allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds)
+                allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds,
+                prediction_log=_node_log(args))
     try:
         node.start()
     except OSError as err:
@@ -498,7 +529,7 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     _want_folder(args.outbox, "--outbox")
     poller = Poller(Predictor(args.model, runtime=args.runtime, device=args.device), Outbox(args.outbox), url,
-                    since=since, token=token)
+                    since=since, token=token, prediction_log=_node_log(args))
     rounds = 0
     try:
         while True:
@@ -517,6 +548,13 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, Interrupted) as err:
         raise Interrupted.keeping(err, f"the outbox {args.outbox} ({len(poller.outbox.to_send())} result(s) to "
                                        "store)") from None
+
+
+def _node_log(args: argparse.Namespace):
+    """The DICOM node's or poller's prediction log: ``--log``, by default ``predictions.sqlite`` in the outbox."""
+    from cxrlearn.monitoring.log import NODE_LOG, PredictionLog
+
+    return PredictionLog(args.log or args.outbox / NODE_LOG, key_file=args.site_key)
 
 
 def _cmd_dicom_status(args: argparse.Namespace) -> int:
@@ -554,12 +592,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from cxrlearn.monitoring.log import PredictionLog
     from cxrlearn.serving.app import serve
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
           strict=args.strict, device=args.device, api_key_file=args.api_key_file, max_batch=args.max_batch,
-          batch_wait_ms=args.batch_wait_ms, max_per_client=args.max_per_client)
+          batch_wait_ms=args.batch_wait_ms, max_per_client=args.max_per_client,
+          prediction_log=PredictionLog(args.log, key_file=args.site_key) if args.log else None)
     return 0
 
 
@@ -669,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_comparison_commands(commands, table_args)
     _add_model_commands(commands)
     _add_dicom_commands(commands)
+    _add_monitor_command(commands)
     _add_inspection_commands(commands, table_args)
     _describe_from_help(parser)
     return parser
@@ -693,6 +734,17 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                              "a little); every answer names the runtime and the SHA-256 of its file")
     parser.add_argument("--device", default="auto", help="where the torch model (and Grad-CAM's, with --runtime onnx) "
                         "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+
+
+def _add_log_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--log and --site-key, as every command that answers takes them (cxrlearn.monitoring.log)."""
+    parser.add_argument("--log", type=Path, metavar="LOG",
+                        help="record every answer in this prediction log (an SQLite file; `cxrlearn monitor` judges "
+                             "it): probabilities, calls, the input check, image summaries and DICOM tags, never pixels "
+                             "or names" + (f" (default: {default})" if default else ""))
+    parser.add_argument("--site-key", type=Path, metavar="FILE",
+                        help="the key Patient IDs are hashed with in the log (HMAC-SHA-256; default LOG.key, made "
+                             "once)")
 
 
 def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
@@ -973,6 +1025,7 @@ def _add_predict_command(commands) -> None:
                          help="refuse inputs the input check flags (not a frontal chest X-ray like the training "
                               "images), naming the reason, instead of predicting with a warning")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_log_options(predict)
     predict.set_defaults(run=_cmd_predict)
 
 
@@ -1007,7 +1060,48 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--batch-wait-ms", type=_milliseconds, default=BATCH_WAIT_MS,
                        help="milliseconds a request waits for others to share its forward pass (default %(default)s; "
                             "0 with --max-batch 1: one request per pass)")
+    _add_log_options(serve)
     serve.set_defaults(run=_cmd_serve)
+
+
+def _add_monitor_command(commands) -> None:
+    monitor = commands.add_parser(
+        "monitor", help="judge a prediction log against the model's reference: drift and label-free performance",
+        description="Each window of the log's answers is tested against the answers and image summaries of the "
+        "bundle's reference images (its validation images): each finding's probabilities and positive rate, the "
+        "input check's flag rate, pixel statistics and the backbone's features, with Holm's correction across a "
+        "window's tests (at most 5% false alarms per window), and each finding's AUC estimated without labels. "
+        "Writes OUT/monitor.json, monitor.md and monitor.html; exit status 4 when a window raised an alert.")
+    monitor.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
+    monitor.add_argument("--log", type=Path, required=True, metavar="LOG", help="the prediction log (predict --log, "
+                         "serve --log, the DICOM node's OUTBOX/predictions.sqlite)")
+    monitor.add_argument("--out", type=Path, required=True, help="folder for monitor.json, monitor.md, monitor.html")
+    monitor.add_argument("--window", default="200", help="answers per window (200), or a span of time (14d, 12h) "
+                         "of at least 30 answers (default %(default)s)")
+    monitor.add_argument("--since", help="judge answers from this date or time on (2026-11-30, 2026-11-30T08:00)")
+    monitor.add_argument("--any-model", action="store_true",
+                         help="judge answers of other models (other digests) in the log too")
+    monitor.add_argument("--reference-images", type=Path, nargs="+", metavar="DIR",
+                         help="make the bundle's reference from these images (files or folders) first: for a bundle "
+                              "without one, or to refresh it")
+    monitor.set_defaults(run=_cmd_monitor)
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from cxrlearn.workflows.monitor import ALERT_STATUS, WindowSpec, monitor, parse_since
+
+    window = WindowSpec.parse(args.window)
+    since = parse_since(args.since) if args.since else None
+    _want_folder(args.out, "--out")
+    result = monitor(args.model, args.log, args.out, window, since, args.any_model, args.reference_images)
+    judged = [w for w in result.windows if w.judged]
+    for w in result.windows:
+        said = "; ".join(t.describe() for t in w.alerts) or w.note or "no alert"
+        print(f"window {w.index} ({w.answers} answers, {w.first:%Y-%m-%d %H:%M} to {w.last:%Y-%m-%d %H:%M}): {said}")
+    alerts = result.alerts
+    print(f"{len(alerts)} alert(s) in {len(judged)} judged window(s) of {result.answers:,} answers; "
+          f"wrote {args.out}/monitor.json, monitor.md, monitor.html")
+    return ALERT_STATUS if alerts else EXIT_OK
 
 
 def _add_dicom_commands(commands) -> None:
@@ -1041,6 +1135,7 @@ def _add_dicom_commands(commands) -> None:
                         help="answer secondary captures too (default: CR and DX only; cxrlearn's own results are "
                              "never answered)")
     _add_runtime_options(listen)
+    _add_log_options(listen, "OUTBOX/predictions.sqlite")
     listen.set_defaults(run=_cmd_dicom_listen)
     poll = dicom_commands.add_parser(
         "poll", help="find new CR/DX images in a DICOMweb archive, predict, store a structured report and a heatmap",
@@ -1058,6 +1153,7 @@ def _add_dicom_commands(commands) -> None:
     poll.add_argument("--token-file", type=Path, metavar="FILE",
                       help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
     _add_runtime_options(poll)
+    _add_log_options(poll, "OUTBOX/predictions.sqlite")
     poll.set_defaults(run=_cmd_dicom_poll)
     status = dicom_commands.add_parser(
         "status", help="what a node's outbox holds: queued, sent, refused",

@@ -49,6 +49,7 @@ from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
+from cxrlearn.monitoring.log import PredictionLog
 
 log = logging.getLogger("cxrlearn.dicom")
 
@@ -98,8 +99,12 @@ class Node:
 
     def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
-                 batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds()):
+                 batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds(),
+                 prediction_log: PredictionLog | None = None):
         self.predictor, self.outbox, self.destination, self.bounds = predictor, outbox, destination, bounds
+        self.prediction_log = prediction_log
+        if prediction_log is not None:
+            predictor.summarise = True
         self.ae_title, self.host, self.port, self.batch = ae_title, host, port, batch
         self.secondary_captures = secondary_captures
         self.allow_ae = list(allow_ae or [])
@@ -208,7 +213,8 @@ class Node:
 
     def predict_batch(self, paths: list[Path]) -> None:
         """Predict on received instances together, and queue their results (or refuse them, each alone)."""
-        predict_batch(self.outbox, self.predictor, paths, self.secondary_captures)
+        predict_batch(self.outbox, self.predictor, paths, self.secondary_captures, self.prediction_log,
+                      "dicom listen")
         self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------

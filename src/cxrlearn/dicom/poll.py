@@ -45,6 +45,7 @@ from cxrlearn.dicom.results import to_bytes
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
+from cxrlearn.monitoring.log import PredictionLog
 
 log = logging.getLogger("cxrlearn.dicom")
 
@@ -166,8 +167,11 @@ class Poller:
     """One model, one archive, one outbox; :meth:`run_round` once, or every ``--interval`` seconds."""
 
     def __init__(self, predictor: Predictor, outbox: Outbox, url: str, since: datetime.date | None = None,
-                 token: str | None = None, batch: int = POLL_BATCH):
+                 token: str | None = None, batch: int = POLL_BATCH, prediction_log: PredictionLog | None = None):
         self.predictor, self.outbox, self.url, self.since, self.batch = predictor, outbox, url.rstrip("/"), since, batch
+        self.prediction_log = prediction_log
+        if prediction_log is not None:
+            predictor.summarise = True
         self.session = session = _ArchiveSession()
         if token:
             session.headers["Authorization"] = f"Bearer {token}"
@@ -296,7 +300,8 @@ class Poller:
         except ValueError as err:  # an answer that is not DICOM JSON: not a DICOMweb root
             failure = f"cannot search {self.url}: its answer is not DICOM JSON ({err}); is it the DICOMweb root?"
         while waiting := self.outbox.waiting(self.batch):
-            predicted += predict_batch(self.outbox, self.predictor, waiting)
+            predicted += predict_batch(self.outbox, self.predictor, waiting, prediction_log=self.prediction_log,
+                                       command="dicom poll")
         try:
             stored = self.store(self.outbox.to_send())
         except requests.RequestException as err:

@@ -12,34 +12,39 @@ from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.results import result_files
-from cxrlearn.dicom.source import read_source
+from cxrlearn.dicom.source import instance_tags, read_source
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference.predictor import Predictor
+from cxrlearn.monitoring.log import Answered, PredictionLog
 
 log = logging.getLogger("cxrlearn.dicom")
 
 
-def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secondary_captures: bool = False) -> int:
+def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secondary_captures: bool = False,
+                  prediction_log: PredictionLog | None = None, command: str = "dicom") -> int:
     """Predict on received instances together and queue their results; refuse the ones no result can be made
-    for. The number of instances predicted on."""
-    sources, decoded, kept = [], [], []
+    for. With ``prediction_log``, every answer is recorded there (as ``command``) before its results are queued: a
+    log that cannot be written leaves the batch waiting. The number of instances predicted on."""
+    sources, decoded, kept, headers = [], [], [], []
     for path in paths:
         try:
-            source, pixels = read_source(path.read_bytes(), path.name, secondary_captures)
+            data = path.read_bytes()
+            source, pixels = read_source(data, path.name, secondary_captures)
         except DataError as err:
             _refuse(outbox, path, str(err))
             continue
         sources.append(source)
         decoded.append(pixels)
         kept.append(path)
+        headers.append(instance_tags(data) if prediction_log is not None else (None, None))
     try:
         predictions = predictor.predict(decoded, [p.name for p in kept]) if kept else []
     except (ConfigError, OSError, MemoryError):
         raise  # the model's or the machine's fault: the instances wait
     except Exception:  # noqa: BLE001 - one image the network cannot take: each alone, so only it is refused
         predictions = [_predict_one(outbox, predictor, path, pixels) for path, pixels in zip(kept, decoded)]
-    done = 0
-    for path, source, pixels, prediction in zip(kept, sources, decoded, predictions):
+    ready = []
+    for path, source, pixels, prediction, header in zip(kept, sources, decoded, predictions, headers):
         if prediction is None:
             continue
         try:
@@ -47,10 +52,13 @@ def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secon
         except DataError as err:
             _refuse(outbox, path, str(err))
             continue
+        ready.append((path, prediction, files, Answered(prediction, str(source.SOPInstanceUID), *header)))
+    if prediction_log is not None and ready:
+        prediction_log.record([answered for *_, answered in ready], predictor, command)
+    for path, prediction, files, _ in ready:
         outbox.predicted(path, files)
         log.info("predicted %s: %s", path.name, prediction.input_check)
-        done += 1
-    return done
+    return len(ready)
 
 
 def _predict_one(outbox: Outbox, predictor: Predictor, path: Path, pixels):

@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from cxrlearn.data.decoding.images import decode_grayscale
 from cxrlearn.defaults import whole_number
 from cxrlearn.errors import DataError
+from cxrlearn.monitoring.log import AcquisitionTags, acquisition_tags, patient_id
 
 #: Who made cxrlearn's own results (their Manufacturer), and the series numbers they are written in.
 MANUFACTURER = "cxrlearn"
@@ -192,3 +193,13 @@ def read_source(data: bytes, name: str, secondary_captures: bool = True) -> tupl
         raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     ref = reference(ds, name, secondary_captures)
     return ref, decode_grayscale(data, name)
+
+
+def instance_tags(data: bytes) -> tuple[AcquisitionTags | None, str | None]:
+    """What the prediction log keeps of an instance's header (:class:`AcquisitionTags`), and its Patient ID (which
+    the log keeps only as a keyed hash); (None, None) when the header cannot be read."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - read whole by read_source already; a header it cannot read has no tags
+        return None, None
+    return acquisition_tags(ds), patient_id(ds)

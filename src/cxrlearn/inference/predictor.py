@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ from cxrlearn.model.quantize import INT8_FILE
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import INPUT_CHECK_FILE
+from cxrlearn.model.reference import Basis, ImageSummary, Reference, pixel_statistics, summaries
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Prediction:
     #: Findings without a threshold in a bundle that has thresholds (too few validation cases to establish one):
     #: a probability, and neither a positive nor a negative call.
     not_called: tuple[str, ...] = ()
+    #: What the prediction log keeps of the image (:mod:`cxrlearn.model.reference`), where the predictor was
+    #: asked for it (:attr:`Predictor.summarise`).
+    summary: ImageSummary | None = None
 
     @property
     def input_check(self) -> str:
@@ -161,12 +165,14 @@ class Prepared:
 
     pixels: np.ndarray
     cheap: Flag | None
+    size: tuple[int, int] | None = None  # the decoded image's (width, height)
 
 
 def prepare(preprocessing: Preprocessing, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
     """A decoded grayscale image (any size) as the network's input, resized as in training, with the cheap checks'
     finding (``colour``: the file's colour spread)."""
-    return Prepared(preprocessing.model_pixels(decoded), cheap_reasons(decoded, colour, preprocessing.input_size))
+    return Prepared(preprocessing.model_pixels(decoded), cheap_reasons(decoded, colour, preprocessing.input_size),
+                    (int(decoded.shape[-1]), int(decoded.shape[-2])))
 
 
 #: The file each ONNX runtime reads in a bundle's folder.
@@ -194,6 +200,11 @@ class Predictor:
         self.device = resolve_device(device)
         self._with_gradients: Predictor | None = self if runtime == "torch" else None
         self.input_check = InputCheck.load(self.model_dir, self.meta.input_check) if self.meta.input_check else None
+        #: The bundle's monitoring reference (None without one), whose basis projects the features of summaries.
+        self.reference = Reference.load(self.model_dir)
+        self.reference_sha256 = Reference.digest(self.model_dir) if self.reference else None
+        #: Whether each prediction carries an :class:`ImageSummary` (for the prediction log).
+        self.summarise = False
         if runtime == "torch":
             self._load_torch()
             computed_by = file_digest(self.model_dir / WEIGHTS)
@@ -265,19 +276,21 @@ class Predictor:
         """Logits (B, F) of a uint8 batch (B, 1, S, S); mirrored and averaged when the bundle says so."""
         return flip_averaged(self._forward, batch) if self.tta else self._forward(batch)
 
-    def _logits_and_verdicts(self, batch: np.ndarray, cheap: list[Flag | None]) -> tuple[np.ndarray, list[Verdict]]:
+    def _answer(self, batch: np.ndarray, cheap: list[Flag | None]
+                ) -> tuple[np.ndarray | None, np.ndarray, list[Verdict | None]]:
+        """The pooled features (None where the runtime gives none), logits and input check's verdicts of a batch."""
         features, logits = self.features_and_logits(batch)
         if self.tta:
             logits = average_with_mirror(logits, self._forward(mirror(batch)))
         if self.input_check is None:
-            return logits, [Verdict(reason, None) if reason else None for reason in cheap]
-        return logits, self.input_check.judge(batch[:, 0], features, cheap)
+            return features, logits, [Verdict(reason, None) if reason else None for reason in cheap]
+        return features, logits, self.input_check.judge(batch[:, 0], features, cheap)
 
     def outputs(self, batch: np.ndarray, cheap: list[Flag | None] | None = None
                 ) -> tuple[np.ndarray, list[Verdict | None]]:
         """Probabilities (B, F) of a uint8 batch of network inputs (B, 1, S, S), as predictions give them, and the
         input check's verdicts (``cheap``: reasons found in the files, when known)."""
-        logits, verdicts = self._logits_and_verdicts(batch, cheap or [None] * len(batch))
+        _, logits, verdicts = self._answer(batch, cheap or [None] * len(batch))
         return probabilities(logits, self.findings, self.temperature), verdicts
 
     def prepare(self, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
@@ -298,7 +311,7 @@ class Predictor:
         if not prepared:
             return []
         batch = np.stack([p.pixels for p in prepared])[:, None]
-        logits, verdicts = self._logits_and_verdicts(batch, [p.cheap for p in prepared])
+        features, logits, verdicts = self._answer(batch, [p.cheap for p in prepared])
         probs = probabilities(logits, self.findings, self.temperature)
         broken = ~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
         if broken.any():  # never a blank answer passed off as one: the bundle's numbers are at fault
@@ -306,6 +319,8 @@ class Predictor:
                               "(its weights or preprocessing numbers are damaged): no answer is given")
         calls = positive_calls(probs, self.findings, self.thresholds) if self.thresholds else None
         not_called = tuple(f for f in self.findings if self.thresholds.get(f) is None) if self.thresholds else ()
+        summarised = (summaries(batch[:, 0], features, self.reference.basis if self.reference else None,
+                                [p.size for p in prepared]) if self.summarise else [None] * len(prepared))
         return [
             Prediction(
                 image=name,
@@ -313,9 +328,34 @@ class Predictor:
                 positive=None if calls is None else [f for f, c in zip(self.findings, calls[i]) if c],
                 verdict=verdict,
                 not_called=not_called,
+                summary=summary,
             )
-            for i, (name, row, verdict) in enumerate(zip(names, probs, verdicts))
+            for i, (name, row, verdict, summary) in enumerate(zip(names, probs, verdicts, summarised))
         ]
+
+    def make_reference(self, batches: Iterable[tuple[np.ndarray, list[Flag | None]]], source: str) -> Reference:
+        """The monitoring reference (:class:`cxrlearn.model.reference.Reference`) of images the model is known to
+        be right for, given as batches of (B, S, S) uint8 network inputs with their cheap checks' reasons: their
+        logits, input check, pixel statistics and features, projected on a basis fitted to those features."""
+        features, logits, flagged, scores, stats = [], [], [], [], []
+        for pixels, cheap in batches:
+            batch = np.ascontiguousarray(pixels)[:, None]
+            batch_features, batch_logits, verdicts = self._answer(batch, cheap)
+            if batch_features is None:
+                raise ConfigError(f"{self.model_dir}: the {self.runtime} runtime gives no features (an ONNX file "
+                                  "exported before they were an output): make the reference with --runtime torch")
+            features.append(batch_features)
+            logits.append(batch_logits)
+            flagged += [v is not None and not v.ok for v in verdicts]
+            scores += [np.nan if v is None or v.score is None else v.score for v in verdicts]
+            stats.append(pixel_statistics(pixels))
+        if not features:
+            raise ConfigError(f"no images to make {self.model_dir}'s reference from")
+        everything = np.concatenate(features)
+        basis = Basis.fit(everything)
+        return Reference(basis, tuple(self.findings), np.concatenate(logits).astype(np.float32),
+                         basis.project(everything), np.concatenate(stats), np.array(flagged, dtype=bool),
+                         np.array(scores, dtype=np.float32), source)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE,
                       progress: bool = True, workers: int = 0) -> tuple[list[Prediction], list[tuple[str, str]]]:
@@ -329,17 +369,23 @@ class Predictor:
             raise ConfigError(f"workers must be a whole number >= 0, not {workers!r}")
         paths = [Path(p) for p in paths]
         names = _display_names(paths)
-        loader = DataLoader(_PreparedFiles(paths, self.preprocessing), batch_size=batch_size, num_workers=workers,
-                            collate_fn=list, prefetch_factor=2 if workers else None)
         predictions: list[Prediction] = []
         failures: list[tuple[str, str]] = []
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for batch in loader:
+            for batch in prepared_files(paths, self.preprocessing, batch_size, workers):
                 read = [(i, prepared) for i, prepared, _ in batch if prepared is not None]
                 failures += [(str(paths[i]), error) for i, _, error in batch if error is not None]
                 predictions += self.predict_prepared([p for _, p in read], [names[i] for i, _ in read])
                 bar.update(len(batch))
         return predictions, failures
+
+
+def prepared_files(paths: Sequence[Path], preprocessing: Preprocessing, batch_size: int, workers: int
+                   ) -> Iterator[list[tuple[int, Prepared | None, str | None]]]:
+    """Batches of image files made ready for the network (read and decoded by ``workers`` processes, or this one):
+    ``(index, Prepared, None)`` each, or ``(index, None, why)`` for a file that cannot be read."""
+    yield from DataLoader(_PreparedFiles(paths, preprocessing), batch_size=batch_size, num_workers=workers,
+                          collate_fn=list, prefetch_factor=2 if workers else None)
 
 
 class _PreparedFiles(Dataset):

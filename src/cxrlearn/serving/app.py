@@ -54,6 +54,7 @@ from cxrlearn._files import first_line
 from cxrlearn.errors import ConfigError, DataError, ImageTooLarge
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.predictor import Prediction, Predictor, Prepared
+from cxrlearn.monitoring.log import Answered, PredictionLog
 from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_FACTOR, HOST, MAX_BATCH, MAX_CONNECTIONS,
                               MAX_PER_CLIENT, MAX_UPLOAD_BYTES, OVERLAY_MAX_SIDE, PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.serving.batching import Batcher
@@ -318,18 +319,28 @@ def default_decoders() -> int:
     return max(1, min(4, usable_cores()))
 
 
+def _record(prediction_log: PredictionLog, result: Prediction, request_id: str, predictor: Predictor) -> None:
+    """An answer into the prediction log before it is sent: one that cannot be recorded is withheld (503)."""
+    try:
+        prediction_log.record([Answered(result, request_id)], predictor, "serve")
+    except ConfigError as err:
+        log.error(str(err))
+        raise HTTPException(503, "the prediction log cannot be written; the answer is withheld") from None
+
+
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False,
                device: str = "auto", api_key: str | None = None, max_batch: int = MAX_BATCH,
-               batch_wait_ms: float = BATCH_WAIT_MS) -> FastAPI:
+               batch_wait_ms: float = BATCH_WAIT_MS, prediction_log: PredictionLog | None = None) -> FastAPI:
     """The service. ``strict``: refuse (422, naming the reason) an input the input check flags, rather than
     answer it with ``input_check: "warning: ..."``. ``device``: where the torch model runs (``auto``: a CUDA
     GPU when there is one). ``api_key``: required on ``/v1/`` (:class:`Traced`). ``max_batch``, ``batch_wait_ms``:
     requests share forward passes of at most ``max_batch`` images, waiting at most ``batch_wait_ms`` for company
-    (:class:`~cxrlearn.serving.batching.Batcher`; 1 and 0: one request per pass, as before batching)."""
-
+    (:class:`~cxrlearn.serving.batching.Batcher`; 1 and 0: one request per pass, as before batching).
+    ``prediction_log``: every answer (and ``strict``'s refusals) recorded there before it is sent (:func:`_record`)."""
     predictor = Predictor(model_dir, runtime=runtime, device=device)
     predictor.with_gradients()  # Grad-CAM's torch model, loaded before the first request
+    predictor.summarise = prediction_log is not None
     log.info(f"serving {model_dir}: {predictor.provenance.text()}; "
              + ("an API key is required on /v1/, /docs and /openapi.json" if api_key else "no API key is required"))
     batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
@@ -374,6 +385,8 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             result = batcher.predict(prepared, name)
         except ConfigError as err:  # the bundle's fault, not the upload's: said, never a blank answer
             raise HTTPException(500, str(err)) from None
+        if prediction_log is not None:
+            _record(prediction_log, result, request.state.request_id, predictor)
         if strict and result.flagged:
             raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
         body = _answer(predictor, result, request.state.request_id)
@@ -400,12 +413,12 @@ def serve(model_dir: str | os.PathLike, host: str = HOST, port: int = PORT, runt
           max_upload_bytes: int = MAX_UPLOAD_BYTES, decoders: int | None = None,
           upload_timeout_s: float = UPLOAD_TIMEOUT_S, limit_concurrency: int = MAX_CONNECTIONS,
           strict: bool = False, device: str = "auto", api_key_file: str | os.PathLike | None = None,
-          max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS, max_per_client: int = MAX_PER_CLIENT
-          ) -> None:
+          max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS, max_per_client: int = MAX_PER_CLIENT,
+          prediction_log: PredictionLog | None = None) -> None:
     import uvicorn
 
     api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(Path(model_dir), runtime=runtime, max_upload_bytes=max_upload_bytes, decoders=decoders,
                      upload_timeout_s=upload_timeout_s, strict=strict, device=device, api_key=api_key,
-                     max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, prediction_log=prediction_log)
     uvicorn.Server(server_config(app, host, port, limit_concurrency, max_per_client=max_per_client)).run()

@@ -58,6 +58,7 @@ from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import BundleMeta, LastEvaluation
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
+from cxrlearn.workflows.monitor import write_reference_from
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,18 @@ def _evaluate(model_dir, csv, images, out, options: EvaluationOptions) -> Evalua
     if options.write_bundle and chosen is not None:
         _update_bundle(model_dir, meta, chosen, options.threshold_method, temperature, tta, metrics, out,
                        selection.what)
+        _refresh_reference(model_dir, meta, cache_dir, val, findings, metrics, options)
     return metrics
+
+
+def _refresh_reference(model_dir: Path, meta: BundleMeta, cache_dir: Path, val: _Judged, findings: list[str],
+                       metrics: EvaluationMetrics, options: EvaluationOptions) -> None:
+    """The bundle's monitoring reference made again on the validation images its thresholds were chosen on, as it
+    now predicts (flip averaging, as evaluate set it); not when the bundle was left as it was (another runtime)."""
+    if metrics.provenance.runtime != "torch":
+        return
+    _, loader = judging_loader(cache_dir, val.rows, findings, meta.preprocessing, options.batch_size)
+    write_reference_from(model_dir, loader, f"the {len(val.rows):,} validation images the thresholds were chosen on")
 
 
 def _update_bundle(model_dir: Path, meta: BundleMeta, chosen: Chosen, method: str, temperature: dict | None, tta: bool,

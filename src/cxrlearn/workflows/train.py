@@ -66,6 +66,8 @@ from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_che
 from cxrlearn.model.meta import (BundleMeta, DataRecord, MemberRecord, SplitAuc, SplitRecord, TrainingMetrics,
                                  WeightsRecord)
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
+from cxrlearn.model.reference import REFERENCE_FILE
+from cxrlearn.workflows.monitor import write_reference_from
 from cxrlearn.records import Record
 from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
@@ -314,8 +316,8 @@ def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: st
 MLFLOW_RUN = "mlflow.json"
 SEEDS_FILE = "seeds.json"
 #: The files of the bundle and its run that go to MLflow as artifacts (under ``bundle/``), when present.
-BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors", "MODEL_CARD.md", "metrics.json",
-                    CONFIG_FILE, SPLIT_FILE, "split.report.json")
+BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors", REFERENCE_FILE, "MODEL_CARD.md",
+                    "metrics.json", CONFIG_FILE, SPLIT_FILE, "split.report.json")
 
 
 #: Tracking URIs MLflow stores runs at: a folder, a tracking server, Databricks, a database.
@@ -827,3 +829,17 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
     save_bundle(run_dir, model, meta)
     write_atomic(run_dir / "metrics.json", json.dumps(metrics.to_dict(), indent=2) + "\n")
     write_model_card(run_dir)
+    write_reference(run_dir, datamodule)
+
+
+def write_reference(run_dir: Path, datamodule) -> None:
+    """The bundle's monitoring reference (:mod:`cxrlearn.model.reference`) from the run's validation images (at
+    most ``MAX_FIT_IMAGES``, evenly spaced), for ``cxrlearn monitor`` to judge a deployment's answers against."""
+    if "val" not in datamodule.datasets:
+        log.warning("no validation images: the bundle gets no monitoring reference (make one with `cxrlearn monitor "
+                    f"--model {run_dir} --reference-images DIR`)")
+        return
+    dataset = datamodule.datasets["val"]
+    chosen = evenly_spaced(len(dataset), MAX_FIT_IMAGES).tolist()
+    loader = DataLoader(Subset(dataset, chosen), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    write_reference_from(run_dir, loader, f"the run's {len(chosen):,} validation images")

@@ -1,0 +1,291 @@
+"""``cxrlearn monitor``: a prediction log's windows judged against the bundle's reference, with alerts.
+
+Reads the log (:mod:`cxrlearn.monitoring.log`) and the bundle's reference (:mod:`cxrlearn.model.reference`; made
+from ``--reference-images`` where the bundle has none), judges each window (:mod:`cxrlearn.monitoring.drift`)
+and writes ``monitor.json`` (every window, test, statistic, p-value and alert), ``monitor.md`` and
+``monitor.html`` (with the pictures over time). The command exits with status 4 when a window raised an alert,
+so that a scheduler can act on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cxrlearn._files import write_atomic
+from cxrlearn.errors import ConfigError
+from cxrlearn.evaluation.report import Table, render_html, render_markdown
+from cxrlearn.inference import PREDICT_BATCH_SIZE
+from cxrlearn.inference.outputs import positive_calls, probabilities
+from cxrlearn.inference.predictor import Predictor, find_inputs, prepared_files
+from cxrlearn.model.bundle import bundle_digest, read_meta
+from cxrlearn.model.reference import PIXEL_STATISTICS, REFERENCE_FILE, Reference
+from cxrlearn.monitoring.drift import ALPHA, KINDS, MIN_WINDOW, Sample, Window, judge_window, split_windows
+from cxrlearn.monitoring.log import LoggedAnswer, PredictionLog
+
+log = logging.getLogger(__name__)
+
+#: The exit status of ``cxrlearn monitor`` when a window raised an alert.
+ALERT_STATUS = 4
+#: Answers per window when none is given.
+DEFAULT_WINDOW = 200
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """``--window``: a count of answers (``200``) or a span of time (``14d``, ``12h``)."""
+
+    count: int | None = None
+    span: timedelta | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> WindowSpec:
+        text = str(text).strip().lower()
+        units = {"d": "days", "h": "hours"}
+        try:
+            if text[-1:] in units:
+                amount = float(text[:-1])
+                if amount > 0:
+                    return cls(span=timedelta(**{units[text[-1]]: amount}))
+            elif int(text) >= 1:
+                return cls(count=int(text))
+        except ValueError:
+            pass
+        raise ConfigError(f"--window {text}: a count of answers (200) or a span of time (14d, 12h)")
+
+    def text(self) -> str:
+        return f"{self.count} answers" if self.count else f"{self.span} of answers (at least {MIN_WINDOW})"
+
+
+@dataclass
+class MonitorResult:
+    """What ``monitor.json`` holds."""
+
+    model: str
+    model_sha256: str
+    log: str
+    reference: str
+    reference_images: int
+    window: str
+    answers: int
+    other_models: int
+    runtimes: list[str]
+    alpha: float = ALPHA
+    false_alarms: str = ""
+    windows: list[Window] = field(default_factory=list)
+
+    @property
+    def alerts(self) -> list[tuple[Window, object]]:
+        return [(w, t) for w in self.windows for t in w.alerts]
+
+
+def load_reference(model: Path, reference_images: Sequence[Path] | None, runtime: str = "torch",
+                   progress: bool = True) -> Reference:
+    """The bundle's reference; made (and saved in the bundle) from ``reference_images`` when given."""
+    if reference_images:
+        predictor = Predictor(model, runtime=runtime)
+        paths, unreadable = find_inputs(reference_images)
+        batches = _reference_batches(paths, predictor)
+        where = str(reference_images[0]) + (f" and {len(reference_images) - 1:,} other files or folders"
+                                            if len(reference_images) > 1 else "")
+        reference = predictor.make_reference(batches, f"{len(paths) - len(unreadable):,} images in {where}")
+        reference.save(model)
+        log.info(f"monitoring reference: {len(reference):,} images in {where} ({model / REFERENCE_FILE})")
+        return reference
+    reference = Reference.load(model)
+    if reference is None:
+        raise ConfigError(f"{model}: the bundle has no monitoring reference (made by training since cxrlearn learned "
+                          f"it); make one with `cxrlearn monitor --model {model} --reference-images DIR ...` from "
+                          "images the model is known to be right for, such as its validation images")
+    return reference
+
+
+def write_reference_from(run_dir: Path, loader, source: str) -> Reference:
+    """The bundle's reference from a loader of cached images (``(images, labels, names)`` batches of (B, 1, S, S)
+    uint8 network inputs), answered as the bundle predicts (its runtime, flip averaging and input check), saved in
+    the bundle."""
+    predictor = Predictor(run_dir)
+    reference = predictor.make_reference(((images[:, 0].numpy(), [None] * len(images)) for images, *_ in loader),
+                                         source)
+    reference.save(run_dir)
+    log.info(f"monitoring reference: the model's answers and summaries of {source} ({run_dir / REFERENCE_FILE})")
+    return reference
+
+
+def _reference_batches(paths: list[Path], predictor: Predictor):
+    for batch in prepared_files(paths, predictor.preprocessing, PREDICT_BATCH_SIZE, 0):
+        for _, _, why in batch:
+            if why is not None:
+                log.warning(f"reference: skipped {why}")
+        ready = [p for _, p, _ in batch if p is not None]
+        if ready:
+            yield np.stack([p.pixels for p in ready]), [p.cheap for p in ready]
+
+
+def reference_sample(reference: Reference, findings: Sequence[str], thresholds: dict | None,
+                     temperature: dict | None) -> Sample:
+    probs = probabilities(reference.logits, findings, temperature)
+    calls = positive_calls(probs, findings, thresholds) if thresholds else None
+    return Sample(probs, calls, reference.flagged, reference.pixels, reference.projections)
+
+
+def log_sample(rows: Sequence[LoggedAnswer], findings: Sequence[str], thresholds: dict | None,
+               reference_sha256: str | None) -> Sample:
+    """The rows as a :class:`Sample`: pixel statistics where every row has them, projections where every row was
+    projected with this reference."""
+    index = {name: j for j, name in enumerate(rows[0].findings)} if rows else {}
+    probs = np.array([[row.probabilities[index[name]] for name in findings] for row in rows], dtype=np.float64)
+    calls = (np.array([[name in (row.positive or ()) for name in findings] for row in rows])
+             if thresholds else None)
+    pixels = (np.array([row.pixel_statistics for row in rows], dtype=np.float64)
+              if all(row.pixel_statistics for row in rows) else None)
+    projections = (np.array([row.projection for row in rows], dtype=np.float64)
+                   if all(row.projection and row.reference_sha256 == reference_sha256 for row in rows) else None)
+    return Sample(probs, calls, np.array([row.flagged for row in rows]), pixels, projections)
+
+
+def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
+            since: datetime | None = None, any_model: bool = False,
+            reference_images: Sequence[Path] | None = None) -> MonitorResult:
+    """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html."""
+    meta = read_meta(model)
+    findings = list(meta.findings)
+    reference = load_reference(model, reference_images)
+    if tuple(reference.findings) != tuple(findings):
+        raise ConfigError(f"{model / REFERENCE_FILE}: made for other findings than the bundle's; make it again with "
+                          "--reference-images")
+    answers = PredictionLog(log_path, create=False).answers(since)
+    digest = bundle_digest(model)
+    mine = [row for row in answers if row.model_sha256 == digest]
+    others = len(answers) - len(mine)
+    if others and not any_model:
+        seen = sorted({row.model_sha256[:12] for row in answers if row.model_sha256 != digest})
+        if not mine:
+            raise ConfigError(f"{log_path}: its {len(answers):,} answers are another model's (digest "
+                              f"{', '.join(seen)}, this one's is {digest[:12]}); judge them with --any-model")
+        log.warning(f"{log_path}: {others:,} answers of other models ({', '.join(seen)}) left out (--any-model "
+                    "judges them too)")
+    rows = answers if any_model else mine
+    rows = [row for row in rows if set(findings) <= set(row.findings)]
+    if not rows:
+        raise ConfigError(f"{log_path}: no answers of this model to judge" + (f" since {since:%Y-%m-%d}" if since else ""))
+    ref_sha = Reference.digest(model)
+    thresholds = meta.thresholds or None
+    called = [bool(thresholds) and thresholds.get(name) is not None for name in findings]
+    ref = reference_sample(reference, findings, thresholds, meta.temperature)
+    result = MonitorResult(str(model), digest, str(log_path), reference.source, len(reference), window.text(),
+                           len(rows), others if not any_model else 0, sorted({row.runtime for row in rows}))
+    bands: dict[int, list] = {}
+    for i, picked in enumerate(split_windows([row.answered_at for row in rows], window.count, window.span)):
+        chosen = [rows[k] for k in picked]
+        judged = judge_window(i + 1, [row.answered_at for row in chosen], ref,
+                              log_sample(chosen, findings, thresholds, ref_sha), findings, called, PIXEL_STATISTICS,
+                              bands)
+        result.windows.append(judged)
+    tests = max((len(w.tests) for w in result.windows), default=0)
+    result.false_alarms = (f"Holm's correction across each window's {tests} tests keeps the chance that a window "
+                           f"like the reference raises any alert at most {ALPHA:.0%}.")
+    write_outputs(out, result, findings, called)
+    return result
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+def _plain(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    raise TypeError(type(value).__name__)
+
+
+def write_outputs(out: Path, result: MonitorResult, findings: Sequence[str], called: Sequence[bool]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = dataclasses.asdict(result)
+    record.update(alerts=[{"window": w.index, **dataclasses.asdict(t)} for w, t in result.alerts],
+                  kinds=KINDS)
+    write_atomic(out / "monitor.json", json.dumps(record, indent=2, default=_plain) + "\n")
+    picture = plot_windows(result, findings, called)
+    blocks = _blocks(result, findings)
+    write_atomic(out / "monitor.md", render_markdown(blocks))
+    write_atomic(out / "monitor.png", picture)
+    embedded = "data:image/png;base64," + base64.b64encode(picture).decode("ascii")
+    write_atomic(out / "monitor.html", render_html([blocks[0], ("img", (embedded, "the windows over time")),
+                                                    *blocks[1:]]))
+
+
+def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, object]]:
+    alerts = result.alerts
+    blocks: list[tuple[str, object]] = [
+        ("h1", "cxrlearn monitor"),
+        ("p", f"**{len(alerts)} alert(s)** in {sum(w.judged for w in result.windows)} judged window(s) of "
+              f"{result.window}; {result.answers:,} answers of model `{result.model_sha256[:16]}` "
+              f"(runtimes: {', '.join(result.runtimes)}) from `{result.log}`, against the reference of "
+              f"{result.reference} ({result.reference_images:,})."),
+        ("p", result.false_alarms),
+    ]
+    if result.other_models:
+        blocks.append(("p", f"{result.other_models:,} answers of other models were left out (--any-model judges "
+                            "them too)."))
+    rows = []
+    for w in result.windows:
+        low = [e.finding for e in w.estimated_auc if e.outside and e.estimate < e.band[0]]
+        rows.append([str(w.index), f"{w.first:%Y-%m-%d %H:%M}", f"{w.last:%Y-%m-%d %H:%M}", str(w.answers),
+                     f"{w.flag_rate:.1%}", f"{w.drift_score:.1f}" if w.judged else "-",
+                     "; ".join(t.describe() for t in w.alerts) or (w.note or "none"), ", ".join(low) or "-"])
+    blocks += [("h2", "Windows"),
+               ("table", Table(["window", "from", "to", "answers", "flagged", "drift score", "alerts",
+                                "estimated AUC below its band"], rows)),
+               ("p", "The drift score is -log10 of the window's smallest Holm-adjusted p-value: above 1.3 is an "
+                     "alert. The estimated AUC is label-free (CBPE: the AUC expected if each label were drawn with "
+                     "its calibrated probability); its band is the 95% range of that estimate on the reference at "
+                     "the window's size.")]
+    blocks += [("h2", "What is tested"),
+               ("table", Table(["kind", "what it watches"], [[k, v] for k, v in KINDS.items()]))]
+    return blocks
+
+
+def plot_windows(result: MonitorResult, findings: Sequence[str], called: Sequence[bool]) -> bytes:
+    """Over the windows: each finding's positive rate (or estimated AUC where not called), the flag rate, and the
+    drift score against its alert line. PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judged = [w for w in result.windows if w.judged]
+    x = [w.index for w in judged]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for j, name in enumerate(findings):
+        values = [e.estimate for e in (w.estimated_auc[j] for w in judged)]
+        ax.plot(x, [np.nan if v is None else v for v in values], marker=".", lw=1, label=name)
+    ax.set(title="estimated AUC (label-free)", xlabel="window", ylim=(0.3, 1.0))
+    ax.legend(fontsize=6, ncol=2)
+    axes[1].plot(x, [w.flag_rate for w in judged], marker="o", color="#b35806")
+    axes[1].set(title="input check's flag rate", xlabel="window",
+                ylim=(0, 1.1 * max([0.1] + [w.flag_rate for w in judged])))
+    axes[2].bar(x, [w.drift_score for w in judged], color=["#d7301f" if w.alerts else "#4575b4" for w in judged])
+    axes[2].axhline(-np.log10(ALPHA), color="#d7301f", ls="--", lw=1)
+    axes[2].set(title="drift score (-log10 smallest Holm p)", xlabel="window")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def parse_since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text}: a date (2026-11-30) or a time (2026-11-30T08:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)

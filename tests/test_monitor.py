@@ -1,0 +1,388 @@
+"""Watching a deployed model (issue 34): the prediction log, the bundle's reference, and `cxrlearn monitor` on
+real sample images, in distribution and under the shifts a hospital meets (another exposure curve, inverted
+images). Every statistic is checked against scipy or a direct computation on the same numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from scipy import stats
+
+from cxrlearn.cli.main import main
+from xray_files import chest_dx
+
+
+# ---- the statistics, against scipy and direct computation ----------------------------------------------------
+def test_the_two_proportion_test_is_the_uncorrected_chi_squared_test():
+    from cxrlearn.monitoring.drift import two_proportion_test
+
+    for a, n, b, m in [(12, 200, 30, 250), (0, 50, 5, 300), (40, 90, 41, 95)]:
+        z, p = two_proportion_test(a, n, b, m)
+        chi2, p_scipy, _, _ = stats.chi2_contingency([[a, n - a], [b, m - b]], correction=False)
+        assert p == pytest.approx(p_scipy, rel=1e-9) and z * z == pytest.approx(chi2, rel=1e-9)
+    assert two_proportion_test(0, 10, 0, 20) == (0.0, 1.0)
+
+
+def test_the_label_free_auc_is_the_expected_auc_over_drawn_labels():
+    from cxrlearn.monitoring.drift import expected_auc
+
+    rng = np.random.default_rng(0)
+    p = np.round(rng.beta(1, 4, 40), 2)  # rounded: ties count half
+    ordered = sum(p[i] * (1 - p[j]) * (1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0)
+                  for i in range(len(p)) for j in range(len(p)) if i != j)
+    pairs = sum(p[i] * (1 - p[j]) for i in range(len(p)) for j in range(len(p)) if i != j)
+    assert expected_auc(p) == pytest.approx(ordered / pairs, rel=1e-12)
+    # and it is what drawing the labels gives on average (the realised AUC of each draw, by scikit-learn)
+    from sklearn.metrics import roc_auc_score
+
+    draws = [rng.random(len(p)) < p for _ in range(4000)]
+    realised = [roc_auc_score(y, p) for y in draws if 0 < y.sum() < len(y)]
+    assert np.mean(realised) == pytest.approx(expected_auc(p), abs=0.01)
+    assert expected_auc(np.zeros(5)) is None  # no positive expected: no estimate
+
+
+def test_windows_are_judged_with_holm_across_their_tests():
+    from cxrlearn.evaluation.paired import holm
+    from cxrlearn.monitoring.drift import Sample, window_tests
+
+    rng = np.random.default_rng(1)
+    reference = Sample(rng.random((300, 2)), rng.random((300, 2)) < 0.2, rng.random(300) < 0.01,
+                       rng.normal(size=(300, 3)), rng.normal(size=(300, 4)))
+    shifted = Sample(rng.random((100, 2)) ** 0.5, rng.random((100, 2)) < 0.2, rng.random(100) < 0.01,
+                     rng.normal(size=(100, 3)), rng.normal(size=(100, 4)))
+    tests = window_tests(reference, shifted, ["A", "B"], [True, False], ["mean", "std", "p50"])
+    assert [t.kind for t in tests] == ["probabilities"] * 2 + ["positive rate", "flag rate"] + ["pixels"] * 3 + [
+        "features"] * 4
+    assert tests[0].p_value == pytest.approx(stats.ks_2samp(shifted.probabilities[:, 0],
+                                                            reference.probabilities[:, 0]).pvalue)
+    assert [t.adjusted_p for t in tests] == pytest.approx(holm([t.p_value for t in tests]))
+    assert {t.subject for t in tests if t.alert} == {"A", "B"}  # the shifted probabilities, nothing else
+
+
+# ---- the reference -----------------------------------------------------------------------------------------
+def test_training_writes_a_reference_and_evaluate_refreshes_it_as_the_bundle_predicts(evaluated, trained_run,
+                                                                                      sample_images):
+    from cxrlearn.inference.outputs import probabilities
+    from cxrlearn.inference.predictor import Predictor
+    from cxrlearn.model.reference import Reference
+
+    run, split = evaluated[0], trained_run[1]
+    reference = Reference.load(run)
+    val = pd.read_csv(split).query("split == 'val'")
+    assert reference is not None and len(reference) == len(val) and "validation images" in reference.source
+    assert reference.projections.shape == (len(val), 16) and reference.basis.components.shape[0] == 16
+    # evaluate turned flip averaging on and calibrated: the reference's answers are the bundle's now, on the
+    # same images read from their files (the same preprocessing), probabilities through its temperatures.
+    predictor = Predictor(run)
+    assert predictor.tta and predictor.temperature
+    predictions, failures = predictor.predict_files([sample_images / name for name in val["image"]], progress=False)
+    assert not failures
+    from_files = np.array([[p.probabilities[f] for f in predictor.findings] for p in predictions])
+    from_reference = probabilities(reference.logits, predictor.findings, predictor.temperature)
+    np.testing.assert_allclose(np.sort(from_files, axis=0), np.sort(from_reference, axis=0), atol=1e-4)
+    assert reference.flagged.sum() == sum(p.flagged for p in predictions)
+
+
+# ---- the log -----------------------------------------------------------------------------------------------
+def _dicoms(sample_images: Path, folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i, png in enumerate(sorted(sample_images.glob("*.png"))[:count]):
+        ds = chest_dx(np.asarray(Image.open(png).convert("L")), patient_id=f"PID-{i:04d}")
+        ds.KVP, ds.Exposure = 110, 4
+        paths.append(folder / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_predict_log_records_every_answer_and_no_pixels_or_names(evaluated, sample_images, tmp_path):
+    run = evaluated[0]
+    dicoms = _dicoms(sample_images, tmp_path / "dicom", 3)
+    pngs = sorted(sample_images.glob("*.png"))[10:14]
+    log = tmp_path / "answers.sqlite"
+    assert main(["predict", *map(str, dicoms), *map(str, pngs), "--model", str(run), "--out",
+                 str(tmp_path / "p.csv"), "--log", str(log), "--no-progress"]) == 0
+    assert main(["predict", str(pngs[0]), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--log", str(log),
+                 "--no-progress"]) == 0  # a second command appends
+    rows = pd.read_sql("SELECT * FROM answers", sqlite3.connect(log))
+    predicted = pd.read_csv(tmp_path / "p.csv")
+    assert len(rows) == len(predicted) + 1 and set(rows["command"]) == {"predict"}
+    first = rows.iloc[: len(predicted)]
+    assert list(first["source"]) == list(predicted["image"])
+    findings = json.loads(first["findings"].iloc[0])
+    logged = np.array([json.loads(v) for v in first["probabilities"]])
+    np.testing.assert_allclose(logged, predicted[findings].to_numpy(), atol=1e-6)
+    assert set(first["model_sha256"]) == set(predicted["model_sha256"]) and set(first["runtime"]) == {"torch"}
+    assert list(first["input_check"]) == list(predicted["input_check"])
+    assert all(len(json.loads(v)) == 16 for v in first["projection"])  # the features' summary, 16 numbers
+    dicom_rows = first[first["modality"].notna()]
+    assert len(dicom_rows) == 3 and set(dicom_rows["manufacturer"]) == {"cxrlearn tests"}
+    assert set(dicom_rows["kvp"]) == {110.0} and set(dicom_rows["view_position"]) == {"PA"}
+    # No pixels and no names: every value of every column read back is short, and neither the patient's name nor
+    # the Patient ID is anywhere; the ID is the site key's HMAC.
+    key = (log.parent / (log.name + ".key")).read_text().strip().encode()
+    assert oct((log.parent / (log.name + ".key")).stat().st_mode & 0o777) == "0o600"
+    for column in rows.columns:
+        for value in rows[column].dropna():
+            assert len(str(value)) < 1000 and "Test^Patient" not in str(value) and "PID-" not in str(value)
+    assert list(dicom_rows["patient_hash"]) == [hmac.new(key, f"PID-{i:04d}".encode(), hashlib.sha256).hexdigest()
+                                               for i in range(3)]
+    assert rows["patient_hash"].iloc[3:].isna().all()  # PNGs carry no Patient ID
+
+
+def test_a_log_that_is_not_one_is_refused_in_one_line(evaluated, tmp_path, capsys):
+    from cxrlearn.monitoring.log import SCHEMA_VERSION, PredictionLog
+
+    run = evaluated[0]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE patients (name TEXT)")
+    newer = tmp_path / "newer.sqlite"
+    PredictionLog(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE cxrlearn_log SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    for log, said in ((text, "not a cxrlearn prediction log"), (other, "other tables: patients"),
+                      (newer, "written by a newer cxrlearn"), (tmp_path / "missing.sqlite", "no such prediction log")):
+        assert main(["monitor", "--model", str(run), "--log", str(log), "--out", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["predict", str(run / "model.json"), "--model", str(run), "--log", str(other)]) == 2
+    assert "other tables" in capsys.readouterr().err
+    assert [r for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == [("patients",)]
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from types import SimpleNamespace
+    from cxrlearn.inference.predictor import Prediction, Provenance
+    from cxrlearn.monitoring.log import Answered, PredictionLog
+
+    log = PredictionLog(sys.argv[1])
+    me = SimpleNamespace(provenance=Provenance("m" * 64, "test"), reference_sha256=None, findings=["A"])
+    for i in range(int(sys.argv[3])):
+        log.record([Answered(Prediction(f"{sys.argv[2]}-{i}-{j}", {"A": 0.5}, None), f"{sys.argv[2]}-{i}-{j}")
+                    for j in range(3)], me, "test")
+        print(i, flush=True)
+""")
+
+
+def test_several_writers_and_a_kill_9_lose_no_committed_answer(tmp_path):
+    log = tmp_path / "shared.sqlite"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    steady = [subprocess.Popen([sys.executable, str(script), str(log), name, "60"], env=env,
+                               stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    killed = subprocess.Popen([sys.executable, str(script), str(log), "k", "100000"], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    committed = -1
+    while committed < 20:
+        committed = int(killed.stdout.readline())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    for writer in steady:
+        assert writer.wait(timeout=120) == 0
+    rest = killed.stdout.read().split()
+    committed = int(rest[-1]) if rest else committed
+    with sqlite3.connect(log) as db:
+        counts = dict(db.execute("SELECT substr(source, 1, 1), count(*) FROM answers GROUP BY 1").fetchall())
+    assert counts["a"] == counts["b"] == 180  # every row of both
+    assert counts["k"] >= 3 * (committed + 1) and counts["k"] % 3 == 0  # every committed one, and whole records
+
+
+# ---- the monitor -------------------------------------------------------------------------------------------
+def _changed(paths: list[Path], folder: Path, change) -> list[Path]:
+    folder.mkdir()
+    out = []
+    for path in paths:
+        pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        out.append(folder / path.name)
+        Image.fromarray(np.clip(change(pixels), 0, 255).astype(np.uint8)).save(out[-1])
+    return out
+
+
+#: Answers per window in the monitor's tests.
+WINDOW = 100
+
+
+@pytest.fixture(scope="module")
+def logged(evaluated, trained_run, sample_images, tmp_path_factory):
+    """A copy of the evaluated bundle whose reference is made (``--reference-images``) from the run's test images of
+    half of its test patients, drawn at random, and logs of its answers on the other half's images: as they are,
+    with a flatter exposure curve, and with the last window's images inverted.
+
+    Not the run's own validation images as the reference: on the sample, NIH's higher patient IDs (the run's test
+    split) have darker films than its validation patients (mean grey 120-129 against 141-147), a real difference
+    the monitor flags (test_the_runs_test_split_is_darker_than_its_validation_images)."""
+    root = tmp_path_factory.mktemp("monitor")
+    run = root / "bundle"
+    shutil.copytree(evaluated[0], run)
+    rows = pd.read_csv(trained_run[1]).query("split == 'test'")
+    # Patients in random order: in NIH's order (by patient ID, roughly by date) the films drift darker.
+    patients = np.random.default_rng(0).permutation(sorted(rows["patient_id"].unique()))
+    order = {patient: i for i, patient in enumerate(patients)}
+    rows = rows.assign(order=rows["patient_id"].map(order)).sort_values(["order", "image"])
+    halves = [rows[rows["order"] < len(patients) // 2], rows[rows["order"] >= len(patients) // 2]]
+    reference, stream = ([sample_images / name for name in half["image"]] for half in halves)
+    from cxrlearn.workflows.monitor import load_reference
+
+    load_reference(run, reference)
+    cut = WINDOW * (len(stream) // WINDOW - 1)  # the last whole window
+    streams = {"as they are": stream,
+               "flatter exposure": _changed(stream, root / "flat", lambda p: 0.6 * p + 60),
+               "inverted": [*stream[:cut], *_changed(stream[cut:], root / "inverted", lambda p: 255 - p)]}
+    logs = {}
+    for name, paths in streams.items():
+        logs[name] = root / f"{name.replace(' ', '-')}.sqlite"
+        assert main(["predict", *map(str, paths), "--model", str(run), "--out", str(root / f"{name}.csv"),
+                     "--log", str(logs[name]), "--no-progress", "--workers", "0"]) == 0
+    return run, logs, root, reference
+
+
+def test_in_distribution_answers_raise_no_alert(logged, capsys):
+    run, logs, root, _ = logged
+    out = root / "steady"
+    assert main(["monitor", "--model", str(run), "--log", str(logs["as they are"]), "--out", str(out),
+                 "--window", str(WINDOW)]) == 0
+    result = json.loads((out / "monitor.json").read_text())
+    judged = [w for w in result["windows"] if w["judged"]]
+    assert len(judged) >= 3 and result["alerts"] == []
+    assert all(min(t["adjusted_p"] for t in w["tests"]) > 0.2 for w in judged)  # far from the line, not just under
+    assert "at most 5%" in result["false_alarms"]
+    assert (out / "monitor.html").read_text().count("data:image/png;base64,") == 1 and (out / "monitor.md").is_file()
+
+
+def test_the_false_alarm_rate_over_many_in_distribution_windows_is_at_most_5_percent(logged):
+    """Windows of 100 answers drawn from half of the test patients, judged against a reference of the other half,
+    over 200 random patient-wise halvings of the sample's images: Holm across each window's tests keeps the share
+    of windows with any alert at most 5% (allowing 8% for the chance in 200 draws)."""
+    from cxrlearn.model.bundle import read_meta
+    from cxrlearn.model.reference import PIXEL_STATISTICS, Reference
+    from cxrlearn.monitoring.drift import Sample, window_tests
+    from cxrlearn.monitoring.log import PredictionLog
+    from cxrlearn.workflows.monitor import log_sample, reference_sample
+
+    run, logs, _, reference_paths = logged
+    meta = read_meta(run)
+    findings = list(meta.findings)
+    rows = PredictionLog(logs["as they are"], create=False).answers()
+    parts = [reference_sample(Reference.load(run), findings, meta.thresholds, meta.temperature),
+             log_sample(rows, findings, meta.thresholds, Reference.digest(run))]
+    pooled = Sample(*(np.concatenate([getattr(part, name) for part in parts])
+                      for name in ("probabilities", "calls", "flagged", "pixels", "projections")))
+    patients = np.array([path.name[:8] for path in reference_paths] + [row.source[:8] for row in rows])
+    called = [meta.thresholds.get(name) is not None for name in findings]
+    rng = np.random.default_rng(0)
+    alerted = 0
+    for _ in range(200):
+        half = rng.permutation(np.unique(patients))[: len(np.unique(patients)) // 2]
+        in_reference = np.isin(patients, half)
+        window = rng.choice(np.flatnonzero(~in_reference), WINDOW, replace=False)
+        tests = window_tests(pooled.take(np.flatnonzero(in_reference)), pooled.take(window), findings, called,
+                             PIXEL_STATISTICS)
+        alerted += any(t.alert for t in tests)
+    assert alerted / 200 <= 0.08, f"{alerted} of 200 in-distribution windows alerted"
+
+
+@pytest.mark.parametrize("shift, expected", [("flatter exposure", {"pixels"}), ("inverted", {"flag rate"})])
+def test_each_kind_of_shift_raises_an_alert_and_exit_status_4(logged, capsys, shift, expected):
+    run, logs, root, _ = logged
+    out = root / shift.replace(" ", "-")
+    assert main(["monitor", "--model", str(run), "--log", str(logs[shift]), "--out", str(out),
+                 "--window", str(WINDOW)]) == 4
+    result = json.loads((out / "monitor.json").read_text())
+    kinds = {a["kind"] for a in result["alerts"]}
+    assert expected <= kinds, kinds
+    printed = capsys.readouterr().out
+    assert "alert(s) in" in printed and any(a["subject"] in printed for a in result["alerts"])
+    if shift == "inverted":  # only the windows holding inverted images alert
+        windows = {a["window"] for a in result["alerts"]}
+        assert 1 not in windows and max(w["index"] for w in result["windows"]) in windows
+
+
+def test_a_log_of_another_model_is_judged_only_when_asked(logged, capsys, tmp_path):
+    from cxrlearn.model.bundle import read_meta, write_meta
+
+    run, logs, _, _ = logged
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    meta = read_meta(other)
+    meta.thresholds = {name: 0.5 for name in meta.findings}  # another operating point: another digest
+    write_meta(other, meta)
+    assert main(["monitor", "--model", str(other), "--log", str(logs["as they are"]), "--out", str(tmp_path / "m")]) == 2
+    assert "another model's" in capsys.readouterr().err
+    assert main(["monitor", "--model", str(other), "--log", str(logs["as they are"]), "--out", str(tmp_path / "m"),
+                 "--any-model"]) in (0, 4)
+    assert json.loads((tmp_path / "m" / "monitor.json").read_text())["answers"] > 0
+
+
+def test_the_runs_test_split_is_darker_than_its_validation_images(evaluated, trained_run, sample_images, tmp_path):
+    """The trained run's own reference (its validation images) against its test split: NIH's higher patient IDs and
+    its official test list's patients have darker films on the sample, and the monitor says so (pixel statistics)."""
+    run, split = evaluated[0], trained_run[1]
+    images = [sample_images / name for name in pd.read_csv(split).query("split == 'test'")["image"]]
+    assert main(["predict", *map(str, images), "--model", str(run), "--out", str(tmp_path / "p.csv"), "--log",
+                 str(tmp_path / "log.sqlite"), "--no-progress", "--workers", "0"]) == 0
+    assert main(["monitor", "--model", str(run), "--log", str(tmp_path / "log.sqlite"), "--out", str(tmp_path / "m"),
+                 "--window", "150"]) == 4
+    alerts = json.loads((tmp_path / "m" / "monitor.json").read_text())["alerts"]
+    darker = [a for a in alerts if a["kind"] == "pixels" and a["subject"] == "p50"]
+    assert darker and all(a["window_value"] < a["reference_value"] for a in darker)
+
+
+# ---- the service and the DICOM node record their answers ----------------------------------------------------
+def test_the_service_records_every_answer_before_sending_it(evaluated, sample_images, tmp_path):
+    from cxrlearn.monitoring.log import PredictionLog
+    from test_serving import _post, _run_service
+
+    log = PredictionLog(tmp_path / "service.sqlite")
+    service = _run_service(evaluated[0], prediction_log=log)
+    url, _ = next(service)
+    try:
+        answers = [_post(url, png.name, png.read_bytes()) for png in sorted(sample_images.glob("*.png"))[:3]]
+    finally:
+        service.close()
+    rows = log.answers()
+    assert [status for status, _ in answers] == [200] * 3
+    assert [row.source for row in rows] == [body["request_id"] for _, body in answers]
+    assert all(row.command == "serve" and row.projection and len(row.pixel_statistics) == 9 for row in rows)
+    for row, (_, body) in zip(rows, answers):
+        assert row.probabilities == pytest.approx([body["probabilities"][f] for f in row.findings], abs=1e-6)
+
+
+def test_the_dicom_node_records_each_answer_with_its_tags_and_a_keyed_patient(evaluated, sample_images, tmp_path):
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.predicting import predict_batch
+    from cxrlearn.inference.predictor import Predictor
+    from cxrlearn.monitoring.log import PredictionLog
+
+    predictor = Predictor(evaluated[0])
+    predictor.summarise = True
+    log = PredictionLog(tmp_path / "outbox" / "predictions.sqlite")
+    outbox = Outbox(tmp_path / "outbox")
+    sent = []
+    for path in _dicoms(sample_images, tmp_path / "dicom", 3):
+        ds = pydicom.dcmread(path)
+        sent.append(ds.SOPInstanceUID)
+        outbox.receive(ds.SOPInstanceUID, path.read_bytes(), path.name)
+    assert predict_batch(outbox, predictor, outbox.waiting(), prediction_log=log, command="dicom listen") == 3
+    rows = log.answers()
+    assert sorted(row.source for row in rows) == sorted(sent) and {row.command for row in rows} == {"dicom listen"}
+    assert {row.tags.modality for row in rows} == {"DX"} and {row.tags.body_part for row in rows} == {"CHEST"}
+    assert len({row.patient_hash for row in rows}) == 3 and not any("PID" in (row.patient_hash or "") for row in rows)
