@@ -297,6 +297,7 @@ def test_the_false_alarm_rate_over_many_in_distribution_windows_is_at_most_5_per
         tests = window_tests(pooled.take(np.flatnonzero(in_reference)), pooled.take(window), findings, called,
                              PIXEL_STATISTICS)
         alerted += any(t.alert for t in tests)
+    print(f"false alarms: {alerted} of 200 in-distribution windows")
     assert alerted / 200 <= 0.08, f"{alerted} of 200 in-distribution windows alerted"
 
 

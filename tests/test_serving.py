@@ -403,6 +403,7 @@ def test_the_service_says_at_start_what_it_serves_and_long_running_logs_carry_th
     assert bundle_digest(run) in line and "run by torch" in line and "no API key is required" in line
     _show_library_log(timestamps=True)
     try:
+        capsys.readouterr()  # what was shown before (the start-up line, where a handler already showed it)
         logging.getLogger("cxrlearn.serving.app").warning("a line")
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d warning: a line\n",
                             capsys.readouterr().err)

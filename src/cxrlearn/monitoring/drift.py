@@ -119,8 +119,19 @@ class Window:
     @property
     def drift_score(self) -> float:
         """-log10 of the smallest Holm-adjusted p-value: above -log10(0.05) = 1.3 is an alert."""
-        smallest = min((t.adjusted_p for t in self.tests), default=1.0)
-        return float(-np.log10(max(smallest, 1e-300)))
+        return _score(self.tests)
+
+    def tests_of(self, kind: str) -> list[TestResult]:
+        return [t for t in self.tests if t.kind == kind]
+
+    def drift_score_of(self, kind: str) -> float:
+        """The drift score of one kind of test (:data:`KINDS`)."""
+        return _score(self.tests_of(kind))
+
+
+def _score(tests: Sequence[TestResult]) -> float:
+    smallest = min((t.adjusted_p for t in tests), default=1.0)
+    return float(-np.log10(max(smallest, 1e-300)))
 
 
 def two_proportion_test(hits_a: int, n_a: int, hits_b: int, n_b: int) -> tuple[float, float]:

@@ -79,6 +79,7 @@ class MonitorResult:
     answers: int
     other_models: int
     runtimes: list[str]
+    reference_flag_rate: float = 0.0
     alpha: float = ALPHA
     false_alarms: str = ""
     windows: list[Window] = field(default_factory=list)
@@ -183,7 +184,8 @@ def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowS
     called = [bool(thresholds) and thresholds.get(name) is not None for name in findings]
     ref = reference_sample(reference, findings, thresholds, meta.temperature)
     result = MonitorResult(str(model), digest, str(log_path), reference.source, len(reference), window.text(),
-                           len(rows), others if not any_model else 0, sorted({row.runtime for row in rows}))
+                           len(rows), others if not any_model else 0, sorted({row.runtime for row in rows}),
+                           float(reference.flagged.mean()))
     bands: dict[int, list] = {}
     for i, picked in enumerate(split_windows([row.answered_at for row in rows], window.count, window.span)):
         chosen = [rows[k] for k in picked]
@@ -270,12 +272,21 @@ def plot_windows(result: MonitorResult, findings: Sequence[str], called: Sequenc
         ax.plot(x, [np.nan if v is None else v for v in values], marker=".", lw=1, label=name)
     ax.set(title="estimated AUC (label-free)", xlabel="window", ylim=(0.3, 1.0))
     ax.legend(fontsize=6, ncol=2)
-    axes[1].plot(x, [w.flag_rate for w in judged], marker="o", color="#b35806")
+    axes[1].plot(x, [w.flag_rate for w in judged], marker="o", color="#b35806", label="window")
+    axes[1].axhline(result.reference_flag_rate, color="#888", ls="--", lw=1, label="reference")
     axes[1].set(title="input check's flag rate", xlabel="window",
                 ylim=(0, 1.1 * max([0.1] + [w.flag_rate for w in judged])))
-    axes[2].bar(x, [w.drift_score for w in judged], color=["#d7301f" if w.alerts else "#4575b4" for w in judged])
-    axes[2].axhline(-np.log10(ALPHA), color="#d7301f", ls="--", lw=1)
-    axes[2].set(title="drift score (-log10 smallest Holm p)", xlabel="window")
+    axes[1].legend(fontsize=8)
+    ceiling = 20.0
+    for kind, colour in zip(KINDS, ("#4575b4", "#91bfdb", "#d73027", "#fc8d59", "#1a9850")):
+        scores = [min(ceiling, w.drift_score_of(kind)) for w in judged]
+        if any(w.tests_of(kind) for w in judged):
+            axes[2].plot(x, scores, marker="o", lw=1, color=colour, label=kind)
+    axes[2].axhline(-np.log10(ALPHA), color="#d7301f", ls="--", lw=1, label="alert")
+    axes[2].set(title=f"drift score by kind (-log10 Holm p, at most {ceiling:g})", xlabel="window", ylim=(0, ceiling + 1))
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(x)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
