@@ -395,6 +395,22 @@ def test_train_logs_to_an_mlflow_file_store(table_path, sample_images, present, 
     assert {"bundle/model.json", "bundle/model.safetensors", "bundle/MODEL_CARD.md", "bundle/config.yaml"} <= artifacts
     assert mlflow.__name__ == "mlflow"
 
+    # evaluate --mlflow logs into the same run: its AUCs as metrics named after its folder, and its report.
+    trained_on = set(pd.read_csv(split)["patient_id"])
+    external = tmp_path / "external"
+    external.mkdir()
+    for image in present.loc[~present["patient_id"].isin(trained_on), "image"].head(120):
+        (external / image).symlink_to(sample_images / image)
+    assert main(["evaluate", "--model", str(run), "--csv", str(table_path), "--images", str(external), "--out",
+                 str(tmp_path / "external-eval"), "--resamples", "100", "--no-progress", "--mlflow", "file:./mlruns"]) == 0
+    measured = json.loads((tmp_path / "external-eval" / "metrics.json").read_text())
+    logged = client.get_run(ids["run_id"])
+    assert logged.data.metrics["eval/external-eval/mean_auc"] == pytest.approx(measured["mean_auc"])
+    assert {f"eval/external-eval/auc/{name}" for name, auc in measured["auc"].items() if auc is not None} <= set(
+        logged.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(ids["run_id"], "evaluation/external-eval")}
+    assert "evaluation/external-eval/report.html" in artifacts and "evaluation/external-eval/metrics.json" in artifacts
+
 
 def test_mlflow_missing_is_a_one_line_error(table_path, sample_images, tmp_path, capsys, monkeypatch):
     import importlib.util

@@ -311,11 +311,16 @@ def _evaluation_options(args: argparse.Namespace, **more):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cxrlearn.workflows.evaluate import evaluate
+    from cxrlearn.workflows.tracking import check_tracking, log_evaluation
 
     options = _evaluation_options(args, expert_labels=args.expert_labels, calibrate=args.calibrate,
                                   threshold_method=args.threshold_method, write_bundle=not args.no_bundle_update)
     _want_folder(args.out, "--out")
+    check_tracking(args.mlflow)
     metrics = evaluate(args.model, args.csv, args.images, args.out, options)
+    if args.mlflow:
+        run_id = log_evaluation(args.mlflow, args.model, metrics, args.out)
+        print(f"MLflow: logged the evaluation to run {run_id} ({args.mlflow})")
     low, high = metrics.mean_auc_ci95 or (float("nan"), float("nan"))
     print(f"mean AUC {metrics.mean_auc:.4f} (95% CI {low:.4f}-{high:.4f}) over {len(metrics.mean_over)} findings, "
           f"{metrics.n_images:,} images of {metrics.n_patients:,} patients")
@@ -887,6 +892,8 @@ def _add_training_commands(commands, table_args: argparse.ArgumentParser) -> Non
     evaluate.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default=DEFAULT_METHOD,
                           help="which operating point the bundle's thresholds use (default %(default)s)")
     evaluate.add_argument("--no-bundle-update", action="store_true", help="do not write thresholds into the bundle")
+    evaluate.add_argument("--mlflow", metavar="URI", help="log the mean and per-finding AUCs and the report into the "
+                          "run's MLflow run (the one `train --mlflow URI` made; else a new one); needs cxrlearn[mlflow]")
     evaluate.set_defaults(run=_cmd_evaluate)
 
 

@@ -16,16 +16,12 @@ Steps, each reusing what an earlier run left where it can:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import logging
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import lightning as L
@@ -68,6 +64,8 @@ from cxrlearn.model.meta import (BundleMeta, DataRecord, MemberRecord, SplitAuc,
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
 from cxrlearn.model.reference import REFERENCE_FILE
 from cxrlearn.workflows.monitor import write_reference_from
+from cxrlearn.workflows.tracking import (MLFLOW_RUN, MlflowRun, allow_file_store, check_tracking,  # noqa: F401
+                                         git_commit)
 from cxrlearn.records import Record
 from cxrlearn.training.config import DataConfig, RunConfig, dump_config, flatten, resolve_precision, resolve_workers
 from cxrlearn.training.losses import MultiLabelLoss, positive_weights
@@ -149,14 +147,6 @@ class RunInputs(Record):
 
     label_table: str | None = None  # the label table's fingerprint
     split: str | None = None  # the split file's SHA-256
-
-
-class MlflowRun(Record):
-    """``RUN/mlflow.json``: the MLflow run a resumed run logs into."""
-
-    tracking_uri: str | None = None
-    experiment_id: str | None = None
-    run_id: str | None = None
 
 
 def _recorded_inputs(run_dir: Path) -> RunInputs:
@@ -313,73 +303,16 @@ def init_from_bundle(model: ChestXrayClassifier, findings: list[str], folder: st
                                          f"new for {', '.join(new) or 'none'}")
 
 
-MLFLOW_RUN = "mlflow.json"
 SEEDS_FILE = "seeds.json"
 #: The files of the bundle and its run that go to MLflow as artifacts (under ``bundle/``), when present.
 BUNDLE_ARTIFACTS = ("model.json", "model.safetensors", "input_check.safetensors", REFERENCE_FILE, "MODEL_CARD.md",
                     "metrics.json", CONFIG_FILE, SPLIT_FILE, "split.report.json")
 
 
-#: Tracking URIs MLflow stores runs at: a folder, a tracking server, Databricks, a database.
-TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
-#: How long ``--mlflow``'s server has to answer before any work starts (MLflow itself retries for minutes).
-TRACKING_TIMEOUT_S = 5
-
-
-def check_tracking(uri: str | None) -> None:
-    """``--mlflow URI``, checked before any work, each problem one line: a scheme MLflow stores runs at, a folder
-    that can be one, a server that answers (within :data:`TRACKING_TIMEOUT_S`), Databricks configured, and MLflow
-    (an optional extra) installed."""
-    if not uri:
-        return
-    scheme = urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
-    if ":" in uri and not scheme and uri.split(":", 1)[0].lower() not in ("", "databricks"):
-        scheme = uri.split(":", 1)[0].lower()
-    if uri.lower() == "databricks" or uri.lower().startswith("databricks:"):
-        scheme = "databricks"
-    if scheme not in TRACKING_SCHEMES:
-        raise ConfigError(f"--mlflow {uri[:100]}: not a tracking URI MLflow can store runs at (a folder, file:PATH, "
-                          f"http(s)://SERVER, databricks, or a database URL)")
-    if scheme in ("", "file"):
-        folder = Path(urllib.parse.urlsplit(uri).path if scheme == "file" else uri).expanduser().absolute()
-        if folder.parts[:2] in (("/", "proc"), ("/", "sys"), ("/", "dev")):
-            raise ConfigError(f"--mlflow {uri}: {folder} is a system folder, not one to store runs in")
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"--mlflow {uri}: {folder} is a file; MLflow stores runs in a folder")
-    elif scheme in ("http", "https"):
-        _reach_tracking_server(uri)
-    elif scheme == "databricks" and not (os.environ.get("DATABRICKS_HOST")
-                                         or Path("~/.databrickscfg").expanduser().is_file()):
-        raise ConfigError(f"--mlflow {uri}: Databricks is not configured (no DATABRICKS_HOST and no "
-                          f"~/.databrickscfg): run `databricks configure`, or set DATABRICKS_HOST and DATABRICKS_TOKEN")
-    if importlib.util.find_spec("mlflow") is None:
-        raise ConfigError(f"--mlflow {uri}: MLflow is not installed; install the extra: pip install 'cxrlearn[mlflow]'")
-
-
-def _reach_tracking_server(uri: str) -> None:
-    """A tracking server that answers its health check (or at least answers, below HTTP 500) in time."""
-    health = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=TRACKING_TIMEOUT_S) as answer:
-            answer.read(64)
-    except urllib.error.HTTPError as err:
-        if err.code >= 500:
-            raise ConfigError(f"--mlflow {uri}: the tracking server answered HTTP {err.code} ({err.reason}); "
-                              f"check the server, or log to a folder (--mlflow file:./mlruns)") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise ConfigError(f"--mlflow {uri}: no tracking server answers there within {TRACKING_TIMEOUT_S} s "
-                          f"({reason}); start it (mlflow server ...), or log to a folder (--mlflow file:./mlruns)"
-                          ) from None
-
-
 def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
     """Lightning's MLFlowLogger for ``uri`` (``file:./mlruns`` or a tracking server): a resumed run logs into its
     first MLflow run (its id kept in ``RUN/mlflow.json``)."""
-    if uri.startswith("file:") or "://" not in uri:
-        # MLflow 3 keeps file stores in maintenance mode and refuses them unless told; a team's tracking server
-        # (or a database store) is the long-term home, a folder the simplest one to start with.
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    allow_file_store(uri)
     saved = run_dir / MLFLOW_RUN
     run_id = (MlflowRun.model_validate(read_json_object(saved, ConfigError, "delete it to log the resumed run as a "
                                                          "new MLflow run")).run_id
@@ -388,25 +321,12 @@ def _mlflow_logger(uri: str, config: RunConfig, run_dir: Path, resume: bool):
                           log_model=False)
     if run_id is None:
         logger.log_hyperparams(flatten(config.to_dict()))
-        for key, value in (("cxrlearn_version", __version__), ("cxrlearn_git_commit", _git_commit())):
+        for key, value in (("cxrlearn_version", __version__), ("cxrlearn_git_commit", git_commit())):
             if value:
                 logger.experiment.set_tag(logger.run_id, key, value)
         record = MlflowRun(tracking_uri=uri, experiment_id=logger.experiment_id, run_id=logger.run_id)
         write_atomic(saved, json.dumps(record.to_dict(), indent=2) + "\n")
     return logger
-
-
-def _git_commit() -> str | None:
-    """The commit of the cxrlearn checkout this runs from (an editable install), or None (an installed package)."""
-    source = Path(__file__).resolve().parents[3]
-    if not (source / ".git").exists():
-        return None
-    try:
-        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _log_bundle(logger, uri: str, run_dir: Path, split_path: Path, metrics: TrainingMetrics) -> None:
