@@ -137,3 +137,30 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}() has {lines} lines")
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+
+
+#: String-keyed accesses in src/ (``x["name"]``, ``x.get("name")``, ``.pop("name")``, ``.setdefault("name")``):
+#: between layers values are typed records, so this count only falls. Lower it when you remove some.
+MAX_STRING_KEYED_ACCESSES = 207
+
+
+def string_keyed_accesses() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            subscript = (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                         and isinstance(node.slice.value, str))
+            call = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("get", "pop", "setdefault") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+            if subscript or call:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return found
+
+
+def test_string_keyed_accesses_do_not_grow():
+    found = string_keyed_accesses()
+    assert len(found) <= MAX_STRING_KEYED_ACCESSES, (
+        f"{len(found)} string-keyed accesses in src/, more than {MAX_STRING_KEYED_ACCESSES}: pass a typed record "
+        "(a dataclass or a cxrlearn.records.Record) instead of a dict between layers")
+    assert len(found) > MAX_STRING_KEYED_ACCESSES - 20, "fewer than the ceiling by far: lower MAX_STRING_KEYED_ACCESSES"
