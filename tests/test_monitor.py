@@ -268,6 +268,26 @@ def test_in_distribution_answers_raise_no_alert(logged, capsys):
     assert (out / "monitor.html").read_text().count("data:image/png;base64,") == 1 and (out / "monitor.md").is_file()
 
 
+def test_labels_give_each_window_its_realised_auc(logged, table_path, nih_table, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    run, logs, root, _ = logged
+    out = root / "labelled"
+    assert main(["monitor", "--model", str(run), "--log", str(logs["as they are"]), "--out", str(out),
+                 "--window", str(WINDOW), "--labels", str(table_path)]) == 0
+    result = json.loads((out / "monitor.json").read_text())
+    assert "realised mean AUC" in capsys.readouterr().out
+    first = result["realised"][0]
+    assert first["labelled"] == WINDOW and first["mean_auc_ci95"][0] < first["mean_auc"] < first["mean_auc_ci95"][1]
+    rows = pd.read_sql("SELECT source, findings, probabilities FROM answers ORDER BY id", sqlite3.connect(
+        logs["as they are"])).head(WINDOW)
+    findings = json.loads(rows["findings"][0])
+    truth = nih_table.set_index("image").loc[rows["source"], "Effusion"].to_numpy()
+    scores = [json.loads(v)[findings.index("Effusion")] for v in rows["probabilities"]]
+    assert first["auc"]["Effusion"] == pytest.approx(roc_auc_score(truth, scores))
+    assert "realised mean AUC" in (out / "monitor.md").read_text()
+
+
 def test_the_false_alarm_rate_over_many_in_distribution_windows_is_at_most_5_percent(logged):
     """Windows of 100 answers drawn from half of the test patients, judged against a reference of the other half,
     over 200 random patient-wise halvings of the sample's images: Holm across each window's tests keeps the share

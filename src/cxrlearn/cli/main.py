@@ -1088,6 +1088,9 @@ def _add_monitor_command(commands) -> None:
     monitor.add_argument("--since", help="judge answers from this date or time on (2026-11-30, 2026-11-30T08:00)")
     monitor.add_argument("--any-model", action="store_true",
                          help="judge answers of other models (other digests) in the log too")
+    monitor.add_argument("--labels", type=Path, metavar="TABLE",
+                         help="a label table naming the answers' images (NIH's format, or image, patient_id and a 0/1 "
+                              "column per finding): each window's realised AUC with its patient-bootstrap interval")
     monitor.add_argument("--reference-images", type=Path, nargs="+", metavar="DIR",
                          help="make the bundle's reference from these images (files or folders) first: for a bundle "
                               "without one, or to refresh it")
@@ -1100,10 +1103,14 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     window = WindowSpec.parse(args.window)
     since = parse_since(args.since) if args.since else None
     _want_folder(args.out, "--out")
-    result = monitor(args.model, args.log, args.out, window, since, args.any_model, args.reference_images)
+    result = monitor(args.model, args.log, args.out, window, since, args.any_model, args.reference_images,
+                     args.labels)
     judged = [w for w in result.windows if w.judged]
     for w in result.windows:
         said = "; ".join(t.describe() for t in w.alerts) or w.note or "no alert"
+        realised = result.realised[w.index - 1] if result.realised else None
+        if realised is not None and realised.mean_auc is not None:
+            said += f"; realised mean AUC {realised.mean_auc:.3f} on {realised.labelled} labelled"
         print(f"window {w.index} ({w.answers} answers, {w.first:%Y-%m-%d %H:%M} to {w.last:%Y-%m-%d %H:%M}): {said}")
     alerts = result.alerts
     print(f"{len(alerts)} alert(s) in {len(judged)} judged window(s) of {result.answers:,} answers; "

@@ -22,7 +22,11 @@ from typing import Sequence
 import numpy as np
 
 from cxrlearn._files import write_atomic
+from cxrlearn.data.columns import IMAGE, PATIENT_ID
+from cxrlearn.data.sources.datasets import read_labels
 from cxrlearn.errors import ConfigError
+from cxrlearn.evaluation.bootstrap import DEFAULT_SEED
+from cxrlearn.evaluation.metrics import finding_metrics
 from cxrlearn.evaluation.report import Table, render_html, render_markdown
 from cxrlearn.inference import PREDICT_BATCH_SIZE
 from cxrlearn.inference.outputs import positive_calls, probabilities
@@ -38,6 +42,19 @@ log = logging.getLogger(__name__)
 ALERT_STATUS = 4
 #: Answers per window when none is given.
 DEFAULT_WINDOW = 200
+#: Patient resamples for the interval of a window's realised mean AUC (``--labels``).
+LABEL_RESAMPLES = 200
+
+
+@dataclass(frozen=True)
+class RealisedAuc:
+    """``--labels``: a window's realised AUC on its labelled answers, with the patient bootstrap's 95% interval
+    (as ``cxrlearn evaluate`` computes it), and each finding's (None where undefined)."""
+
+    labelled: int
+    mean_auc: float | None
+    mean_auc_ci95: list[float] | None
+    auc: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,8 @@ class MonitorResult:
     alpha: float = ALPHA
     false_alarms: str = ""
     windows: list[Window] = field(default_factory=list)
+    labels: str | None = None
+    realised: list[RealisedAuc | None] = field(default_factory=list)  # per window, with --labels
 
     @property
     def alerts(self) -> list[tuple[Window, object]]:
@@ -154,13 +173,39 @@ def log_sample(rows: Sequence[LoggedAnswer], findings: Sequence[str], thresholds
     return Sample(probs, calls, np.array([row.flagged for row in rows]), pixels, projections)
 
 
+def read_outcomes(path: Path):
+    """``--labels``: a label table (NIH's format, or the generic one: image, patient_id and a 0/1 column per finding),
+    indexed by image name."""
+    with open(path, "rb") as handle:
+        nih = b"Finding Labels" in handle.read(4096) or path.name.startswith("Data_Entry")
+    table = read_labels(csv=path) if nih else read_labels(table=path)
+    return table.drop_duplicates(IMAGE).set_index(IMAGE)
+
+
+def realised_auc(rows: Sequence[LoggedAnswer], outcomes, findings: Sequence[str]) -> RealisedAuc | None:
+    """The realised AUC of the rows whose source the label table names; None when none is labelled."""
+    labelled = [(i, row.source) for i, row in enumerate(rows) if row.source in outcomes.index]
+    if not labelled:
+        return None
+    named = [name for name in findings if name in outcomes.columns]
+    index = {name: j for j, name in enumerate(rows[0].findings)}
+    scores = np.array([[rows[i].probabilities[index[name]] for name in named] for i, _ in labelled])
+    picked = outcomes.loc[[source for _, source in labelled]]
+    labels = picked[named].to_numpy(dtype=np.float64)
+    measured, _ = finding_metrics(labels, scores, picked[PATIENT_ID].to_numpy(), named, LABEL_RESAMPLES,
+                                  DEFAULT_SEED)
+    return RealisedAuc(len(labelled), measured.mean_auc, measured.mean_auc_ci95, dict(measured.auc))
+
+
 def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
             since: datetime | None = None, any_model: bool = False,
-            reference_images: Sequence[Path] | None = None) -> MonitorResult:
-    """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html."""
+            reference_images: Sequence[Path] | None = None, labels: Path | None = None) -> MonitorResult:
+    """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html. With ``labels``
+    (a label table naming the answers' images), each window's realised AUC too."""
     meta = read_meta(model)
     findings = list(meta.findings)
     reference = load_reference(model, reference_images)
+    outcomes = read_outcomes(labels) if labels else None
     if tuple(reference.findings) != tuple(findings):
         raise ConfigError(f"{model / REFERENCE_FILE}: made for other findings than the bundle's; make it again with "
                           "--reference-images")
@@ -193,6 +238,9 @@ def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowS
                               log_sample(chosen, findings, thresholds, ref_sha), findings, called, PIXEL_STATISTICS,
                               bands)
         result.windows.append(judged)
+        if outcomes is not None:
+            result.realised.append(realised_auc(chosen, outcomes, findings))
+    result.labels = str(labels) if labels else None
     tests = max((len(w.tests) for w in result.windows), default=0)
     result.false_alarms = (f"Holm's correction across each window's {tests} tests keeps the chance that a window "
                            f"like the reference raises any alert at most {ALPHA:.0%}.")
@@ -238,14 +286,17 @@ def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, o
         blocks.append(("p", f"{result.other_models:,} answers of other models were left out (--any-model judges "
                             "them too)."))
     rows = []
-    for w in result.windows:
+    for i, w in enumerate(result.windows):
         low = [e.finding for e in w.estimated_auc if e.outside and e.estimate < e.band[0]]
+        realised = result.realised[i] if result.realised else None
         rows.append([str(w.index), f"{w.first:%Y-%m-%d %H:%M}", f"{w.last:%Y-%m-%d %H:%M}", str(w.answers),
                      f"{w.flag_rate:.1%}", f"{w.drift_score:.1f}" if w.judged else "-",
-                     "; ".join(t.describe() for t in w.alerts) or (w.note or "none"), ", ".join(low) or "-"])
+                     "; ".join(t.describe() for t in w.alerts) or (w.note or "none"), ", ".join(low) or "-"]
+                    + ([_realised_text(realised)] if result.labels else []))
     blocks += [("h2", "Windows"),
                ("table", Table(["window", "from", "to", "answers", "flagged", "drift score", "alerts",
-                                "estimated AUC below its band"], rows)),
+                                "estimated AUC below its band"] + (["realised mean AUC (labelled)"]
+                                                                   if result.labels else []), rows)),
                ("p", "The drift score is -log10 of the window's smallest Holm-adjusted p-value: above 1.3 is an "
                      "alert. The estimated AUC is label-free (CBPE: the AUC expected if each label were drawn with "
                      "its calibrated probability); its band is the 95% range of that estimate on the reference at "
@@ -255,9 +306,16 @@ def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, o
     return blocks
 
 
+def _realised_text(realised: RealisedAuc | None) -> str:
+    if realised is None or realised.mean_auc is None:
+        return "-" if realised is None else f"undefined ({realised.labelled})"
+    low, high = realised.mean_auc_ci95 or (float("nan"), float("nan"))
+    return f"{realised.mean_auc:.3f} ({low:.3f}-{high:.3f}; {realised.labelled})"
+
+
 def plot_windows(result: MonitorResult, findings: Sequence[str], called: Sequence[bool]) -> bytes:
-    """Over the windows: each finding's positive rate (or estimated AUC where not called), the flag rate, and the
-    drift score against its alert line. PNG bytes."""
+    """Over the windows: each finding's label-free AUC estimate (and the realised mean AUC, with ``--labels``), the
+    flag rate against the reference's, and each kind of test's drift score against the alert line. PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,6 +328,10 @@ def plot_windows(result: MonitorResult, findings: Sequence[str], called: Sequenc
     for j, name in enumerate(findings):
         values = [e.estimate for e in (w.estimated_auc[j] for w in judged)]
         ax.plot(x, [np.nan if v is None else v for v in values], marker=".", lw=1, label=name)
+    if result.realised:
+        realised = [result.realised[w.index - 1] for w in judged]
+        ax.plot(x, [np.nan if r is None or r.mean_auc is None else r.mean_auc for r in realised], color="black",
+                lw=2, marker="s", label="realised mean AUC")
     ax.set(title="estimated AUC (label-free)", xlabel="window", ylim=(0.3, 1.0))
     ax.legend(fontsize=6, ncol=2)
     axes[1].plot(x, [w.flag_rate for w in judged], marker="o", color="#b35806", label="window")
