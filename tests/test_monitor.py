@@ -14,6 +14,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -377,14 +379,48 @@ def test_the_service_records_every_answer_before_sending_it(evaluated, sample_im
     url, _ = next(service)
     try:
         answers = [_post(url, png.name, png.read_bytes()) for png in sorted(sample_images.glob("*.png"))[:3]]
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+            exposition = response.read().decode()
     finally:
         service.close()
+    # What operators scrape: Prometheus's text format, counting what was answered.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(exposition) for s in family.samples}
+    assert samples[("cxrlearn_answers_total", ())] == 3
+    assert samples[("cxrlearn_requests_total", (("route", "/v1/predict"), ("status", "200")))] == 3
+    assert samples[("cxrlearn_flagged_total", ())] == sum(body["input_check"] != "ok" for _, body in answers)
+    for finding in evaluated_findings(answers):
+        assert samples[("cxrlearn_positive_total", (("finding", finding),))] == sum(
+            finding in body["positive_findings"] for _, body in answers)
+    assert samples[("cxrlearn_batch_size_count", ())] >= 1
     rows = log.answers()
     assert [status for status, _ in answers] == [200] * 3
     assert [row.source for row in rows] == [body["request_id"] for _, body in answers]
     assert all(row.command == "serve" and row.projection and len(row.pixel_statistics) == 9 for row in rows)
     for row, (_, body) in zip(rows, answers):
         assert row.probabilities == pytest.approx([body["probabilities"][f] for f in row.findings], abs=1e-6)
+
+
+def evaluated_findings(answers) -> list[str]:
+    return list(answers[0][1]["probabilities"])
+
+
+def test_a_service_with_a_key_asks_for_it_on_metrics(evaluated):
+    from test_serving import _run_service
+
+    service = _run_service(evaluated[0], api_key="m" * 24)
+    url, _ = next(service)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/metrics", timeout=30)
+        assert refused.value.code == 401
+        request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": "Bearer " + "m" * 24})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert b"cxrlearn_answers_total 0.0" in response.read()
+    finally:
+        service.close()
 
 
 def test_the_dicom_node_records_each_answer_with_its_tags_and_a_keyed_patient(evaluated, sample_images, tmp_path):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -58,6 +58,7 @@ from cxrlearn.monitoring.log import Answered, PredictionLog
 from cxrlearn.serving import (BATCH_WAIT_MS, HEADER_TIMEOUT_S, HEALTH_FACTOR, HOST, MAX_BATCH, MAX_CONNECTIONS,
                               MAX_PER_CLIENT, MAX_UPLOAD_BYTES, OVERLAY_MAX_SIDE, PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.serving.batching import Batcher
+from cxrlearn.serving.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 #: The key of a request's scope["state"] that says it came on a connection beyond the limit (health checks only).
@@ -135,18 +136,19 @@ def read_api_key(path: str | os.PathLike) -> str:
 
 
 #: What needs the key when the service has one: the API, and its description (the page and /healthz stay open).
-KEYED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json")
+KEYED_PATHS = ("/v1/", "/docs", "/redoc", "/openapi.json", "/metrics")
 
 
 class Traced:
     """ASGI middleware: every response carries ``X-Request-ID`` (the client's, when it sent a usable one, else a
     new one) and every request is logged once with it; with ``api_key``, ``/v1/`` answers 401 unless the request
     carries the key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``), and so do ``/docs`` and
-    ``/openapi.json`` (:data:`KEYED_PATHS`). The page and ``/healthz`` stay open,
-    so that a browser can load the page and ask for the key, and a load balancer can check liveness."""
+    ``/openapi.json`` and ``/metrics`` (:data:`KEYED_PATHS`). The page and ``/healthz`` stay open,
+    so that a browser can load the page and ask for the key, and a load balancer can check liveness. With
+    ``metrics``, every request is counted there (:class:`~cxrlearn.serving.metrics.ServiceMetrics`)."""
 
-    def __init__(self, app, api_key: str | None = None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str | None = None, metrics: ServiceMetrics | None = None):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
 
     def _authorised(self, headers: dict) -> bool:
         """The key compared as the bytes it travels as (UTF-8 of the key file's text)."""
@@ -182,9 +184,11 @@ class Traced:
                                         ((b"www-authenticate", b"Bearer"),))
             return await self.app(scope, receive, traced)
         finally:
-            client = scope.get("client") or ("?", 0)
+            client, seconds = scope.get("client") or ("?", 0), time.perf_counter() - started
             log.info(f"request {request_id} from {client[0]}: {scope['method']} {scope['path']} {status} "
-                     f"{1000 * (time.perf_counter() - started):.0f} ms")
+                     f"{1000 * seconds:.0f} ms")
+            if self.metrics is not None:
+                self.metrics.request(scope["path"], status, seconds)
 
 
 class BoundedBodies:
@@ -343,7 +347,8 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     predictor.summarise = prediction_log is not None
     log.info(f"serving {model_dir}: {predictor.provenance.text()}; "
              + ("an API key is required on /v1/, /docs and /openapi.json" if api_key else "no API key is required"))
-    batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
+    metrics = ServiceMetrics(predictor.findings)
+    batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000, observe=metrics.batch)
     slots = threading.BoundedSemaphore(decoders or default_decoders())
 
     @contextlib.asynccontextmanager
@@ -356,7 +361,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     page = resources.files("cxrlearn.serving").joinpath("page.html").read_text(encoding="utf-8")
     # Room for the multipart framing around the file itself.
     app.add_middleware(BoundedBodies, max_bytes=max_upload_bytes + 64 * 1024, timeout_s=upload_timeout_s)
-    app.add_middleware(Traced, api_key=api_key)  # added last, so it runs first: 401s and 413s carry the id too
+    app.add_middleware(Traced, api_key=api_key, metrics=metrics)  # added last, so it runs first: 401s and 413s carry the id too
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:
@@ -387,6 +392,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             raise HTTPException(500, str(err)) from None
         if prediction_log is not None:
             _record(prediction_log, result, request.state.request_id, predictor)
+        metrics.answered(result.flagged, result.positive)
         if strict and result.flagged:
             raise HTTPException(422, f"{name}: refused: {result.verdict.reason}")
         body = _answer(predictor, result, request.state.request_id)
@@ -400,6 +406,11 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
                                "image_png": _png_base64(shown)}
         return body
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:

@@ -17,6 +17,7 @@ import contextlib
 import queue
 import threading
 import time
+from typing import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -36,12 +37,14 @@ class Batcher:
 
     ``lock`` is held for each forward pass: whatever else runs the same model (Grad-CAM) takes it too."""
 
-    def __init__(self, predictor: Predictor, max_batch: int, wait_s: float):
+    def __init__(self, predictor: Predictor, max_batch: int, wait_s: float,
+                 observe: Callable[[int], None] | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1, not {max_batch!r}")
         if not wait_s >= 0:
             raise ConfigError(f"wait_s must be >= 0, not {wait_s!r}")
         self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
+        self.observe = observe  # told each forward pass's size (the service's metrics)
         self.lock = threading.Lock()
         self.batches = 0  # forward passes run, and the images in them: how well requests are being batched
         self.images = 0
@@ -106,6 +109,8 @@ class Batcher:
             with self.lock:
                 results = self.predictor.predict_prepared([job.prepared for job in jobs], [job.name for job in jobs])
                 self.batches, self.images = self.batches + 1, self.images + len(jobs)
+            if self.observe is not None:
+                self.observe(len(jobs))
         except Exception as err:  # noqa: BLE001 - handed to the request that waits for it
             if len(jobs) == 1:
                 jobs[0].answer.set_exception(err)
