@@ -96,7 +96,7 @@ def test_every_module_is_in_a_layer_and_the_layers_are_folders():
 
 #: Imported where they are used, not at the top of a module: dependencies that are optional (DICOM, ONNX,
 #: the service, figures, OpenCV for overlays) or that a command's start need not pay for.
-OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "fastapi", "ctypes", "mlflow"}
+OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "fastapi", "ctypes", "mlflow", "psycopg"}
 #: The CLI imports the layers that need torch (about 1.5 s), and the DICOM ones (pydicom, highdicom, pynetdicom:
 #: not on every machine that trains), inside the commands that use them, so that
 #: ``cxrlearn --help``, ``split``, ``stats``, ``check``, ``prepare`` and ``download`` start without it.
@@ -139,9 +139,10 @@ def test_no_function_is_longer_than_a_screen():
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
 
 
-#: String-keyed accesses in src/ (``x["name"]``, ``x.get("name")``, ``.pop("name")``, ``.setdefault("name")``):
-#: between layers values are typed records, so this count only falls. Lower it when you remove some.
-MAX_STRING_KEYED_ACCESSES = 207
+#: String-keyed accesses in src/ (``x["name"]``, ``x.get("name")``, ``.pop("name")``, ``.setdefault("name")``; not
+#: FastAPI's ``app.get("/route")``): between layers values are typed records, so this count only falls. Lower it
+#: when you remove some.
+MAX_STRING_KEYED_ACCESSES = 206
 
 
 def string_keyed_accesses() -> list[str]:
@@ -152,7 +153,8 @@ def string_keyed_accesses() -> list[str]:
                          and isinstance(node.slice.value, str))
             call = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in ("get", "pop", "setdefault") and node.args
-                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                    and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "app"))  # routes
             if subscript or call:
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     return found

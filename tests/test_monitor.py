@@ -175,7 +175,7 @@ _WRITER = textwrap.dedent("""
     from cxrlearn.inference.predictor import Prediction, Provenance
     from cxrlearn.monitoring.log import Answered, PredictionLog
 
-    log = PredictionLog(sys.argv[1])
+    log = PredictionLog(sys.argv[1], key_file=sys.argv[4] if len(sys.argv) > 4 else None)
     me = SimpleNamespace(provenance=Provenance("m" * 64, "test"), reference_sha256=None, findings=["A"])
     for i in range(int(sys.argv[3])):
         log.record([Answered(Prediction(f"{sys.argv[2]}-{i}-{j}", {"A": 0.5}, None), f"{sys.argv[2]}-{i}-{j}")
@@ -443,3 +443,59 @@ def test_the_dicom_node_records_each_answer_with_its_tags_and_a_keyed_patient(ev
     assert sorted(row.source for row in rows) == sorted(sent) and {row.command for row in rows} == {"dicom listen"}
     assert {row.tags.modality for row in rows} == {"DX"} and {row.tags.body_part for row in rows} == {"CHEST"}
     assert len({row.patient_hash for row in rows}) == 3 and not any("PID" in (row.patient_hash or "") for row in rows)
+
+
+# ---- a log in PostgreSQL, where several nodes write to one database ------------------------------------------
+@pytest.fixture(scope="module")
+def postgres():
+    import tempfile
+
+    from postgres import Postgres
+
+    folder = Path(tempfile.mkdtemp(prefix="cxrlearn-pg-"))
+    folder.chmod(0o755)  # the postgres user reaches its cluster below it
+    server = Postgres(folder / "cluster").start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_postgresql_log_takes_several_writers_and_the_monitor_judges_it_as_a_file(logged, postgres, sample_images,
+                                                                                   tmp_path, capsys):
+    from cxrlearn.monitoring.log import PredictionLog
+
+    run, logs, root, _ = logged
+    key = tmp_path / "site.key"
+    key.write_text("s" * 64 + "\n")
+    image = str(sorted(root.glob("flat/*.png"))[0])
+    assert main(["predict", image, "--model", str(run), "--log", postgres.url, "--no-progress"]) == 2
+    assert "--site-key" in capsys.readouterr().err
+    unreachable = "postgresql://cxrlearn@127.0.0.1:1/postgres"
+    assert main(["predict", image, "--model", str(run), "--log", unreachable, "--site-key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the database" in err and len(err.strip().splitlines()) == 1
+    # Two processes at once: every row of both, in whole records.
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writers = [subprocess.Popen([sys.executable, str(script), postgres.url, name, "30", str(key)], env=env,
+                                stdout=subprocess.DEVNULL) for name in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    # The stream's answers through predict, in the order the SQLite log holds them.
+    answers = PredictionLog(logs["as they are"], create=False).answers()
+    assert main(["predict", *(str(sample_images / row.source) for row in answers), "--model", str(run), "--out",
+                 str(tmp_path / "p.csv"), "--log", postgres.url, "--site-key", str(key), "--no-progress",
+                 "--workers", "0"]) == 0
+    rows = PredictionLog(postgres.url, key_file=key, create=False).answers()
+    assert sum(row.command == "test" for row in rows) == 2 * 30 * 3
+    assert [row.source for row in rows if row.command == "predict"] == [row.source for row in answers]
+    # The monitor reads the database as it reads a file: the same windows, the same p-values (the writers' rows,
+    # another model's, are left out and said).
+    for log, out in ((logs["as they are"], tmp_path / "file"), (postgres.url, tmp_path / "database")):
+        assert main(["monitor", "--model", str(run), "--log", str(log), "--out", str(out), "--window",
+                     str(WINDOW)]) == 0
+    from_file, from_database = (json.loads((tmp_path / name / "monitor.json").read_text())
+                                for name in ("file", "database"))
+    assert from_database["answers"] == from_file["answers"] and from_database["other_models"] == 180
+    for a, b in zip(from_file["windows"], from_database["windows"], strict=True):
+        assert [t["p_value"] for t in a["tests"]] == pytest.approx([t["p_value"] for t in b["tests"]], abs=1e-9)

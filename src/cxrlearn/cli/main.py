@@ -743,13 +743,14 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_log_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """--log and --site-key, as every command that answers takes them (cxrlearn.monitoring.log)."""
-    parser.add_argument("--log", type=Path, metavar="LOG",
-                        help="record every answer in this prediction log (an SQLite file; `cxrlearn monitor` judges "
-                             "it): probabilities, calls, the input check, image summaries and DICOM tags, never pixels "
-                             "or names" + (f" (default: {default})" if default else ""))
+    parser.add_argument("--log", metavar="LOG",
+                        help="record every answer in this prediction log (an SQLite file, or postgresql://USER@HOST/DB "
+                             "with cxrlearn[postgres]; `cxrlearn monitor` judges it): probabilities, calls, the input "
+                             "check, image summaries and DICOM tags, never pixels or names"
+                             + (f" (default: {default})" if default else ""))
     parser.add_argument("--site-key", type=Path, metavar="FILE",
-                        help="the key Patient IDs are hashed with in the log (HMAC-SHA-256; default LOG.key, made "
-                             "once)")
+                        help="the key Patient IDs are hashed with in the log (HMAC-SHA-256; for a file, default "
+                             "LOG.key, made once; for a database, required: the same file on every node)")
 
 
 def _add_data_commands(commands, table_args: argparse.ArgumentParser) -> None:
@@ -1080,8 +1081,8 @@ def _add_monitor_command(commands) -> None:
         "window's tests (at most 5% false alarms per window), and each finding's AUC estimated without labels. "
         "Writes OUT/monitor.json, monitor.md and monitor.html; exit status 4 when a window raised an alert.")
     monitor.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
-    monitor.add_argument("--log", type=Path, required=True, metavar="LOG", help="the prediction log (predict --log, "
-                         "serve --log, the DICOM node's OUTBOX/predictions.sqlite)")
+    monitor.add_argument("--log", required=True, metavar="LOG", help="the prediction log (predict --log, serve "
+                         "--log, the DICOM node's OUTBOX/predictions.sqlite; or a postgresql:// URL)")
     monitor.add_argument("--out", type=Path, required=True, help="folder for monitor.json, monitor.md, monitor.html")
     monitor.add_argument("--window", default="200", help="answers per window (200), or a span of time (14d, 12h) "
                          "of at least 30 answers (default %(default)s)")

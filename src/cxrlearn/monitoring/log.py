@@ -20,13 +20,16 @@ to date, and a newer one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import importlib.util
 import json
 import os
 import secrets
 import sqlite3
 import threading
+import urllib.parse
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,28 +151,58 @@ class LoggedAnswer:
 
 
 _TAG_COLUMNS = [f.name for f in fields(AcquisitionTags)]
-_TAG_TYPES = {f.name: ("INTEGER" if "int" in str(f.type) else "REAL" if "float" in str(f.type) else "TEXT")
+_TAG_KINDS = {f.name: ("INTEGER" if "int" in str(f.type) else "REAL" if "float" in str(f.type) else "TEXT")
               for f in fields(AcquisitionTags)}
-#: Each schema version's statements, applied in order to bring a log from the version before it.
-MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        f"CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        f"""CREATE TABLE {ANSWERS_TABLE} (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            answered_at TEXT NOT NULL, command TEXT NOT NULL, source TEXT NOT NULL,
-            model_sha256 TEXT NOT NULL, runtime TEXT NOT NULL, runtime_sha256 TEXT NOT NULL,
-            cxrlearn_version TEXT NOT NULL, reference_sha256 TEXT,
-            findings TEXT NOT NULL, probabilities TEXT NOT NULL, positive TEXT, not_called TEXT NOT NULL,
-            input_check TEXT NOT NULL, input_score REAL, flagged INTEGER NOT NULL,
-            pixel_statistics TEXT, projection TEXT, width INTEGER, height INTEGER,
-            {", ".join(f"{name} {_TAG_TYPES[name]}" for name in _TAG_COLUMNS)},
-            patient_hash TEXT)""",
-        f"CREATE INDEX answers_by_time ON {ANSWERS_TABLE} (model_sha256, answered_at)",
-    ],
-}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the databases a log can live in (SQLite, PostgreSQL)."""
+
+    name: str
+    placeholder: str
+    serial: str  # the id column
+    real: str
+    list_tables: str
+    set_version: str
+
+
+SQLITE = Dialect("SQLite", "?", "id INTEGER PRIMARY KEY AUTOINCREMENT", "REAL",
+                 "SELECT name FROM sqlite_master WHERE type = 'table'",
+                 f"INSERT OR REPLACE INTO {META_TABLE} VALUES ('schema_version', ?)")
+POSTGRES = Dialect("PostgreSQL", "%s", "id BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION",
+                   "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
+                   f"INSERT INTO {META_TABLE} VALUES ('schema_version', %s) "
+                   "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value")
+
+
+def migrations(dialect: Dialect) -> dict[int, list[str]]:
+    """Each schema version's statements, applied in order to bring a log from the version before it."""
+    kind = {"INTEGER": "INTEGER", "REAL": dialect.real, "TEXT": "TEXT"}
+    return {
+        1: [
+            f"CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            f"""CREATE TABLE {ANSWERS_TABLE} (
+                {dialect.serial},
+                answered_at TEXT NOT NULL, command TEXT NOT NULL, source TEXT NOT NULL,
+                model_sha256 TEXT NOT NULL, runtime TEXT NOT NULL, runtime_sha256 TEXT NOT NULL,
+                cxrlearn_version TEXT NOT NULL, reference_sha256 TEXT,
+                findings TEXT NOT NULL, probabilities TEXT NOT NULL, positive TEXT, not_called TEXT NOT NULL,
+                input_check TEXT NOT NULL, input_score {dialect.real}, flagged INTEGER NOT NULL,
+                pixel_statistics TEXT, projection TEXT, width INTEGER, height INTEGER,
+                {", ".join(f"{name} {kind[_TAG_KINDS[name]]}" for name in _TAG_COLUMNS)},
+                patient_hash TEXT)""",
+            f"CREATE INDEX answers_by_time ON {ANSWERS_TABLE} (model_sha256, answered_at)",
+        ],
+    }
+
+
+MIGRATIONS = migrations(SQLITE)
 _COLUMNS = ["answered_at", "command", "source", "model_sha256", "runtime", "runtime_sha256", "cxrlearn_version",
             "reference_sha256", "findings", "probabilities", "positive", "not_called", "input_check", "input_score",
             "flagged", "pixel_statistics", "projection", "width", "height", *_TAG_COLUMNS, "patient_hash"]
+#: The URL schemes of a log in a database server (``postgresql://user@host:port/database``).
+DATABASE_SCHEMES = ("postgresql", "postgres")
 
 
 def _json(values) -> str | None:
@@ -180,23 +213,38 @@ def _tuple(text: str | None) -> tuple | None:
     return None if text is None else tuple(json.loads(text))
 
 
+def _shown(url: str) -> str:
+    """A database URL without its password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 class PredictionLog:
-    """``PredictionLog(path).record(answers, provenance, command)`` from any thread or process; ``answers()`` reads
-    the rows back. ``key_file``: the site's key for Patient IDs (default ``LOG.key``, made when first needed)."""
+    """``PredictionLog(target).record(answers, predictor, command)`` from any thread or process; ``answers()``
+    reads the rows back. ``target``: an SQLite file, or a PostgreSQL URL (``postgresql://user@host/db``, with the
+    optional extra ``cxrlearn[postgres]``) where several nodes write to one database. ``key_file``: the site's key
+    for Patient IDs (for a file, by default ``LOG.key`` beside it, made when first needed; for a database, given,
+    the same file on every node)."""
 
     def __init__(self, target: str | os.PathLike, key_file: str | os.PathLike | None = None, create: bool = True):
         text = str(target)
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+        if urllib.parse.urlsplit(text).scheme in DATABASE_SCHEMES:
+            self._connect_database(text, key_file, create)
+            return
         if "://" in text:
-            raise ConfigError(f"--log {text}: a log is an SQLite file in this version of cxrlearn (give a path); "
-                              "database servers are not supported yet")
-        self.path = Path(text)
+            raise ConfigError(f"--log {text[:200]}: a log is an SQLite file or a postgresql:// URL")
+        self.path, self.name, self.dialect = Path(text), text, SQLITE
         if not create and not self.path.is_file():
             raise ConfigError(f"{self.path}: no such prediction log")
         if self.path.is_dir():
             raise ConfigError(f"{self.path}: a folder, not a prediction log file")
-        self.key_file = Path(key_file) if key_file else self.path.with_name(self.path.name + ".key")
-        self._key: bytes | None = None
-        self._lock = threading.Lock()
+        self.key_file: Path | None = Path(key_file) if key_file else self.path.with_name(self.path.name + ".key")
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error,)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
@@ -207,37 +255,76 @@ class PredictionLog:
         except OSError as err:
             raise ConfigError(f"{self.path}: cannot open the prediction log ({err.strerror or err})") from None
 
+    def _connect_database(self, url: str, key_file, create: bool) -> None:
+        self.path, self.name, self.dialect = None, _shown(url), POSTGRES
+        if importlib.util.find_spec("psycopg") is None:
+            raise ConfigError(f"--log {self.name}: a PostgreSQL log needs psycopg; install the extra: "
+                              "pip install 'cxrlearn[postgres]'")
+        if key_file is None and create:
+            raise ConfigError(f"--log {self.name}: give --site-key FILE, the key Patient IDs are hashed with (the same "
+                              "file on every node that writes to this database)")
+        self.key_file = Path(key_file) if key_file else None
+        import psycopg
+
+        self._errors = (psycopg.Error,)
+        try:
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as err:
+            raise ConfigError(f"--log {self.name}: cannot reach the database ({str(err).strip().splitlines()[0]})"
+                              ) from None
+        try:
+            self._open(create)
+        except psycopg.Error as err:
+            raise ConfigError(f"--log {self.name}: {str(err).strip().splitlines()[0]}") from None
+
+    def _execute(self, statement: str, arguments: tuple = ()):
+        return self._db.execute(statement.replace("?", self.dialect.placeholder), arguments)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One transaction, serialised against other writers (SQLite's write lock, a PostgreSQL advisory lock)."""
+        if self.dialect is POSTGRES:
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(20261202)")
+                yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _tables(self) -> set[str]:
+        return {name for (name,) in self._execute(self.dialect.list_tables).fetchall()}
+
     def _open(self, create: bool) -> None:
-        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = self._tables()
         if tables and META_TABLE not in tables:
-            raise ConfigError(f"{self.path}: not a cxrlearn prediction log (an SQLite database with other tables: "
+            raise ConfigError(f"{self.name}: not a cxrlearn prediction log (a database with other tables: "
                               f"{', '.join(sorted(tables)[:5])})")
-        if META_TABLE in tables or create:
+        if self.dialect is SQLITE and (META_TABLE in tables or create):
             self._db.execute("PRAGMA journal_mode=WAL")
         version = self.schema_version() if META_TABLE in tables else 0
         if version > SCHEMA_VERSION:
-            raise ConfigError(f"{self.path}: a prediction log of schema version {version}, written by a newer "
+            raise ConfigError(f"{self.name}: a prediction log of schema version {version}, written by a newer "
                               f"cxrlearn (this one reads up to {SCHEMA_VERSION}); upgrade cxrlearn")
         if version < SCHEMA_VERSION and not create:
-            raise ConfigError(f"{self.path}: an empty or older prediction log; a command that writes it "
+            raise ConfigError(f"{self.name}: an empty or older prediction log; a command that writes it "
                               "(predict --log) brings it up to date")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                version = self.schema_version() if META_TABLE in tables else 0  # another process may have won
-                for step in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS[step]:
-                        self._db.execute(statement)
-                if version < SCHEMA_VERSION:
-                    self._db.execute(f"INSERT OR REPLACE INTO {META_TABLE} VALUES ('schema_version', ?)",
-                                     (str(SCHEMA_VERSION),))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        if version == SCHEMA_VERSION:
+            return
+        with self._lock, self._transaction():
+            version = self.schema_version() if META_TABLE in self._tables() else 0  # another writer may have won
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in migrations(self.dialect)[step]:
+                    self._db.execute(statement)
+            if version < SCHEMA_VERSION:
+                self._execute(self.dialect.set_version, (str(SCHEMA_VERSION),))
 
     def schema_version(self) -> int:
-        row = self._db.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
+        row = self._execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
@@ -249,6 +336,8 @@ class PredictionLog:
         if not patient:
             return None
         if self._key is None:
+            if self.key_file is None:
+                raise ConfigError(f"{self.name}: no site key to hash Patient IDs with (--site-key FILE)")
             self._key = _site_key(self.key_file)
         return hmac.new(self._key, patient.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -261,17 +350,14 @@ class PredictionLog:
         if not rows:
             return
         statement = (f"INSERT INTO {ANSWERS_TABLE} ({', '.join(_COLUMNS)}) "
-                     f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+                     f"VALUES ({', '.join(self.dialect.placeholder for _ in _COLUMNS)})")
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(statement, rows)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as err:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise ConfigError(f"{self.path}: could not record {len(rows)} answer(s) in the prediction log "
-                                  f"({err})") from None
+                with self._transaction():
+                    self._db.cursor().executemany(statement, rows)
+            except self._errors as err:
+                raise ConfigError(f"{self.name}: could not record {len(rows)} answer(s) in the prediction log "
+                                  f"({str(err).strip().splitlines()[0] if str(err).strip() else err})") from None
 
     def _row(self, answer: Answered, provenance: Provenance, command: str, reference_sha256: str | None,
              findings: Sequence[str], now: str) -> tuple:
@@ -298,13 +384,13 @@ class PredictionLog:
             arguments = (since.astimezone(timezone.utc).isoformat(timespec="milliseconds"),)
         with self._lock:
             try:
-                rows = self._db.execute(query + " ORDER BY answered_at, id", arguments).fetchall()
-            except sqlite3.Error as err:
-                raise ConfigError(f"{self.path}: the prediction log cannot be read ({err})") from None
+                rows = self._execute(query + " ORDER BY answered_at, id", arguments).fetchall()
+            except self._errors as err:
+                raise ConfigError(f"{self.name}: the prediction log cannot be read ({err})") from None
         try:
             return [_logged(row) for row in rows]
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{self.path}: a row of the prediction log is damaged ({err})") from None
+            raise ConfigError(f"{self.name}: a row of the prediction log is damaged ({err})") from None
 
 
 def _logged(row: tuple) -> LoggedAnswer:

@@ -332,6 +332,23 @@ def _record(prediction_log: PredictionLog, result: Prediction, request_id: str, 
         raise HTTPException(503, "the prediction log cannot be written; the answer is withheld") from None
 
 
+def _add_open_routes(app: FastAPI, page: str, metrics: ServiceMetrics) -> None:
+    """The routes beside the model's: liveness, the metrics operators scrape, and the page."""
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+
 def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                decoders: int | None = None, upload_timeout_s: float = UPLOAD_TIMEOUT_S, strict: bool = False,
                device: str = "auto", api_key: str | None = None, max_batch: int = MAX_BATCH,
@@ -363,9 +380,7 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
     app.add_middleware(BoundedBodies, max_bytes=max_upload_bytes + 64 * 1024, timeout_s=upload_timeout_s)
     app.add_middleware(Traced, api_key=api_key, metrics=metrics)  # added last, so it runs first: 401s and 413s carry the id too
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    _add_open_routes(app, page, metrics)
 
     @app.get("/v1/model")
     def model_info() -> dict:
@@ -406,15 +421,6 @@ def create_app(model_dir: str | os.PathLike, runtime: str = "torch", max_upload_
             body["heatmap"] = {"finding": finding, "overlay_png": _png_base64(picture),
                                "image_png": _png_base64(shown)}
         return body
-
-    @app.get("/metrics", response_class=Response)
-    def prometheus_metrics() -> Response:
-        content, media_type = metrics.exposition()
-        return Response(content, media_type=media_type)
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page
 
     app.state.predictor, app.state.batcher = predictor, batcher
     return app

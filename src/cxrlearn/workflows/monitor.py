@@ -197,9 +197,9 @@ def realised_auc(rows: Sequence[LoggedAnswer], outcomes, findings: Sequence[str]
     return RealisedAuc(len(labelled), measured.mean_auc, measured.mean_auc_ci95, dict(measured.auc))
 
 
-def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
-            since: datetime | None = None, any_model: bool = False,
-            reference_images: Sequence[Path] | None = None, labels: Path | None = None) -> MonitorResult:
+def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
+            since: datetime | None = None, any_model: bool = False, reference_images: Sequence[Path] | None = None,
+            labels: Path | None = None) -> MonitorResult:
     """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html. With ``labels``
     (a label table naming the answers' images), each window's realised AUC too."""
     meta = read_meta(model)
@@ -209,7 +209,9 @@ def monitor(model: Path, log_path: Path, out: Path, window: WindowSpec = WindowS
     if tuple(reference.findings) != tuple(findings):
         raise ConfigError(f"{model / REFERENCE_FILE}: made for other findings than the bundle's; make it again with "
                           "--reference-images")
-    answers = PredictionLog(log_path, create=False).answers(since)
+    prediction_log = PredictionLog(log_path, create=False)
+    log_path = prediction_log.name  # a database's URL without its password
+    answers = prediction_log.answers(since)
     digest = bundle_digest(model)
     mine = [row for row in answers if row.model_sha256 == digest]
     others = len(answers) - len(mine)
