@@ -101,12 +101,15 @@ def test_training_writes_a_reference_and_evaluate_refreshes_it_as_the_bundle_pre
 
 
 # ---- the log -----------------------------------------------------------------------------------------------
-def _dicoms(sample_images: Path, folder: Path, count: int) -> list[Path]:
+def _dicoms(sample_images: Path, folder: Path, count: int, first: int = 0, change=None) -> list[Path]:
+    """DX files of ``count`` sample images from the ``first``, each changed by ``change(i, ds)`` if given."""
     folder.mkdir()
     paths = []
-    for i, png in enumerate(sorted(sample_images.glob("*.png"))[:count]):
+    for i, png in enumerate(sorted(sample_images.glob("*.png"))[first:first + count]):
         ds = chest_dx(np.asarray(Image.open(png).convert("L")), patient_id=f"PID-{i:04d}")
         ds.KVP, ds.Exposure = 110, 4
+        if change is not None:
+            change(i, ds)
         paths.append(folder / f"{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     return paths
@@ -499,3 +502,32 @@ def test_a_postgresql_log_takes_several_writers_and_the_monitor_judges_it_as_a_f
     assert from_database["answers"] == from_file["answers"] and from_database["other_models"] == 180
     for a, b in zip(from_file["windows"], from_database["windows"], strict=True):
         assert [t["p_value"] for t in a["tests"]] == pytest.approx([t["p_value"] for t in b["tests"]], abs=1e-9)
+
+
+def test_dicom_tags_are_judged_against_a_reference_made_from_dicom_files(evaluated, sample_images, tmp_path, capsys):
+    """A reference made from one vendor's PA films; a window where half the films come from another vendor and are
+    AP: the tags' chi-squared tests alert, and the new values are named."""
+    run = tmp_path / "bundle"
+    shutil.copytree(evaluated[0], run)
+    _dicoms(sample_images, tmp_path / "reference", 80, first=200)
+
+    def other_vendor(i, ds):
+        if i % 2:
+            ds.Manufacturer, ds.ViewPosition = "Other vendor", "AP"
+
+    stream = _dicoms(sample_images, tmp_path / "stream", 60, first=400, change=other_vendor)
+    log = tmp_path / "log.sqlite"
+    assert main(["predict", *map(str, stream), "--model", str(run), "--out", str(tmp_path / "p.csv"), "--log",
+                 str(log), "--no-progress", "--workers", "0"]) == 0
+    assert main(["monitor", "--model", str(run), "--log", str(log), "--out", str(tmp_path / "m"), "--window", "60",
+                 "--reference-images", str(tmp_path / "reference")]) == 4
+    printed = capsys.readouterr().out
+    assert "Manufacturer 'Other vendor' (30 answers) was not in the reference images" in printed
+    assert "ViewPosition 'AP' (30 answers) was not in the reference images" in printed
+    result = json.loads((tmp_path / "m" / "monitor.json").read_text())
+    tags = {a["subject"]: a for a in result["alerts"] if a["kind"] == "tags"}
+    assert set(tags) == {"Manufacturer (share of 'cxrlearn tests')", "ViewPosition (share of 'PA')"}
+    counts = [[80, 0], [30, 30]]  # the reference's and the window's: vendor, other vendor
+    expected = stats.chi2_contingency(counts, correction=False)
+    assert tags["Manufacturer (share of 'cxrlearn tests')"]["p_value"] == pytest.approx(expected.pvalue)
+    assert tags["Manufacturer (share of 'cxrlearn tests')"]["window_value"] == 0.5

@@ -465,17 +465,11 @@ def _prediction_log(args: argparse.Namespace, predictor):
 
 def _answered_files(read: list[Path], predictions: list) -> list:
     """``predict --log``'s rows: each file's prediction, named by the file, with a DICOM file's tags."""
-    from cxrlearn.monitoring.log import Answered
+    from cxrlearn.monitoring.log import Answered, file_tags
 
-    answered = []
-    for path, prediction in zip(read, predictions):
-        header = (None, None)
-        if path.suffix.lower() in (".dcm", ".dicom") or path.suffix == "":
-            from cxrlearn.dicom.source import instance_tags  # pydicom: only where there is a DICOM input
-
-            header = instance_tags(path.read_bytes())
-        answered.append(Answered(prediction, prediction.image, *header))
-    return answered
+    return [Answered(prediction, prediction.image, *(file_tags(path) if path.suffix.lower() in (".dcm", ".dicom")
+                                                     else (None, None)))
+            for path, prediction in zip(read, predictions)]
 
 
 def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path) -> list[tuple[str, str]]:
@@ -1108,7 +1102,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
                      args.labels)
     judged = [w for w in result.windows if w.judged]
     for w in result.windows:
-        said = "; ".join(t.describe() for t in w.alerts) or w.note or "no alert"
+        said = "; ".join([*(t.describe() for t in w.alerts), *w.unseen]) or w.note or "no alert"
         realised = result.realised[w.index - 1] if result.realised else None
         if realised is not None and realised.mean_auc is not None:
             said += f"; realised mean AUC {realised.mean_auc:.3f} on {realised.labelled} labelled"

@@ -32,6 +32,7 @@ from sklearn.decomposition import PCA
 from cxrlearn._files import file_digest, write_atomic
 from cxrlearn.errors import ConfigError
 from cxrlearn.model.bundle import read_safetensors
+from cxrlearn.records import Record
 
 REFERENCE_FILE = "reference.safetensors"
 #: Principal components of the pooled features that a summary keeps.
@@ -96,6 +97,14 @@ def summaries(model_pixels: np.ndarray, features: np.ndarray | None, basis: Basi
             for i, size in enumerate(sizes)]
 
 
+class Described(Record):
+    """What a reference file's metadata says of it (JSON texts, as safetensors keeps strings)."""
+
+    findings: str = "[]"
+    source: str = "unknown images"
+    tags: str = "[]"
+
+
 @dataclass
 class Reference:
     """The reference images' summaries and outputs (one row each), their basis, and where they came from."""
@@ -108,6 +117,9 @@ class Reference:
     flagged: np.ndarray  # (N,) bool: the input check flagged it
     input_scores: np.ndarray  # (N,) NaN where not computed
     source: str  # in words: "the run's 250 validation images", "the 400 images in DIR"
+    #: Where made from DICOM files: each categorical tag's values and their counts (cxrlearn.monitoring.drift's
+    #: CATEGORIES, in order); empty otherwise.
+    tag_counts: tuple[dict[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -118,7 +130,7 @@ class Reference:
                   "projections": self.projections, "pixels": self.pixels,
                   "flagged": self.flagged.astype(np.uint8), "input_scores": self.input_scores}
         described = {"findings": json.dumps(list(self.findings)), "source": self.source,
-                     "pixel_statistics": json.dumps(list(PIXEL_STATISTICS))}
+                     "pixel_statistics": json.dumps(list(PIXEL_STATISTICS)), "tags": json.dumps(list(self.tag_counts))}
         write_atomic(path, save({k: np.ascontiguousarray(v, dtype=np.uint8 if k == "flagged" else np.float32)
                                  for k, v in arrays.items()}, metadata=described))
         return path
@@ -131,9 +143,10 @@ class Reference:
             return None
         arrays = read_safetensors(path, f"{path}: missing", load_file)
         with safe_open(str(path), framework="numpy") as handle:
-            described = handle.metadata() or {}
+            described = Described.model_validate(handle.metadata() or {})
         try:
-            findings = tuple(json.loads(described.get("findings", "[]")))
+            findings = tuple(json.loads(described.findings))
+            tag_counts = tuple(dict(counts) for counts in json.loads(described.tags))
             names = ("basis_mean", "basis_components", "logits", "projections", "pixels", "flagged", "input_scores")
             basis_mean, components, logits, projections, pixels, flagged, scores = (arrays[n] for n in names)
         except (KeyError, ValueError) as err:
@@ -146,7 +159,7 @@ class Reference:
             raise ConfigError(f"{path}: its arrays do not agree in shape (damaged); make it again with `cxrlearn "
                               f"monitor --model {folder} --reference-images DIR`")
         return cls(Basis(basis_mean, components), findings, logits, projections, pixels, flagged.astype(bool),
-                   scores, described.get("source", "unknown images"))
+                   scores, described.source, tag_counts)
 
     @staticmethod
     def digest(folder: str | os.PathLike) -> str | None:

@@ -6,7 +6,8 @@ answers and summaries (:class:`cxrlearn.model.reference.Reference`):
 * **outputs**: each finding's probabilities (two-sample Kolmogorov-Smirnov), and each called finding's
   predicted-positive rate (two-proportion z-test, pooled);
 * **inputs**: the input check's flag rate (two-proportion z-test), the 8-bit input's pixel statistics and the
-  features' principal components (Kolmogorov-Smirnov each).
+  features' principal components (Kolmogorov-Smirnov each), and, where the reference was made from DICOM files,
+  the categorical DICOM tags (chi-squared; a value the reference never had is named).
 
 Holm's correction runs across all of a window's tests, so the chance that a window of answers drawn like the
 reference's raises any alert is at most 5% (:data:`ALPHA`), whatever the number of tests. A test whose Holm-
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import stats
 
 from cxrlearn.evaluation.paired import holm
+from cxrlearn.monitoring.log import KEYWORDS
 
 #: The family-wise false-alarm rate of a window.
 ALPHA = 0.05
@@ -42,7 +44,10 @@ KINDS = {
     "flag rate": "the input check's flag rate (two-proportion z-test)",
     "pixels": "a pixel statistic of the network's 8-bit input (Kolmogorov-Smirnov)",
     "features": "a principal component of the backbone's features (Kolmogorov-Smirnov)",
+    "tags": "a DICOM tag's values (chi-squared against the reference's; the share of its commonest value shown)",
 }
+#: The DICOM tags judged as categories (:class:`cxrlearn.monitoring.log.AcquisitionTags` fields), in order.
+CATEGORIES = ("modality", "manufacturer", "manufacturer_model", "view_position", "body_part", "photometric")
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,17 @@ class Sample:
     flagged: np.ndarray
     pixels: np.ndarray | None
     projections: np.ndarray | None
+    #: Per :data:`CATEGORIES` entry, each answer's value (None where absent); None where no answer is DICOM.
+    tags: tuple[tuple[str | None, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.probabilities)
 
     def take(self, rows: np.ndarray) -> Sample:
         pick = (lambda a: None if a is None else a[rows])
+        tags = None if self.tags is None else tuple(tuple(values[i] for i in rows) for values in self.tags)
         return Sample(self.probabilities[rows], pick(self.calls), self.flagged[rows], pick(self.pixels),
-                      pick(self.projections))
+                      pick(self.projections), tags)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class Window:
     estimated_auc: list[EstimatedAuc] = field(default_factory=list)
     positive_rates: list[float | None] = field(default_factory=list)  # per finding; None where not called
     flag_rate: float | None = None
+    unseen: list[str] = field(default_factory=list)  # tag values the reference never had, in words
 
     @property
     def alerts(self) -> list[TestResult]:
@@ -171,9 +180,39 @@ def _rate(kind: str, subject: str, reference: np.ndarray, window: np.ndarray) ->
     return TestResult(kind, subject, float(reference.mean()), float(window.mean()), z, p)
 
 
+def _tag_tests(reference_counts: Sequence[dict[str, int]], window: Sample) -> list[TestResult]:
+    """Chi-squared of each categorical tag's values in the window against the reference's counts."""
+    tests = []
+    for name, counts, values in zip(CATEGORIES, reference_counts, window.tags or ()):
+        seen = [v for v in values if v is not None]
+        if not counts or not seen:
+            continue
+        categories = sorted(set(counts) | set(seen))
+        if len(categories) < 2:
+            continue
+        table = np.array([[counts.get(c, 0) for c in categories], [seen.count(c) for c in categories]])
+        chi2, p, _, _ = stats.chi2_contingency(table, correction=False)
+        top = max(counts, key=counts.get)
+        tests.append(TestResult("tags", f"{KEYWORDS[name]} (share of '{top}')", counts[top] / sum(counts.values()),
+                                seen.count(top) / len(seen), float(chi2), float(p)))
+    return tests
+
+
+def unseen_values(reference_counts: Sequence[dict[str, int]], window: Sample) -> list[str]:
+    """Each tag value the window has and the reference never had, in words."""
+    said = []
+    for name, counts, values in zip(CATEGORIES, reference_counts, window.tags or ()):
+        if counts:
+            for value in sorted({v for v in values if v is not None} - set(counts)):
+                said.append(f"{KEYWORDS[name]} '{value}' ({values.count(value)} answers) was not in the reference "
+                            "images")
+    return said
+
+
 def window_tests(reference: Sample, window: Sample, findings: Sequence[str], called: Sequence[bool],
-                 pixel_names: Sequence[str]) -> list[TestResult]:
-    """Every test of a window against the reference, each with its Holm-adjusted p-value and alert."""
+                 pixel_names: Sequence[str], reference_tags: Sequence[dict[str, int]] = ()) -> list[TestResult]:
+    """Every test of a window against the reference (``reference_tags``: its counts of each of :data:`CATEGORIES`'
+    values, where it was made from DICOM files), each with its Holm-adjusted p-value and alert."""
     tests = [_ks("probabilities", name, reference.probabilities[:, j], window.probabilities[:, j])
              for j, name in enumerate(findings)]
     if reference.calls is not None and window.calls is not None:
@@ -186,6 +225,7 @@ def window_tests(reference: Sample, window: Sample, findings: Sequence[str], cal
     if reference.projections is not None and window.projections is not None:
         tests += [_ks("features", f"component {k + 1}", reference.projections[:, k], window.projections[:, k],
                       np.median) for k in range(reference.projections.shape[1])]
+    tests += _tag_tests(reference_tags, window)
     adjusted = holm([t.p_value for t in tests])
     return [TestResult(t.kind, t.subject, t.reference_value, t.window_value, t.statistic, t.p_value, float(a),
                        bool(a < ALPHA))
@@ -208,7 +248,7 @@ def auc_bands(reference: np.ndarray, size: int, findings: Sequence[str], seed: i
 
 def judge_window(index: int, times: Sequence[datetime], reference: Sample, window: Sample,
                  findings: Sequence[str], called: Sequence[bool], pixel_names: Sequence[str],
-                 band_cache: dict[int, list]) -> Window:
+                 band_cache: dict[int, list], reference_tags: Sequence[dict[str, int]] = ()) -> Window:
     """One window of answers (their times, their :class:`Sample`) judged against the reference."""
     out = Window(index, times[0], times[-1], len(window), judged=len(window) >= MIN_WINDOW)
     out.positive_rates = [float(window.calls[:, j].mean()) if window.calls is not None and called[j] else None
@@ -217,7 +257,8 @@ def judge_window(index: int, times: Sequence[datetime], reference: Sample, windo
     if not out.judged:
         out.note = f"too small to judge ({len(window)} answers; a window needs {MIN_WINDOW})"
         return out
-    out.tests = window_tests(reference, window, findings, called, pixel_names)
+    out.tests = window_tests(reference, window, findings, called, pixel_names, reference_tags)
+    out.unseen = unseen_values(reference_tags, window)
     if len(window) not in band_cache:
         band_cache[len(window)] = auc_bands(reference.probabilities, len(window), findings)
     out.estimated_auc = [EstimatedAuc(name, expected_auc(window.probabilities[:, j]), band_cache[len(window)][j])

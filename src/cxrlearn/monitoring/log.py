@@ -111,6 +111,18 @@ def patient_id(dataset) -> str | None:
     return _value(dataset, "PatientID", str)
 
 
+def file_tags(path: Path) -> tuple[AcquisitionTags | None, str | None]:
+    """A DICOM file's :class:`AcquisitionTags` and Patient ID; (None, None) for a file that is not DICOM or whose
+    header cannot be read."""
+    import pydicom  # only where there is a DICOM file to read
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM (an image file), or a header pydicom cannot read: no tags
+        return None, None
+    return acquisition_tags(ds), patient_id(ds)
+
+
 @dataclass(frozen=True)
 class Answered:
     """One answer to record: the prediction, the source's name, and for a DICOM input its tags and Patient ID

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,8 +34,9 @@ from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predictor import Predictor, find_inputs, prepared_files
 from cxrlearn.model.bundle import bundle_digest, read_meta
 from cxrlearn.model.reference import PIXEL_STATISTICS, REFERENCE_FILE, Reference
-from cxrlearn.monitoring.drift import ALPHA, KINDS, MIN_WINDOW, Sample, Window, judge_window, split_windows
-from cxrlearn.monitoring.log import LoggedAnswer, PredictionLog
+from cxrlearn.monitoring.drift import (ALPHA, CATEGORIES, KINDS, MIN_WINDOW, Sample, Window, judge_window,
+                                       split_windows)
+from cxrlearn.monitoring.log import AcquisitionTags, LoggedAnswer, PredictionLog, file_tags
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ def load_reference(model: Path, reference_images: Sequence[Path] | None, runtime
         where = str(reference_images[0]) + (f" and {len(reference_images) - 1:,} other files or folders"
                                             if len(reference_images) > 1 else "")
         reference = predictor.make_reference(batches, f"{len(paths) - len(unreadable):,} images in {where}")
+        reference.tag_counts = tag_counts([file_tags(path)[0] for path in paths if path.suffix.lower() == ".dcm"])
         reference.save(model)
         log.info(f"monitoring reference: {len(reference):,} images in {where} ({model / REFERENCE_FILE})")
         return reference
@@ -139,6 +142,15 @@ def write_reference_from(run_dir: Path, loader, source: str) -> Reference:
     reference.save(run_dir)
     log.info(f"monitoring reference: the model's answers and summaries of {source} ({run_dir / REFERENCE_FILE})")
     return reference
+
+
+def tag_counts(tags: Sequence[AcquisitionTags | None]) -> tuple[dict[str, int], ...]:
+    """Each categorical tag's (:data:`CATEGORIES`) values and their counts; empty without any DICOM tags."""
+    known = [t for t in tags if t is not None]
+    if not known:
+        return ()
+    counts = tuple(Counter(getattr(t, name) for t in known if getattr(t, name) is not None) for name in CATEGORIES)
+    return tuple(dict(c) for c in counts)
 
 
 def _reference_batches(paths: list[Path], predictor: Predictor):
@@ -170,7 +182,9 @@ def log_sample(rows: Sequence[LoggedAnswer], findings: Sequence[str], thresholds
               if all(row.pixel_statistics for row in rows) else None)
     projections = (np.array([row.projection for row in rows], dtype=np.float64)
                    if all(row.projection and row.reference_sha256 == reference_sha256 for row in rows) else None)
-    return Sample(probs, calls, np.array([row.flagged for row in rows]), pixels, projections)
+    tags = (tuple(tuple(getattr(row.tags, name) for row in rows) for name in CATEGORIES)
+            if any(row.tags.modality is not None for row in rows) else None)
+    return Sample(probs, calls, np.array([row.flagged for row in rows]), pixels, projections, tags)
 
 
 def read_outcomes(path: Path):
@@ -238,7 +252,7 @@ def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = W
         chosen = [rows[k] for k in picked]
         judged = judge_window(i + 1, [row.answered_at for row in chosen], ref,
                               log_sample(chosen, findings, thresholds, ref_sha), findings, called, PIXEL_STATISTICS,
-                              bands)
+                              bands, reference.tag_counts)
         result.windows.append(judged)
         if outcomes is not None:
             result.realised.append(realised_auc(chosen, outcomes, findings))
@@ -293,7 +307,8 @@ def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, o
         realised = result.realised[i] if result.realised else None
         rows.append([str(w.index), f"{w.first:%Y-%m-%d %H:%M}", f"{w.last:%Y-%m-%d %H:%M}", str(w.answers),
                      f"{w.flag_rate:.1%}", f"{w.drift_score:.1f}" if w.judged else "-",
-                     "; ".join(t.describe() for t in w.alerts) or (w.note or "none"), ", ".join(low) or "-"]
+                     "; ".join([*(t.describe() for t in w.alerts), *w.unseen]) or (w.note or "none"),
+                     ", ".join(low) or "-"]
                     + ([_realised_text(realised)] if result.labels else []))
     blocks += [("h2", "Windows"),
                ("table", Table(["window", "from", "to", "answers", "flagged", "drift score", "alerts",
