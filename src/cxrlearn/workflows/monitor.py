@@ -259,7 +259,8 @@ def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = W
     result.labels = str(labels) if labels else None
     tests = max((len(w.tests) for w in result.windows), default=0)
     result.false_alarms = (f"Holm's correction across each window's {tests} tests keeps the chance that a window "
-                           f"like the reference raises any alert at most {ALPHA:.0%}.")
+                           f"of independent images like the reference's raises any alert at most {ALPHA:.0%} (one "
+                           "patient's follow-up films are alike: windows holding many raise somewhat more).")
     write_outputs(out, result, findings, called)
     return result
 
