@@ -76,6 +76,32 @@ def test_windows_are_judged_with_holm_across_their_tests():
     assert {t.subject for t in tests if t.alert} == {"A", "B"}  # the shifted probabilities, nothing else
 
 
+def test_a_slow_drift_that_no_window_shows_is_caught_by_the_cusum():
+    """Windows whose pixel statistics each differ a little (smallest p 0.002 of 9 tests: 0.1 after Holm across 48,
+    no alert), every window: the CUSUM of the pixels' scores passes its line at the fourth."""
+    from datetime import datetime
+
+    from cxrlearn.monitoring.drift import CUSUM_H, CUSUM_K, TestResult, Window, cusum, kind_score
+
+    def window(i: int, smallest: float) -> Window:
+        tests = [TestResult("pixels", f"p{k}", 0, 0, 0, smallest if k == 0 else 0.5, min(1.0, smallest * 48))
+                 for k in range(9)]
+        tests += [TestResult("features", f"c{k}", 0, 0, 0, 0.5, 1.0) for k in range(16)]
+        return Window(i, datetime(2026, 12, 1), datetime(2026, 12, 1), 100, True, tests=tests)
+
+    windows = [window(i + 1, 0.002) for i in range(6)]
+    assert not any(w.alerts for w in windows)
+    z = stats.norm.isf(9 * 0.002)
+    assert kind_score(windows[0], "pixels") == pytest.approx(z)
+    alarms, paths = cusum(windows)
+    first = int(np.ceil(CUSUM_H / (z - CUSUM_K) + 1e-9))  # windows until the sum passes the line
+    assert [(a.kind, a.window) for a in alarms][0] == ("pixels", first) and first == 4
+    assert paths["pixels"][:first - 1] == pytest.approx([(z - CUSUM_K) * (k + 1) for k in range(first - 1)])
+    assert all(a.kind == "pixels" for a in alarms)  # the features, at p 0.5 everywhere, never
+    steady, _ = cusum([window(i + 1, 0.3) for i in range(50)])
+    assert steady == []
+
+
 # ---- the reference -----------------------------------------------------------------------------------------
 def test_training_writes_a_reference_and_evaluate_refreshes_it_as_the_bundle_predicts(evaluated, trained_run,
                                                                                       sample_images):

@@ -1107,10 +1107,13 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         if realised is not None and realised.mean_auc is not None:
             said += f"; realised mean AUC {realised.mean_auc:.3f} on {realised.labelled} labelled"
         print(f"window {w.index} ({w.answers} answers, {w.first:%Y-%m-%d %H:%M} to {w.last:%Y-%m-%d %H:%M}): {said}")
+    for alarm in result.slow_drift:
+        print(alarm.describe())
     alerts = result.alerts
-    print(f"{len(alerts)} alert(s) in {len(judged)} judged window(s) of {result.answers:,} answers; "
-          f"wrote {args.out}/monitor.json, monitor.md, monitor.html")
-    return ALERT_STATUS if alerts else EXIT_OK
+    print(f"{len(alerts)} alert(s) in {len(judged)} judged window(s) of {result.answers:,} answers"
+          + (f", {len(result.slow_drift)} slow drift(s)" if result.slow_drift else "")
+          + f"; wrote {args.out}/monitor.json, monitor.md, monitor.html")
+    return ALERT_STATUS if alerts or result.slow_drift else EXIT_OK
 
 
 def _add_dicom_commands(commands) -> None:

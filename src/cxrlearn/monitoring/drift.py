@@ -15,6 +15,12 @@ each image as independent; one patient's follow-up films are alike, and on NIH's
 alerted 5-11% of the time (docs/benchmarks.md). A test whose Holm-
 adjusted p-value is below it is an alert.
 
+Across windows, a **CUSUM** on each kind of test watches for a slow drift that no single window shows: a kind's
+window score is the z-value of its Bonferroni-combined p-value (its smallest p times its number of tests), and
+``S = max(0, S + z - k)`` raises an alarm when it passes ``h`` (:data:`CUSUM_K`, :data:`CUSUM_H`; for
+independent standard normal scores, about one false alarm in 465 windows; the combined p-values are conservative,
+so fewer).
+
 Beside the tests, each window gets a **label-free estimate of every finding's AUC** (confidence-based performance
 estimation, as NannyML's CBPE: the AUC expected if each answer's label were drawn with its calibrated probability)
 and the band that estimate has on the reference at the window's size: a falling estimate warns before labels
@@ -37,6 +43,9 @@ from cxrlearn.monitoring.log import KEYWORDS
 ALPHA = 0.05
 #: The fewest answers a window is judged on.
 MIN_WINDOW = 30
+#: CUSUM's reference value and decision interval, in standard deviations of a window's score (Page 1954; with 0.5
+#: and 5 the in-control average run length of a standard normal score is about 465 windows).
+CUSUM_K, CUSUM_H = 0.5, 5.0
 #: Reference resamples for the band of the label-free AUC estimate.
 BAND_RESAMPLES = 200
 #: What each kind of test watches, in words.
@@ -278,3 +287,47 @@ def split_windows(times: Sequence[datetime], count: int | None = None, span: tim
     start = times[0]
     slots = np.array([int((t - start) / span) for t in times])
     return [np.flatnonzero(slots == slot) for slot in np.unique(slots)]
+
+
+@dataclass(frozen=True)
+class CusumAlarm:
+    """A slow drift: the CUSUM of one kind of test passed :data:`CUSUM_H` at a window."""
+
+    kind: str
+    window: int
+    statistic: float
+
+    def describe(self) -> str:
+        return (f"slow drift in {self.kind}: CUSUM {self.statistic:.1f} over {CUSUM_H:g} at window {self.window} "
+                "(each window's score below the alert line, their sum above it)")
+
+
+def kind_score(window: Window, kind: str) -> float | None:
+    """The z-value of a kind's Bonferroni-combined p-value in a window (None where it had no such test)."""
+    tests = window.tests_of(kind)
+    if not tests:
+        return None
+    combined = min(1.0, len(tests) * min(t.p_value for t in tests))
+    return float(np.clip(stats.norm.isf(max(combined, 1e-300)), -5.0, 10.0))
+
+
+def cusum(windows: Sequence[Window]) -> tuple[list[CusumAlarm], dict[str, list[float]]]:
+    """The CUSUM of each kind over the judged windows: its alarms (the sum starts again after each) and its value
+    at each judged window."""
+    alarms: list[CusumAlarm] = []
+    paths: dict[str, list[float]] = {}
+    for kind in KINDS:
+        total, path = 0.0, []
+        for window in (w for w in windows if w.judged):
+            score = kind_score(window, kind)
+            if score is not None:
+                total = max(0.0, total + score - CUSUM_K)
+                if total > CUSUM_H:
+                    alarms.append(CusumAlarm(kind, window.index, round(total, 3)))
+                    path.append(total)
+                    total = 0.0
+                    continue
+            path.append(total)
+        if any(window.tests_of(kind) for window in windows):
+            paths[kind] = path
+    return alarms, paths

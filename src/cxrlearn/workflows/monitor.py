@@ -34,8 +34,8 @@ from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predictor import Predictor, find_inputs, prepared_files
 from cxrlearn.model.bundle import bundle_digest, read_meta
 from cxrlearn.model.reference import PIXEL_STATISTICS, REFERENCE_FILE, Reference
-from cxrlearn.monitoring.drift import (ALPHA, CATEGORIES, KINDS, MIN_WINDOW, Sample, Window, judge_window,
-                                       split_windows)
+from cxrlearn.monitoring.drift import (ALPHA, CATEGORIES, CUSUM_H, CUSUM_K, KINDS, MIN_WINDOW, CusumAlarm, Sample,
+                                       Window, cusum, judge_window, split_windows)
 from cxrlearn.monitoring.log import AcquisitionTags, LoggedAnswer, PredictionLog, file_tags
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class MonitorResult:
     alpha: float = ALPHA
     false_alarms: str = ""
     windows: list[Window] = field(default_factory=list)
+    slow_drift: list[CusumAlarm] = field(default_factory=list)  # CUSUM alarms across windows
     labels: str | None = None
     realised: list[RealisedAuc | None] = field(default_factory=list)  # per window, with --labels
 
@@ -257,6 +258,7 @@ def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = W
         if outcomes is not None:
             result.realised.append(realised_auc(chosen, outcomes, findings))
     result.labels = str(labels) if labels else None
+    result.slow_drift, _ = cusum(result.windows)
     tests = max((len(w.tests) for w in result.windows), default=0)
     result.false_alarms = (f"Holm's correction across each window's {tests} tests keeps the chance that a window "
                            f"of independent images like the reference's raises any alert at most {ALPHA:.0%} (one "
@@ -278,7 +280,7 @@ def write_outputs(out: Path, result: MonitorResult, findings: Sequence[str], cal
     out.mkdir(parents=True, exist_ok=True)
     record = dataclasses.asdict(result)
     record.update(alerts=[{"window": w.index, **dataclasses.asdict(t)} for w, t in result.alerts],
-                  kinds=KINDS)
+                  kinds=KINDS, cusum=dict(k=CUSUM_K, h=CUSUM_H))
     write_atomic(out / "monitor.json", json.dumps(record, indent=2, default=_plain) + "\n")
     picture = plot_windows(result, findings, called)
     blocks = _blocks(result, findings)
@@ -298,6 +300,8 @@ def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, o
               f"(runtimes: {', '.join(result.runtimes)}) from `{result.log}`, against the reference of "
               f"{result.reference} ({result.reference_images:,})."),
         ("p", result.false_alarms),
+        ("p", "Slow drift (CUSUM of each kind's window scores): " + ("; ".join(a.describe() for a in result.slow_drift)
+                                                                      or "none") + "."),
     ]
     if result.other_models:
         blocks.append(("p", f"{result.other_models:,} answers of other models were left out (--any-model judges "
