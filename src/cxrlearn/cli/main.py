@@ -412,7 +412,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
     _want_folder(args.dicom_out, "--dicom-out")
-    prediction_log = _prediction_log(args, predictor)
+    prediction_log = _open_log(args)
+    predictor.summarise = prediction_log is not None
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress,
                                                     workers=predict_workers() if args.workers is None else args.workers)
     failures = unreadable + failures
@@ -452,15 +453,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if failures or refused else EXIT_OK
 
 
-def _prediction_log(args: argparse.Namespace, predictor):
-    """``--log``'s prediction log (opened before any work, so a log that cannot be written is said at once), with
-    the predictor summarising each image for it; None without ``--log``."""
-    if args.log is None:
+def _open_log(args: argparse.Namespace, default: Path | None = None):
+    """``--log``'s prediction log, ``default`` where it is not given, None where neither is: opened before any work,
+    so that a log that cannot be written is said at once."""
+    target = args.log or default
+    if target is None:
         return None
     from cxrlearn.monitoring.log import PredictionLog
 
-    predictor.summarise = True
-    return PredictionLog(args.log, key_file=args.site_key)
+    return PredictionLog(target, key_file=args.site_key)
 
 
 def _answered_files(read: list[Path], predictions: list) -> list:
@@ -551,9 +552,9 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
 
 def _node_log(args: argparse.Namespace):
     """The DICOM node's or poller's prediction log: ``--log``, by default ``predictions.sqlite`` in the outbox."""
-    from cxrlearn.monitoring.log import NODE_LOG, PredictionLog
+    from cxrlearn.monitoring.log import NODE_LOG
 
-    return PredictionLog(args.log or args.outbox / NODE_LOG, key_file=args.site_key)
+    return _open_log(args, args.outbox / NODE_LOG)
 
 
 def _cmd_dicom_status(args: argparse.Namespace) -> int:
@@ -591,14 +592,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cxrlearn.monitoring.log import PredictionLog
     from cxrlearn.serving.app import serve
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_upload_bytes=args.max_upload_mb * 2**20,
           decoders=args.decoders, upload_timeout_s=args.upload_timeout, limit_concurrency=args.max_connections,
           strict=args.strict, device=args.device, api_key_file=args.api_key_file, max_batch=args.max_batch,
           batch_wait_ms=args.batch_wait_ms, max_per_client=args.max_per_client,
-          prediction_log=PredictionLog(args.log, key_file=args.site_key) if args.log else None)
+          prediction_log=_open_log(args))
     return 0
 
 

@@ -7,15 +7,16 @@ is not the instance's (the disk, the model) leaves the batch waiting."""
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.results import result_files
-from cxrlearn.dicom.source import instance_tags, read_source
+from cxrlearn.dicom.source import read_source
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.monitoring.log import Answered, PredictionLog
+from cxrlearn.monitoring.log import Answered, PredictionLog, file_tags
 
 log = logging.getLogger("cxrlearn.dicom")
 
@@ -36,7 +37,7 @@ def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secon
         sources.append(source)
         decoded.append(pixels)
         kept.append(path)
-        headers.append(instance_tags(data) if prediction_log is not None else (None, None))
+        headers.append(file_tags(io.BytesIO(data)) if prediction_log is not None else (None, None))
     try:
         predictions = predictor.predict(decoded, [p.name for p in kept]) if kept else []
     except (ConfigError, OSError, MemoryError):

@@ -30,7 +30,6 @@ from pydicom.dataset import Dataset
 from cxrlearn.data.decoding.images import decode_grayscale
 from cxrlearn.defaults import whole_number
 from cxrlearn.errors import DataError
-from cxrlearn.monitoring.log import AcquisitionTags, acquisition_tags, patient_id
 
 #: Who made cxrlearn's own results (their Manufacturer), and the series numbers they are written in.
 MANUFACTURER = "cxrlearn"
@@ -161,9 +160,9 @@ def reference(ds: Dataset, name: str, secondary_captures: bool = True) -> Datase
     if len(orientation) == 2 and all(_ORIENTATION.fullmatch(part) for part in orientation):
         ref.PatientOrientation = orientation
     for keyword in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):  # says it is an image
-        value = _text(ds, keyword)
-        if whole_number(value) is not None:
-            setattr(ref, keyword, whole_number(value))
+        number = whole_number(_text(ds, keyword))
+        if number is not None:
+            setattr(ref, keyword, number)
     laterality = _text(ds, "Laterality") or ""
     ref.Laterality = laterality if laterality in ("R", "L") else ""
     texts = [str(ref.PatientID), str(ref.PatientName), str(ref.ReferringPhysicianName), ref.AccessionNumber,
@@ -193,13 +192,3 @@ def read_source(data: bytes, name: str, secondary_captures: bool = True) -> tupl
         raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     ref = reference(ds, name, secondary_captures)
     return ref, decode_grayscale(data, name)
-
-
-def instance_tags(data: bytes) -> tuple[AcquisitionTags | None, str | None]:
-    """What the prediction log keeps of an instance's header (:class:`AcquisitionTags`), and its Patient ID (which
-    the log keeps only as a keyed hash); (None, None) when the header cannot be read."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - read whole by read_source already; a header it cannot read has no tags
-        return None, None
-    return acquisition_tags(ds), patient_id(ds)

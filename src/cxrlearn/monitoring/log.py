@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Prediction, Predictor, Provenance
@@ -81,6 +81,9 @@ KEYWORDS = {
     "exposure": "Exposure", "patient_sex": "PatientSex", "patient_age": "PatientAge", "study_date": "StudyDate",
     "accession_number": "AccessionNumber",
 }
+#: Each field of :class:`AcquisitionTags` and the type its value is read as.
+TAG_TYPES: dict[str, type] = {f.name: (int if "int" in str(f.type) else float if "float" in str(f.type) else str)
+                              for f in fields(AcquisitionTags)}
 
 
 def _value(dataset, keyword: str, kind: type):
@@ -101,9 +104,7 @@ def _value(dataset, keyword: str, kind: type):
 
 def acquisition_tags(dataset) -> AcquisitionTags:
     """The :class:`AcquisitionTags` of a pydicom data set (an element that cannot be read is None)."""
-    kinds = {f.name: (int if "int" in str(f.type) else float if "float" in str(f.type) else str)
-             for f in fields(AcquisitionTags)}
-    return AcquisitionTags(**{name: _value(dataset, KEYWORDS[name], kinds[name]) for name in KEYWORDS})
+    return AcquisitionTags(**{name: _value(dataset, KEYWORDS[name], TAG_TYPES[name]) for name in KEYWORDS})
 
 
 def patient_id(dataset) -> str | None:
@@ -111,13 +112,13 @@ def patient_id(dataset) -> str | None:
     return _value(dataset, "PatientID", str)
 
 
-def file_tags(path: Path) -> tuple[AcquisitionTags | None, str | None]:
-    """A DICOM file's :class:`AcquisitionTags` and Patient ID; (None, None) for a file that is not DICOM or whose
-    header cannot be read."""
+def file_tags(source: Path | BinaryIO) -> tuple[AcquisitionTags | None, str | None]:
+    """A DICOM file's (a path, or its bytes as a file object) :class:`AcquisitionTags` and Patient ID; (None, None)
+    for a file that is not DICOM or whose header cannot be read."""
     import pydicom  # only where there is a DICOM file to read
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - not DICOM (an image file), or a header pydicom cannot read: no tags
         return None, None
     return acquisition_tags(ds), patient_id(ds)
@@ -163,8 +164,6 @@ class LoggedAnswer:
 
 
 _TAG_COLUMNS = [f.name for f in fields(AcquisitionTags)]
-_TAG_KINDS = {f.name: ("INTEGER" if "int" in str(f.type) else "REAL" if "float" in str(f.type) else "TEXT")
-              for f in fields(AcquisitionTags)}
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ POSTGRES = Dialect("PostgreSQL", "%s", "id BIGSERIAL PRIMARY KEY", "DOUBLE PRECI
 
 def migrations(dialect: Dialect) -> dict[int, list[str]]:
     """Each schema version's statements, applied in order to bring a log from the version before it."""
-    kind = {"INTEGER": "INTEGER", "REAL": dialect.real, "TEXT": "TEXT"}
+    kind = {int: "INTEGER", float: dialect.real, str: "TEXT"}
     return {
         1: [
             f"CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -202,7 +201,7 @@ def migrations(dialect: Dialect) -> dict[int, list[str]]:
                 findings TEXT NOT NULL, probabilities TEXT NOT NULL, positive TEXT, not_called TEXT NOT NULL,
                 input_check TEXT NOT NULL, input_score {dialect.real}, flagged INTEGER NOT NULL,
                 pixel_statistics TEXT, projection TEXT, width INTEGER, height INTEGER,
-                {", ".join(f"{name} {kind[_TAG_KINDS[name]]}" for name in _TAG_COLUMNS)},
+                {", ".join(f"{name} {kind[TAG_TYPES[name]]}" for name in _TAG_COLUMNS)},
                 patient_hash TEXT)""",
             f"CREATE INDEX answers_by_time ON {ANSWERS_TABLE} (model_sha256, answered_at)",
         ],
