@@ -5,6 +5,7 @@ images). Every statistic is checked against scipy or a direct computation on the
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import hmac
 import json
 import os
@@ -320,9 +321,11 @@ def test_labels_give_each_window_its_realised_auc(logged, table_path, nih_table,
 
 
 def test_the_false_alarm_rate_over_many_in_distribution_windows_is_at_most_5_percent(logged):
-    """Windows of 100 answers drawn from half of the test patients, judged against a reference of the other half,
-    over 200 random patient-wise halvings of the sample's images: Holm across each window's tests keeps the share
-    of windows with any alert at most 5% (allowing 8% for the chance in 200 draws)."""
+    """Windows of 100 answers of distinct patients drawn from half of the test patients, judged against a reference
+    of one image of each patient of the other half, over 200 random patient-wise halvings of the sample's images:
+    Holm across each window's tests keeps the share of windows with any alert at most 5% (allowing 8% for the
+    chance in 200 draws). The tests take images as independent, as these are; windows that hold several films of
+    one patient (NIH's test patients have many) alert more often, which docs/benchmarks.md measures."""
     from cxrlearn.model.bundle import read_meta
     from cxrlearn.model.reference import PIXEL_STATISTICS, Reference
     from cxrlearn.monitoring.drift import Sample, window_tests
@@ -340,15 +343,16 @@ def test_the_false_alarm_rate_over_many_in_distribution_windows_is_at_most_5_per
     patients = np.array([path.name[:8] for path in reference_paths] + [row.source[:8] for row in rows])
     called = [meta.thresholds.get(name) is not None for name in findings]
     rng = np.random.default_rng(0)
-    alerted = 0
+    alerted, kinds = 0, Counter()
     for _ in range(200):
-        half = rng.permutation(np.unique(patients))[: len(np.unique(patients)) // 2]
-        in_reference = np.isin(patients, half)
-        window = rng.choice(np.flatnonzero(~in_reference), WINDOW, replace=False)
-        tests = window_tests(pooled.take(np.flatnonzero(in_reference)), pooled.take(window), findings, called,
-                             PIXEL_STATISTICS)
+        # one image of each patient, in random order; then the patients halved
+        one_each = np.array([rng.choice(np.flatnonzero(patients == p)) for p in rng.permutation(np.unique(patients))])
+        reference, others = one_each[: len(one_each) // 2], one_each[len(one_each) // 2:]
+        window = rng.choice(others, WINDOW, replace=False)
+        tests = window_tests(pooled.take(reference), pooled.take(window), findings, called, PIXEL_STATISTICS)
         alerted += any(t.alert for t in tests)
-    print(f"false alarms: {alerted} of 200 in-distribution windows")
+        kinds.update(t.kind for t in tests if t.alert)
+    print(f"false alarms: {alerted} of 200 in-distribution windows; alerting kinds: {dict(kinds)}")
     assert alerted / 200 <= 0.08, f"{alerted} of 200 in-distribution windows alerted"
 
 
