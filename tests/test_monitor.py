@@ -115,9 +115,17 @@ def test_training_writes_a_reference_and_evaluate_refreshes_it_as_the_bundle_pre
     val = pd.read_csv(split).query("split == 'val'")
     assert reference is not None and len(reference) == len(val) and "validation images" in reference.source
     assert reference.projections.shape == (len(val), 16) and reference.basis.components.shape[0] == 16
+    # the basis is fitted on the training images' features (not the reference's own: their projections would be
+    # in-sample), and evaluate's refresh kept it
+    train = pd.read_csv(split).query("split == 'train'")
+    predictor = Predictor(run)
+    features = np.concatenate([predictor.features_and_logits(np.stack([
+        predictor.prepare(np.asarray(Image.open(sample_images / name).convert("L"))).pixels for name in chunk])[:, None])[0]
+        for chunk in np.array_split(train["image"].to_numpy(), 8)])
+    assert reference.basis_source == f"the run's {len(train):,} training images"
+    np.testing.assert_allclose(reference.basis.mean, features.mean(axis=0), atol=2e-3)
     # evaluate turned flip averaging on and calibrated: the reference's answers are the bundle's now, on the
     # same images read from their files (the same preprocessing), probabilities through its temperatures.
-    predictor = Predictor(run)
     assert predictor.tta and predictor.temperature
     predictions, failures = predictor.predict_files([sample_images / name for name in val["image"]], progress=False)
     assert not failures
@@ -266,11 +274,15 @@ def logged(evaluated, trained_run, sample_images, tmp_path_factory):
     run = root / "bundle"
     shutil.copytree(evaluated[0], run)
     rows = pd.read_csv(trained_run[1]).query("split == 'test'")
-    # Patients in random order: in NIH's order (by patient ID, roughly by date) the films drift darker.
-    patients = np.random.default_rng(0).permutation(sorted(rows["patient_id"].unique()))
+    # Patients halved at random: in NIH's order (by patient ID, roughly by date) the films drift darker. The
+    # stream's images in random order, as a hospital's come: a patient's follow-up films days apart, not one after
+    # another.
+    rng = np.random.default_rng(0)
+    patients = rng.permutation(sorted(rows["patient_id"].unique()))
     order = {patient: i for i, patient in enumerate(patients)}
     rows = rows.assign(order=rows["patient_id"].map(order)).sort_values(["order", "image"])
     halves = [rows[rows["order"] < len(patients) // 2], rows[rows["order"] >= len(patients) // 2]]
+    halves[1] = halves[1].sample(frac=1, random_state=0)
     reference, stream = ([sample_images / name for name in half["image"]] for half in halves)
     from cxrlearn.workflows.monitor import load_reference
 
@@ -561,3 +573,63 @@ def test_dicom_tags_are_judged_against_a_reference_made_from_dicom_files(evaluat
     expected = stats.chi2_contingency(counts, correction=False)
     assert tags["Manufacturer (share of 'cxrlearn tests')"]["p_value"] == pytest.approx(expected.pvalue)
     assert tags["Manufacturer (share of 'cxrlearn tests')"]["window_value"] == 0.5
+
+
+def test_a_patients_later_films_in_a_window_are_left_out_of_its_tests(evaluated, sample_images, tmp_path):
+    """60 DICOM answers of 40 patients (the last 20 films are second films of the first 20 patients): the window
+    counts 60 answers, 20 of them later films of its patients, and its tests are those of the first 40 alone."""
+    from cxrlearn.model.bundle import read_meta
+    from cxrlearn.model.reference import Reference
+    from cxrlearn.monitoring.log import PredictionLog
+    from cxrlearn.workflows.monitor import reference_sample
+
+    run = tmp_path / "bundle"
+    shutil.copytree(evaluated[0], run)
+
+    def second_films(i, ds):
+        if i >= 40:
+            ds.PatientID = f"PID-{i - 40:04d}"
+
+    stream = _dicoms(sample_images, tmp_path / "stream", 60, first=400, change=second_films)
+    log = tmp_path / "log.sqlite"
+    assert main(["predict", *map(str, stream), "--model", str(run), "--out", str(tmp_path / "p.csv"), "--log",
+                 str(log), "--no-progress", "--workers", "0"]) == 0
+    main(["monitor", "--model", str(run), "--log", str(log), "--out", str(tmp_path / "m"), "--window", "60",
+          "--assess-ai", str(tmp_path / "assess-ai.csv")])
+    (window,) = json.loads((tmp_path / "m" / "monitor.json").read_text())["windows"]
+    assert window["answers"] == 60 and window["repeats"] == 20 and window["judged"]
+    rows = sorted(PredictionLog(log, create=False).answers(), key=lambda row: row.id)
+    assert len({row.patient_hash for row in rows}) == 40
+    meta = read_meta(run)
+    findings = list(meta.findings)
+    ref = reference_sample(Reference.load(run), findings, meta.thresholds, meta.temperature)
+    first = [row for row in rows if int(Path(row.source).stem) < 40]  # the files are named 0.dcm to 59.dcm
+    assert len(first) == 40
+    tested = {t["subject"]: t for t in window["tests"] if t["kind"] == "probabilities"}
+    j = findings.index("Effusion")
+    expected = stats.ks_2samp(ref.probabilities[:, j], [row.probabilities[row.findings.index("Effusion")]
+                                                         for row in first])
+    assert tested["Effusion"]["p_value"] == pytest.approx(expected.pvalue, rel=1e-6)
+
+    # --assess-ai: the same answers in the registry's columns, one row per answer and finding
+    from cxrlearn.monitoring.assess_ai import COLUMNS
+
+    registry = pd.read_csv(tmp_path / "assess-ai.csv", dtype=str, keep_default_na=False)
+    assert tuple(registry.columns) == COLUMNS and len(registry) == 60 * len(findings)
+    assert set(registry["Patient ID"]) == {row.patient_hash for row in rows}  # the keyed hash, never the ID
+    assert not registry.isin([f"PID-{i:04d}" for i in range(60)]).any().any()
+    calls = pd.read_csv(tmp_path / "p.csv")
+    calls = calls.set_index(calls["image"].map(lambda name: Path(name).name))
+    assert meta.thresholds.get("Effusion") is not None
+    for row, answer in zip(rows, registry.groupby(np.arange(len(registry)) // len(findings), sort=True)):
+        answer = answer[1].set_index("Result Indicator")["AI Result"]
+        for name in findings:
+            if meta.thresholds.get(name) is None:
+                assert answer[name] == "Not called"
+            else:
+                assert answer[name] == ("Positive" if calls.loc[Path(row.source).name, f"{name}_positive"] == 1
+                                        else "Negative"), (row.source, name)
+    assert (registry["AI Result"] == "Positive").any() and (registry["AI Result"] == "Negative").any()
+    assert set(registry["Modality"]) == {"DX"} and set(registry["Body Part Examined"]) == {"CHEST"}
+    assert set(registry["Study Date"]) == {"20261201"} and set(registry["Sex"]) == {"F"}
+    assert set(registry["Inference Date"]) == {f"{rows[0].answered_at:%Y%m%d}"} and set(registry["Race"]) == {""}

@@ -1089,18 +1089,25 @@ def _add_monitor_command(commands) -> None:
     monitor.add_argument("--reference-images", type=Path, nargs="+", metavar="DIR",
                          help="make the bundle's reference from these images (files or folders) first: for a bundle "
                               "without one, or to refresh it")
+    monitor.add_argument("--assess-ai", type=Path, metavar="FILE",
+                         help="also write the judged answers as a CSV file in the columns of the ACR's Assess-AI "
+                              "registry (ACR Connect's AI Result import): one row per answer and finding")
     monitor.set_defaults(run=_cmd_monitor)
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from cxrlearn.workflows.monitor import ALERT_STATUS, WindowSpec, monitor, parse_since
+    from cxrlearn.workflows.monitor import ALERT_STATUS, WindowSpec, export_assess_ai, monitor, parse_since
 
     window = WindowSpec.parse(args.window)
     since = parse_since(args.since) if args.since else None
     _want_folder(args.out, "--out")
+    _want_file(args.assess_ai, "--assess-ai")
     result = monitor(args.model, args.log, args.out, window, since, args.any_model, args.reference_images,
                      args.labels)
     judged = [w for w in result.windows if w.judged]
+    if args.assess_ai:
+        written = export_assess_ai(args.model, args.log, args.assess_ai, since, args.any_model)
+        print(f"wrote {written:,} Assess-AI rows ({result.answers:,} answers, one row per finding) to {args.assess_ai}")
     for w in result.windows:
         said = "; ".join([*(t.describe() for t in w.alerts), *w.unseen]) or w.note or "no alert"
         realised = result.realised[w.index - 1] if result.realised else None

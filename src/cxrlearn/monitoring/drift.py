@@ -131,6 +131,9 @@ class Window:
     positive_rates: list[float | None] = field(default_factory=list)  # per finding; None where not called
     flag_rate: float | None = None
     unseen: list[str] = field(default_factory=list)  # tag values the reference never had, in words
+    #: Later answers of a patient already in the window (by the log's keyed patient hash): counted in ``answers``,
+    #: left out of the tests, which take their images as independent (one patient's follow-up films are alike).
+    repeats: int = 0
 
     @property
     def alerts(self) -> list[TestResult]:
@@ -259,14 +262,18 @@ def auc_bands(reference: np.ndarray, size: int, findings: Sequence[str], seed: i
 
 def judge_window(index: int, times: Sequence[datetime], reference: Sample, window: Sample,
                  findings: Sequence[str], called: Sequence[bool], pixel_names: Sequence[str],
-                 band_cache: dict[int, list], reference_tags: Sequence[dict[str, int]] = ()) -> Window:
-    """One window of answers (their times, their :class:`Sample`) judged against the reference."""
-    out = Window(index, times[0], times[-1], len(window), judged=len(window) >= MIN_WINDOW)
+                 band_cache: dict[int, list], reference_tags: Sequence[dict[str, int]] = (), repeats: int = 0
+                 ) -> Window:
+    """One window of answers (their times, their :class:`Sample`) judged against the reference; ``repeats``
+    answers of the window's patients were left out of ``window`` (:attr:`Window.repeats`)."""
+    out = Window(index, times[0], times[-1], len(window) + repeats, judged=len(window) >= MIN_WINDOW,
+                 repeats=repeats)
     out.positive_rates = [float(window.calls[:, j].mean()) if window.calls is not None and called[j] else None
                           for j in range(len(findings))]
     out.flag_rate = float(window.flagged.mean())
     if not out.judged:
-        out.note = f"too small to judge ({len(window)} answers; a window needs {MIN_WINDOW})"
+        out.note = (f"too small to judge ({len(window)} answers" + (" of distinct patients" if repeats else "")
+                    + f"; a window needs {MIN_WINDOW})")
         return out
     out.tests = window_tests(reference, window, findings, called, pixel_names, reference_tags)
     out.unseen = unseen_values(reference_tags, window)

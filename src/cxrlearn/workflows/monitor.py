@@ -36,6 +36,7 @@ from cxrlearn.model.bundle import bundle_digest, read_meta
 from cxrlearn.model.reference import PIXEL_STATISTICS, REFERENCE_FILE, Reference
 from cxrlearn.monitoring.drift import (ALPHA, CATEGORIES, CUSUM_H, CUSUM_K, KINDS, MIN_WINDOW, CusumAlarm, Sample,
                                        Window, cusum, judge_window, split_windows)
+from cxrlearn.monitoring.assess_ai import write_assess_ai
 from cxrlearn.monitoring.log import AcquisitionTags, LoggedAnswer, PredictionLog, file_tags
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,20 @@ def load_reference(model: Path, reference_images: Sequence[Path] | None, runtime
     return reference
 
 
-def write_reference_from(run_dir: Path, loader, source: str) -> Reference:
+def write_reference_from(run_dir: Path, loader, source: str, basis_loader=None, basis_source: str | None = None
+                         ) -> Reference:
     """The bundle's reference from a loader of cached images (``(images, labels, names)`` batches of (B, 1, S, S)
     uint8 network inputs), answered as the bundle predicts (its runtime, flip averaging and input check), saved in
-    the bundle."""
+    the bundle; its features projected on a basis fitted on ``basis_loader``'s images (named by
+    ``basis_source``), or else on the bundle's reference's basis (:meth:`Predictor.make_reference`)."""
     predictor = Predictor(run_dir)
+    basis = (predictor.fit_basis((images[:, 0].numpy() for images, *_ in basis_loader), basis_source)
+             if basis_loader is not None else None)
     reference = predictor.make_reference(((images[:, 0].numpy(), [None] * len(images)) for images, *_ in loader),
-                                         source)
+                                         source, basis)
     reference.save(run_dir)
-    log.info(f"monitoring reference: the model's answers and summaries of {source} ({run_dir / REFERENCE_FILE})")
+    log.info(f"monitoring reference: the model's answers and summaries of {source}, features projected on a basis "
+             f"fitted on {reference.basis_source} ({run_dir / REFERENCE_FILE})")
     return reference
 
 
@@ -188,6 +194,19 @@ def log_sample(rows: Sequence[LoggedAnswer], findings: Sequence[str], thresholds
     return Sample(probs, calls, np.array([row.flagged for row in rows]), pixels, projections, tags)
 
 
+def first_per_patient(rows: Sequence[LoggedAnswer]) -> tuple[list[LoggedAnswer], int]:
+    """The window's answers less later ones of a patient already in it (by the keyed patient hash; answers
+    without one are all kept), and how many were left out: the tests take a window's images as independent."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        if row.patient_hash is None or row.patient_hash not in seen:
+            kept.append(row)
+            if row.patient_hash is not None:
+                seen.add(row.patient_hash)
+    return kept, len(rows) - len(kept)
+
+
 def read_outcomes(path: Path):
     """``--labels``: a label table (NIH's format, or the generic one: image, patient_id and a 0/1 column per finding),
     indexed by image name."""
@@ -212,18 +231,20 @@ def realised_auc(rows: Sequence[LoggedAnswer], outcomes, findings: Sequence[str]
     return RealisedAuc(len(labelled), measured.mean_auc, measured.mean_auc_ci95, dict(measured.auc))
 
 
-def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
-            since: datetime | None = None, any_model: bool = False, reference_images: Sequence[Path] | None = None,
-            labels: Path | None = None) -> MonitorResult:
-    """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html. With ``labels``
-    (a label table naming the answers' images), each window's realised AUC too."""
-    meta = read_meta(model)
-    findings = list(meta.findings)
-    reference = load_reference(model, reference_images)
-    outcomes = read_outcomes(labels) if labels else None
-    if tuple(reference.findings) != tuple(findings):
-        raise ConfigError(f"{model / REFERENCE_FILE}: made for other findings than the bundle's; make it again with "
-                          "--reference-images")
+@dataclass(frozen=True)
+class Selected:
+    """The log's answers that ``cxrlearn monitor`` judges (:func:`select_answers`)."""
+
+    rows: list[LoggedAnswer]
+    others: int  # answers of other models left out (0 with --any-model)
+    log: str  # the log's name (a database's URL without its password)
+    model_sha256: str
+
+
+def select_answers(model: Path, log_path: str | Path, findings: Sequence[str], since: datetime | None = None,
+                   any_model: bool = False) -> Selected:
+    """The log's answers since ``since`` of the bundle's model (its digest; every model's with ``any_model``)
+    that cover its findings; another model's log is refused unless ``any_model``."""
     prediction_log = PredictionLog(log_path, create=False)
     log_path = prediction_log.name  # a database's URL without its password
     answers = prediction_log.answers(since)
@@ -241,30 +262,60 @@ def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = W
     rows = [row for row in rows if set(findings) <= set(row.findings)]
     if not rows:
         raise ConfigError(f"{log_path}: no answers of this model to judge" + (f" since {since:%Y-%m-%d}" if since else ""))
+    return Selected(rows, others if not any_model else 0, str(log_path), digest)
+
+
+def monitor(model: Path, log_path: str | Path, out: Path, window: WindowSpec = WindowSpec(count=DEFAULT_WINDOW),
+            since: datetime | None = None, any_model: bool = False, reference_images: Sequence[Path] | None = None,
+            labels: Path | None = None) -> MonitorResult:
+    """Judge the log's windows of ``model``'s answers; write ``out``/monitor.json, .md and .html. With ``labels``
+    (a label table naming the answers' images), each window's realised AUC too."""
+    meta = read_meta(model)
+    findings = list(meta.findings)
+    reference = load_reference(model, reference_images)
+    outcomes = read_outcomes(labels) if labels else None
+    if tuple(reference.findings) != tuple(findings):
+        raise ConfigError(f"{model / REFERENCE_FILE}: made for other findings than the bundle's; make it again with "
+                          "--reference-images")
+    selected = select_answers(model, log_path, findings, since, any_model)
+    rows, others, log_path = selected.rows, selected.others, selected.log
+    digest = selected.model_sha256
     ref_sha = Reference.digest(model)
     thresholds = meta.thresholds or None
     called = [bool(thresholds) and thresholds.get(name) is not None for name in findings]
     ref = reference_sample(reference, findings, thresholds, meta.temperature)
     result = MonitorResult(str(model), digest, str(log_path), reference.source, len(reference), window.text(),
-                           len(rows), others if not any_model else 0, sorted({row.runtime for row in rows}),
+                           len(rows), others, sorted({row.runtime for row in rows}),
                            float(reference.flagged.mean()))
     bands: dict[int, list] = {}
     for i, picked in enumerate(split_windows([row.answered_at for row in rows], window.count, window.span)):
-        chosen = [rows[k] for k in picked]
+        window_rows = [rows[k] for k in picked]
+        chosen, repeats = first_per_patient(window_rows)
         judged = judge_window(i + 1, [row.answered_at for row in chosen], ref,
                               log_sample(chosen, findings, thresholds, ref_sha), findings, called, PIXEL_STATISTICS,
-                              bands, reference.tag_counts)
+                              bands, reference.tag_counts, repeats)
         result.windows.append(judged)
         if outcomes is not None:
-            result.realised.append(realised_auc(chosen, outcomes, findings))
+            result.realised.append(realised_auc(window_rows, outcomes, findings))  # the patient bootstrap's
     result.labels = str(labels) if labels else None
     result.slow_drift, _ = cusum(result.windows)
     tests = max((len(w.tests) for w in result.windows), default=0)
     result.false_alarms = (f"Holm's correction across each window's {tests} tests keeps the chance that a window "
-                           f"of independent images like the reference's raises any alert at most {ALPHA:.0%} (one "
-                           "patient's follow-up films are alike: windows holding many raise somewhat more).")
+                           f"of independent images like the reference's raises any alert at most {ALPHA:.0%}. One "
+                           "patient's follow-up films are alike: a patient's later answers in a window (by the keyed "
+                           "patient hash of DICOM inputs) are left out of its tests; answers of image files carry no "
+                           "patient, and windows holding many films of one patient raise somewhat more.")
     write_outputs(out, result, findings, called)
     return result
+
+
+def export_assess_ai(model: Path, log_path: str | Path, path: Path, since: datetime | None = None,
+                     any_model: bool = False) -> int:
+    """``--assess-ai FILE``: the answers ``monitor`` judges, in the Assess-AI registry's columns
+    (:mod:`cxrlearn.monitoring.assess_ai`); the number of rows written."""
+    meta = read_meta(model)
+    selected = select_answers(model, log_path, meta.findings, since, any_model)
+    return write_assess_ai(selected.rows, path, f"{meta.backbone} {selected.model_sha256[:12]}")
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------
@@ -310,7 +361,8 @@ def _blocks(result: MonitorResult, findings: Sequence[str]) -> list[tuple[str, o
     for i, w in enumerate(result.windows):
         low = [e.finding for e in w.estimated_auc if e.outside and e.estimate < e.band[0]]
         realised = result.realised[i] if result.realised else None
-        rows.append([str(w.index), f"{w.first:%Y-%m-%d %H:%M}", f"{w.last:%Y-%m-%d %H:%M}", str(w.answers),
+        rows.append([str(w.index), f"{w.first:%Y-%m-%d %H:%M}", f"{w.last:%Y-%m-%d %H:%M}",
+                     str(w.answers) + (f" ({w.repeats} later films of its patients, not tested)" if w.repeats else ""),
                      f"{w.flag_rate:.1%}", f"{w.drift_score:.1f}" if w.judged else "-",
                      "; ".join([*(t.describe() for t in w.alerts), *w.unseen]) or (w.note or "none"),
                      ", ".join(low) or "-"]
