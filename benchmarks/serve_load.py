@@ -11,7 +11,7 @@ throughput is also given as a share of it. With --unbatched, the service is run 
 time with one request per forward pass (--max-batch 1 --batch-wait-ms 0), side by side.
 
 Usage: python benchmarks/serve_load.py --model RUN_DIR [--clients 1 8 32] [--seconds 20] [--runtime torch|onnx]
-       [--max-batch 32] [--unbatched] [--cam]
+       [--max-batch 32] [--unbatched] [--cam] [--with-log]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -136,15 +137,21 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH)
     p.add_argument("--unbatched", action="store_true", help="also the service with one request per forward pass")
     p.add_argument("--cam", action="store_true", help="ask for the Grad-CAM overlay too")
+    p.add_argument("--with-log", action="store_true", help="also the service with --log, alternated with without")
     args = p.parse_args()
     images = sorted((args.data / "nih-sample" / "images-256").glob("*.png"))[:32]
     bodies = [multipart(path.name, path.read_bytes()) for path in images]
     offline = offline_rate(args.model, args.runtime, images, args.max_batch)
-    settings = {f"batched (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)]}
+    batched = (f"batched (--max-batch {args.max_batch})", ["--max-batch", str(args.max_batch)])
+    settings = [batched]
     if args.unbatched:
-        settings["one request per pass"] = ["--max-batch", "1", "--batch-wait-ms", "0"]
+        settings.append(("one request per pass", ["--max-batch", "1", "--batch-wait-ms", "0"]))
+    folder = tempfile.TemporaryDirectory()
+    if args.with_log:  # alternated, so that the machine's drift falls on both alike
+        logged = (f"{batched[0]}, --log", [*batched[1], "--log", f"{folder.name}/log.sqlite"])
+        settings = [batched, logged, batched, logged]
     header = False
-    for what, options in settings.items():
+    for what, options in settings:
         with running_service(args.model, ["--runtime", args.runtime, *options]) as (_, base):
             if not header:
                 meta = json.loads(urllib.request.urlopen(f"{base}/v1/model").read())

@@ -115,17 +115,9 @@ def test_training_writes_a_reference_and_evaluate_refreshes_it_as_the_bundle_pre
     val = pd.read_csv(split).query("split == 'val'")
     assert reference is not None and len(reference) == len(val) and "validation images" in reference.source
     assert reference.projections.shape == (len(val), 16) and reference.basis.components.shape[0] == 16
-    # the basis is fitted on the training images' features (not the reference's own: their projections would be
-    # in-sample), and evaluate's refresh kept it
-    train = pd.read_csv(split).query("split == 'train'")
-    predictor = Predictor(run)
-    features = np.concatenate([predictor.features_and_logits(np.stack([
-        predictor.prepare(np.asarray(Image.open(sample_images / name).convert("L"))).pixels for name in chunk])[:, None])[0]
-        for chunk in np.array_split(train["image"].to_numpy(), 8)])
-    assert reference.basis_source == f"the run's {len(train):,} training images"
-    np.testing.assert_allclose(reference.basis.mean, features.mean(axis=0), atol=2e-3)
     # evaluate turned flip averaging on and calibrated: the reference's answers are the bundle's now, on the
     # same images read from their files (the same preprocessing), probabilities through its temperatures.
+    predictor = Predictor(run)
     assert predictor.tta and predictor.temperature
     predictions, failures = predictor.predict_files([sample_images / name for name in val["image"]], progress=False)
     assert not failures
@@ -274,15 +266,11 @@ def logged(evaluated, trained_run, sample_images, tmp_path_factory):
     run = root / "bundle"
     shutil.copytree(evaluated[0], run)
     rows = pd.read_csv(trained_run[1]).query("split == 'test'")
-    # Patients halved at random: in NIH's order (by patient ID, roughly by date) the films drift darker. The
-    # stream's images in random order, as a hospital's come: a patient's follow-up films days apart, not one after
-    # another.
-    rng = np.random.default_rng(0)
-    patients = rng.permutation(sorted(rows["patient_id"].unique()))
+    # Patients in random order: in NIH's order (by patient ID, roughly by date) the films drift darker.
+    patients = np.random.default_rng(0).permutation(sorted(rows["patient_id"].unique()))
     order = {patient: i for i, patient in enumerate(patients)}
     rows = rows.assign(order=rows["patient_id"].map(order)).sort_values(["order", "image"])
     halves = [rows[rows["order"] < len(patients) // 2], rows[rows["order"] >= len(patients) // 2]]
-    halves[1] = halves[1].sample(frac=1, random_state=0)
     reference, stream = ([sample_images / name for name in half["image"]] for half in halves)
     from cxrlearn.workflows.monitor import load_reference
 

@@ -10,7 +10,6 @@ and flip averaging runs when the thresholds were chosen with it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -39,9 +38,7 @@ from cxrlearn.model.quantize import INT8_FILE
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import INPUT_CHECK_FILE
-from cxrlearn.model.reference import IN_SAMPLE, Basis, ImageSummary, Reference, pixel_statistics, summaries
-
-log = logging.getLogger(__name__)
+from cxrlearn.model.reference import Basis, ImageSummary, Reference, pixel_statistics, summaries
 
 
 @dataclass(frozen=True)
@@ -337,17 +334,19 @@ class Predictor:
         ]
 
     def make_reference(self, batches: Iterable[tuple[np.ndarray, list[Flag | None]]], source: str,
-                       basis: tuple[Basis, str] | None = None) -> Reference:
+                       basis: Basis | None = None) -> Reference:
         """The monitoring reference (:class:`cxrlearn.model.reference.Reference`) of images the model is known to
         be right for, given as batches of (B, S, S) uint8 network inputs with their cheap checks' reasons: their
-        logits, input check, pixel statistics and features projected on ``basis`` (with where it came from; see
-        :meth:`fit_basis`), or else the bundle's reference's basis, or else (no other images at hand) one fitted
-        on these images themselves."""
+        logits, input check, pixel statistics and features, projected on a basis fitted to those features (or on
+        ``basis``: benchmarks/monitor.py compares one fitted on the training images, and finds it worse)."""
         features, logits, flagged, scores, stats = [], [], [], [], []
         for pixels, cheap in batches:
             batch = np.ascontiguousarray(pixels)[:, None]
             batch_features, batch_logits, verdicts = self._answer(batch, cheap)
-            features.append(self._need_features(batch_features))
+            if batch_features is None:
+                raise ConfigError(f"{self.model_dir}: the {self.runtime} runtime gives no features (an ONNX file "
+                                  "exported before they were an output): make the reference with --runtime torch")
+            features.append(batch_features)
             logits.append(batch_logits)
             flagged += [v is not None and not v.ok for v in verdicts]
             scores += [np.nan if v is None or v.score is None else v.score for v in verdicts]
@@ -355,31 +354,10 @@ class Predictor:
         if not features:
             raise ConfigError(f"no images to make {self.model_dir}'s reference from")
         everything = np.concatenate(features)
-        if basis is None and self.reference is not None and self.reference.basis.mean.shape[0] == everything.shape[1]:
-            basis = self.reference.basis, self.reference.basis_source
-        if basis is None:
-            log.warning(f"{self.model_dir}: the reference's feature basis is fitted on its own images (the bundle "
-                        "has none fitted on other images): its feature tests will alert more often than 5%")
-            basis = Basis.fit(everything), IN_SAMPLE
-        return Reference(basis[0], tuple(self.findings), np.concatenate(logits).astype(np.float32),
-                         basis[0].project(everything), np.concatenate(stats), np.array(flagged, dtype=bool),
-                         np.array(scores, dtype=np.float32), source, basis_source=basis[1])
-
-    def fit_basis(self, batches: Iterable[np.ndarray], source: str) -> tuple[Basis, str]:
-        """A basis for the reference's projections (:class:`cxrlearn.model.reference.Basis`) fitted on this
-        runtime's features of other images than the reference's (batches of (B, S, S) uint8 network inputs: the
-        run's training images), with ``source`` naming them."""
-        features = [self._need_features(self.features_and_logits(np.ascontiguousarray(pixels)[:, None])[0])
-                    for pixels in batches]
-        if not features:
-            raise ConfigError(f"no images to fit {self.model_dir}'s reference basis on")
-        return Basis.fit(np.concatenate(features)), source
-
-    def _need_features(self, features: np.ndarray | None) -> np.ndarray:
-        if features is None:
-            raise ConfigError(f"{self.model_dir}: the {self.runtime} runtime gives no features (an ONNX file "
-                              "exported before they were an output): make the reference with --runtime torch")
-        return features
+        basis = basis if basis is not None else Basis.fit(everything)
+        return Reference(basis, tuple(self.findings), np.concatenate(logits).astype(np.float32),
+                         basis.project(everything), np.concatenate(stats), np.array(flagged, dtype=bool),
+                         np.array(scores, dtype=np.float32), source)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = PREDICT_BATCH_SIZE,
                       progress: bool = True, workers: int = 0) -> tuple[list[Prediction], list[tuple[str, str]]]:

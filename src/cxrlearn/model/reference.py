@@ -8,11 +8,8 @@ which the image could be rebuilt:
   judging, so calibrating the bundle later does not leave the reference behind);
 * the input check's score and whether it flagged the image;
 * pixel statistics of the network's 8-bit input (:data:`PIXEL_STATISTICS`);
-* the backbone's pooled features projected on their leading principal components (:class:`Basis`): a compact
-  picture of what the network saw, as CheXstray's image features. The basis is fitted on other images than the
-  reference's (training fits it on the run's training images, and a reference made again keeps the bundle's
-  basis): projections of the images a basis was fitted on spread wider along its components than those of any
-  other image, so a reference that projected its own images would make every deployment look drifted.
+* the backbone's pooled features projected on their leading principal components (:class:`Basis`, fitted on
+  the reference's own features): a compact picture of what the network saw, as CheXstray's image features.
 
 Training writes it from the run's validation images (``reference.safetensors`` in the bundle);
 ``cxrlearn monitor --reference-images DIR`` makes one for a bundle without it. It is not part of the bundle's
@@ -40,10 +37,6 @@ from cxrlearn.records import Record
 REFERENCE_FILE = "reference.safetensors"
 #: Principal components of the pooled features that a summary keeps.
 COMPONENTS = 16
-#: The most training images a basis is fitted on (evenly spaced): ample for 16 components.
-BASIS_IMAGES = 5_000
-#: Where a basis came from when it was fitted on the reference's own images (no other images were at hand).
-IN_SAMPLE = "the reference images themselves (in-sample: feature tests alert more often than 5%)"
 #: The percentiles of the 8-bit input's grey levels that a summary keeps, after its mean and spread.
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 #: The names of a summary's pixel statistics, in order.
@@ -110,7 +103,6 @@ class Described(Record):
     findings: str = "[]"
     source: str = "unknown images"
     tags: str = "[]"
-    basis_source: str = IN_SAMPLE
 
 
 @dataclass
@@ -128,8 +120,6 @@ class Reference:
     #: Where made from DICOM files: each categorical tag's values and their counts (cxrlearn.monitoring.drift's
     #: CATEGORIES, in order); empty otherwise.
     tag_counts: tuple[dict[str, int], ...] = ()
-    #: In words, the images the basis was fitted on: "the run's 5,000 training images".
-    basis_source: str = IN_SAMPLE
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -140,8 +130,7 @@ class Reference:
                   "projections": self.projections, "pixels": self.pixels,
                   "flagged": self.flagged.astype(np.uint8), "input_scores": self.input_scores}
         described = {"findings": json.dumps(list(self.findings)), "source": self.source,
-                     "pixel_statistics": json.dumps(list(PIXEL_STATISTICS)), "tags": json.dumps(list(self.tag_counts)),
-                     "basis_source": self.basis_source}
+                     "pixel_statistics": json.dumps(list(PIXEL_STATISTICS)), "tags": json.dumps(list(self.tag_counts))}
         write_atomic(path, save({k: np.ascontiguousarray(v, dtype=np.uint8 if k == "flagged" else np.float32)
                                  for k, v in arrays.items()}, metadata=described))
         return path
@@ -170,7 +159,7 @@ class Reference:
             raise ConfigError(f"{path}: its arrays do not agree in shape (damaged); make it again with `cxrlearn "
                               f"monitor --model {folder} --reference-images DIR`")
         return cls(Basis(basis_mean, components), findings, logits, projections, pixels, flagged.astype(bool),
-                   scores, described.source, tag_counts, described.basis_source)
+                   scores, described.source, tag_counts)
 
     @staticmethod
     def digest(folder: str | os.PathLike) -> str | None:

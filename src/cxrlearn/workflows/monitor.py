@@ -134,20 +134,15 @@ def load_reference(model: Path, reference_images: Sequence[Path] | None, runtime
     return reference
 
 
-def write_reference_from(run_dir: Path, loader, source: str, basis_loader=None, basis_source: str | None = None
-                         ) -> Reference:
+def write_reference_from(run_dir: Path, loader, source: str) -> Reference:
     """The bundle's reference from a loader of cached images (``(images, labels, names)`` batches of (B, 1, S, S)
     uint8 network inputs), answered as the bundle predicts (its runtime, flip averaging and input check), saved in
-    the bundle; its features projected on a basis fitted on ``basis_loader``'s images (named by
-    ``basis_source``), or else on the bundle's reference's basis (:meth:`Predictor.make_reference`)."""
+    the bundle."""
     predictor = Predictor(run_dir)
-    basis = (predictor.fit_basis((images[:, 0].numpy() for images, *_ in basis_loader), basis_source)
-             if basis_loader is not None else None)
     reference = predictor.make_reference(((images[:, 0].numpy(), [None] * len(images)) for images, *_ in loader),
-                                         source, basis)
+                                         source)
     reference.save(run_dir)
-    log.info(f"monitoring reference: the model's answers and summaries of {source}, features projected on a basis "
-             f"fitted on {reference.basis_source} ({run_dir / REFERENCE_FILE})")
+    log.info(f"monitoring reference: the model's answers and summaries of {source} ({run_dir / REFERENCE_FILE})")
     return reference
 
 

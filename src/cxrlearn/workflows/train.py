@@ -62,7 +62,7 @@ from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, fit_input_che
 from cxrlearn.model.meta import (BundleMeta, DataRecord, MemberRecord, SplitAuc, SplitRecord, TrainingMetrics,
                                  WeightsRecord)
 from cxrlearn.model.pretrained import WeightsSource, load_backbone_weights
-from cxrlearn.model.reference import BASIS_IMAGES, REFERENCE_FILE
+from cxrlearn.model.reference import REFERENCE_FILE
 from cxrlearn.workflows.monitor import write_reference_from
 from cxrlearn.workflows.tracking import (MLFLOW_RUN, MlflowRun, allow_file_store, check_tracking,  # noqa: F401
                                          git_commit)
@@ -754,28 +754,12 @@ def write_run_bundle(run_dir, model, config, preprocessing, weights_source, spli
 
 def write_reference(run_dir: Path, datamodule) -> None:
     """The bundle's monitoring reference (:mod:`cxrlearn.model.reference`) from the run's validation images (at
-    most ``MAX_FIT_IMAGES``, evenly spaced), their features projected on a basis fitted on at most
-    ``BASIS_IMAGES`` training images (without augmentation), for ``cxrlearn monitor`` to judge a deployment's
-    answers against."""
-    val, train = (datamodule.datasets.get(name) for name in ("val", "train"))
-    if val is None:
+    most ``MAX_FIT_IMAGES``, evenly spaced), for ``cxrlearn monitor`` to judge a deployment's answers against."""
+    if "val" not in datamodule.datasets:
         log.warning("no validation images: the bundle gets no monitoring reference (make one with `cxrlearn monitor "
                     f"--model {run_dir} --reference-images DIR`)")
         return
-    chosen = evenly_spaced(len(val), MAX_FIT_IMAGES).tolist()
-    loader = DataLoader(Subset(val, chosen), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
-    basis_loader, basis_source = None, None
-    if train is not None and len(train) >= 2:
-        fitted = evenly_spaced(len(train), BASIS_IMAGES).tolist()
-        basis_loader = DataLoader(Subset(train, fitted), batch_size=datamodule.batch_size,
-                                  num_workers=datamodule.num_workers)
-        basis_source = f"the run's {len(fitted):,} training images"
-    augmentation = train.augmentation if train is not None else None
-    if train is not None:
-        train.augmentation = None  # the basis is fitted on the images as they are
-    try:
-        write_reference_from(run_dir, loader, f"the run's {len(chosen):,} validation images", basis_loader,
-                             basis_source)
-    finally:
-        if train is not None:
-            train.augmentation = augmentation
+    dataset = datamodule.datasets["val"]
+    chosen = evenly_spaced(len(dataset), MAX_FIT_IMAGES).tolist()
+    loader = DataLoader(Subset(dataset, chosen), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    write_reference_from(run_dir, loader, f"the run's {len(chosen):,} validation images")
