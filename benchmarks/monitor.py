@@ -143,7 +143,8 @@ def detection(model: Path, paths: list[Path], windows: list[int], draws: int, ou
         stream = [p for p, r in zip(paths, in_reference) if not r]
         patients = np.array([p.name[:8] for p in stream])
         fitted_on = "the run's training images" if training_basis else "them"
-        print(f"reference: {len(reference)} images of {len(people) // 3} patients (feature basis fitted on {fitted_on}); "
+        print(f"reference: {len(reference)} images of {len(people) // 3} patients (feature basis fitted on "
+              f"{fitted_on}); "
               f"stream: {len(stream)} images of {len(np.unique(patients))} other patients; windows of distinct "
               f"patients, {draws} per size")
         streams = Streams(predictor, _sample(reference, predictor), stream, rng)

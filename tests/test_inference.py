@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -464,9 +467,28 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     # The mechanics with an open gate (this 2-epoch, 64 px model's own figures are in the note, not asserted).
     assert main(["export", "--model", str(run), "--int8", "--max-auc-loss", "1", "--min-agreement", "0",
                  "--no-progress"]) == 0
-    assert "model.int8.onnx" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    print(said, file=sys.__stderr__)
+    assert "model.int8.onnx" in said
     contract = read_contract(run / "model.int8.onnx")
     assert contract["int8"]["format"] == "QDQ" and contract["findings"] == list(FINDINGS)
+    assert contract["int8"]["quantised_ops"] == ["Conv", "Clip", "Relu", "Add"]
+    assert "99.99th percentile" in contract["int8"]["activations"] and contract["int8"]["calibration_images"] > 0
+    # Every convolution runs as an integer one after ONNX Runtime's optimisation: no float convolution is left,
+    # and one quantisation (the input) and one dequantisation (before the pooling and the float head) remain.
+    optimised = _optimised_ops(run / "model.int8.onnx", run.parent / "int8-optimised.onnx")
+    convolutions = Counter(node.op_type for node in onnx.load(str(onnx_file)).graph.node)["Conv"]
+    assert convolutions > 40 and optimised["QLinearConv"] == convolutions and optimised["Conv"] == 0
+    assert optimised["QuantizeLinear"] == 1 and optimised["DequantizeLinear"] == 1
+    # The int8 file judges inputs by its own features: its own fit, named with its digest, agreeing with the float
+    # model's verdicts on at least 99% of the validation images (the figure printed above).
+    own = contract["int8"]["input_check"]
+    assert own["file"] == "input_check.int8.safetensors" and own["val_images"] == 250
+    assert contract["int8"]["input_check_sha256"] == file_digest(run / own["file"])
+    int8_check = Predictor(run, runtime="onnx-int8").input_check
+    assert int8_check.fit.file == own["file"] and int8_check.threshold != Predictor(run).input_check.threshold
+    agreement = float(said.split("verdicts agree on ")[1].split("%")[0]) / 100
+    assert agreement >= 0.99
     assert (run / "model.int8.onnx").stat().st_size < 0.6 * onnx_file.stat().st_size
     paths = [sample_images / n for n in sorted(find_images(sample_images))[:24]]
     fp32, _ = Predictor(onnx_file.parent, runtime="onnx").predict_files(paths, progress=False)
@@ -490,6 +512,17 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
                  "--no-progress"]) == 0
     judged = json.loads((out / "metrics.json").read_text())
     assert judged["provenance"]["runtime"] == "onnx-int8" and 0.3 < judged["mean_auc"] < 1
+
+
+def _optimised_ops(path: Path, out: Path) -> Counter:
+    """The operators of ``path`` as ONNX Runtime runs it (its extended, hardware-independent optimisations)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(out)
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(str(out)).graph.node)
 
 
 def test_png_bytes_and_file_decode_alike(gray, tmp_path):

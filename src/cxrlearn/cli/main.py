@@ -331,7 +331,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         without = check.mean_auc_unflagged
         print(f"input check: {check.flagged:,} of {check.judged:,} judged images flagged"
               + (f"; mean AUC without them {without:.4f}" if without is not None else ""))
-    chosen = metrics.operating_points.val is not None and not args.no_bundle_update
+    chosen = (metrics.operating_points.val is not None and not args.no_bundle_update
+              and metrics.provenance.runtime == "torch")  # another runtime's leave the bundle as it was
     print(f"wrote {args.out}/report.html, report.md, metrics.json, predictions.csv"
           + (f"; thresholds ({args.threshold_method}) into {args.model}/model.json" if chosen else ""))
     return 0

@@ -33,8 +33,8 @@ from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror, torch_forward
 from cxrlearn.model.bundle import WEIGHTS, bundle_digest, load_bundle, read_meta
-from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle
-from cxrlearn.model.quantize import INT8_FILE
+from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle, read_contract
+from cxrlearn.model.quantize import INT8_FILE, int8_input_check
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
 from cxrlearn.model.meta import INPUT_CHECK_FILE
@@ -209,8 +209,10 @@ class Predictor:
             self._load_torch()
             computed_by = file_digest(self.model_dir / WEIGHTS)
         else:
-            computed_by = self._load_onnx(Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime],
-                                          checked)
+            path = Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime]
+            computed_by = self._load_onnx(path, checked)
+            if runtime == "onnx-int8":  # an int8 file judges with its own features' fit, where it carries one
+                self.input_check = int8_input_check(path, read_contract(path, self.session)) or self.input_check
         self.provenance = Provenance(bundle_digest(self.model_dir), __version__, runtime, computed_by)
         if self.input_check is not None:
             width = self.input_check.feature_mean.shape[0]

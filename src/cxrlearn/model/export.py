@@ -113,12 +113,13 @@ def write_with_contract(proto, terms: dict, out: Path) -> Path:
     return out
 
 
-def read_contract(path: str | os.PathLike) -> dict:
-    """The cxrlearn contract stored in an exported ONNX file."""
+def read_contract(path: str | os.PathLike, session=None) -> dict:
+    """The cxrlearn contract stored in an exported ONNX file (read from its ``session`` where one is open)."""
     import onnxruntime
 
     try:
-        session_meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+        session = session or onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session_meta = session.get_modelmeta()
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
         raise ConfigError(f"{path}: not a readable ONNX model ({type(err).__name__}: {str(err)[:200]}); export it "
                           "again") from None

@@ -215,15 +215,17 @@ class InputCheck:
         return self.fit.threshold
 
     def save(self, folder: str | os.PathLike) -> None:
+        """Its arrays in ``folder`` / ``fit.file`` (:data:`FILE`, or an int8 file's own)."""
         arrays = {"layout_mean": self.layout_mean, "layout_precision": self.layout_precision,
                   "feature_mean": self.feature_mean, "feature_precision": self.feature_precision}
-        write_atomic(Path(folder) / FILE, save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}))
+        write_atomic(Path(folder) / _file_name(self.fit),
+                     save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, described: InputCheckFit) -> InputCheck:
-        path = Path(folder) / FILE
-        arrays = read_safetensors(path, f"{folder}: model.json describes an input check but {FILE} is missing",
-                                  load_file)
+        name = _file_name(described)
+        path = Path(folder) / name
+        arrays = read_safetensors(path, f"{folder}: an input check is described but {name} is missing", load_file)
         side = LAYOUT_SIDE * LAYOUT_SIDE
         width = arrays.get("feature_mean", np.zeros(0)).shape[0]
         shapes = {"layout_mean": (side,), "layout_precision": (side, side), "feature_mean": (width,),
@@ -269,6 +271,28 @@ class InputCheck:
                                        if unusual else None)
             verdicts.append(Verdict(reason, None if score is None else round(float(score), 4)))
         return verdicts
+
+
+def _file_name(fit: InputCheckFit) -> str:
+    """The file an input check's arrays are in: a plain name in the bundle's folder, never a path."""
+    if not fit.file or Path(fit.file).name != fit.file or fit.file.startswith("."):
+        raise ConfigError(f"an input check's file must be a plain name in the bundle's folder, not {fit.file!r}")
+    return fit.file
+
+
+def refit_features(check: InputCheck, train_features: np.ndarray, val_features: np.ndarray, file: str
+                   ) -> InputCheck:
+    """``check`` with its feature part fitted again on another runtime's pooled features of the training images,
+    and its threshold at the same percentile of that runtime's validation features (an int8 file's own features
+    are not the float model's); the layout part, which reads pixels alone, is kept. Saved as ``file``."""
+    if len(train_features) < 2 or len(val_features) < 1:
+        raise ConfigError("the input check needs at least 2 training images and 1 validation image")
+    feature_mean, feature_precision = _gaussian(train_features)
+    percentile = check.fit.percentile or PERCENTILE
+    threshold = float(np.percentile(_distance(val_features, feature_mean, feature_precision), percentile))
+    fit = check.fit.model_copy(update={"file": file, "threshold": threshold, "train_images": len(train_features),
+                                       "val_images": len(val_features), "percentile": percentile})
+    return InputCheck(check.layout_mean, check.layout_precision, feature_mean, feature_precision, fit)
 
 
 def fit_input_check(train_layouts: np.ndarray, train_features: np.ndarray, val_features: np.ndarray,

@@ -3,24 +3,26 @@
 EfficientNet-Lite was designed to run in int8 (ReLU6, no squeeze-and-excitation), and ONNX Runtime's static
 quantisation ships with cxrlearn's dependencies:
 
-- weights int8, symmetric, per output channel; activations uint8, asymmetric, per tensor, their ranges from
-  calibration images (a few hundred of the run's own training images) with the MinMax method;
-- only the backbone's full (not depthwise) convolutions after the stem are quantised: they hold nearly all of
-  its multiply-adds. Kept float, each for a measured reason:
-
-  - the depthwise convolutions: with BatchNorm folded into them, one channel's weights can span a range
-    hundreds of times another's, and their per-tensor uint8 inputs lose the small channels. On a run of the
-    sample (``tf_efficientnet_lite0``, 64 px) quantising them with the rest moved the pooled features by 60%
-    (relative norm) and flipped the input check's verdict on 13% of the validation images; kept float, with
-    the stem, 20% and none;
-  - the stem, whose input is the normalised image itself;
-  - the head: two small dense layers whose output is the logits themselves, and which cost microseconds;
-  - the graph's input steps (uint8 to float, mean and std), which are not quantisable operators.
+- every convolution (the stem and the depthwise ones included), its ReLU6 (``Clip``) and the blocks' residual
+  ``Add``: weights int8, symmetric, per output channel; activations uint8, asymmetric, per tensor. ONNX Runtime
+  then runs the whole backbone as integer operators (``QLinearConv``, ``QLinearAdd``) in its NHWC layout, with one
+  quantisation at the input and one dequantisation before the pooling. Keeping the depthwise convolutions and
+  the stem in float, as cxrlearn did before, cost a dequantise, a transpose, a quantise and another transpose
+  around each on the widest activations: that file ran at 0.95x the float one's latency, this one at about half
+  (docs/benchmarks.md);
+- activation ranges from calibration images (a few hundred of the run's own training images) by the 99.99th
+  percentile of each tensor's histogram rather than its extremes (MinMax), so that a few outlying activations do
+  not take the depthwise convolutions' range from the rest;
+- the head (pooling, two small dense layers whose output is the logits themselves) stays float: it costs
+  microseconds;
 - ``reduce_range`` (7-bit weights) where the CPU lacks VNNI: ONNX Runtime's uint8 x int8 kernels on AVX2 alone
   can saturate (``vpmaddubsw``), and its documentation advises it there.
 
-Whether the result is good enough is judged by :mod:`cxrlearn.workflows.quantize`, on the run's validation
-images, before the file is written.
+The int8 file's pooled features are not the float model's, so the input check's feature part is fitted again on
+the int8 file's own features (:func:`cxrlearn.model.input_check.refit_features`, by
+:mod:`cxrlearn.workflows.quantize`) and travels with it: :data:`INT8_CHECK_FILE`, named with its SHA-256 in the
+file's contract (:class:`Int8Record`). Whether the result is good enough is judged by
+:mod:`cxrlearn.workflows.quantize`, on the run's validation images, before the file is written.
 """
 
 from __future__ import annotations
@@ -30,14 +32,48 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrlearn._files import file_digest
+from cxrlearn.errors import ConfigError
 from cxrlearn.model.export import read_contract, write_with_contract
+from cxrlearn.model.input_check import InputCheck
+from cxrlearn.model.meta import InputCheckFit
+from cxrlearn.records import Record
 
 #: A bundle's int8 export, beside ``model.onnx`` (``--runtime onnx-int8``).
 INT8_FILE = "model.int8.onnx"
-#: The operators quantised: the backbone's convolutions (the head's Gemm stays float), less those :func:`kept_float`.
-QUANTISED_OPS = ("Conv",)
-#: Calibration images fed per call (memory is calibration batches x activations).
+#: The operators quantised: every convolution, its ReLU6 and the residual adds (the head's Gemm stays float).
+QUANTISED_OPS = ("Conv", "Clip", "Relu", "Add")
+#: Calibration images fed per call; calibration uses whole batches only (ONNX Runtime's histogram collector
+#: needs batches of one shape), so at most ``CALIBRATION_BATCH - 1`` of the images given are left out.
 CALIBRATION_BATCH = 16
+#: Each activation's range: this percentile of its absolute values on the calibration images.
+CALIBRATION_PERCENTILE = 99.99
+#: The int8 file's own input check (its feature part fitted on the int8 file's features), beside it.
+INT8_CHECK_FILE = "input_check.int8.safetensors"
+#: The key of :class:`Int8Record` in an int8 file's contract.
+INT8_KEY = "int8"
+
+
+class Int8Record(Record):
+    """What an int8 file's contract says of its quantisation (``contract["int8"]``)."""
+
+    format: str = "QDQ"
+    weights: str = "int8, symmetric, per channel"
+    activations: str = (f"uint8, asymmetric, per tensor ({CALIBRATION_PERCENTILE}th percentile on the calibration "
+                        "images)")
+    quantised_ops: list[str] = list(QUANTISED_OPS)
+    kept_float: str = "the head (pooling, dense layers) and the input steps"
+    reduce_range: bool = False
+    calibration_images: int = 0
+    #: The int8 file's own input check (None: it judges with the float model's, as files made before did).
+    input_check: InputCheckFit | None = None
+    input_check_sha256: str | None = None
+
+    @classmethod
+    def of(cls, contract: dict) -> Int8Record | None:
+        """The record in an int8 file's contract; None in a float file's."""
+        found = contract.get(INT8_KEY)
+        return cls.model_validate(found) if isinstance(found, dict) else None
 
 
 def cpu_has_vnni() -> bool | None:
@@ -52,26 +88,21 @@ def cpu_has_vnni() -> bool | None:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def kept_float(graph) -> list[str]:
-    """The convolutions left in float (module docstring): the stem (the graph's first convolution, ONNX graphs
-    being in topological order) and every depthwise one (``group`` > 1)."""
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    return [node.name for i, node in enumerate(convs)
-            if i == 0 or any(a.name == "group" and a.i > 1 for a in node.attribute)]
-
-
 def quantise(fp32: Path, out: Path, calibration: np.ndarray, reduce_range: bool) -> Path:
     """Write ``fp32`` (an ONNX export of :func:`cxrlearn.model.export.export_onnx`) as an int8 QDQ model at
     ``out``, calibrated on ``calibration`` (uint8, (N, 1, S, S): the graph's own input), its contract kept and
-    the quantisation recorded in it."""
+    the quantisation recorded in it (:class:`Int8Record`)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    whole = (len(calibration) // CALIBRATION_BATCH) * CALIBRATION_BATCH or len(calibration)
+    used = calibration[:whole]
+
     class Images(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // CALIBRATION_BATCH)))
+            self.batches = iter(np.array_split(used, max(1, len(used) // CALIBRATION_BATCH)))
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -82,21 +113,42 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray, reduce_range: bool)
     # convolutions, so that it is quantised with them rather than left as float between two QDQ pairs).
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     try:
-        model = onnx.load(str(prepared))
-        excluded = kept_float(model.graph)
-        quantize_static(model, str(staged), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=excluded,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(onnx.load(str(prepared)), str(staged), Images(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTISED_OPS),
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": CALIBRATION_PERCENTILE})
         proto = onnx.load(str(staged))
     finally:
         staged.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
     contract = read_contract(fp32)
-    contract["int8"] = {"format": "QDQ", "weights": "int8, symmetric, per channel", "activations":
-                        "uint8, asymmetric, per tensor (MinMax on the calibration images)",
-                        "quantised_ops": list(QUANTISED_OPS),
-                        "kept_float": f"the stem and {len(excluded) - 1} depthwise convolution(s), the head (Gemm) "
-                                      "and the input steps",
-                        "reduce_range": reduce_range, "calibration_images": int(len(calibration))}
+    contract.update({INT8_KEY: Int8Record(reduce_range=reduce_range, calibration_images=int(len(used))).model_dump(
+        mode="json")})
     return write_with_contract(proto, contract, out)
+
+
+def with_input_check(int8: Path, check: InputCheck) -> Path:
+    """Save ``check`` (the int8 file's own, :data:`INT8_CHECK_FILE`) beside ``int8`` and name it, with its SHA-256,
+    in the file's contract."""
+    import onnx
+
+    folder = int8.parent
+    check.save(folder)
+    contract = read_contract(int8)
+    record = Int8Record.of(contract)
+    record.input_check, record.input_check_sha256 = check.fit, file_digest(folder / check.fit.file)
+    contract.update({INT8_KEY: record.model_dump(mode="json")})
+    return write_with_contract(onnx.load(str(int8)), contract, int8)
+
+
+def int8_input_check(path: Path, contract: dict) -> InputCheck | None:
+    """The input check an int8 file carries (None for a file without one); one changed since is refused."""
+    record = Int8Record.of(contract)
+    if record is None or record.input_check is None:
+        return None
+    check_path = path.parent / record.input_check.file
+    if not check_path.is_file() or file_digest(check_path) != record.input_check_sha256:
+        raise ConfigError(f"{check_path}: the input check of {path.name} is missing or changed since it was "
+                          f"exported; export it again (`cxrlearn export --int8`)")
+    return InputCheck.load(path.parent, record.input_check)

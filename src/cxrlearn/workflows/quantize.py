@@ -3,14 +3,17 @@
 1. the float export (:func:`cxrlearn.model.export.export_onnx`) and its int8 quantisation
    (:func:`cxrlearn.model.quantize.quantise`), calibrated on at most ``INT8_CALIBRATION_IMAGES`` of the run's own
    training images (evenly spaced, from the run's cache, as training read them);
-2. both files run through the Predictor (the bundle's temperatures and flip averaging, the input check) on the
-   run's validation images;
-3. the paired patient bootstrap of mean AUC, int8 minus float (the same resamples for both: the resamples of
+2. the int8 file's own input check: the bundle's, its feature part fitted again on the int8 file's features of
+   the run's training images and thresholded on its features of the validation images
+   (:func:`cxrlearn.model.input_check.refit_features`), saved beside it and named in its contract;
+3. both files run through the Predictor (the bundle's temperatures and flip averaging, each its input check) on
+   the run's validation images;
+4. the paired patient bootstrap of mean AUC, int8 minus float (the same resamples for both: the resamples of
    ``evaluate``'s intervals), and the share of images on which the input check's verdict (ok or flagged) is the
    same;
-4. ``RUN/model.int8.onnx`` is written only if the interval's lower bound is above ``-max_auc_loss`` and the
-   verdicts agree on at least ``min_agreement`` of the images; otherwise nothing is written and the figures
-   say why.
+5. ``RUN/model.int8.onnx`` (and its check) is written only if the interval's lower bound is above
+   ``-max_auc_loss`` and the verdicts agree on at least ``min_agreement`` of the images; otherwise nothing is
+   written and the figures say why.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from cxrlearn._files import write_atomic
@@ -37,7 +41,8 @@ from cxrlearn.inference.predictor import Predictor
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
 from cxrlearn.model.bundle import read_meta
 from cxrlearn.model.export import export_onnx, record_export
-from cxrlearn.model.quantize import INT8_FILE, cpu_has_vnni, quantise
+from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, refit_features
+from cxrlearn.model.quantize import INT8_CHECK_FILE, INT8_FILE, cpu_has_vnni, quantise, with_input_check
 from cxrlearn.training.config import RunConfig
 from cxrlearn.workflows.train import SPLIT_FILE, read_run_labels
 
@@ -105,11 +110,17 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
         work = Path(work)
         fp32 = export_onnx(model_dir, work / "model.onnx", record=False)
         int8 = quantise(fp32, work / INT8_FILE, _calibration(datamodule, calibration_images), reduce_range)
+        meta = read_meta(model_dir)
+        if meta.input_check is not None:  # the int8 file judges inputs by its own features
+            with_input_check(int8, _own_check(InputCheck.load(model_dir, meta.input_check), model_dir, int8,
+                                              datamodule, progress))
         judgement = _judge(model_dir, fp32, int8, datamodule, max_auc_loss, min_agreement, resamples, reduce_range,
                            progress)
         if not judgement.passed:
             return judgement, None
         out = model_dir / INT8_FILE
+        if (work / INT8_CHECK_FILE).is_file():  # first the check the file names, then the file
+            write_atomic(model_dir / INT8_CHECK_FILE, (work / INT8_CHECK_FILE).read_bytes())
         write_atomic(out, int8.read_bytes())
         record_export(model_dir, out, "onnx-int8")
     return judgement, out
@@ -143,6 +154,26 @@ def _calibration(datamodule: ChestXrayDataModule, count: int) -> np.ndarray:
     train = datamodule.datasets["train"]
     chosen = np.unique(np.linspace(0, len(train) - 1, min(len(train), count)).astype(int))
     return np.stack([train[int(i)][0].numpy() for i in chosen])
+
+
+def _own_check(check: InputCheck, model_dir: Path, int8: Path, datamodule: ChestXrayDataModule,
+               progress: bool) -> InputCheck:
+    """The bundle's input check with its feature part fitted on the int8 file's own features of the training images
+    the float one was fitted on, and thresholded on its features of the validation images (evenly spaced, at most
+    ``MAX_FIT_IMAGES`` each)."""
+    predictor = Predictor(model_dir, runtime="onnx-int8", onnx_path=int8, checked=False)
+    features = {}
+    for name in ("train", "val"):
+        dataset = datamodule.datasets.get(name)
+        chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MAX_FIT_IMAGES)).astype(int))
+        loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=BATCH)
+        features[name] = np.concatenate([predictor.features_and_logits(images.numpy())[0] for images, _, _ in
+                                         tqdm(loader, desc=f"int8 features, {name}", unit="batch",
+                                              disable=not progress)])
+    own = refit_features(check, *features.values(), INT8_CHECK_FILE)
+    log.info(f"int8 input check: fitted on the int8 file's features of {own.fit.train_images:,} training images, "
+             f"threshold at the {own.fit.percentile:g}th percentile of {own.fit.val_images:,} validation images")
+    return own
 
 
 def _judge(model_dir: Path, fp32: Path, int8: Path, datamodule: ChestXrayDataModule, max_auc_loss: float,
