@@ -53,7 +53,8 @@ from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, 
 from cxrlearn.defaults import IMAGE_SIZE, launch_rank, launcher_environment_problems
 from cxrlearn.errors import ConfigError, CxrlearnError, DataError, Interrupted
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
-from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT, ONNX_OPSET
+from cxrlearn.model import (INT8_CALIBRATION_IMAGES, INT8_GATE, INT8_GATES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT,
+                            ONNX_OPSET)
 from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_PER_CLIENT, MAX_UPLOAD_BYTES,
                               PORT, UPLOAD_TIMEOUT_S)
 from cxrlearn.workflows import EVALUATE_BATCH_SIZE
@@ -578,7 +579,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from cxrlearn.workflows.quantize import export_int8  # the run's data and training config: only for --int8
 
         judgement, out = export_int8(args.model, max_auc_loss=args.max_auc_loss, min_agreement=args.min_agreement,
-                                     calibration_images=args.calibration_images, progress=not args.no_progress)
+                                     calibration_images=args.calibration_images, progress=not args.no_progress,
+                                     gate=args.gate)
         if out is None:
             print(f"cxrlearn export: refused to write the int8 model: {judgement.text()}", file=sys.stderr)
             return EXIT_REFUSED
@@ -966,8 +968,12 @@ def _add_export_command(commands) -> None:
                              "on its validation images, it keeps the mean AUC (paired patient bootstrap) and the "
                              "input check's verdicts")
     export.add_argument("--max-auc-loss", type=float, default=INT8_MAX_AUC_LOSS, metavar="X",
-                        help="--int8: the lower bound of the 95%% interval of mean AUC (int8 - float) must be above -X "
-                             "(default %(default)s)")
+                        help="--int8: the largest loss of mean AUC allowed (default %(default)s): the 95%% interval of "
+                             "(int8 - float) must reach above -X (--gate no-loss) or lie wholly above it (equivalence)")
+    export.add_argument("--gate", choices=INT8_GATES, default=INT8_GATE,
+                        help="--int8: no-loss (default): written unless the validation images show a loss of mean AUC "
+                             "larger than --max-auc-loss or a finding significantly worse (DeLong, Holm); "
+                             "equivalence: only if they show the loss is smaller (needs thousands of images)")
     export.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="F",
                         help="--int8: the least share of validation images with the same input-check verdict "
                              "(default %(default)s)")

@@ -59,11 +59,11 @@ def _placements(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, n
 
 def delong(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> DeLong | None:
     """DeLong's test on the images whose label is known (0/1; NaN is left out), or None where the finding has
-    no positive or no negative image."""
+    fewer than two positive or two negative images (no variance to estimate)."""
     labels = np.asarray(labels, dtype=np.float64)
     known = ~np.isnan(labels)
     positive = labels[known] == 1
-    if positive.all() or not positive.any():
+    if positive.sum() < 2 or (~positive).sum() < 2:
         return None
     scores = np.vstack([np.asarray(scores_a, dtype=np.float64)[known], np.asarray(scores_b, dtype=np.float64)[known]])
     of_positives, of_negatives = _placements(scores, positive)

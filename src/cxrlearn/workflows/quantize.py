@@ -36,9 +36,10 @@ from cxrlearn.data.pipeline.cache import cache_location, table_fingerprint
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_aucs, percentile_interval
-from cxrlearn.evaluation.metrics import auc_per_finding
+from cxrlearn.evaluation.paired import delong, holm
+from cxrlearn.evaluation.metrics import FEW_CASES, auc_per_finding
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
+from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_GATE, INT8_GATES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
 from cxrlearn.model.bundle import read_meta
 from cxrlearn.model.export import export_onnx, record_export
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, refit_features
@@ -53,6 +54,48 @@ WORK_PREFIX = ".int8-"
 
 #: Images per forward pass while judging.
 BATCH = 32
+#: The gates ``export --int8`` offers (:meth:`GateFigures.passes`).
+GATES = INT8_GATES
+#: A finding is significantly worse in int8 when its Holm-adjusted DeLong p-value is below this (and it is lower).
+GATE_ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class GateFigures:
+    """What the gate judges: the float and int8 files' mean AUCs, the paired patient bootstrap's 95% interval of
+    (int8 - float), and the findings significantly worse in int8 (DeLong per finding with at least ``FEW_CASES``
+    positives and negatives, Holm's correction)."""
+
+    mean_auc_float: float | None
+    mean_auc_int8: float | None
+    interval: list[float] | None  # int8 - float; None where no finding has an AUC
+    worse: list[str]
+
+    def passes(self, gate: str, max_auc_loss: float) -> bool:
+        """``no-loss``: no finding significantly worse, and the interval reaches above ``-max_auc_loss`` (the
+        images show no loss larger than the allowance); ``equivalence``: no finding significantly worse, and the
+        whole interval above ``-max_auc_loss`` (they show the loss is smaller)."""
+        if self.interval is None or self.worse:
+            return False
+        bound = self.interval[0] if gate == "equivalence" else self.interval[1]
+        return bound > -max_auc_loss
+
+
+def gate_figures(labels: np.ndarray, scores_float: np.ndarray, scores_int8: np.ndarray, patients: np.ndarray,
+                 findings: list[str], resamples: int = DEFAULT_RESAMPLES) -> GateFigures:
+    """:class:`GateFigures` of both files' probabilities on the same labelled images."""
+    summaries = [auc_per_finding(labels, scores, findings) for scores in (scores_float, scores_int8)]
+    columns = [findings.index(f) for f in summaries[0].mean_over]
+    boots = [bootstrap_aucs(labels, scores, patients, resamples, DEFAULT_SEED)
+             for scores in (scores_float, scores_int8)]  # the same seed and patients: the same resamples, so paired
+    interval = percentile_interval(boots[1].mean_auc(columns) - boots[0].mean_auc(columns)) if columns else None
+    counts = [(np.nansum(labels[:, j]), np.sum(labels[:, j] == 0)) for j in range(len(findings))]
+    tests = [delong(labels[:, j], scores_float[:, j], scores_int8[:, j]) if min(counts[j]) >= FEW_CASES else None
+             for j in range(len(findings))]  # DeLong's normal approximation needs more than a handful of each
+    adjusted = holm([None if t is None else t.p_value for t in tests])
+    worse = [name for name, t, p in zip(findings, tests, adjusted)
+             if t is not None and p is not None and t.difference < 0 and p < GATE_ALPHA]
+    return GateFigures(summaries[0].mean_auc, summaries[1].mean_auc, interval, worse)
 
 
 @dataclass(frozen=True)
@@ -61,38 +104,41 @@ class Int8Judgement:
 
     images: int
     patients: int
-    mean_auc_float: float | None
-    mean_auc_int8: float | None
-    difference_ci95: list[float] | None  # int8 - float, paired patient bootstrap
+    figures: GateFigures
     agreement: float | None  # share of images with the same input-check verdict; None: the bundle has no check
     max_auc_loss: float
     min_agreement: float
     reduce_range: bool
+    gate: str = INT8_GATE
 
     @property
     def passed(self) -> bool:
-        auc_ok = self.difference_ci95 is not None and self.difference_ci95[0] > -self.max_auc_loss
-        return auc_ok and (self.agreement is None or self.agreement >= self.min_agreement)
+        return (self.figures.passes(self.gate, self.max_auc_loss)
+                and (self.agreement is None or self.agreement >= self.min_agreement))
 
     def text(self) -> str:
         def num(value):
             return "—" if value is None else f"{value:.4f}"
 
-        interval = ("no interval (no finding has an AUC on the validation images)" if self.difference_ci95 is None
-                    else f"95% CI {self.difference_ci95[0]:+.4f} to {self.difference_ci95[1]:+.4f}")
+        figures = self.figures
+        interval = ("no interval (no finding has an AUC on the validation images)" if figures.interval is None
+                    else f"95% CI {figures.interval[0]:+.4f} to {figures.interval[1]:+.4f}")
+        needed = "lower" if self.gate == "equivalence" else "upper"
+        worse = (f"significantly worse in int8 (DeLong, Holm): {', '.join(figures.worse)}" if figures.worse
+                 else "no finding significantly worse (DeLong, Holm)")
         agreement = ("the bundle has no input check" if self.agreement is None
                      else f"the input check's verdicts agree on {self.agreement:.2%} (needed: "
                           f"{self.min_agreement:.0%})")
         return (f"on {self.images:,} validation images of {self.patients:,} patients: mean AUC float "
-                f"{num(self.mean_auc_float)}, int8 {num(self.mean_auc_int8)}; int8 - float {interval} (needed: lower "
-                f"bound above {-self.max_auc_loss:+.4f}); {agreement}"
+                f"{num(figures.mean_auc_float)}, int8 {num(figures.mean_auc_int8)}; int8 - float {interval} "
+                f"(gate {self.gate}: {needed} bound above {-self.max_auc_loss:+.4f}); {worse}; {agreement}"
                 + ("; weights quantised with reduce_range (this CPU has no VNNI)" if self.reduce_range else ""))
 
 
 def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC_LOSS,
                 min_agreement: float = INT8_MIN_AGREEMENT, calibration_images: int = INT8_CALIBRATION_IMAGES,
-                resamples: int = DEFAULT_RESAMPLES,
-                progress: bool = True) -> tuple[Int8Judgement, Path | None]:
+                resamples: int = DEFAULT_RESAMPLES, progress: bool = True, gate: str = INT8_GATE
+                ) -> tuple[Int8Judgement, Path | None]:
     """Quantise the bundle in ``model_dir`` and judge it (module docstring); the judgement, and the path of
     ``model.int8.onnx`` when it passed (None, and nothing written, when it did not)."""
     model_dir = Path(model_dir)
@@ -115,7 +161,7 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
             with_input_check(int8, _own_check(InputCheck.load(model_dir, meta.input_check), model_dir, int8,
                                               datamodule, progress))
         judgement = _judge(model_dir, fp32, int8, datamodule, max_auc_loss, min_agreement, resamples, reduce_range,
-                           progress)
+                           progress, gate)
         if not judgement.passed:
             return judgement, None
         out = model_dir / INT8_FILE
@@ -177,7 +223,7 @@ def _own_check(check: InputCheck, model_dir: Path, int8: Path, datamodule: Chest
 
 
 def _judge(model_dir: Path, fp32: Path, int8: Path, datamodule: ChestXrayDataModule, max_auc_loss: float,
-           min_agreement: float, resamples: int, reduce_range: bool, progress: bool) -> Int8Judgement:
+           min_agreement: float, resamples: int, reduce_range: bool, progress: bool, gate: str) -> Int8Judgement:
     """Both models through the Predictor on the validation images, and the paired comparison."""
     models = {"float": Predictor(model_dir, runtime="onnx", onnx_path=fp32, checked=False),
               "int8": Predictor(model_dir, runtime="onnx-int8", onnx_path=int8, checked=False)}
@@ -196,15 +242,10 @@ def _judge(model_dir: Path, fp32: Path, int8: Path, datamodule: ChestXrayDataMod
     findings = models["float"].findings
     val = datamodule.datasets["val"]
     patients = datamodule.table.set_index(IMAGE).loc[val.names, PATIENT_ID].to_numpy()
-    summaries = {name: auc_per_finding(labels_all, np.concatenate(p), findings) for name, p in probs.items()}
-    columns = [findings.index(f) for f in summaries["float"].mean_over]
-    boots = {name: bootstrap_aucs(labels_all, np.concatenate(p), patients, resamples, DEFAULT_SEED)
-             for name, p in probs.items()}  # the same seed and patients: the same resamples, so paired
-    interval = (percentile_interval(boots["int8"].mean_auc(columns) - boots["float"].mean_auc(columns))
-                if columns else None)
+    figures = gate_figures(labels_all, np.concatenate(probs["float"]), np.concatenate(probs["int8"]), patients,
+                           list(findings), resamples)
     has_check = models["float"].input_check is not None
     agreement = (float(np.mean(np.array(flagged["float"]) == np.array(flagged["int8"]))) if has_check else None)
-    return Int8Judgement(images=len(labels_all), patients=len(set(patients)),
-                         mean_auc_float=summaries["float"].mean_auc, mean_auc_int8=summaries["int8"].mean_auc,
-                         difference_ci95=interval, agreement=agreement, max_auc_loss=max_auc_loss,
+    return Int8Judgement(images=len(labels_all), patients=len(set(patients)), figures=figures, agreement=agreement,
+                         max_auc_loss=max_auc_loss, gate=gate,
                          min_agreement=min_agreement, reduce_range=reduce_range)
