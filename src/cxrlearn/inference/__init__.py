@@ -1,9 +1,9 @@
-"""Prediction: the Predictor over a bundle (torch or ONNX Runtime), what its outputs mean, and Grad-CAM."""
+"""Prediction: the Predictor over a bundle (torch, ONNX Runtime or OpenVINO), what its outputs mean, and Grad-CAM."""
 
 from cxrlearn.defaults import usable_cores
 
 #: The runtimes a Predictor runs a bundle with.
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 #: Images per batch when predicting files.
 PREDICT_BATCH_SIZE = 16
 

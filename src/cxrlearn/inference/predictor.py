@@ -31,6 +31,7 @@ from cxrlearn.data.preprocessing import Preprocessing
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES
 from cxrlearn.inference.outputs import positive_calls, probabilities
+from cxrlearn.inference.openvino import OpenVinoSession
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror, torch_forward
 from cxrlearn.model.bundle import WEIGHTS, bundle_digest, load_bundle, read_meta
 from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle, read_contract
@@ -44,7 +45,7 @@ from cxrlearn.model.reference import Basis, ImageSummary, Reference, pixel_stati
 @dataclass(frozen=True)
 class Provenance:
     """Which model gave an answer: the bundle's digest (:func:`cxrlearn.model.bundle.bundle_digest`), the runtime
-    that ran it (torch, onnx, onnx-int8: their probabilities differ), the SHA-256 of the file that runtime read
+    that ran it (torch, onnx, onnx-int8, openvino, openvino-int8: their probabilities differ), the SHA-256 of the file that runtime read
     (the bundle's weights, or the ONNX file), and the cxrlearn that ran it. Written beside every answer, so a result
     in a spreadsheet, a report or a log can be traced to what computed it."""
 
@@ -176,7 +177,9 @@ def prepare(preprocessing: Preprocessing, decoded: np.ndarray, colour: float = 0
 
 
 #: The file each ONNX runtime reads in a bundle's folder.
-ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": INT8_FILE}
+ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": INT8_FILE, "openvino": ONNX_FILE, "openvino-int8": INT8_FILE}
+#: The export each runtime reads, by the runtime ``cxrlearn export`` recorded it for (``RUN/exports.json``).
+EXPORTED_FOR = {"onnx": "onnx", "onnx-int8": "onnx-int8", "openvino": "onnx", "openvino-int8": "onnx-int8"}
 
 
 class Predictor:
@@ -211,8 +214,9 @@ class Predictor:
         else:
             path = Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime]
             computed_by = self._load_onnx(path, checked)
-            if runtime == "onnx-int8":  # an int8 file judges with its own features' fit, where it carries one
-                self.input_check = int8_input_check(path, read_contract(path, self.session)) or self.input_check
+            if EXPORTED_FOR[runtime] == "onnx-int8":  # an int8 file judges with its own features' fit, if it has one
+                self.input_check = (int8_input_check(path, read_contract(path, self.session if runtime == "onnx-int8"
+                                                                          else None)) or self.input_check)
         self.provenance = Provenance(bundle_digest(self.model_dir), __version__, runtime, computed_by)
         if self.input_check is not None:
             width = self.input_check.feature_mean.shape[0]
@@ -234,15 +238,18 @@ class Predictor:
         import onnxruntime
 
         if not path.is_file():
-            made_by = "--int8" if self.runtime == "onnx-int8" else f"--format onnx --out {path}"
+            made_by = "--int8" if EXPORTED_FOR[self.runtime] == "onnx-int8" else f"--format onnx --out {path}"
             raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
                               f"{made_by}`")
         if checked:
-            digest = check_export(path, self.model_dir, self.runtime)
+            digest = check_export(path, self.model_dir, EXPORTED_FOR[self.runtime])
         else:
             check_onnx_matches_bundle(path, self.model_dir)
             digest = file_digest(path)
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if self.runtime.startswith("openvino"):
+            self.session = OpenVinoSession(path)
+        else:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return digest
 
     def with_gradients(self) -> Predictor:
