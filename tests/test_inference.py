@@ -528,6 +528,29 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     assert judged["provenance"]["runtime"] == "onnx-int8" and 0.3 < judged["mean_auc"] < 1
 
 
+def test_int8_export_of_a_run_moved_away_from_its_cache_takes_its_images(evaluated, sample_images, table_path,
+                                                                          tmp_path, capsys):
+    """A run whose preprocessing cache is not where its config says (copied to another machine): ``export --int8``
+    says so and how to give the images; with ``--images`` (and ``--csv``) it decodes the split's training and
+    validation images into a cache beside the run and quantises."""
+    import shutil
+
+    run = tmp_path / "moved" / "run"
+    shutil.copytree(evaluated[0], run, ignore=shutil.ignore_patterns("checkpoints", "logs", "*.onnx"))
+    described = json.loads((run / "model.json").read_text())
+    described["config"]["data"]["cache"] = str(tmp_path / "the-old-machine" / "cache")
+    (run / "model.json").write_text(json.dumps(described))
+    assert main(["export", "--model", str(run), "--int8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the-old-machine" in err and "--int8 --images DIR [--csv TABLE]" in err
+    assert main(["export", "--model", str(run), "--images", str(sample_images), "--no-progress"]) == 2
+    assert "--images and --csv go with --int8" in capsys.readouterr().err
+    assert main(["export", "--model", str(run), "--int8", "--images", str(sample_images), "--csv", str(table_path),
+                 "--max-auc-loss", "1", "--min-agreement", "0", "--no-progress"]) == 0
+    assert "on 250 validation images" in capsys.readouterr().out and (run / "model.int8.onnx").is_file()
+    assert (tmp_path / "moved" / "cache").is_dir() and not (tmp_path / "the-old-machine").exists()
+
+
 def test_openvino_missing_is_one_line(onnx_file, monkeypatch):
     import sys
 

@@ -575,12 +575,14 @@ def _cmd_dicom_status(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from cxrlearn.model.export import export_onnx
 
+    if (args.images or args.csv) and not args.int8:
+        raise DataError("--images and --csv go with --int8 (the images it calibrates on and judges with)")
     if args.int8:
         from cxrlearn.workflows.quantize import export_int8  # the run's data and training config: only for --int8
 
         judgement, out = export_int8(args.model, max_auc_loss=args.max_auc_loss, min_agreement=args.min_agreement,
                                      calibration_images=args.calibration_images, progress=not args.no_progress,
-                                     gate=args.gate)
+                                     gate=args.gate, images=args.images, csv=args.csv)
         if out is None:
             print(f"cxrlearn export: refused to write the int8 model: {judgement.text()}", file=sys.stderr)
             return EXIT_REFUSED
@@ -979,6 +981,11 @@ def _add_export_command(commands) -> None:
     export.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="F",
                         help="--int8: the least share of validation images with the same input-check verdict "
                              "(default %(default)s)")
+    export.add_argument("--images", type=Path, metavar="DIR",
+                        help="--int8: read the run's training and validation images from DIR (a run copied away from "
+                             "its preprocessing cache); they are decoded into a cache beside the run")
+    export.add_argument("--csv", type=Path, metavar="TABLE",
+                        help="--int8 with --images: NIH's label table for them (default: the run's own)")
     export.add_argument("--calibration-images", type=int, default=INT8_CALIBRATION_IMAGES, metavar="N",
                         help="--int8: training images the activation ranges are measured on (default %(default)s)")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")

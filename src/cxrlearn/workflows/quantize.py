@@ -30,9 +30,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from cxrlearn._files import write_atomic
-from cxrlearn.data.cohort.split import read_split_file
-from cxrlearn.data.columns import IMAGE, PATIENT_ID
-from cxrlearn.data.pipeline.cache import cache_location, table_fingerprint
+from cxrlearn.data.cohort.split import SPLITS, read_split_file
+from cxrlearn.data.columns import IMAGE, PATIENT_ID, SPLIT
+from cxrlearn.data.decoding.images import attach_images
+from cxrlearn.data.pipeline.cache import META as CACHE_META, cache_location, prepare_cache, table_fingerprint
+from cxrlearn.data.sources.datasets import read_labels
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_aucs, percentile_interval
@@ -137,8 +139,8 @@ class Int8Judgement:
 
 def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC_LOSS,
                 min_agreement: float = INT8_MIN_AGREEMENT, calibration_images: int = INT8_CALIBRATION_IMAGES,
-                resamples: int = DEFAULT_RESAMPLES, progress: bool = True, gate: str = INT8_GATE
-                ) -> tuple[Int8Judgement, Path | None]:
+                resamples: int = DEFAULT_RESAMPLES, progress: bool = True, gate: str = INT8_GATE,
+                images: Path | None = None, csv: Path | None = None) -> tuple[Int8Judgement, Path | None]:
     """Quantise the bundle in ``model_dir`` and judge it (module docstring); the judgement, and the path of
     ``model.int8.onnx`` when it passed (None, and nothing written, when it did not)."""
     model_dir = Path(model_dir)
@@ -146,7 +148,7 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
             log.info(f"removed {stale}, left by an interrupted export")
-    datamodule = _run_data(model_dir)
+    datamodule = _run_data(model_dir, images, csv, progress)
     vnni = cpu_has_vnni()
     reduce_range = vnni is False
     if reduce_range:
@@ -172,8 +174,12 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
     return judgement, out
 
 
-def _run_data(model_dir: Path) -> ChestXrayDataModule:
-    """The run's own split over its own cache, as training read them (no augmentation)."""
+def _run_data(model_dir: Path, images: Path | None = None, csv: Path | None = None,
+              progress: bool = True) -> ChestXrayDataModule:
+    """The run's own split over its own cache, as training read them (no augmentation). With ``images`` (a run
+    copied away from its cache, or to check other copies of its images): the split's training and validation
+    images read from that folder into a cache (the run's, where it is here, else one beside the run), with the
+    label table ``csv`` (NIH's format) or the run's own."""
     meta = read_meta(model_dir)
     if not meta.config:
         raise ConfigError(f"{model_dir}: the bundle records no training config, so its training and validation "
@@ -183,15 +189,32 @@ def _run_data(model_dir: Path) -> ChestXrayDataModule:
     if not split_path.is_file():
         raise DataError(f"{split_path}: the run's split is missing; --int8 calibrates on its training images and "
                         "judges on its validation images")
-    table = read_run_labels(config.data)
+    table = read_labels(csv=csv) if csv else read_run_labels(config.data)
     fingerprint = table_fingerprint(table)
+    split = read_split_file(split_path)
     cache_dir = cache_location(config.data.cache, meta.preprocessing, model_dir, fingerprint)
-    datamodule = ChestXrayDataModule(cache_dir, table, read_split_file(split_path), meta.preprocessing,
+    if images is not None:
+        if not (cache_dir / CACHE_META).is_file():
+            cache_dir = cache_location(None, meta.preprocessing, model_dir, fingerprint)
+        wanted = table[table[IMAGE].isin(split.loc[split[SPLIT].isin(SPLITS[:2]), IMAGE])]  # train and val
+        present = attach_images(wanted, images)
+        log.info(f"int8: {len(present.table):,} of the split's {len(wanted):,} training and validation images are in "
+                 f"{images}; into the cache {cache_dir}")
+        prepare_cache(present.table, cache_dir, fingerprint, meta.preprocessing, images_dir=str(images),
+                      label_table=Path(csv).name if csv else "", progress=progress)
+    elif not (cache_dir / CACHE_META).is_file():
+        raise DataError(f"{cache_dir}: the run's preprocessing cache is not here (was the run moved or copied?); "
+                        f"give its images: `cxrlearn export --model {model_dir} --int8 --images DIR [--csv TABLE]`")
+    datamodule = ChestXrayDataModule(cache_dir, table, split, meta.preprocessing,
                                      batch_size=BATCH, num_workers=0, augmentation=None, fingerprint=fingerprint,
                                      findings=list(meta.findings))
     datamodule.setup("validate")
-    if "val" not in datamodule.datasets:
-        raise DataError(f"{model_dir}: no validation images of the run's split are in its cache {cache_dir}")
+    train, val = (datamodule.datasets.get(name) for name in SPLITS[:2])
+    if val is None or train is None:
+        raise DataError(f"{model_dir}: no training or no validation images of the run's split are in its cache "
+                        f"{cache_dir}")
+    log.info(f"int8: calibrating on the run's {len(train):,} training images and judging on its {len(val):,} "
+             f"validation images, from {cache_dir}")
     return datamodule
 
 
