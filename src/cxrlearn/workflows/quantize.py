@@ -143,6 +143,8 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
                 images: Path | None = None, csv: Path | None = None) -> tuple[Int8Judgement, Path | None]:
     """Quantise the bundle in ``model_dir`` and judge it (module docstring); the judgement, and the path of
     ``model.int8.onnx`` when it passed (None, and nothing written, when it did not)."""
+    if gate not in GATES:
+        raise ConfigError(f"the int8 gate must be one of {', '.join(GATES)}, not {gate!r}")
     model_dir = Path(model_dir)
     for stale in model_dir.glob(f"{WORK_PREFIX}*"):  # left by an export killed before it could clean up
         if stale.is_dir() and not stale.is_symlink():
