@@ -1270,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_log(timestamps=args.command in LONG_RUNNING)
-    if "csv" in args and args.csv is None and args.command not in ("train", "evaluate"):
+    if "csv" in args and args.csv is None and args.command not in ("train", "evaluate", "export"):
         args.csv = tables.label_table()
     try:
         _check_launcher_environment()
