@@ -34,7 +34,7 @@ from cxrlearn.inference.outputs import positive_calls, probabilities
 from cxrlearn.inference.openvino import OpenVinoSession
 from cxrlearn.inference.predict import average_with_mirror, flip_averaged, mirror, torch_forward
 from cxrlearn.model.bundle import WEIGHTS, bundle_digest, load_bundle, read_meta
-from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle, read_contract
+from cxrlearn.model.export import ONNX_FILE, check_export, check_onnx_matches_bundle
 from cxrlearn.model.quantize import INT8_FILE, int8_input_check
 from cxrlearn.model.device import resolve_device
 from cxrlearn.model.input_check import UNAVAILABLE, Flag, InputCheck, Verdict, cheap_reasons
@@ -45,8 +45,8 @@ from cxrlearn.model.reference import Basis, ImageSummary, Reference, pixel_stati
 @dataclass(frozen=True)
 class Provenance:
     """Which model gave an answer: the bundle's digest (:func:`cxrlearn.model.bundle.bundle_digest`), the runtime
-    that ran it (torch, onnx, onnx-int8, openvino, openvino-int8: their probabilities differ), the SHA-256 of the file that runtime read
-    (the bundle's weights, or the ONNX file), and the cxrlearn that ran it. Written beside every answer, so a result
+    that ran it (torch, onnx, onnx-int8, openvino, openvino-int8: their probabilities differ), the SHA-256 of the
+    file that runtime read (the bundle's weights, or the ONNX file), and the cxrlearn that ran it. Written beside every answer, so a result
     in a spreadsheet, a report or a log can be traced to what computed it."""
 
     model_sha256: str
@@ -213,10 +213,9 @@ class Predictor:
             computed_by = file_digest(self.model_dir / WEIGHTS)
         else:
             path = Path(onnx_path) if onnx_path else self.model_dir / ONNX_FILES[runtime]
-            computed_by = self._load_onnx(path, checked)
+            computed_by, contract = self._load_onnx(path, checked)
             if EXPORTED_FOR[runtime] == "onnx-int8":  # an int8 file judges with its own features' fit, if it has one
-                self.input_check = (int8_input_check(path, read_contract(path, self.session if runtime == "onnx-int8"
-                                                                          else None)) or self.input_check)
+                self.input_check = int8_input_check(path, contract) or self.input_check
         self.provenance = Provenance(bundle_digest(self.model_dir), __version__, runtime, computed_by)
         if self.input_check is not None:
             width = self.input_check.feature_mean.shape[0]
@@ -233,8 +232,8 @@ class Predictor:
         self.transform = normalizer(self.preprocessing).to(self.device)
         self._torch_forward = torch_forward(self.model, self.transform, self.device, channels_last=True)
 
-    def _load_onnx(self, path: Path, checked: bool) -> str:
-        """The ONNX session of ``path``; its SHA-256."""
+    def _load_onnx(self, path: Path, checked: bool) -> tuple[str, dict]:
+        """The session of ``path`` (ONNX Runtime's, or OpenVINO's); its SHA-256 and its cxrlearn contract."""
         import onnxruntime
 
         if not path.is_file():
@@ -242,15 +241,14 @@ class Predictor:
             raise ConfigError(f"{path}: no ONNX model; make it with `cxrlearn export --model {self.model_dir} "
                               f"{made_by}`")
         if checked:
-            digest = check_export(path, self.model_dir, EXPORTED_FOR[self.runtime])
+            digest, contract = check_export(path, self.model_dir, EXPORTED_FOR[self.runtime])
         else:
-            check_onnx_matches_bundle(path, self.model_dir)
-            digest = file_digest(path)
+            contract, digest = check_onnx_matches_bundle(path, self.model_dir), file_digest(path)
         if self.runtime.startswith("openvino"):
             self.session = OpenVinoSession(path)
         else:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return digest
+        return digest, contract
 
     def with_gradients(self) -> Predictor:
         """This predictor when it runs torch, else the same bundle run by torch on the same device, made once:

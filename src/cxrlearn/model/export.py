@@ -113,13 +113,12 @@ def write_with_contract(proto, terms: dict, out: Path) -> Path:
     return out
 
 
-def read_contract(path: str | os.PathLike, session=None) -> dict:
-    """The cxrlearn contract stored in an exported ONNX file (read from its ``session`` where one is open)."""
+def read_contract(path: str | os.PathLike) -> dict:
+    """The cxrlearn contract stored in an exported ONNX file."""
     import onnxruntime
 
     try:
-        session = session or onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        session_meta = session.get_modelmeta()
+        session_meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
         raise ConfigError(f"{path}: not a readable ONNX model ({type(err).__name__}: {str(err)[:200]}); export it "
                           "again") from None
@@ -180,11 +179,11 @@ def record_export(model_dir: str | os.PathLike, path: Path, runtime: str) -> str
     return digest
 
 
-def check_export(path: str | os.PathLike, model_dir: str | os.PathLike, runtime: str) -> str:
+def check_export(path: str | os.PathLike, model_dir: str | os.PathLike, runtime: str) -> tuple[str, dict]:
     """Refuse an ONNX file that is not one ``cxrlearn export`` wrote from this bundle for ``runtime`` (changed
     since, or another export copied over it: a float file named ``model.int8.onnx``); return its SHA-256, which
-    names it beside every answer it gives."""
-    check_onnx_matches_bundle(path, model_dir)  # first: a stale export is the likelier, and says so
+    names it beside every answer it gives, and its contract."""
+    contract = check_onnx_matches_bundle(path, model_dir)  # first: a stale export is the likelier, and says so
     path, digest = Path(path), file_digest(path)
     recorded = [f for f in read_exports(model_dir).files if f.sha256 == digest]
     if not recorded:
@@ -194,4 +193,4 @@ def check_export(path: str | os.PathLike, model_dir: str | os.PathLike, runtime:
     if all(f.runtime != runtime for f in recorded):
         raise ConfigError(f"{path}: this is the bundle's {recorded[0].runtime} export ({recorded[0].file}), not "
                           f"its {runtime} one; export it again")
-    return digest
+    return digest, contract

@@ -11,9 +11,10 @@
 4. the paired patient bootstrap of mean AUC, int8 minus float (the same resamples for both: the resamples of
    ``evaluate``'s intervals), and the share of images on which the input check's verdict (ok or flagged) is the
    same;
-5. ``RUN/model.int8.onnx`` (and its check) is written only if the interval's lower bound is above
-   ``-max_auc_loss`` and the verdicts agree on at least ``min_agreement`` of the images; otherwise nothing is
-   written and the figures say why.
+5. ``RUN/model.int8.onnx`` (and its check) is written only if it passes the gate (:meth:`GateFigures.passes`:
+   no finding significantly worse, and the interval reaching above ``-max_auc_loss``, or with ``equivalence``
+   lying wholly above it) and the verdicts agree on at least ``min_agreement`` of the images; otherwise nothing
+   is written and the figures say why.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from cxrlearn.data.pipeline.cache import META as CACHE_META, cache_location, pre
 from cxrlearn.data.sources.datasets import read_labels
 from cxrlearn.data.pipeline.datamodule import ChestXrayDataModule
 from cxrlearn.errors import ConfigError, DataError
-from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_aucs, percentile_interval
-from cxrlearn.evaluation.paired import delong, holm
+from cxrlearn.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
+from cxrlearn.evaluation.paired import delong, holm, paired_bootstrap
 from cxrlearn.evaluation.metrics import FEW_CASES, auc_per_finding
 from cxrlearn.inference.predictor import Predictor
 from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_GATE, INT8_GATES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT
@@ -47,7 +48,7 @@ from cxrlearn.model.export import export_onnx, record_export
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, refit_features
 from cxrlearn.model.quantize import INT8_CHECK_FILE, INT8_FILE, cpu_has_vnni, quantise, with_input_check
 from cxrlearn.training.config import RunConfig
-from cxrlearn.workflows.train import SPLIT_FILE, read_run_labels
+from cxrlearn.workflows.train import SPLIT_FILE, evenly_spaced, read_run_labels
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,8 @@ def gate_figures(labels: np.ndarray, scores_float: np.ndarray, scores_int8: np.n
     """:class:`GateFigures` of both files' probabilities on the same labelled images."""
     summaries = [auc_per_finding(labels, scores, findings) for scores in (scores_float, scores_int8)]
     columns = [findings.index(f) for f in summaries[0].mean_over]
-    boots = [bootstrap_aucs(labels, scores, patients, resamples, DEFAULT_SEED)
-             for scores in (scores_float, scores_int8)]  # the same seed and patients: the same resamples, so paired
-    interval = percentile_interval(boots[1].mean_auc(columns) - boots[0].mean_auc(columns)) if columns else None
+    interval = (paired_bootstrap(labels, scores_float, scores_int8, patients, columns, resamples, DEFAULT_SEED)
+                .interval() if columns else None)
     counts = [(np.nansum(labels[:, j]), np.sum(labels[:, j] == 0)) for j in range(len(findings))]
     tests = [delong(labels[:, j], scores_float[:, j], scores_int8[:, j]) if min(counts[j]) >= FEW_CASES else None
              for j in range(len(findings))]  # DeLong's normal approximation needs more than a handful of each
@@ -223,8 +223,7 @@ def _run_data(model_dir: Path, images: Path | None = None, csv: Path | None = No
 def _calibration(datamodule: ChestXrayDataModule, count: int) -> np.ndarray:
     """At most ``count`` training images, evenly spaced, as the graph's uint8 (N, 1, S, S) input."""
     train = datamodule.datasets["train"]
-    chosen = np.unique(np.linspace(0, len(train) - 1, min(len(train), count)).astype(int))
-    return np.stack([train[int(i)][0].numpy() for i in chosen])
+    return np.stack([train[int(i)][0].numpy() for i in evenly_spaced(len(train), count)])
 
 
 def _own_check(check: InputCheck, model_dir: Path, int8: Path, datamodule: ChestXrayDataModule,
@@ -236,8 +235,7 @@ def _own_check(check: InputCheck, model_dir: Path, int8: Path, datamodule: Chest
     features = {}
     for name in ("train", "val"):
         dataset = datamodule.datasets.get(name)
-        chosen = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), MAX_FIT_IMAGES)).astype(int))
-        loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=BATCH)
+        loader = DataLoader(Subset(dataset, evenly_spaced(len(dataset), MAX_FIT_IMAGES).tolist()), batch_size=BATCH)
         features[name] = np.concatenate([predictor.features_and_logits(images.numpy())[0] for images, _, _ in
                                          tqdm(loader, desc=f"int8 features, {name}", unit="batch",
                                               disable=not progress)])
