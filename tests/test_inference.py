@@ -463,14 +463,16 @@ def test_int8_export_is_written_only_when_it_keeps_the_float_models_answers(eval
     err = capsys.readouterr().err
     assert "refused to write the int8 model" in err and "mean AUC float 0." in err and ", int8 0." in err
     assert "validation images of" in err and "input check's verdicts agree on" in err
+    assert "What to do:" in err and "--max-auc-loss sets the allowance" in err and "--gate none" in err
     assert not (run / "model.int8.onnx").exists() and not list(run.glob(".int8-*"))
-    # The mechanics with an open gate (this 2-epoch, 64 px model's own figures are in the note, not asserted).
-    assert main(["export", "--model", str(run), "--int8", "--max-auc-loss", "1", "--min-agreement", "0",
-                 "--no-progress"]) == 0
+    # The mechanics with the gate open (this 2-epoch, 64 px model's own figures are in the note, not asserted: on
+    # one thread its Cardiomegaly came out significantly worse, on two not).
+    assert main(["export", "--model", str(run), "--int8", "--gate", "none", "--no-progress"]) == 0
     said = capsys.readouterr().out
     print(said, file=sys.__stderr__)
-    assert "model.int8.onnx" in said
+    assert "model.int8.onnx" in said and "gate none: not judged" in said
     contract = read_contract(run / "model.int8.onnx")
+    assert contract["int8"]["gate"] == "none" and "mean AUC float 0." in contract["int8"]["judgement"]
     assert contract["int8"]["format"] == "QDQ" and contract["findings"] == list(FINDINGS)
     assert contract["int8"]["quantised_ops"] == ["Conv", "Clip", "Relu", "Add"]
     assert "99.99th percentile" in contract["int8"]["activations"] and contract["int8"]["calibration_images"] > 0
@@ -546,7 +548,7 @@ def test_int8_export_of_a_run_moved_away_from_its_cache_takes_its_images(evaluat
     assert main(["export", "--model", str(run), "--images", str(sample_images), "--no-progress"]) == 2
     assert "--images and --csv go with --int8" in capsys.readouterr().err
     assert main(["export", "--model", str(run), "--int8", "--images", str(sample_images), "--csv", str(table_path),
-                 "--max-auc-loss", "1", "--min-agreement", "0", "--no-progress"]) == 0
+                 "--gate", "none", "--no-progress"]) == 0
     assert "on 250 validation images" in capsys.readouterr().out and (run / "model.int8.onnx").is_file()
     assert (tmp_path / "moved" / "cache").is_dir() and not (tmp_path / "the-old-machine").exists()
 

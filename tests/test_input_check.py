@@ -15,7 +15,7 @@ from skimage import color, data as samples
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import attach_images, colour_spread, load_grayscale
 from cxrlearn.inference.predictor import Predictor
-from cxrlearn.model.input_check import FILE, UNAVAILABLE, Reason, cheap_reasons
+from cxrlearn.model.input_check import FILE, UNAVAILABLE, Reason, cheap_reasons, grey_spread, saturated_share
 
 #: scikit-image's sample pictures shipped in its wheel: photographs, micrographs, text, textures; none an X-ray.
 PHOTOS = ["camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "clock", "grass",
@@ -161,3 +161,15 @@ def test_evaluation_counts_flagged_images_and_gives_auc_without_them(evaluated):
     assert check.available and check.judged == metrics.n_images
     assert check.flagged <= 0.05 * check.judged and check.mean_auc_all == metrics.mean_auc
     assert check.mean_auc_unflagged is not None and abs(check.mean_auc_unflagged - metrics.mean_auc) < 0.05
+
+
+def test_the_pixel_checks_figures_are_numpys(data_dir):
+    """The grey-level spread and the saturated share are computed by OpenCV (a tenth of NumPy's time at 1,024 px):
+    the same figures as NumPy's on every sample image at both sizes, the photographs, and the edge cases."""
+    pictures = [load_grayscale(p) for p in sorted((data_dir / "nih-sample").glob("images-*/*.png"))]
+    edges = [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8), np.tile([0, 255, 7], (64, 21)),
+             np.arange(256, dtype=np.uint8).reshape(16, 16), load_grayscale(data_dir / "nih-sample" / "images-256" /
+                                                                           "00000001_000.png")[::2, 1::3]]
+    for image in pictures + gray_photos() + edges:
+        assert grey_spread(image) == pytest.approx(float(np.std(image.astype(np.float64))), rel=1e-9, abs=1e-9)
+        assert saturated_share(image) == pytest.approx(float(np.mean((image == 0) | (image == 255))), abs=1e-12)

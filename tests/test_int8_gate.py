@@ -9,7 +9,7 @@ import pytest
 from cxrlearn.evaluation.bootstrap import DEFAULT_SEED, bootstrap_aucs, percentile_interval
 from cxrlearn.evaluation.paired import delong, holm
 from cxrlearn.findings import FINDINGS
-from cxrlearn.workflows.quantize import GATE_ALPHA, gate_figures
+from cxrlearn.workflows.quantize import GATE_ALPHA, Int8Judgement, gate_figures
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,12 @@ def test_a_finding_that_int8_damaged_is_named_and_refused_by_both_gates(labelled
     adjusted = holm([None if t is None else t.p_value for t in tests])
     assert adjusted[j] < GATE_ALPHA and tests[j].difference < 0
     assert not figures.passes("no-loss", 1.0) and not figures.passes("equivalence", 1.0)
+    # The refusal says which finding and what to do; the gate "none" writes it anyway.
+    judged = Int8Judgement(len(labels), len(set(patients)), figures, 1.0, 1.0, 0.99, False, gate="no-loss")
+    assert not judged.passed and "Infiltration lost significantly" in judged.advice()
+    assert "--calibration-images" in judged.advice() and "--max-auc-loss" not in judged.advice()
+    opened = Int8Judgement(len(labels), len(set(patients)), figures, 0.5, 1.0, 0.99, False, gate="none")
+    assert opened.passed and "gate none: not judged" in opened.text() and "Infiltration" in opened.text()
 
 
 def test_a_loss_of_mean_auc_larger_than_the_allowance_is_refused(labelled):

@@ -584,7 +584,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                      calibration_images=args.calibration_images, progress=not args.no_progress,
                                      gate=args.gate, images=args.images, csv=args.csv)
         if out is None:
-            print(f"cxrlearn export: refused to write the int8 model: {judgement.text()}", file=sys.stderr)
+            print(f"cxrlearn export: refused to write the int8 model: {judgement.text()}. What to do: "
+                  f"{judgement.advice()}", file=sys.stderr)
             return EXIT_REFUSED
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; predict, serve with --runtime onnx-int8): "
               f"{judgement.text()}")
@@ -977,7 +978,8 @@ def _add_export_command(commands) -> None:
     export.add_argument("--gate", choices=INT8_GATES, default=INT8_GATE,
                         help="--int8: no-loss (default): written unless the validation images show a loss of mean AUC "
                              "larger than --max-auc-loss or a finding significantly worse (DeLong, Holm); "
-                             "equivalence: only if they show the loss is smaller (needs thousands of images)")
+                             "equivalence: only if they show the loss is smaller (needs thousands of images); "
+                             "none: written whatever the figures (printed and recorded in the file)")
     export.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="F",
                         help="--int8: the least share of validation images with the same input-check verdict "
                              "(default %(default)s)")

@@ -68,6 +68,9 @@ class Int8Record(Record):
     #: The int8 file's own input check (None: it judges with the float model's, as files made before did).
     input_check: InputCheckFit | None = None
     input_check_sha256: str | None = None
+    #: The gate it was written under (:data:`cxrlearn.model.INT8_GATES`) and what it judged on the validation images.
+    gate: str | None = None
+    judgement: str | None = None
 
     @classmethod
     def of(cls, contract: dict) -> Int8Record | None:
@@ -138,6 +141,17 @@ def with_input_check(int8: Path, check: InputCheck) -> Path:
     contract = read_contract(int8)
     record = Int8Record.of(contract)
     record.input_check, record.input_check_sha256 = check.fit, file_digest(folder / check.fit.file)
+    contract.update({INT8_KEY: record.model_dump(mode="json")})
+    return write_with_contract(onnx.load(str(int8)), contract, int8)
+
+
+def record_judgement(int8: Path, gate: str, judgement: str) -> Path:
+    """Name in the int8 file's contract the gate it passed and the figures it was judged by."""
+    import onnx
+
+    contract = read_contract(int8)
+    record = Int8Record.of(contract)
+    record.gate, record.judgement = gate, judgement
     contract.update({INT8_KEY: record.model_dump(mode="json")})
     return write_with_contract(onnx.load(str(int8)), contract, int8)
 

@@ -14,7 +14,8 @@
 5. ``RUN/model.int8.onnx`` (and its check) is written only if it passes the gate (:meth:`GateFigures.passes`:
    no finding significantly worse, and the interval reaching above ``-max_auc_loss``, or with ``equivalence``
    lying wholly above it) and the verdicts agree on at least ``min_agreement`` of the images; otherwise nothing
-   is written and the figures say why.
+   is written and the figures say why (:meth:`Int8Judgement.advice`: what to do). The gate ``none`` writes it
+   whatever they say. The gate and the figures are recorded in the file's contract.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from cxrlearn.model import INT8_CALIBRATION_IMAGES, INT8_GATE, INT8_GATES, INT8_
 from cxrlearn.model.bundle import read_meta
 from cxrlearn.model.export import export_onnx, record_export
 from cxrlearn.model.input_check import MAX_FIT_IMAGES, InputCheck, refit_features
-from cxrlearn.model.quantize import INT8_CHECK_FILE, INT8_FILE, cpu_has_vnni, quantise, with_input_check
+from cxrlearn.model.quantize import (INT8_CHECK_FILE, INT8_FILE, cpu_has_vnni, quantise, record_judgement,
+                                     with_input_check)
 from cxrlearn.training.config import RunConfig
 from cxrlearn.workflows.train import SPLIT_FILE, evenly_spaced, read_run_labels
 
@@ -77,8 +79,12 @@ class GateFigures:
     def passes(self, gate: str, max_auc_loss: float) -> bool:
         """``no-loss``: no finding significantly worse, and the interval reaches above ``-max_auc_loss`` (the
         images show no loss larger than the allowance); ``equivalence``: no finding significantly worse, and the
-        whole interval above ``-max_auc_loss`` (they show the loss is smaller)."""
-        if self.interval is None or self.worse:
+        whole interval above ``-max_auc_loss`` (they show the loss is smaller); ``none``: always."""
+        return gate == "none" or (not self.worse and self.interval_passes(gate, max_auc_loss))
+
+    def interval_passes(self, gate: str, max_auc_loss: float) -> bool:
+        """The gate's rule on the interval of mean AUC alone."""
+        if self.interval is None:
             return False
         bound = self.interval[0] if gate == "equivalence" else self.interval[1]
         return bound > -max_auc_loss
@@ -115,8 +121,23 @@ class Int8Judgement:
 
     @property
     def passed(self) -> bool:
-        return (self.figures.passes(self.gate, self.max_auc_loss)
-                and (self.agreement is None or self.agreement >= self.min_agreement))
+        return self.gate == "none" or (self.figures.passes(self.gate, self.max_auc_loss)
+                                       and (self.agreement is None or self.agreement >= self.min_agreement))
+
+    def advice(self) -> str:
+        """What to do about a refusal, by what refused it."""
+        figures, steps = self.figures, []
+        if figures.worse:
+            steps.append(f"{', '.join(figures.worse)} lost significantly: calibrate on more training images "
+                         f"(--calibration-images, {INT8_CALIBRATION_IMAGES} by default) or keep the float model")
+        if not figures.interval_passes(self.gate, self.max_auc_loss):
+            relax = ", --gate no-loss asks only that no larger loss be shown" if self.gate == "equivalence" else ""
+            steps.append("the loss of mean AUC may be larger than allowed: more validation images narrow the "
+                         f"interval; --max-auc-loss sets the allowance{relax}")
+        if self.agreement is not None and self.agreement < self.min_agreement:
+            steps.append("the input check's verdicts differ: --min-agreement sets the share needed")
+        return ("; ".join(steps) + "; --gate none writes it whatever the figures, for you to judge it on a test "
+                "set (`cxrlearn evaluate --runtime onnx-int8`)")
 
     def text(self) -> str:
         def num(value):
@@ -125,7 +146,8 @@ class Int8Judgement:
         figures = self.figures
         interval = ("no interval (no finding has an AUC on the validation images)" if figures.interval is None
                     else f"95% CI {figures.interval[0]:+.4f} to {figures.interval[1]:+.4f}")
-        needed = "lower" if self.gate == "equivalence" else "upper"
+        needed = {"equivalence": "lower bound above", "no-loss": "upper bound above"}.get(self.gate,
+                                                                                           "not judged, was")
         worse = (f"significantly worse in int8 (DeLong, Holm): {', '.join(figures.worse)}" if figures.worse
                  else "no finding significantly worse (DeLong, Holm)")
         agreement = ("the bundle has no input check" if self.agreement is None
@@ -133,7 +155,7 @@ class Int8Judgement:
                           f"{self.min_agreement:.0%})")
         return (f"on {self.images:,} validation images of {self.patients:,} patients: mean AUC float "
                 f"{num(figures.mean_auc_float)}, int8 {num(figures.mean_auc_int8)}; int8 - float {interval} "
-                f"(gate {self.gate}: {needed} bound above {-self.max_auc_loss:+.4f}); {worse}; {agreement}"
+                f"(gate {self.gate}: {needed} {-self.max_auc_loss:+.4f}); {worse}; {agreement}"
                 + ("; weights quantised with reduce_range (this CPU has no VNNI)" if self.reduce_range else ""))
 
 
@@ -168,6 +190,7 @@ def export_int8(model_dir: str | os.PathLike, max_auc_loss: float = INT8_MAX_AUC
                            progress, gate)
         if not judgement.passed:
             return judgement, None
+        record_judgement(int8, gate, judgement.text())
         out = model_dir / INT8_FILE
         if (work / INT8_CHECK_FILE).is_file():  # first the check the file names, then the file
             write_atomic(model_dir / INT8_CHECK_FILE, (work / INT8_CHECK_FILE).read_bytes())

@@ -280,6 +280,9 @@ def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size  # from the header: nothing is decoded yet
                 check_dimensions(name, width, height, _BYTES_PER_PIXEL.get(image.mode, 4))
+                fast = _gray_png_with_opencv(data, image)
+                if fast is not None:
+                    return fast
                 image.load()
                 return _to_grayscale(name, image)
     except UnidentifiedImageError:
@@ -290,6 +293,32 @@ def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
         # Pillow reports truncated and corrupt data as OSError ("image file is
         # truncated", "broken data stream") or SyntaxError (bad PNG chunks).
         raise DataError(f"{name}: cannot decode image: {err}") from None
+
+
+#: The PNGs :func:`_gray_png_with_opencv` decodes: plain grayscale (NIH's are 8-bit), by Pillow's mode.
+_OPENCV_PNG_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16}
+#: The last 12 bytes of every whole PNG: the empty IEND chunk and its CRC.
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _gray_png_with_opencv(data: bytes, image: Image.Image) -> np.ndarray | None:
+    """A grayscale PNG's pixels decoded by OpenCV (libpng), or None for anything else or anything it refuses
+    (Pillow then decodes it, and names what is wrong). The same pixels as Pillow's (PNG is lossless; tested on
+    the sample's images), in three quarters of the time at 1,024 px: most of a radiograph's decoding is undoing
+    PNG's row filters, which libpng does faster than Pillow. Pillow has already read the header and the image's
+    size has been checked against :data:`MAX_DECODED_BYTES`; interlaced files, any with a transparency key or a
+    palette, and any not ending in PNG's end chunk (a truncated file, which Pillow names as such) stay with
+    Pillow."""
+    dtype = _OPENCV_PNG_MODES.get(image.mode)
+    if (image.format != "PNG" or dtype is None or image.info.get("interlace") or "transparency" in image.info
+            or not data.endswith(_PNG_END)):
+        return None
+    import cv2  # deferred: OpenCV's import costs 0.1 s, and only decoding needs it here
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != dtype or pixels.shape != (image.size[1], image.size[0]):
+        return None
+    return pixels if dtype == np.uint8 else _SIXTEEN_TO_EIGHT[pixels]
 
 
 #: round(v / 257) for every 16-bit value v: 65535 -> 255, the full range onto the full range.
