@@ -594,3 +594,44 @@ def test_the_overlay_leaves_the_film_as_it_is_where_there_is_no_heat(sample_imag
     film = np.repeat(gray[..., None], 3, axis=2).astype(int)
     assert np.array_equal(picture[200:], film[200:])  # far from the heat: the film itself
     assert np.abs(picture[90:100, 90:100] - film[90:100, 90:100]).max() > 60  # at the heat: coloured
+
+
+def test_a_large_jpeg_decoded_reduced_answers_as_decoded_in_full(evaluated, data_dir, tmp_path):
+    """Prediction decodes a JPEG of more than JPEG_REDUCED_MARGIN times the cache's side at 1/2, 1/4 or 1/8 of its
+    size (libjpeg's DCT scaling). Tolerance, on the 48 full-size sample images saved as JPEG (quality 95): the
+    network's inputs move by at most half a grey level on average (measured: 0.15; saving the PNGs as JPEG moved
+    them 0.06), the input check says the same, and the file's own size is what is reported. The answers move
+    0.014 on average here, bounded at 0.03: this 2-epoch 64 px model is far more sensitive than a trained one
+    (a 256 px Lite0 moved 0.0028 on 2,560 px JPEGs, less than saving as JPEG did: docs/benchmarks.md)."""
+    from cxrlearn.data.decoding.images import JPEG_REDUCED_MARGIN, load_grayscale_and_colour
+
+    predictor = Predictor(evaluated[0])
+    side = predictor.preprocessing.cache_size
+    pngs = sorted((data_dir / "nih-sample" / "images-1024").glob("*.png"))
+    jpegs = []
+    for png in pngs:
+        jpegs.append(tmp_path / f"{png.stem}.jpg")
+        Image.open(png).save(jpegs[-1], quality=95)
+
+    def answers(paths, reduce_to):
+        decoded = [load_grayscale_and_colour(path, reduce_to) for path in paths]
+        out = predictor.predict_prepared([predictor.prepare(*d) for d in decoded], [p.name for p in paths])
+        return decoded, np.array([[p.probabilities[f] for f in FINDINGS] for p in out]), [p.verdict.ok for p in out]
+
+    _, from_png, _ = answers(pngs, None)
+    full, in_full, verdicts_full = answers(jpegs, None)
+    reduced, in_reduced, verdicts_reduced = answers(jpegs, side)
+    assert 1024 >= JPEG_REDUCED_MARGIN * side and all(d.pixels.shape[0] < 1024 for d in reduced)  # it was reduced
+    assert all(d.pixels.shape[0] >= JPEG_REDUCED_MARGIN * side for d in reduced)
+    assert [d.size for d in reduced] == [d.size for d in full] == [(1024, 1024)] * len(pngs)
+    def inputs(decoded):
+        return np.stack([predictor.prepare(*d).pixels for d in decoded]).astype(np.float64)
+
+    moved, by_jpeg = np.abs(in_reduced - in_full).mean(), np.abs(in_full - from_png).mean()
+    pixels_moved = np.abs(inputs(reduced) - inputs(full)).mean()
+    pixels_by_jpeg = np.abs(inputs(full) - inputs([load_grayscale_and_colour(p) for p in pngs])).mean()
+    print(f"JPEG decoded reduced: network inputs mean |difference| {pixels_moved:.3f} grey levels, answers "
+          f"{moved:.5f} (max {np.abs(in_reduced - in_full).max():.4f}); saving as JPEG: {pixels_by_jpeg:.3f}, "
+          f"{by_jpeg:.5f}")
+    assert pixels_moved <= 0.5 and moved <= 0.03
+    assert verdicts_reduced == verdicts_full

@@ -169,11 +169,13 @@ class Prepared:
     size: tuple[int, int] | None = None  # the decoded image's (width, height)
 
 
-def prepare(preprocessing: Preprocessing, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
+def prepare(preprocessing: Preprocessing, decoded: np.ndarray, colour: float = 0.0,
+            size: tuple[int, int] | None = None) -> Prepared:
     """A decoded grayscale image (any size) as the network's input, resized as in training, with the cheap checks'
-    finding (``colour``: the file's colour spread)."""
+    finding (``colour``: the file's colour spread; ``size``: the file's own (width, height), where it was decoded
+    reduced)."""
     return Prepared(preprocessing.model_pixels(decoded), cheap_reasons(decoded, colour, preprocessing.input_size),
-                    (int(decoded.shape[-1]), int(decoded.shape[-2])))
+                    size or (int(decoded.shape[-1]), int(decoded.shape[-2])))
 
 
 #: The file each ONNX runtime reads in a bundle's folder.
@@ -300,9 +302,9 @@ class Predictor:
         _, logits, verdicts = self._answer(batch, cheap or [None] * len(batch))
         return probabilities(logits, self.findings, self.temperature), verdicts
 
-    def prepare(self, decoded: np.ndarray, colour: float = 0.0) -> Prepared:
+    def prepare(self, decoded: np.ndarray, colour: float = 0.0, size: tuple[int, int] | None = None) -> Prepared:
         """A decoded grayscale image (any size) as the network's input, with the cheap checks' finding."""
-        return prepare(self.preprocessing, decoded, colour)
+        return prepare(self.preprocessing, decoded, colour, size)
 
     def predict(self, images: Sequence[np.ndarray], names: Sequence[str],
                 colours: Sequence[float] | None = None) -> list[Prediction]:
@@ -409,10 +411,10 @@ class _PreparedFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
         try:
-            pixels, colour = load_grayscale_and_colour(self.paths[i])
+            decoded = load_grayscale_and_colour(self.paths[i], self.preprocessing.cache_size)
         except DataError as err:
             return i, None, str(err)
-        return i, prepare(self.preprocessing, pixels, colour), None
+        return i, prepare(self.preprocessing, *decoded), None
 
 
 def _display_names(paths: Sequence[Path]) -> list[str]:

@@ -92,8 +92,8 @@ def _decode(data: bytes, name: str, slots: threading.BoundedSemaphore, predictor
         raise HTTPException(422, f"{name}: the upload is empty")
     try:
         with slots:
-            pixels, colour = decode_grayscale_and_colour(data, name)
-            return pixels, predictor.prepare(pixels, colour)
+            decoded = decode_grayscale_and_colour(data, name, predictor.preprocessing.cache_size)
+            return decoded.pixels, predictor.prepare(*decoded)
     except ImageTooLarge as err:
         raise HTTPException(413, str(err)) from None
     except DataError as err:

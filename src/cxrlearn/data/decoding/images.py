@@ -17,6 +17,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -208,17 +209,37 @@ def load_grayscale(path: str | os.PathLike) -> np.ndarray:
     return decode_grayscale(read_bytes(path, "image file", DataError), str(path))
 
 
-def load_grayscale_and_colour(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+class Decoded(NamedTuple):
+    """An image file decoded for prediction: its grayscale pixels, its colour spread (:func:`colour_spread`) and
+    the file's own (width, height), which a JPEG decoded reduced no longer shows."""
+
+    pixels: np.ndarray
+    colour: float
+    size: tuple[int, int]
+
+
+def load_grayscale_and_colour(path: str | os.PathLike, reduce_to: int | None = None) -> Decoded:
     """:func:`load_grayscale` and :func:`colour_spread` of one file, read from disk once."""
-    return decode_grayscale_and_colour(read_bytes(path, "image file", DataError), str(path))
+    return decode_grayscale_and_colour(read_bytes(path, "image file", DataError), str(path), reduce_to)
 
 
-def decode_grayscale_and_colour(data: bytes, name: str) -> tuple[np.ndarray, float]:
+def decode_grayscale_and_colour(data: bytes, name: str, reduce_to: int | None = None) -> Decoded:
     """:func:`decode_grayscale` and :func:`colour_spread` of an image's bytes (a file's, or an upload's)."""
-    return decode_grayscale(data, name), colour_spread(data)
+    pixels = decode_grayscale(data, name, reduce_to)
+    size = (int(pixels.shape[1]), int(pixels.shape[0]))
+    if reduce_to and data.startswith(_JPEG_START):  # perhaps decoded reduced: the header says the file's size
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+    return Decoded(pixels, colour_spread(data), size)
 
 
-def decode_grayscale(data: bytes, name: str) -> np.ndarray:
+#: The first bytes of every JPEG file (its start-of-image marker).
+_JPEG_START = b"\xff\xd8"
+#: A JPEG decoded for a ``reduce_to`` px image keeps at least this many times that side (:func:`decode_grayscale`).
+JPEG_REDUCED_MARGIN = 4
+
+
+def decode_grayscale(data: bytes, name: str, reduce_to: int | None = None) -> np.ndarray:
     """Decode an image's bytes (PNG, JPEG, TIFF or DICOM) to a 2-D uint8 grayscale array.
 
     Conversions, all documented here so none is a surprise:
@@ -232,6 +253,11 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     * DICOM goes through the standard's grayscale pipeline
       (:func:`cxrlearn.data.decoding.dicom.read_dicom`).
 
+    ``reduce_to``: the side the image will be resized to (prediction's cache size). A JPEG larger than
+    :data:`JPEG_REDUCED_MARGIN` times that is then decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT
+    scaling (Pillow's ``draft``), keeping at least that margin: several times faster on a radiograph of 2,000 px
+    or more, with answers within the tolerance tests/test_inference.py states. Training's cache decodes in full.
+
     ``name`` (a path or an upload's name) is what error messages call the image. Whatever the bytes,
     the only exception is :class:`DataError` (:class:`ImageTooLarge` for an image over
     :data:`MAX_DECODED_BYTES`): a decoder's own failure on damaged data is the file's fault, not a crash.
@@ -241,7 +267,7 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     try:
         if is_dicom(data[:DICOM_MAGIC_OFFSET + 4], name):
             return read_dicom(data, name, check_dimensions)
-        return _decode_with_pillow(data, name)
+        return _decode_with_pillow(data, name, reduce_to)
     except DataError:
         raise
     except MemoryError:
@@ -272,7 +298,7 @@ def colour_spread(source: str | os.PathLike | bytes) -> float:
         return 0.0
 
 
-def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
+def _decode_with_pillow(data: bytes, name: str, reduce_to: int | None = None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # A decompression bomb warning becomes an error rather than a hang.
@@ -283,6 +309,9 @@ def _decode_with_pillow(data: bytes, name: str) -> np.ndarray:
                 fast = _gray_png_with_opencv(data, image)
                 if fast is not None:
                     return fast
+                if reduce_to and image.format == "JPEG":
+                    side = JPEG_REDUCED_MARGIN * reduce_to
+                    image.draft(image.mode, (side, side))  # the largest DCT scaling that keeps both sides >= side
                 image.load()
                 return _to_grayscale(name, image)
     except UnidentifiedImageError:
