@@ -95,8 +95,8 @@ def jpeg_table(predictor: Predictor, pngs: list[Path], scales: tuple[float, ...]
     the PNG as JPEG moved them."""
     side = predictor.preprocessing.cache_size
     with tempfile.TemporaryDirectory() as work:
-        print(f"\n| JPEG (quality 95) | preparation, full decode (ms) | reduced (ms) | answers moved by reducing, "
-              f"mean (max) | by saving the PNG as JPEG |\n|---|---|---|---|---|")
+        print("\n| JPEG (quality 95) | preparation, full decode (ms) | reduced (ms) | answers moved by reducing, "
+              "mean (max) | by saving the PNG as JPEG |\n|---|---|---|---|---|")
         from_png = answers(predictor, [decode_grayscale_and_colour(p.read_bytes(), str(p)) for p in pngs], pngs)
         for scale in scales:
             datas = []
