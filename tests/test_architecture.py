@@ -97,7 +97,7 @@ def test_every_module_is_in_a_layer_and_the_layers_are_folders():
 #: Imported where they are used, not at the top of a module: dependencies that are optional (DICOM, ONNX,
 #: the service, figures, OpenCV for overlays) or that a command's start need not pay for.
 OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "fastapi", "ctypes", "mlflow", "psycopg",
-            "openvino"}
+            "openvino", "ray"}
 #: The CLI imports the layers that need torch (about 1.5 s), and the DICOM ones (pydicom, highdicom, pynetdicom:
 #: not on every machine that trains), inside the commands that use them, so that
 #: ``cxrlearn --help``, ``split``, ``stats``, ``check``, ``prepare`` and ``download`` start without it.

@@ -52,7 +52,7 @@ from cxrlearn.data.sources.generic import write_table
 from cxrlearn.data.sources.download import ALL_PARTS, RETRIES, STALL_TIMEOUT_S, download_nih, parse_parts, read_archives
 from cxrlearn.defaults import IMAGE_SIZE, launch_rank, launcher_environment_problems
 from cxrlearn.errors import ConfigError, CxrlearnError, DataError, Interrupted
-from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, predict_workers
+from cxrlearn.inference import PREDICT_BATCH_SIZE, RUNTIMES, SHARD_IMAGES, predict_workers
 from cxrlearn.model import (INT8_CALIBRATION_IMAGES, INT8_GATE, INT8_GATES, INT8_MAX_AUC_LOSS, INT8_MIN_AGREEMENT,
                             ONNX_OPSET)
 from cxrlearn.serving import (BATCH_WAIT_MS, HOST, MAX_BATCH, MAX_CONNECTIONS, MAX_PER_CLIENT, MAX_UPLOAD_BYTES,
@@ -403,7 +403,15 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cxrlearn.inference.overlays import write_overlays
     from cxrlearn.inference.predictor import Predictor, find_inputs, prediction_table
+    from cxrlearn.workflows.archive import wants_dataset
 
+    if wants_dataset(args.out, args.engine):
+        return _predict_dataset(args)
+    if args.engine != "local" or args.manifest:
+        raise ConfigError(f"{'--manifest' if args.manifest else '--engine ray'} writes a Parquet dataset: give "
+                          "--out DIR (a folder, or a name ending .parquet)")
+    if not args.inputs:
+        raise ConfigError("predict: name the image files or folders to predict (or --manifest TABLE)")
     paths, unreadable = find_inputs(args.inputs)
     if not paths:
         raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
@@ -453,6 +461,37 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"wrote {rows_written:,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
               + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
     return EXIT_SKIPPED if failures or refused else EXIT_OK
+
+
+def _predict_dataset(args: argparse.Namespace) -> int:
+    """``predict --out DIR``: the Parquet dataset (:mod:`cxrlearn.workflows.archive`), locally or on Ray."""
+    from cxrlearn.inference.predictor import Predictor
+    from cxrlearn.workflows.archive import inputs_from, predict_local, predict_on_ray, read_manifest
+
+    unsupported = [option for option, value in (("--cam", args.cam), ("--dicom-out", args.dicom_out),
+                                                ("--log", args.log), ("--strict", args.strict),
+                                                ("--onnx", args.onnx)) if value]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)}: not with a Parquet dataset's --out yet (write a CSV instead)")
+    if bool(args.manifest) == bool(args.inputs):
+        raise ConfigError("predict: give either image files and folders or --manifest TABLE")
+    if args.out.exists() and not args.out.is_dir():
+        raise DataError(f"--out {args.out} is a file; a Parquet dataset is a folder")
+    inputs, unreadable = (read_manifest(args.manifest), []) if args.manifest else inputs_from(args.inputs)
+    for _, message in unreadable:
+        print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
+    if not inputs.paths:
+        raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
+    if args.engine == "ray":
+        summary = predict_on_ray(args.model, args.runtime, inputs, args.out, args.address, args.actors,
+                                 args.shard_images, args.batch_size, progress=not args.no_progress)
+    else:
+        predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
+        summary = predict_local(predictor, inputs, args.out, args.shard_images, args.batch_size,
+                                predict_workers() if args.workers is None else args.workers,
+                                progress=not args.no_progress)
+    print(f"cxrlearn predict: {summary.text(args.out)}", file=sys.stderr)
+    return EXIT_SKIPPED if summary.failed or unreadable else EXIT_OK
 
 
 def _open_log(args: argparse.Namespace, default: Path | None = None):
@@ -1026,9 +1065,24 @@ def _add_predict_command(commands) -> None:
         "runtime_sha256 and cxrlearn_version. Unreadable files are reported and skipped (exit status 3); when none "
         "can be read nothing is written (exit status 2).",
     )
-    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files and folders")
+    predict.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files and folders")
     predict.add_argument("--model", type=Path, required=True, help="run folder holding the model bundle")
-    predict.add_argument("--out", type=Path, help="FILE.csv or FILE.json (default: CSV on standard output)")
+    predict.add_argument("--out", type=Path, help="FILE.csv or FILE.json (default: CSV on standard output); or a "
+                         "folder (one that exists, or a name ending .parquet; always with --engine ray): a Parquet "
+                         "dataset written shard by shard, which a rerun completes, predicting each image once")
+    predict.add_argument("--manifest", type=Path, metavar="TABLE",
+                         help="inputs from a CSV or Parquet table's 'path' column (paths or file:// URIs); its other "
+                              "columns are carried to the Parquet output")
+    predict.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="local (default), or ray: decoding as Ray Data tasks and the model in an actor pool on "
+                              "a Ray cluster (pip install 'cxrlearn[ray]'); needs --out DIR")
+    predict.add_argument("--address", metavar="ADDR",
+                         help="--engine ray: the cluster (host:port of `ray start --head`, or auto; default: a new "
+                              "local one)")
+    predict.add_argument("--actors", type=_bounded_int(1, 4096, "a count"),
+                         help="--engine ray: models loaded at once (default: one per node)")
+    predict.add_argument("--shard-images", type=_bounded_int(1, 1_000_000, "a count"), default=SHARD_IMAGES,
+                         help="Parquet output: images per shard, the unit written whole (default %(default)s)")
     predict.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
     predict.add_argument("--dicom-out", type=Path, metavar="DIR",
                          help="for each DICOM input, a structured report (TID 1500) and a Grad-CAM secondary capture "

@@ -6,6 +6,8 @@ from cxrlearn.defaults import usable_cores
 RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 #: Images per batch when predicting files.
 PREDICT_BATCH_SIZE = 16
+#: Images per shard of a Parquet dataset of predictions: the unit written whole, and redone whole after a failure.
+SHARD_IMAGES = 256
 
 
 def predict_workers() -> int:

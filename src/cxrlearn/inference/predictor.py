@@ -379,7 +379,7 @@ class Predictor:
         if not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be a whole number >= 0, not {workers!r}")
         paths = [Path(p) for p in paths]
-        names = _display_names(paths)
+        names = display_names(paths)
         predictions: list[Prediction] = []
         failures: list[tuple[str, str]] = []
         with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr) as bar:
@@ -417,7 +417,7 @@ class _PreparedFiles(Dataset):
         return i, prepare(self.preprocessing, *decoded), None
 
 
-def _display_names(paths: Sequence[Path]) -> list[str]:
+def display_names(paths: Sequence[Path]) -> list[str]:
     """Each input's file name, or its path where two inputs share a name."""
     counts: dict[str, int] = {}
     for path in paths:
