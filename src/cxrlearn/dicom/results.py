@@ -23,7 +23,6 @@ make.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import uuid
 from dataclasses import dataclass
@@ -51,7 +50,9 @@ from cxrlearn.inference.predictor import Prediction, Predictor
 NOT_FOR_DIAGNOSIS = "not for diagnostic use"
 #: The local coding scheme of findings and of cxrlearn's own concepts.
 SCHEME = "99CXRLEARN"
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+#: TID 1500's "Procedure reported", from its context group (CID 100): PixelMed's validator refuses SNOMED's "Plain
+#: chest X-ray" there. That it is a chest radiograph, the evidence (the source image's own attributes) says.
+PROCEDURE_REPORTED = Code("363679005", "SCT", "Imaging procedure")
 THRESHOLD = Code("THRESHOLD", SCHEME, "Decision threshold")
 INPUT_CHECK = Code("INPUTCHECK", SCHEME, "Input check")
 INPUT_SCORE = Code("INPUTSCORE", SCHEME, "Input check score")
@@ -70,10 +71,9 @@ def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
 
 
 def finding_code(name: str) -> Code:
-    """A finding in :data:`SCHEME`: its name as the code value where it fits (16 characters), else shortened
-    with a digest so that two long names stay apart."""
-    value = name if len(name) <= 16 else f"{name[:11]}-{hashlib.sha1(name.encode()).hexdigest()[:4]}"
-    return Code(value, SCHEME, name[:64])
+    """A finding in :data:`SCHEME`, its name as the code value: a Code Value up to 16 characters, a Long Code Value
+    beyond (PS3.3 8.8; highdicom chooses), so that ``Pleural_Thickening`` reads as itself."""
+    return Code(name, SCHEME, name[:64])
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
     groups.append(_input_check_group(predictor, prediction, source, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY, imaging_measurements=groups)
+        procedure_reported=PROCEDURE_REPORTED, imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source], content=report,
         series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
@@ -168,6 +168,7 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
         manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
         software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime  # a PACS lists the series by its date
     scheme = Dataset()  # the local scheme declared (PS3.3 C.12.1.1.2), so a reader knows whose codes they are
     scheme.CodingSchemeDesignator, scheme.CodingSchemeName = SCHEME, "cxrlearn findings and concepts"
     scheme.CodingSchemeResponsibleOrganization = "cxrlearn"
@@ -198,6 +199,7 @@ def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction
         patient_orientation=tuple(orientation),
         series_description=f"cxrlearn heatmap - {NOT_FOR_DIAGNOSIS}", software_versions=__version__)
     capture.BurnedInAnnotation = "YES"
+    capture.SeriesDate, capture.SeriesTime = capture.ContentDate, capture.ContentTime
     capture.Laterality = source.get("Laterality", "")  # Type 2C: the chest is not a paired part, so empty
     capture.ImageComments = (f"Grad-CAM of {finding} by cxrlearn {__version__} (model sha256 "
                              f"{predictor.provenance.model_sha256}): research "
