@@ -148,6 +148,56 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
             pydicom.dcmread(out / f"dx.{kind}.dcm").SOPInstanceUID
 
 
+def test_only_frontal_chest_radiographs_are_answered_and_the_rest_are_refused_with_the_reason(evaluated, xrays,
+                                                                                               tmp_path, capsys):
+    """Routing by what the study is (cxrlearn.dicom.routing), on real radiographs with their tags changed: a PA
+    chest DX and a CR with no body part but a chest study description are answered; a lateral chest, a hand, one
+    that names no body part and one whose empty view a description calls lateral are refused, each with its reason;
+    --accept any answers them all; a bad --accept is one line."""
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.predicting import predict_batch
+    from cxrlearn.dicom.routing import NOT_FOR_THIS_MODEL, Accept
+    from cxrlearn.inference.predictor import Predictor
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cases = {"pa": {}, "described": {"BodyPartExamined": "", "StudyDescription": "XR CHEST PA"},
+             "lateral": {"ViewPosition": "LL"}, "hand": {"BodyPartExamined": "HAND"},
+             "unstated": {"BodyPartExamined": ""}, "lat-described": {"ViewPosition": "", "SeriesDescription": "CHEST LAT"}}
+    for i, (name, tags) in enumerate(cases.items()):
+        ds = chest_dx(xrays[i % len(xrays)], patient_id=f"P-{i}", modality="CR" if name == "described" else "DX")
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        _write(ds, inputs / f"{name}.dcm")
+    out = tmp_path / "dicom"
+    assert main(["predict", "--model", str(evaluated[0]), str(inputs), "--out", str(tmp_path / "p.csv"),
+                 "--dicom-out", str(out), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["described.sc.dcm", "described.sr.dcm", "pa.sc.dcm", "pa.sr.dcm"]
+    for name, reason in (("lateral", "lateral view LL"), ("hand", "body part HAND"),
+                         ("unstated", "body part not stated"), ("lat-described", "a description says lateral")):
+        line = next(line for line in err.splitlines() if f"{name}.dcm:" in line)
+        assert NOT_FOR_THIS_MODEL in line and reason in line, line
+    every = tmp_path / "every"
+    assert main(["predict", "--model", str(evaluated[0]), str(inputs), "--dicom-out", str(every), "--accept", "any",
+                 "--no-progress", "--out", str(tmp_path / "q.csv")]) == 0
+    assert len(list(every.glob("*.sr.dcm"))) == len(cases)
+    assert main(["predict", "--model", str(evaluated[0]), str(inputs), "--dicom-out", str(every), "--accept",
+                 "view=PA|AP,bodypart=CHEST"]) == 2
+    assert "--accept 'view=PA|AP,bodypart=CHEST': expected any" in capsys.readouterr().err
+    assert Accept.parse("view=any") == Accept(views=())
+    # The node's and the poller's step: refused to refused/ with the reason, counted apart by `dicom status`.
+    outbox = Outbox(tmp_path / "outbox")
+    for name in cases:
+        (outbox.root / "received" / f"{name}.dcm").write_bytes((inputs / f"{name}.dcm").read_bytes())
+    assert predict_batch(outbox, Predictor(evaluated[0]), outbox.waiting(10)) == 2
+    assert "lateral view LL" in (outbox.root / "refused" / "lateral.dcm.txt").read_text()
+    assert outbox.counts().not_for_model == 4 and outbox.counts().refused == 4
+    assert main(["dicom", "status", "--outbox", str(outbox.root)]) == 0
+    assert "refused as not for this model, ever (lateral views, other body parts; --accept): 4" in \
+        capsys.readouterr().out
+
+
 def test_a_dicom_input_no_result_can_be_made_for_is_named(evaluated, xrays, tmp_path, capsys):
     run = evaluated[0]
     ds = chest_dx(xrays[0])

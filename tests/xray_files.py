@@ -33,7 +33,7 @@ def dicom_bytes(
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"  # a chest radiograph: the DICOM commands route by these
     ds.PatientID = "test"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1

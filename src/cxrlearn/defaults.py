@@ -55,3 +55,8 @@ def launched_with_others() -> bool:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity where the system reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: The radiographs the model is for, as the DICOM commands route them by their headers (``--accept``,
+#: :mod:`cxrlearn.dicom.routing`), and as the model card states them: modalities, body parts, view positions.
+ACCEPT_MODALITIES, ACCEPT_BODY_PARTS, ACCEPT_VIEWS = ("CR", "DX"), ("CHEST",), ("PA", "AP")

@@ -456,7 +456,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         written = write_overlays(predictor, read, predictions, args.cam, chosen)
         print(f"wrote {len(written):,} Grad-CAM overlays to {args.cam}", file=sys.stderr)
     if args.dicom_out:
-        failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out)
+        failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out, _accept(args))
     if args.out:
         print(f"wrote {rows_written:,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
               + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
@@ -514,11 +514,12 @@ def _answered_files(read: list[Path], predictions: list) -> list:
             for path, prediction in zip(read, predictions)]
 
 
-def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path) -> list[tuple[str, str]]:
-    """``predict --dicom-out``: a structured report and a heatmap capture per DICOM input; the refused ones."""
+def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path, accept) -> list[tuple[str, str]]:
+    """``predict --dicom-out``: a structured report and a heatmap capture per DICOM input the model is for
+    (``accept``); the refused ones."""
     from cxrlearn.dicom.results import write_dicom_results
 
-    written = write_dicom_results(predictor, read, predictions, out)
+    written = write_dicom_results(predictor, read, predictions, out, accept)
     if written.not_dicom:
         print(f"cxrlearn predict: {len(written.not_dicom):,} input(s) are not DICOM and get no DICOM output "
               f"(the first: {written.not_dicom[0]})", file=sys.stderr)
@@ -541,7 +542,7 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
                     idle_s=args.idle_timeout, max_instance_bytes=args.max_instance_mb * 2**20)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
                 allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds,
-                prediction_log=_node_log(args))
+                prediction_log=_node_log(args), accept=_accept(args))
     try:
         node.start()
     except OSError as err:
@@ -570,7 +571,7 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     _want_folder(args.outbox, "--outbox")
     poller = Poller(Predictor(args.model, runtime=args.runtime, device=args.device), Outbox(args.outbox), url,
-                    since=since, token=token, prediction_log=_node_log(args))
+                    since=since, token=token, prediction_log=_node_log(args), accept=_accept(args))
     rounds = 0
     try:
         while True:
@@ -605,7 +606,8 @@ def _cmd_dicom_status(args: argparse.Namespace) -> int:
         raise DataError(f"--outbox {args.outbox}: no such folder")
     counts = Outbox(args.outbox, create=False).counts()
     print(f"waiting to be predicted on: {counts.received}\nwaiting to be sent: {counts.outgoing}\n"
-          f"sent (confirmed): {counts.sent}\nrefused: {counts.refused}")
+          f"sent (confirmed): {counts.sent}\nrefused: {counts.refused}\nrefused as not for this model, ever "
+          f"(lateral views, other body parts; --accept): {counts.not_for_model}")
     if counts.last_failure:
         print(f"last send failed: {counts.last_failure} (retrying)")
     return 0
@@ -779,6 +781,20 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                              "pip install 'cxrlearn[openvino]'); every answer names the runtime and its file's SHA-256")
     parser.add_argument("--device", default="auto", help="where the torch model (and Grad-CAM's, with --runtime onnx) "
                         "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
+
+
+def _add_accept_option(parser: argparse.ArgumentParser) -> None:
+    """--accept, as every command that writes DICOM results takes it (cxrlearn.dicom.routing)."""
+    parser.add_argument("--accept", metavar="RULE",
+                        help="the radiographs the model answers, by their header: modality=CR|DX,body=CHEST,view=PA|AP "
+                             "(the default; a field left out keeps it, field=any accepts anything), or any; others "
+                             "get no result and are refused with the reason (lateral views, other body parts)")
+
+
+def _accept(args: argparse.Namespace):
+    from cxrlearn.dicom.routing import Accept
+
+    return Accept.parse(args.accept)
 
 
 def _add_log_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -1100,6 +1116,7 @@ def _add_predict_command(commands) -> None:
                               "images), naming the reason, instead of predicting with a warning")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_log_options(predict)
+    _add_accept_option(predict)
     predict.set_defaults(run=_cmd_predict)
 
 
@@ -1227,6 +1244,7 @@ def _add_dicom_commands(commands) -> None:
                              "never answered)")
     _add_runtime_options(listen)
     _add_log_options(listen, "OUTBOX/predictions.sqlite")
+    _add_accept_option(listen)
     listen.set_defaults(run=_cmd_dicom_listen)
     poll = dicom_commands.add_parser(
         "poll", help="find new CR/DX images in a DICOMweb archive, predict, store a structured report and a heatmap",
@@ -1245,6 +1263,7 @@ def _add_dicom_commands(commands) -> None:
                       help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
     _add_runtime_options(poll)
     _add_log_options(poll, "OUTBOX/predictions.sqlite")
+    _add_accept_option(poll)
     poll.set_defaults(run=_cmd_dicom_poll)
     status = dicom_commands.add_parser(
         "status", help="what a node's outbox holds: queued, sent, refused",

@@ -46,6 +46,7 @@ from pynetdicom.sop_class import Verification
 from cxrlearn._files import remove_stale_temporaries
 from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
+from cxrlearn.dicom.routing import Accept
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
@@ -100,8 +101,9 @@ class Node:
     def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
                  batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds(),
-                 prediction_log: PredictionLog | None = None):
+                 prediction_log: PredictionLog | None = None, accept: Accept = Accept()):
         self.predictor, self.outbox, self.destination, self.bounds = predictor, outbox, destination, bounds
+        self.accept = accept
         self.prediction_log = prediction_log
         if prediction_log is not None:
             predictor.summarise = True
@@ -214,7 +216,7 @@ class Node:
     def predict_batch(self, paths: list[Path]) -> None:
         """Predict on received instances together, and queue their results (or refuse them, each alone)."""
         predict_batch(self.outbox, self.predictor, paths, self.secondary_captures, self.prediction_log,
-                      "dicom listen")
+                      "dicom listen", self.accept)
         self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrlearn._files import write_atomic
+from cxrlearn.dicom.routing import NOT_FOR_THIS_MODEL
 from cxrlearn.errors import DataError
 
 log = logging.getLogger("cxrlearn.dicom")
@@ -65,6 +66,7 @@ class Counts:
     refused: int
     sent: int  # results the destination confirmed, ever
     last_failure: str | None  # the latest "send failed" line's reason, if the latest send attempt failed
+    not_for_model: int = 0  # refused, ever, as radiographs the model is not for (cxrlearn.dicom.routing)
 
 
 class Outbox:
@@ -190,7 +192,9 @@ class Outbox:
         return Counts(received=len(self.waiting()), outgoing=len(self.to_send()),
                       refused=len(list((self.root / REFUSED).glob("*.txt"))),
                       sent=sum(1 for e in events if e.get("event") == "sent"),
-                      last_failure=str(last.get("why")) if last and last.get("event") == "send failed" else None)
+                      last_failure=str(last.get("why")) if last and last.get("event") == "send failed" else None,
+                      not_for_model=sum(1 for e in events if e.get("event") == "refused"
+                                        and NOT_FOR_THIS_MODEL in str(e.get("why"))))
 
     def _regular_files(self, folder: str) -> list[Path]:
         """The ``*.dcm`` files of a folder, oldest first; any other entry of that name (a folder, a FIFO, a link:

@@ -41,6 +41,7 @@ from dicomweb_client import DICOMwebClient
 from cxrlearn._files import first_line
 from cxrlearn.dicom.outbox import Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
+from cxrlearn.dicom.routing import Accept
 from cxrlearn.dicom.results import to_bytes
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, patient_key
 from cxrlearn.errors import ConfigError
@@ -167,8 +168,10 @@ class Poller:
     """One model, one archive, one outbox; :meth:`run_round` once, or every ``--interval`` seconds."""
 
     def __init__(self, predictor: Predictor, outbox: Outbox, url: str, since: datetime.date | None = None,
-                 token: str | None = None, batch: int = POLL_BATCH, prediction_log: PredictionLog | None = None):
+                 token: str | None = None, batch: int = POLL_BATCH, prediction_log: PredictionLog | None = None,
+                 accept: Accept = Accept()):
         self.predictor, self.outbox, self.url, self.since, self.batch = predictor, outbox, url.rstrip("/"), since, batch
+        self.accept = accept
         self.prediction_log = prediction_log
         if prediction_log is not None:
             predictor.summarise = True
@@ -301,7 +304,7 @@ class Poller:
             failure = f"cannot search {self.url}: its answer is not DICOM JSON ({err}); is it the DICOMweb root?"
         while waiting := self.outbox.waiting(self.batch):
             predicted += predict_batch(self.outbox, self.predictor, waiting, prediction_log=self.prediction_log,
-                                       command="dicom poll")
+                                       command="dicom poll", accept=self.accept)
         try:
             stored = self.store(self.outbox.to_send())
         except requests.RequestException as err:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
+from cxrlearn.dicom.routing import Accept
 from cxrlearn.dicom.results import result_files
 from cxrlearn.dicom.source import read_source
 from cxrlearn.errors import ConfigError, DataError
@@ -22,15 +23,17 @@ log = logging.getLogger("cxrlearn.dicom")
 
 
 def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secondary_captures: bool = False,
-                  prediction_log: PredictionLog | None = None, command: str = "dicom") -> int:
+                  prediction_log: PredictionLog | None = None, command: str = "dicom", accept: Accept = Accept()
+                  ) -> int:
     """Predict on received instances together and queue their results; refuse the ones no result can be made
     for. With ``prediction_log``, every answer is recorded there (as ``command``) before its results are queued: a
-    log that cannot be written leaves the batch waiting. The number of instances predicted on."""
+    log that cannot be written leaves the batch waiting. ``accept``: the radiographs the model is for
+(:mod:`cxrlearn.dicom.routing`). The number of instances predicted on."""
     sources, decoded, kept, headers = [], [], [], []
     for path in paths:
         try:
             data = path.read_bytes()
-            source, pixels = read_source(data, path.name, secondary_captures)
+            source, pixels = read_source(data, path.name, secondary_captures, accept)
         except DataError as err:
             _refuse(outbox, path, str(err))
             continue

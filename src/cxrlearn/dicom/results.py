@@ -38,6 +38,7 @@ from pydicom.sr.coding import Code
 from cxrlearn import __version__
 from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
+from cxrlearn.dicom.routing import Accept
 from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source,
                                    study_key)
 from cxrlearn.errors import DataError
@@ -242,8 +243,8 @@ class Written:
     refused: list[tuple[Path, str]]
 
 
-def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions: Sequence[Prediction], out: Path
-                        ) -> Written:
+def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions: Sequence[Prediction], out: Path,
+                        accept: Accept = Accept()) -> Written:
     """``out/<name>.sr.dcm`` and ``out/<name>.sc.dcm`` for each DICOM input (``paths[i]`` is the file
     ``predictions[i]`` was made from); other inputs get none. Each file is written whole or not at all."""
     out = Path(out)
@@ -256,7 +257,7 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
             not_dicom.append(Path(path))
             continue
         try:
-            source, decoded = read_source(data, str(path))
+            source, decoded = read_source(data, str(path), accept=accept)
             results = result_files(source, decoded, prediction, predictor, str(path))
         except DataError as err:
             refused.append((Path(path), str(err)))

@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from cxrlearn.data.decoding.images import decode_grayscale
 from cxrlearn.defaults import whole_number
+from cxrlearn.dicom.routing import Accept, refusal
 from cxrlearn.errors import DataError
 
 #: Who made cxrlearn's own results (their Manufacturer), and the series numbers they are written in.
@@ -115,8 +116,9 @@ def made_by_cxrlearn(ds: Dataset) -> bool:
             or derivation.startswith("grad-cam"))
 
 
-def check_source(ds: Dataset, name: str, secondary_captures: bool = True) -> None:
-    """Refuses (DataError naming ``name``) an instance cxrlearn should not answer (see the module's description)."""
+def check_source(ds: Dataset, name: str, secondary_captures: bool = True, accept: Accept | None = None) -> None:
+    """Refuses (DataError naming ``name``) an instance cxrlearn should not answer (see the module's description),
+    and with ``accept`` a radiograph the model is not for (:func:`cxrlearn.dicom.routing.refusal`)."""
     sop_class = _text(ds, "SOPClassUID") or ""
     classes = SOURCE_CLASSES if secondary_captures else RADIOGRAPH_CLASSES
     if made_by_cxrlearn(ds):
@@ -125,6 +127,9 @@ def check_source(ds: Dataset, name: str, secondary_captures: bool = True) -> Non
     if sop_class not in classes:
         what = "a radiograph (CR, DX)" + (" or a secondary capture" if secondary_captures else "")
         raise DataError(f"{name}: SOP class {sop_class or 'missing'} is not {what}: no result is made for it")
+    routed = refusal(ds, accept) if accept is not None and sop_class in RADIOGRAPH_CLASSES else None
+    if routed:
+        raise DataError(f"{name}: {routed}")
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _text(ds, keyword)
         if not value:
@@ -137,10 +142,10 @@ def check_source(ds: Dataset, name: str, secondary_captures: bool = True) -> Non
                         "control characters or backslash); a result cannot copy it without changing the patient")
 
 
-def reference(ds: Dataset, name: str, secondary_captures: bool = True) -> Dataset:
+def reference(ds: Dataset, name: str, secondary_captures: bool = True, accept: Accept | None = None) -> Dataset:
     """The source as its results may copy it: checked (:func:`check_source`), then only the attributes a result
     reads, each valid for its VR or empty (see the module's description)."""
-    check_source(ds, name, secondary_captures)
+    check_source(ds, name, secondary_captures, accept)
     ref = Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         setattr(ref, keyword, _text(ds, keyword))
@@ -183,12 +188,13 @@ def study_key(ds: Dataset) -> str:
     return "|".join(str(ds.get(k, "")) for k in ("StudyInstanceUID", "PatientID"))
 
 
-def read_source(data: bytes, name: str, secondary_captures: bool = True) -> tuple[Dataset, np.ndarray]:
+def read_source(data: bytes, name: str, secondary_captures: bool = True, accept: Accept | None = None
+                ) -> tuple[Dataset, np.ndarray]:
     """A received or read DICOM instance as its results' :func:`reference`, and its decoded grayscale pixels;
-    :class:`DataError` naming ``name`` otherwise."""
+    :class:`DataError` naming ``name`` otherwise (routed by ``accept`` before any pixel is decoded)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on damaged data
         raise DataError(f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
-    ref = reference(ds, name, secondary_captures)
+    ref = reference(ds, name, secondary_captures, accept)
     return ref, decode_grayscale(data, name)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from cxrlearn._files import write_atomic
+from cxrlearn.defaults import ACCEPT_BODY_PARTS, ACCEPT_MODALITIES, ACCEPT_VIEWS
 from cxrlearn.errors import DataError
 from cxrlearn.evaluation.metrics import FEW_CASES
 from cxrlearn.evaluation.operating_points import METHOD_NAMES, MIN_VALIDATION_CASES, NOT_CALLED
@@ -77,7 +78,11 @@ def model_card(folder: str | os.PathLike) -> str:
              "Research on chest radiographs: for each frontal chest X-ray, the probability of each finding below, a "
              "positive call at a threshold chosen on validation images, a Grad-CAM heatmap, and a warning when the "
              "input is unlike the training images. For medical-imaging researchers and hospital imaging teams "
-             "studying such models on their own data.", "", "## What it is not for", "", _NOT_FOR, "",
+             "studying such models on their own data.", "",
+             f"Inputs: the DICOM commands answer only {'/'.join(ACCEPT_MODALITIES)} images whose header says "
+             f"{'/'.join(ACCEPT_BODY_PARTS).lower()} (BodyPartExamined, or a description where it is empty) and a "
+             f"{'/'.join(ACCEPT_VIEWS)} view; lateral views and other body parts are refused with the reason "
+             "(`--accept` changes this).", "", "## What it is not for", "", _NOT_FOR, "",
              "## Training data", ""]
     trained = meta.trained_data
     lines += [f"- Label table: `{data.label_table or 'unknown'}`"
