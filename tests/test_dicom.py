@@ -140,6 +140,20 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
         assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
         assert sc.Columns == source.Columns and sc.Rows > source.Rows  # its own resolution, and the caption
         assert NOT_FOR_DIAGNOSIS in sc.SeriesDescription and sc.SeriesDate == sc.ContentDate
+    # The report as a reader sees it: `dicom render` reads it back (the CSV's figures) and draws it beside its
+    # capture; a file that is not a report is one line naming it.
+    from cxrlearn.dicom.render import read_report
+
+    content = read_report(out / "dx.sr.dcm")
+    row = rows.loc["dx.dcm"]
+    assert [f.name for f in content.findings] == findings and content.patient_id == "P-1"
+    assert all(abs(f.probability - row[f.name]) < 1e-5 for f in content.findings)
+    assert {f.name for f in content.findings if f.call == "Present"} == set(str(row["positive_findings"]).split("|")) - {""}
+    assert main(["dicom", "render", str(out), "--out", str(tmp_path / "rendered")]) == 0
+    drawn = Image.open(tmp_path / "rendered" / "dx.png")
+    assert drawn.size[0] > 1000 and np.asarray(drawn.convert("L")).std() > 20  # a picture, not a blank page
+    assert main(["dicom", "render", str(out / "dx.sc.dcm"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "dx.sc.dcm: not a TID 1500 structured report" in capsys.readouterr().err
     # The same image through the same model: the same objects, so a PACS stores them once.
     again = tmp_path / "again"
     assert main(["predict", "--model", str(run), str(dx), "--dicom-out", str(again), "--no-progress"]) == 0

@@ -599,6 +599,20 @@ def _node_log(args: argparse.Namespace):
     return _open_log(args, args.outbox / NODE_LOG)
 
 
+def _cmd_dicom_render(args: argparse.Namespace) -> int:
+    from cxrlearn.dicom.render import REPORT_SUFFIX, render, reports_in
+
+    reports = reports_in(args.report)
+    if args.report.is_dir():
+        args.out.mkdir(parents=True, exist_ok=True)
+        targets = [args.out / (r.name[:-len(REPORT_SUFFIX)] + ".png") for r in reports]
+    else:
+        targets = [args.out]
+    for report, target in zip(reports, targets):
+        print(f"wrote {render(report, target)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_dicom_status(args: argparse.Namespace) -> int:
     from cxrlearn.dicom.outbox import Outbox
 
@@ -1273,6 +1287,16 @@ def _add_dicom_commands(commands) -> None:
     status.add_argument("--outbox", type=Path, default=Path("cxrlearn-outbox"), help="the outbox folder "
                         "(default %(default)s)")
     status.set_defaults(run=_cmd_dicom_status)
+    render = dicom_commands.add_parser(
+        "render", help="draw structured reports as a reader sees them (PNG)",
+        description="Draw each cxrlearn structured report (a .sr.dcm file, or every one in a folder) as a reader "
+        "sees it: the heatmap capture written beside it (.sc.dcm), the findings with probability, threshold and call, "
+        "the input check and the report's marks; for the evidence creator's side of a conformance test, or to check "
+        "what a viewer shows.")
+    render.add_argument("report", type=Path, metavar="SR_OR_DIR", help="a structured report, or a folder of them")
+    render.add_argument("--out", type=Path, required=True,
+                        help="the PNG to write (a folder, one PNG per report, when SR_OR_DIR is a folder)")
+    render.set_defaults(run=_cmd_dicom_render)
 
 
 def _add_inspection_commands(commands, table_args: argparse.ArgumentParser) -> None:

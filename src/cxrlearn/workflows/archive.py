@@ -391,7 +391,8 @@ def predict_on_ray(model_dir: Path, runtime: str, inputs: Inputs, out: Path, add
     by_key = {s.key: s for s in shards}
     if shards:
         preprocessing = Predictor(model_dir, runtime=runtime).preprocessing  # a bad bundle: one line, here
-        nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+        nodes = max(1, round(sum(amount for name, amount in ray.cluster_resources().items()  # alive nodes: each
+                                 if name.startswith("node:") and not name.startswith("node:__"))))  # has node:<ip>
         pool = max(1, min(actors or nodes, len(shards)))
         items = [ShardWork.of(inputs, s).row() for s in shards]
         dataset = (ray.data.from_items(items, override_num_blocks=len(items))
