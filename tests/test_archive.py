@@ -75,7 +75,7 @@ def test_a_parquet_dataset_holds_each_image_once_and_a_rerun_completes_it(evalua
     assert len(files) == 7 and not list(out.glob(".*"))  # 50 inputs in shards of 8; no partial file left
     dataset = _dataset(out)
     assert len(dataset) == 50 and dataset[PATH].is_unique
-    _same_rows_as_csv(dataset, csv_predictions, 1e-6, Predictor(evaluated[0]).thresholds)
+    _same_rows_as_csv(dataset, csv_predictions, 1e-5, Predictor(evaluated[0]).thresholds)  # batches of 8, not 16
     assert dict(zip(dataset["image"], dataset["study"]))[images[5].name] == "S005"  # the manifest's column carried
     assert set(dataset[PATH]) >= {str(images[0]), str(images[1])}  # file:// URIs read as paths
     failures = pd.read_csv(out / FAILURES_FILE)
