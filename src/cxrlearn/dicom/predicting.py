@@ -28,7 +28,7 @@ def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secon
     """Predict on received instances together and queue their results; refuse the ones no result can be made
     for. With ``prediction_log``, every answer is recorded there (as ``command``) before its results are queued: a
     log that cannot be written leaves the batch waiting. ``accept``: the radiographs the model is for
-(:mod:`cxrlearn.dicom.routing`). The number of instances predicted on."""
+    (:mod:`cxrlearn.dicom.routing`). The number of instances predicted on."""
     sources, decoded, kept, headers = [], [], [], []
     for path in paths:
         try:

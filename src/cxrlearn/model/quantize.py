@@ -131,29 +131,26 @@ def quantise(fp32: Path, out: Path, calibration: np.ndarray, reduce_range: bool)
     return write_with_contract(proto, contract, out)
 
 
+def _update_record(int8: Path, **changes) -> Path:
+    """Set ``changes`` on the :class:`Int8Record` in ``int8``'s contract, and write the file again with it."""
+    import onnx
+
+    contract = read_contract(int8)
+    record = Int8Record.of(contract).model_copy(update=changes)
+    contract.update({INT8_KEY: record.model_dump(mode="json")})
+    return write_with_contract(onnx.load(str(int8)), contract, int8)
+
+
 def with_input_check(int8: Path, check: InputCheck) -> Path:
     """Save ``check`` (the int8 file's own, :data:`INT8_CHECK_FILE`) beside ``int8`` and name it, with its SHA-256,
     in the file's contract."""
-    import onnx
-
-    folder = int8.parent
-    check.save(folder)
-    contract = read_contract(int8)
-    record = Int8Record.of(contract)
-    record.input_check, record.input_check_sha256 = check.fit, file_digest(folder / check.fit.file)
-    contract.update({INT8_KEY: record.model_dump(mode="json")})
-    return write_with_contract(onnx.load(str(int8)), contract, int8)
+    check.save(int8.parent)
+    return _update_record(int8, input_check=check.fit, input_check_sha256=file_digest(int8.parent / check.fit.file))
 
 
 def record_judgement(int8: Path, gate: str, judgement: str) -> Path:
     """Name in the int8 file's contract the gate it passed and the figures it was judged by."""
-    import onnx
-
-    contract = read_contract(int8)
-    record = Int8Record.of(contract)
-    record.gate, record.judgement = gate, judgement
-    contract.update({INT8_KEY: record.model_dump(mode="json")})
-    return write_with_contract(onnx.load(str(int8)), contract, int8)
+    return _update_record(int8, gate=gate, judgement=judgement)
 
 
 def int8_input_check(path: Path, contract: dict) -> InputCheck | None:
