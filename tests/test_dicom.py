@@ -106,12 +106,13 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
                  str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "1 input(s) are not DICOM" in err and "plain.png" in err
-    assert sorted(p.name for p in out.iterdir()) == ["cr.sc.dcm", "cr.sr.dcm", "dx.sc.dcm", "dx.sr.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.{kind}.dcm" for stem in ("cr", "dx")
+                                                     for kind in ("sc", "seg", "sr")]
     rows = pd.read_csv(tmp_path / "p.csv").set_index("image")
     findings = [c for c in rows.columns if c + "_positive" in rows.columns]
     for stem, source_path in (("dx", dx), ("cr", cr)):
         source = pydicom.dcmread(source_path)
-        for kind in ("sr", "sc"):  # dicom3tools' validator: no errors (warnings name the local coding scheme)
+        for kind in ("sr", "sc", "seg"):  # dicom3tools' validator: no errors (warnings name the local coding scheme)
             checked = subprocess.run(["dciodvfy", str(out / f"{stem}.{kind}.dcm")], capture_output=True, text=True)
             assert [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")] == []
         # PixelMed's SR validator, as IHE AI Results connectathons run it: no errors (its warnings name the items
@@ -140,6 +141,7 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
         assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
         assert sc.Columns == source.Columns and sc.Rows > source.Rows  # its own resolution, and the caption
         assert NOT_FOR_DIAGNOSIS in sc.SeriesDescription and sc.SeriesDate == sc.ContentDate
+        _check_heatmap_segmentation(out / f"{stem}.seg.dcm", source, row, sc, sr)
     # The report as a reader sees it: `dicom render` reads it back (the CSV's figures) and draws it beside its
     # capture; a file that is not a report is one line naming it.
     from cxrlearn.dicom.render import read_report
@@ -157,9 +159,39 @@ def test_predict_writes_a_structured_report_and_a_heatmap_per_dicom_input(evalua
     # The same image through the same model: the same objects, so a PACS stores them once.
     again = tmp_path / "again"
     assert main(["predict", "--model", str(run), str(dx), "--dicom-out", str(again), "--no-progress"]) == 0
-    for kind in ("sr", "sc"):
+    for kind in ("sr", "sc", "seg"):
         assert pydicom.dcmread(again / f"dx.{kind}.dcm").SOPInstanceUID == \
             pydicom.dcmread(out / f"dx.{kind}.dcm").SOPInstanceUID
+    # --heatmap chooses the heatmap objects; a bad value is one line.
+    for kinds, made in (("capture", ["sc", "sr"]), ("none", ["sr"]), ("segmentation", ["seg", "sr"])):
+        chosen = tmp_path / kinds
+        assert main(["predict", "--model", str(run), str(dx), "--dicom-out", str(chosen), "--heatmap", kinds,
+                     "--no-progress"]) == 0
+        assert sorted(p.name for p in chosen.iterdir()) == [f"dx.{kind}.dcm" for kind in made]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), str(dx), "--dicom-out", str(tmp_path / "bad"), "--heatmap",
+                 "parametric-map"]) == 2
+    assert "--heatmap 'parametric-map': expected segmentation, capture" in capsys.readouterr().err
+
+
+def _check_heatmap_segmentation(path: Path, source, row, capture, report) -> None:
+    """The heatmap segmentation: valid, registered pixel for pixel to the source, one fractional segment per finding
+    called present (else the most probable), the first drawn in the capture too, and among the report's evidence."""
+    seg = hd.seg.segread(path)
+    assert seg.SegmentationType == "FRACTIONAL" and (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and NOT_FOR_DIAGNOSIS in seg.SeriesDescription
+    assert seg.SeriesDate == seg.ContentDate
+    assert [uids[-1] for uids in seg.get_source_image_uids()] == [source.SOPInstanceUID]
+    named = [item.SegmentedPropertyTypeCodeSequence[0].CodeValue for item in seg.SegmentSequence]
+    called = [f for f in str(row["positive_findings"]).split("|") if f and f != "nan"]
+    assert sorted(named) == sorted(called) if called else len(named) == 1
+    assert [row[f] for f in named] == sorted((row[f] for f in named), reverse=True)  # most probable first
+    assert f"Grad-CAM of {named[0]} " in capture.ImageComments
+    pixels = pydicom.dcmread(path).pixel_array  # the stored fractions, 0-255 for Grad-CAM's 0-1
+    assert pixels.shape[-2:] == (source.Rows, source.Columns) and pixels.max() == 255 and pixels.min() == 0
+    evidence = {item.ReferencedSOPInstanceUID for study in report.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
 
 
 def test_only_frontal_chest_radiographs_are_answered_and_the_rest_are_refused_with_the_reason(evaluated, xrays,
@@ -187,7 +219,8 @@ def test_only_frontal_chest_radiographs_are_answered_and_the_rest_are_refused_wi
     assert main(["predict", "--model", str(evaluated[0]), str(inputs), "--out", str(tmp_path / "p.csv"),
                  "--dicom-out", str(out), "--no-progress"]) == 3
     err = capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["described.sc.dcm", "described.sr.dcm", "pa.sc.dcm", "pa.sr.dcm"]
+    assert sorted(p.name for p in out.glob("*.sr.dcm")) == ["described.sr.dcm", "pa.sr.dcm"]
+    assert len(list(out.iterdir())) == 6  # and their heatmap segmentations and captures
     for name, reason in (("lateral", "lateral view LL"), ("hand", "body part HAND"),
                          ("unstated", "body part not stated"), ("lat-described", "a description says lateral")):
         line = next(line for line in err.splitlines() if f"{name}.dcm:" in line)
@@ -210,6 +243,47 @@ def test_only_frontal_chest_radiographs_are_answered_and_the_rest_are_refused_wi
     assert main(["dicom", "status", "--outbox", str(outbox.root)]) == 0
     assert "refused as not for this model, ever (lateral views, other body parts; --accept): 4" in \
         capsys.readouterr().out
+
+
+def test_a_site_codes_its_findings_in_snomed_and_a_bad_mapping_is_refused_by_line_before_anything_starts(
+        evaluated, xrays, tmp_path, capsys):
+    """--codes: the mapped findings carry the site's SNOMED CT codes in the report and the segmentation (PixelMed:
+    no errors), the others keep cxrlearn's; a mapping the model cannot use is refused naming the line and the
+    field, by predict before it predicts and by the node before it listens."""
+    _require_tools()
+    run = evaluated[0]
+    codes = tmp_path / "codes.csv"
+    codes.write_text("finding,scheme,value,meaning\nEffusion,SCT,60046008,Pleural effusion\n"
+                     "Pneumothorax,SCT,36118008,Pneumothorax\nCardiomegaly,SCT,8186001,Cardiomegaly\n")
+    source = _write(chest_dx(xrays[0], patient_id="P-C"), tmp_path / "dx.dcm")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(run), str(source), "--dicom-out", str(out), "--codes", str(codes),
+                 "--heatmap", "segmentation", "--accept", "any", "--no-progress"]) == 0
+    sr = hd.sr.srread(out / "dx.sr.dcm")
+    coded = {group.finding_type.value: group.finding_type.scheme_designator for group in _groups(sr)}
+    assert {value for value, scheme in coded.items() if scheme == "SCT"} == {"60046008", "36118008", "8186001"}
+    assert coded["Pleural_Thickening"] == SCHEME and "Effusion" not in coded
+    assert _pixelmed_sr_errors(out / "dx.sr.dcm") == []
+    seg = pydicom.dcmread(out / "dx.seg.dcm")
+    for item in seg.SegmentSequence:  # a segment of a mapped finding has its code
+        code = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (code.CodingSchemeDesignator == "SCT") == (code.CodeValue in {"60046008", "36118008", "8186001"})
+    bad = {"Efusion,SCT,60046008,Pleural effusion": "finding 'Efusion' is not one of the model's",
+           "Effusion,SCT,60046009,Pleural effusion": "value '60046009' is not a SCT code: its check digit is wrong",
+           "Effusion,ICD10,J90,Pleural effusion": "scheme 'ICD10' is not known",
+           "Effusion,RADLEX,12345,Pleural effusion": "value '12345' is not a RADLEX code: a RadLex ID is RID",
+           "Effusion,SCT,60046008,": "meaning must be 1 to 64 characters"}
+    for row, message in bad.items():
+        codes.write_text(f"finding,scheme,value,meaning\nCardiomegaly,SCT,8186001,Cardiomegaly\n{row}\n")
+        assert main(["predict", "--model", str(run), str(source), "--dicom-out", str(tmp_path / "o"), "--codes",
+                     str(codes), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--codes {codes}, line 3: {message}" in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    codes.write_text("finding,code\nEffusion,60046008\n")
+    assert main(["dicom", "listen", "--model", str(run), "--outbox", str(tmp_path / "box"), "--send-to",
+                 "PACS@127.0.0.1:1", "--port", str(free_port()), "--codes", str(codes)]) == 2
+    assert "expected a CSV with the columns finding, scheme, value, meaning" in capsys.readouterr().err
 
 
 def test_a_dicom_input_no_result_can_be_made_for_is_named(evaluated, xrays, tmp_path, capsys):
@@ -306,9 +380,14 @@ def test_orthanc_sends_an_image_and_gets_back_a_report_and_a_heatmap(evaluated, 
     try:
         source = chest_dx(xrays[0], patient_id="P-7", accession="A-7")
         orthanc.send(orthanc.upload(_write(source, tmp_path / "dx.dcm").read_bytes()), "cxrlearn")
-        _wait(lambda: len(_results(orthanc, source.StudyInstanceUID)) >= 3, 120, "the SR and SC in Orthanc")
-        assert _results(orthanc, source.StudyInstanceUID) == ["DX", "OT", "SR"]  # OT: a secondary capture's modality
+        _wait(lambda: len(_results(orthanc, source.StudyInstanceUID)) >= 4, 120, "the SR, SEG and SC in Orthanc")
+        # OT: a secondary capture's modality; SEG: the heatmaps as a segmentation
+        assert _results(orthanc, source.StudyInstanceUID) == ["DX", "OT", "SEG", "SR"]
         instances = {i["Modality"]: i for i in orthanc.study_instances(source.StudyInstanceUID)}
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(orthanc.file(instances["SEG"]["id"]))))
+        assert seg.SegmentationType == "FRACTIONAL" and seg.number_of_segments >= 1
+        assert seg.pixel_array.max() == 255  # JPEG-LS, or decompressed by the node where the PACS refuses it
+        assert seg.get_source_image_uids()[0][-1] == source.SOPInstanceUID
         report = pydicom.dcmread(io.BytesIO(orthanc.file(instances["SR"]["id"])))
         sr = hd.sr.Comprehensive3DSR.from_dataset(report)
         probabilities, _, comment = _read_back(sr)
@@ -326,7 +405,7 @@ def test_orthanc_sends_an_image_and_gets_back_a_report_and_a_heatmap(evaluated, 
         _wait(lambda: list((tmp_path / "outbox" / "refused").glob("*.txt")), 60, "the damaged instance refused")
         status = subprocess.run([sys.executable, "-m", "cxrlearn.cli.main", "dicom", "status", "--outbox",
                                  str(tmp_path / "outbox")], capture_output=True, text=True)
-        assert "sent (confirmed): 2" in status.stdout and "refused: 1" in status.stdout
+        assert "sent (confirmed): 3" in status.stdout and "refused: 1" in status.stdout
         assert node.process.poll() is None
     finally:
         node.stop()
@@ -352,12 +431,12 @@ def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(evaluated, xray
     node = NodeProcess(evaluated[0], outbox, port, orthanc).start()
     try:
         for ds in sources:
-            _wait(lambda: _results(orthanc, ds.StudyInstanceUID) == ["OT", "SR"], 180,
-                  f"{ds.PatientID}'s SR and SC, once each")
+            _wait(lambda: _results(orthanc, ds.StudyInstanceUID) == ["OT", "SEG", "SR"], 180,
+                  f"{ds.PatientID}'s SR, SEG and SC, once each")
         _wait(lambda: not list((outbox / "outgoing").glob("*.dcm")), 60, "the outbox emptied")
         time.sleep(2)  # nothing more arrives
-        assert all(_results(orthanc, ds.StudyInstanceUID) == ["OT", "SR"] for ds in sources)
-        assert len(orthanc.get("/instances")) == 2 * len(sources)
+        assert all(_results(orthanc, ds.StudyInstanceUID) == ["OT", "SEG", "SR"] for ds in sources)
+        assert len(orthanc.get("/instances")) == 3 * len(sources)
     finally:
         assert node.stop() in (0, 130)
 
@@ -382,19 +461,19 @@ def test_poll_stores_results_through_dicomweb_once_and_waits_for_an_archive_that
 
     assert main(command) == 0
     err = capsys.readouterr().err
-    assert "round 1: 2 new instance(s), 2 predicted on, 4 result(s) stored, 0 waiting" in err
-    assert _results(orthanc, recent[0].StudyInstanceUID) == ["DX", "OT", "SR"]
-    assert _results(orthanc, recent[1].StudyInstanceUID) == ["CR", "OT", "SR"]
+    assert "round 1: 2 new instance(s), 2 predicted on, 6 result(s) stored, 0 waiting" in err
+    assert _results(orthanc, recent[0].StudyInstanceUID) == ["DX", "OT", "SEG", "SR"]
+    assert _results(orthanc, recent[1].StudyInstanceUID) == ["CR", "OT", "SEG", "SR"]
     assert _results(orthanc, old.StudyInstanceUID) == ["DX"]  # before --since
     report = next(i for i in orthanc.study_instances(recent[1].StudyInstanceUID) if i["Modality"] == "SR")
     probabilities, _, _ = _read_back(hd.sr.Comprehensive3DSR.from_dataset(
         pydicom.dcmread(io.BytesIO(orthanc.file(report["id"])))))
     assert len(probabilities) == 14
 
-    # A rerun takes nothing again (its own SR and SC are not radiographs), and stores nothing twice.
+    # A rerun takes nothing again (its own SR, SEG and SC are not radiographs), and stores nothing twice.
     assert main(command) == 0
     assert "round 1: 0 new instance(s), 0 predicted on, 0 result(s) stored, 0 waiting" in capsys.readouterr().err
-    assert len(orthanc.get("/instances")) == 7
+    assert len(orthanc.get("/instances")) == 9
 
     # The archive goes down between retrieving and storing: the results wait in the outbox, and are stored once
     # it is back.
@@ -405,17 +484,17 @@ def test_poll_stores_results_through_dicomweb_once_and_waits_for_an_archive_that
         assert poller.retrieve(instance)
     orthanc.stop()
     down = poller.run_round()
-    assert (down.predicted, down.stored, down.waiting) == (1, 0, 2)
+    assert (down.predicted, down.stored, down.waiting) == (1, 0, 3)
     assert down.failure and down.failure.startswith(f"cannot search {url}")
     assert main(command) == 2  # the command says so, exits 2 and keeps them
-    assert "2 result(s) wait in" in capsys.readouterr().err
+    assert "3 result(s) wait in" in capsys.readouterr().err
     orthanc.start()
     back = poller.run_round()
-    assert (back.found, back.stored, back.waiting, back.failure) == (0, 2, 0, None)
-    assert _results(orthanc, late.StudyInstanceUID) == ["DX", "OT", "SR"]
-    assert len(orthanc.get("/instances")) == 10
+    assert (back.found, back.stored, back.waiting, back.failure) == (0, 3, 0, None)
+    assert _results(orthanc, late.StudyInstanceUID) == ["DX", "OT", "SEG", "SR"]
+    assert len(orthanc.get("/instances")) == 13
     events = [e["event"] for e in Outbox(outbox).events()]
-    assert events.count("received") == 3 and events.count("sent") == 6
+    assert events.count("received") == 3 and events.count("sent") == 9
 
 
 # ---- issue 32 against a real Orthanc: a rule that forwards everything, and an instance without PatientSex -------
@@ -445,11 +524,11 @@ def test_a_pacs_rule_that_forwards_everything_makes_no_loop(evaluated, xrays, tm
         for ds in (plain, unsexed):
             orthanc.upload(_write(ds, tmp_path / f"{ds.PatientID}.dcm").read_bytes())
         for ds in (plain, unsexed):
-            _wait(lambda: len(_results(orthanc, ds.StudyInstanceUID)) >= 3, 180, f"{ds.PatientID}'s SR and SC")
+            _wait(lambda: len(_results(orthanc, ds.StudyInstanceUID)) >= 4, 180, f"{ds.PatientID}'s SR, SEG and SC")
         time.sleep(15)  # the results were forwarded back to the node: nothing more may come of them
         for ds in (plain, unsexed):
-            assert _results(orthanc, ds.StudyInstanceUID) == ["DX", "OT", "SR"]
-        assert len(orthanc.get("/instances")) == 6
+            assert _results(orthanc, ds.StudyInstanceUID) == ["DX", "OT", "SEG", "SR"]
+        assert len(orthanc.get("/instances")) == 8
         events = [e["event"] for e in Outbox(tmp_path / "outbox").events()]
         assert events.count("predicted") == 2 and events.count("ignored") >= 2  # the SCs came back and were dropped
     finally:

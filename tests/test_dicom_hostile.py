@@ -19,11 +19,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid)
+                         ImplicitVRLittleEndian, SecondaryCaptureImageStorage, SegmentationStorage, generate_uid)
 from pynetdicom import AE, evt
 
 from cxrlearn.cli.main import main
 from cxrlearn.data.decoding.images import load_grayscale
+from cxrlearn.dicom.results import Heatmaps, ResultOptions
 from orthanc import free_port
 from xray_files import chest_dx
 
@@ -189,14 +190,15 @@ def test_the_node_keeps_patients_apart_never_answers_itself_and_its_sender_never
     from cxrlearn.dicom.outbox import Outbox
 
     pacs_port, node_port = free_port(), free_port()
-    # A PACS that refuses Comprehensive 3D SR (the first offer) and takes Comprehensive SR and SC.
+    # A PACS that refuses Comprehensive 3D SR (the first offer) and takes Comprehensive SR and SC, and no
+    # segmentation: the node is told so (--heatmap capture).
     pacs = StandInPacs(pacs_port, [ComprehensiveSRStorage, SecondaryCaptureImageStorage]).start()
     outbox = Outbox(tmp_path / "outbox")
     for name, data in (("empty.sr.dcm", b""), ("garbage.sr.dcm", b"not DICOM at all" * 10),
                        ("truncated.sc.dcm", b"\0" * 128 + b"DICM" + b"\x02\x00")):
         (tmp_path / "outbox" / "outgoing" / name).write_bytes(data)
     node = Node(predictor, outbox, Destination("PACS", "127.0.0.1", pacs_port), port=node_port,
-                secondary_captures=True)
+                secondary_captures=True, options=ResultOptions(Heatmaps(segmentation=False)))
     node.start()
     try:
         # Two patients' images that carry one SOP Instance UID (a modality's bug): two results each, apart.
@@ -260,17 +262,20 @@ def test_a_destination_that_refuses_every_offer_is_retried_not_fatal(predictor, 
         _wait(lambda: len(pacs.received) >= 1, 180, "the capture in the PACS")
         _wait(lambda: any(e.get("event") == "send failed" and "presentation context" in str(e.get("why"))
                           for e in outbox.events()), 30, "the refused SR logged")
-        assert [p.name.split(".")[-2] for p in outbox.to_send()] == ["sr"]  # kept, and tried again
+        assert sorted(p.name.split(".")[-2] for p in outbox.to_send()) == ["seg", "sr"]  # kept, and tried again
         assert all(t.is_alive() for t in node._threads)
     finally:
         node.stop()
         pacs.stop()
-    # The PACS learns to take Comprehensive 3D SR: the waiting report goes, once the node runs again.
-    pacs = StandInPacs(pacs_port, [Comprehensive3DSRStorage, SecondaryCaptureImageStorage]).start()
+    # The PACS learns to take Comprehensive 3D SR and segmentations (uncompressed only: the node decompresses the
+    # JPEG-LS segmentation for it): the waiting results go, once the node runs again.
+    pacs = StandInPacs(pacs_port, [Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage]).start()
     node = Node(predictor, outbox, Destination("PACS", "127.0.0.1", pacs_port), port=node_port)
     node.start()
     try:
-        _wait(lambda: any(ds.Modality == "SR" for ds in pacs.received), 60, "the SR in the PACS")
+        _wait(lambda: {ds.Modality for ds in pacs.received} >= {"SR", "SEG"}, 60, "the SR and SEG in the PACS")
+        segmentation = next(ds for ds in pacs.received if ds.Modality == "SEG")
+        assert not segmentation.file_meta.TransferSyntaxUID.is_compressed and segmentation.pixel_array.max() == 255
         assert outbox.to_send() == []
     finally:
         node.stop()
@@ -384,20 +389,20 @@ def test_a_result_leaves_the_outbox_only_when_the_archive_confirms_that_instance
                    (204, None, b"", {}), (307, "text/plain", b"", {"Location": "http://127.0.0.2:9/elsewhere"})):
         archive.store = lambda uids, answer=answer: answer
         done = poller.run_round()
-        assert (done.stored, done.waiting) == (0, 4), answer  # nothing confirmed: everything kept
+        assert (done.stored, done.waiting) == (0, 6), answer  # nothing confirmed: everything kept
     assert "HTTP 307 to http://127.0.0.2:9/elsewhere: a redirect, which is not followed" in \
         poller.outbox.counts().last_failure
-    assert all(len(posted) == 4 for posted in archive.posted), archive.posted  # never re-posted without its body
-    # A partial answer: only the captures confirmed; the reports stay.
+    assert all(len(posted) == 6 for posted in archive.posted), archive.posted  # never re-posted without its body
+    # A partial answer: only the captures confirmed; the reports and segmentations stay.
     archive.store = lambda uids: (200, "application/dicom+json",
                                   _stow_answer([u for u in uids if u in captures]), {})
     captures = {str(pydicom.dcmread(p).SOPInstanceUID) for p in poller.outbox.to_send() if ".sc." in p.name}
     done = poller.run_round()
-    assert (done.stored, done.waiting) == (2, 2)
-    assert all(".sr." in p.name for p in poller.outbox.to_send())
+    assert (done.stored, done.waiting) == (2, 4)
+    assert all(".sr." in p.name or ".seg." in p.name for p in poller.outbox.to_send())
     archive.store = lambda uids: (200, "application/dicom+json", _stow_answer(uids), {})
     done = poller.run_round()
-    assert (done.stored, done.waiting, done.failure) == (2, 0, None)
+    assert (done.stored, done.waiting, done.failure) == (4, 0, None)
 
 
 @pytest.mark.parametrize("answer", [42, "text", {"0020000D": 5}, [1, 2], [{"0020000D": {"Value": [7]}}],
@@ -461,7 +466,7 @@ def test_predict_dicom_out_answers_every_file_it_can_and_names_the_others(evalua
     err = capsys.readouterr().err
     assert "long-patient-id.dcm: PatientID" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(f"ok{i:02d}.{k}.dcm" for i in range(len(ANSWERED))
-                                                          for k in ("sc", "sr"))
+                                                          for k in ("sc", "seg", "sr"))
     for path in sorted(out.iterdir())[:6]:
         assert _dciodvfy_errors(path.read_bytes(), tmp_path) == [], path.name
 

@@ -422,6 +422,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _want_file(args.out, "--out")
     _want_folder(args.cam, "--cam")
     _want_folder(args.dicom_out, "--dicom-out")
+    dicom = (_accept(args), _result_options(args, predictor)) if args.dicom_out else None  # refused before predicting
     prediction_log = _open_log(args)
     predictor.summarise = prediction_log is not None
     predictions, failures = predictor.predict_files(paths, batch_size=args.batch_size, progress=not args.no_progress,
@@ -455,8 +456,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         chosen = [f.strip() for f in args.cam_findings.split(",")] if args.cam_findings else None
         written = write_overlays(predictor, read, predictions, args.cam, chosen)
         print(f"wrote {len(written):,} Grad-CAM overlays to {args.cam}", file=sys.stderr)
-    if args.dicom_out:
-        failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out, _accept(args))
+    if dicom:
+        failures = failures + _write_dicom_results(predictor, read, predictions, args.dicom_out, *dicom)
     if args.out:
         print(f"wrote {rows_written:,} predictions to {args.out}" + (f"; {len(failures)} file(s) skipped" if failures else "")
               + (f"; {refused} refused by --strict" if refused else ""), file=sys.stderr)
@@ -514,18 +515,21 @@ def _answered_files(read: list[Path], predictions: list) -> list:
             for path, prediction in zip(read, predictions)]
 
 
-def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path, accept) -> list[tuple[str, str]]:
-    """``predict --dicom-out``: a structured report and a heatmap capture per DICOM input the model is for
-    (``accept``); the refused ones."""
+def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path, accept, options
+                         ) -> list[tuple[str, str]]:
+    """``predict --dicom-out``: a structured report and its heatmaps (``options``) per DICOM input the model is
+    for (``accept``); the refused ones."""
     from cxrlearn.dicom.results import write_dicom_results
 
-    written = write_dicom_results(predictor, read, predictions, out, accept)
+    written = write_dicom_results(predictor, read, predictions, out, accept, options)
     if written.not_dicom:
         print(f"cxrlearn predict: {len(written.not_dicom):,} input(s) are not DICOM and get no DICOM output "
               f"(the first: {written.not_dicom[0]})", file=sys.stderr)
     for _, message in written.refused:
         print(f"cxrlearn predict: no DICOM output for {message}", file=sys.stderr)
-    print(f"wrote {len(written.files) // 2:,} structured report(s) and heatmap capture(s) to {out}", file=sys.stderr)
+    reports = sum(path.name.endswith(".sr.dcm") for path in written.files)
+    print(f"wrote {reports:,} structured report(s) and {len(written.files) - reports:,} heatmap object(s) to {out}",
+          file=sys.stderr)
     return [(str(path), message) for path, message in written.refused]
 
 
@@ -542,7 +546,7 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
                     idle_s=args.idle_timeout, max_instance_bytes=args.max_instance_mb * 2**20)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
                 allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds,
-                prediction_log=_node_log(args), accept=_accept(args))
+                prediction_log=_node_log(args), accept=_accept(args), options=_result_options(args, predictor))
     try:
         node.start()
     except OSError as err:
@@ -570,8 +574,9 @@ def _cmd_dicom_poll(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else None
     token = read_token(args.token_file) if args.token_file else None
     _want_folder(args.outbox, "--outbox")
-    poller = Poller(Predictor(args.model, runtime=args.runtime, device=args.device), Outbox(args.outbox), url,
-                    since=since, token=token, prediction_log=_node_log(args), accept=_accept(args))
+    predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
+    poller = Poller(predictor, Outbox(args.outbox), url, since=since, token=token, prediction_log=_node_log(args),
+                    accept=_accept(args), options=_result_options(args, predictor))
     rounds = 0
     try:
         while True:
@@ -797,18 +802,37 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         "runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
 
 
-def _add_accept_option(parser: argparse.ArgumentParser) -> None:
-    """--accept, as every command that writes DICOM results takes it (cxrlearn.dicom.routing)."""
+def _add_dicom_result_options(parser: argparse.ArgumentParser) -> None:
+    """--accept and --heatmap, as every command that writes DICOM results takes them (cxrlearn.dicom.routing,
+    cxrlearn.dicom.results.Heatmaps)."""
     parser.add_argument("--accept", metavar="RULE",
                         help="the radiographs the model answers, by their header: modality=CR|DX,body=CHEST,view=PA|AP "
                              "(the default; a field left out keeps it, field=any accepts anything), or any; others "
                              "get no result and are refused with the reason (lateral views, other body parts)")
+    parser.add_argument("--heatmap", metavar="KINDS",
+                        help="the Grad-CAM heatmaps sent with each report: segmentation (a fractional DICOM "
+                             "segmentation, one segment per finding called present, that a viewer can switch on and "
+                             "off), capture (a secondary capture every PACS shows), both (the default: "
+                             "segmentation,capture) or none")
+    parser.add_argument("--codes", metavar="CSV", type=Path,
+                        help="the site's codes for the findings (columns finding,scheme,value,meaning; SNOMED CT as "
+                             "SCT, RadLex as RADLEX): checked before anything starts; findings left out keep "
+                             "cxrlearn's own codes (99CXRLEARN)")
 
 
 def _accept(args: argparse.Namespace):
     from cxrlearn.dicom.routing import Accept
 
     return Accept.parse(args.accept)
+
+
+def _result_options(args: argparse.Namespace, predictor):
+    """--heatmap and --codes, checked against the model before anything is predicted or a node starts."""
+    from cxrlearn.dicom.codes import FindingCodes
+    from cxrlearn.dicom.results import Heatmaps, ResultOptions
+
+    codes = FindingCodes.read(args.codes, predictor.findings) if args.codes else FindingCodes()
+    return ResultOptions(Heatmaps.parse(args.heatmap), codes)
 
 
 def _add_log_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -1130,7 +1154,7 @@ def _add_predict_command(commands) -> None:
                               "images), naming the reason, instead of predicting with a warning")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_log_options(predict)
-    _add_accept_option(predict)
+    _add_dicom_result_options(predict)
     predict.set_defaults(run=_cmd_predict)
 
 
@@ -1258,7 +1282,7 @@ def _add_dicom_commands(commands) -> None:
                              "never answered)")
     _add_runtime_options(listen)
     _add_log_options(listen, "OUTBOX/predictions.sqlite")
-    _add_accept_option(listen)
+    _add_dicom_result_options(listen)
     listen.set_defaults(run=_cmd_dicom_listen)
     poll = dicom_commands.add_parser(
         "poll", help="find new CR/DX images in a DICOMweb archive, predict, store a structured report and a heatmap",
@@ -1277,7 +1301,7 @@ def _add_dicom_commands(commands) -> None:
                       help="send FILE's first line as a bearer token (Authorization: Bearer ...)")
     _add_runtime_options(poll)
     _add_log_options(poll, "OUTBOX/predictions.sqlite")
-    _add_accept_option(poll)
+    _add_dicom_result_options(poll)
     poll.set_defaults(run=_cmd_dicom_poll)
     status = dicom_commands.add_parser(
         "status", help="what a node's outbox holds: queued, sent, refused",

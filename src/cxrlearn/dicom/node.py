@@ -39,7 +39,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 from pydicom.uid import (Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, SecondaryCaptureImageStorage)
+                         ImplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, SegmentationStorage)
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
@@ -47,6 +47,7 @@ from cxrlearn._files import remove_stale_temporaries
 from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.routing import Accept
+from cxrlearn.dicom.results import ResultOptions
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
@@ -101,9 +102,10 @@ class Node:
     def __init__(self, predictor: Predictor, outbox: Outbox, destination: Destination, ae_title: str = "CXRLEARN",
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
                  batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds(),
-                 prediction_log: PredictionLog | None = None, accept: Accept = Accept()):
+                 prediction_log: PredictionLog | None = None, accept: Accept = Accept(),
+                 options: ResultOptions = ResultOptions()):
         self.predictor, self.outbox, self.destination, self.bounds = predictor, outbox, destination, bounds
-        self.accept = accept
+        self.accept, self.options = accept, options
         self.prediction_log = prediction_log
         if prediction_log is not None:
             predictor.summarise = True
@@ -216,7 +218,7 @@ class Node:
     def predict_batch(self, paths: list[Path]) -> None:
         """Predict on received instances together, and queue their results (or refuse them, each alone)."""
         predict_batch(self.outbox, self.predictor, paths, self.secondary_captures, self.prediction_log,
-                      "dicom listen", self.accept)
+                      "dicom listen", self.accept, self.options)
         self._results.set()
 
     # ---- 3. sending -----------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ class Node:
     def send(self, results: list[Path]) -> bool:
         """Send results over one association, reading each only when its turn comes (a queue that grew while the
         destination was down is never held in memory whole); True when all were confirmed."""
-        assoc, accepted, confirmed = None, set(), True
+        assoc, accepted, confirmed = None, {}, True
         try:
             for result in results:
                 if self._stopping.is_set():
@@ -257,7 +259,7 @@ class Node:
                     if not assoc.is_established:
                         self._failed(result, "no association (the destination is down or refused this node)")
                         return False
-                    accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+                    accepted = _accepted_syntaxes(assoc.accepted_contexts)
                 if not assoc.is_established:
                     return False
                 ds = _as_accepted(ds, accepted)
@@ -284,6 +286,8 @@ class Node:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
         for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # The heatmap segmentation as written (JPEG-LS lossless), or decompressed for a destination without it.
+        ae.add_requested_context(SegmentationStorage, [JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
 
     def _failed(self, result: Path, why: str) -> None:
@@ -291,10 +295,22 @@ class Node:
         log.warning("could not send %s to %s: %s (tried again)", result.name, self.destination, why)
 
 
-def _as_accepted(ds: Dataset, accepted: set[str]) -> Dataset | None:
-    """``ds`` in a SOP class the destination accepted: itself, or a Comprehensive 3D SR as Comprehensive SR (the
-    same content: cxrlearn's reports hold no 3D coordinates); None when the destination accepts neither."""
+def _accepted_syntaxes(contexts) -> dict[str, set[str]]:
+    """The transfer syntaxes an association accepted, by SOP class."""
+    accepted: dict[str, set[str]] = {}
+    for context in contexts:
+        accepted.setdefault(str(context.abstract_syntax), set()).add(str(context.transfer_syntax[0]))
+    return accepted
+
+
+def _as_accepted(ds: Dataset, accepted: dict[str, set[str]]) -> Dataset | None:
+    """``ds`` in a SOP class and transfer syntax the destination accepted: itself (decompressed where only an
+    uncompressed syntax was accepted), or a Comprehensive 3D SR as Comprehensive SR (the same content: cxrlearn's
+    reports hold no 3D coordinates); None when the destination accepts neither."""
+    syntax = str(ds.file_meta.TransferSyntaxUID)
     if str(ds.SOPClassUID) in accepted:
+        if ds.file_meta.TransferSyntaxUID.is_compressed and syntax not in accepted[str(ds.SOPClassUID)]:
+            ds.decompress()
         return ds
     if str(ds.SOPClassUID) == Comprehensive3DSRStorage and ComprehensiveSRStorage in accepted:
         ds.SOPClassUID = ComprehensiveSRStorage

@@ -42,7 +42,7 @@ from cxrlearn._files import first_line
 from cxrlearn.dicom.outbox import Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.routing import Accept
-from cxrlearn.dicom.results import to_bytes
+from cxrlearn.dicom.results import ResultOptions, to_bytes
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
@@ -169,9 +169,9 @@ class Poller:
 
     def __init__(self, predictor: Predictor, outbox: Outbox, url: str, since: datetime.date | None = None,
                  token: str | None = None, batch: int = POLL_BATCH, prediction_log: PredictionLog | None = None,
-                 accept: Accept = Accept()):
+                 accept: Accept = Accept(), options: ResultOptions = ResultOptions()):
         self.predictor, self.outbox, self.url, self.since, self.batch = predictor, outbox, url.rstrip("/"), since, batch
-        self.accept = accept
+        self.accept, self.options = accept, options
         self.prediction_log = prediction_log
         if prediction_log is not None:
             predictor.summarise = True
@@ -304,7 +304,7 @@ class Poller:
             failure = f"cannot search {self.url}: its answer is not DICOM JSON ({err}); is it the DICOMweb root?"
         while waiting := self.outbox.waiting(self.batch):
             predicted += predict_batch(self.outbox, self.predictor, waiting, prediction_log=self.prediction_log,
-                                       command="dicom poll", accept=self.accept)
+                                       command="dicom poll", accept=self.accept, options=self.options)
         try:
             stored = self.store(self.outbox.to_send())
         except requests.RequestException as err:

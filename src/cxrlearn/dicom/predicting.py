@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.routing import Accept
-from cxrlearn.dicom.results import result_files
+from cxrlearn.dicom.results import ResultOptions, result_files
 from cxrlearn.dicom.source import read_source
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference.predictor import Predictor
@@ -23,12 +23,13 @@ log = logging.getLogger("cxrlearn.dicom")
 
 
 def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secondary_captures: bool = False,
-                  prediction_log: PredictionLog | None = None, command: str = "dicom", accept: Accept = Accept()
-                  ) -> int:
+                  prediction_log: PredictionLog | None = None, command: str = "dicom", accept: Accept = Accept(),
+                  options: ResultOptions = ResultOptions()) -> int:
     """Predict on received instances together and queue their results; refuse the ones no result can be made
     for. With ``prediction_log``, every answer is recorded there (as ``command``) before its results are queued: a
     log that cannot be written leaves the batch waiting. ``accept``: the radiographs the model is for
-    (:mod:`cxrlearn.dicom.routing`). The number of instances predicted on."""
+    (:mod:`cxrlearn.dicom.routing`); ``options``: the heatmap objects and codes of the results. The number of
+    instances predicted on."""
     sources, decoded, kept, headers = [], [], [], []
     for path in paths:
         try:
@@ -52,7 +53,7 @@ def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secon
         if prediction is None:
             continue
         try:
-            files = result_files(source, pixels, prediction, predictor, path.name)
+            files = result_files(source, pixels, prediction, predictor, path.name, options)
         except DataError as err:
             _refuse(outbox, path, str(err))
             continue

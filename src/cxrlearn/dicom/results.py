@@ -6,9 +6,20 @@
   group for the input check, with its verdict, reason and score. The device observer is cxrlearn; every group
   names the algorithm (cxrlearn's version, the bundle's SHA-256). The source image is the evidence.
   ``VerificationFlag`` is UNVERIFIED and the series description says it is not for diagnostic use.
+- **Segmentation** (fractional, highdicom): the Grad-CAM of each finding called present (else of the most probable
+  one) as one segment each, registered pixel for pixel to the source image, so that a viewer draws it over the
+  radiograph in its own colours and a reader can switch it off; JPEG-LS lossless (a smooth map: 7.5 MB of a
+  3,000 x 2,500 radiograph's segment is 0.8 MB). The report lists it among its evidence (Current Requested
+  Procedure Evidence). Not as a TID 1410/1411 group per segment: with one such group, PixelMed's validator applies
+  its conditions to every TID 1501 group of the report (two errors each). Not a Parametric Map: that IOD requires a Frame of Reference,
+  plane position and orientation, which a projection radiograph (CR, DX) has none of (dciodvfy names them), and
+  16- or 32-bit values. DICOM's fractional types are probability or occupancy; Grad-CAM is neither, so the segment
+  says what it is ("Grad-CAM saliency, relative 0-1").
 - **Secondary capture** of the Grad-CAM overlay on the original image at its own resolution, with the finding,
   probability and threshold written on it (:func:`cxrlearn.inference.gradcam.annotated_overlay`), marked the
-  same way, ``BurnedInAnnotation`` YES.
+  same way, ``BurnedInAnnotation`` YES: what every PACS can show.
+
+:class:`Heatmaps` (``--heatmap``) chooses the heatmap objects: both by default.
 
 Both copy the patient, study and accession of the source as :func:`cxrlearn.dicom.source.reference` checked them
 (a new series each), and have UIDs derived from the source's SOP Instance UID, study and patient and the bundle's
@@ -17,8 +28,8 @@ receives them twice stores them once, while two patients' images that share a SO
 The capture names its source image (SourceImageSequence, ReferencedImageSequence).
 
 Findings are coded in a local scheme (:data:`SCHEME`, PS3.16's "99" prefix for private schemes) under their
-cxrlearn names: a bundle's findings are whatever its table named, and a mapping to SNOMED CT is the site's to
-make.
+cxrlearn names (a bundle's findings are whatever its table named), or as a site's mapping file says
+(:mod:`cxrlearn.dicom.codes`, ``--codes``: SNOMED CT, RadLex).
 """
 
 from __future__ import annotations
@@ -29,19 +40,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import JPEGLSLossless
 
 from cxrlearn import __version__
 from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
+from cxrlearn.dicom.codes import SCHEME, FindingCodes
 from cxrlearn.dicom.routing import Accept
-from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key, read_source,
-                                   study_key)
-from cxrlearn.errors import DataError
+from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SEG_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key,
+                                   read_source, study_key)
+from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.operating_points import MIN_VALIDATION_CASES, NOT_CALLED
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
 from cxrlearn.inference.overlays import distinct_names
@@ -49,8 +63,6 @@ from cxrlearn.inference.predictor import Prediction, Predictor
 
 #: What every object says of itself, in its series description.
 NOT_FOR_DIAGNOSIS = "not for diagnostic use"
-#: The local coding scheme of findings and of cxrlearn's own concepts.
-SCHEME = "99CXRLEARN"
 #: TID 1500's "Procedure reported", from its context group (CID 100): PixelMed's validator refuses SNOMED's "Plain
 #: chest X-ray" there. That it is a chest radiograph, the evidence (the source image's own attributes) says.
 PROCEDURE_REPORTED = Code("363679005", "SCT", "Imaging procedure")
@@ -61,6 +73,13 @@ LIKE_TRAINING = Code("OK", SCHEME, "Like the training images")
 UNLIKE_TRAINING = Code("WARNING", SCHEME, "Unlike the training images")
 UNAVAILABLE = Code("UNAVAILABLE", SCHEME, "Input check unavailable")
 NO_UNITS = Code("1", "UCUM", "no units")
+#: What a heatmap segment is of (CID 7150) and by what kind of algorithm (CID 7162).
+HEATMAP_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
+HEATMAP_FAMILY = codes.DCM.ArtificialIntelligence
+#: The segmentation's fractional values: 0-255 for Grad-CAM's 0-1.
+HEATMAP_LEVELS = 255
+#: The heatmap objects ``--heatmap`` may name.
+HEATMAP_KINDS = ("segmentation", "capture")
 
 
 def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
@@ -71,22 +90,48 @@ def derived_uid(source_uid: str, model_sha256: str, kind: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([str(source_uid), model_sha256, kind])).int}"
 
 
-def finding_code(name: str) -> Code:
-    """A finding in :data:`SCHEME`, its name as the code value: a Code Value up to 16 characters, a Long Code Value
-    beyond (PS3.3 8.8; highdicom chooses), so that ``Pleural_Thickening`` reads as itself."""
-    return Code(name, SCHEME, name[:64])
+@dataclass(frozen=True)
+class Heatmaps:
+    """Which heatmap objects go with each report (``--heatmap``): a segmentation a viewer can switch on and off,
+    a secondary capture every PACS can show, both (the default) or neither."""
+
+    segmentation: bool = True
+    capture: bool = True
+
+    @classmethod
+    def parse(cls, text: str | None) -> Heatmaps:
+        """``segmentation``, ``capture``, ``segmentation,capture`` or ``none``; refused by name otherwise."""
+        if text is None:
+            return cls()
+        words = {w.strip().lower() for w in text.split(",") if w.strip()}
+        if words == {"none"}:
+            return cls(False, False)
+        if not words or not words <= set(HEATMAP_KINDS):
+            raise ConfigError(f"--heatmap {text!r}: expected {', '.join(HEATMAP_KINDS)}, both (comma-separated) "
+                              f"or none")
+        return cls("segmentation" in words, "capture" in words)
+
+
+@dataclass(frozen=True)
+class ResultOptions:
+    """How the DICOM results are made: the heatmap objects (``--heatmap``) and the findings' codes (``--codes``)."""
+
+    heatmaps: Heatmaps = Heatmaps()
+    codes: FindingCodes = FindingCodes()
 
 
 @dataclass(frozen=True)
 class DicomResults:
-    """The two objects made for one source instance."""
+    """The objects made for one source instance."""
 
     report: Dataset  # the structured report
-    capture: Dataset  # the secondary capture of the heatmap
+    capture: Dataset | None  # the secondary capture of the heatmap
+    segmentation: Dataset | None = None  # the heatmaps as a fractional segmentation
 
     def files(self) -> dict[str, bytes]:
-        """``{"sr": bytes, "sc": bytes}``: each as a DICOM file (Part 10)."""
-        return {"sr": to_bytes(self.report), "sc": to_bytes(self.capture)}
+        """``{"sr": bytes, "sc": bytes, "seg": bytes}`` (those made): each as a DICOM file (Part 10)."""
+        made = {"sr": self.report, "sc": self.capture, "seg": self.segmentation}
+        return {kind: to_bytes(ds) for kind, ds in made.items() if ds is not None}
 
 
 def to_bytes(ds: Dataset) -> bytes:
@@ -106,8 +151,7 @@ def _algorithm(predictor: Predictor) -> hd.sr.AlgorithmIdentification:
 
 
 def _finding_group(predictor: Predictor, prediction: Prediction, finding: str, source: Dataset,
-                   algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    code = finding_code(finding)
+                   algorithm: hd.sr.AlgorithmIdentification, code: Code) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     measurements = [hd.sr.Measurement(name=codes.DCM.Probability, value=round(prediction.probabilities[finding], 6),
                                       unit=NO_UNITS)]
     evaluations = None
@@ -148,8 +192,10 @@ def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dat
     return group
 
 
-def structured_report(source: Dataset, prediction: Prediction, predictor: Predictor) -> Dataset:
-    """The TID 1500 report of one prediction, in the source's study (see the module's description)."""
+def structured_report(source: Dataset, prediction: Prediction, predictor: Predictor,
+                      segmentation: Dataset | None = None, finding_codes: FindingCodes = FindingCodes()) -> Dataset:
+    """The TID 1500 report of one prediction, in the source's study (see the module's description); with
+    ``segmentation``, that too among its evidence."""
     digest = predictor.provenance.answer_key
     algorithm = _algorithm(predictor)
     observer = hd.sr.ObserverContext(
@@ -157,47 +203,98 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=derived_uid(digest, digest, "device"), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
             model_name=predictor.meta.backbone[:64]))
-    groups = [_finding_group(predictor, prediction, finding, source, algorithm) for finding in predictor.findings]
+    groups = [_finding_group(predictor, prediction, finding, source, algorithm, finding_codes.code(finding))
+              for finding in predictor.findings]
     groups.append(_input_check_group(predictor, prediction, source, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED, imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report,
+        evidence=[source] if segmentation is None else [source, segmentation], content=report,
         series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(patient_key(source), digest, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
         software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
     sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime  # a PACS lists the series by its date
-    scheme = Dataset()  # the local scheme declared (PS3.3 C.12.1.1.2), so a reader knows whose codes they are
-    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = SCHEME, "cxrlearn findings and concepts"
-    scheme.CodingSchemeResponsibleOrganization = "cxrlearn"
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    _declare_scheme(sr)
     return sr
 
 
+def _declare_scheme(ds: Dataset) -> None:
+    """The local scheme declared (PS3.3 C.12.1.1.2), so that a reader knows whose codes they are."""
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = SCHEME, "cxrlearn findings and concepts"
+    scheme.CodingSchemeResponsibleOrganization = "cxrlearn"
+    ds.CodingSchemeIdentificationSequence = [scheme]
+
+
+def heatmap_findings(prediction: Prediction) -> list[str]:
+    """The findings heatmaps are made for, most probable first: those called present, else the most probable."""
+    chosen = prediction.positive or [max(prediction.probabilities, key=prediction.probabilities.get)]
+    return sorted(chosen, key=prediction.probabilities.get, reverse=True)
+
+
 def shown_finding(prediction: Prediction) -> str:
-    """The finding the heatmap is drawn for: the most probable positive one, else the most probable."""
-    chosen = prediction.positive or list(prediction.probabilities)
-    return max(chosen, key=prediction.probabilities.get)
+    """The finding the capture is drawn for: the most probable positive one, else the most probable."""
+    return heatmap_findings(prediction)[0]
 
 
-def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor) -> Dataset:
-    """The secondary capture: :func:`shown_finding`'s Grad-CAM over the decoded source at its own resolution."""
+def heatmap_segmentation(source: Dataset, decoded: np.ndarray, heat: dict[str, np.ndarray], predictor: Predictor,
+                         finding_codes: FindingCodes = FindingCodes()) -> Dataset:
+    """The fractional segmentation of ``heat`` (Grad-CAM per finding, at the model's input size), each resized
+    to the source's pixel matrix (as the capture draws it) and stored as one segment."""
+    rows, columns = decoded.shape[:2]
+    stack = np.stack([cv2.resize(h.astype(np.float32), (columns, rows), interpolation=cv2.INTER_LINEAR)
+                      for h in heat.values()], axis=-1)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=MANUFACTURER, version=f"{__version__} {predictor.meta.backbone}"[:64], family=HEATMAP_FAMILY,
+        parameters={"model_sha256": predictor.provenance.model_sha256, "method": "Grad-CAM"})
+    segments = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=f"{finding} Grad-CAM"[:64],
+        segmented_property_category=HEATMAP_CATEGORY, segmented_property_type=finding_codes.code(finding),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        for number, finding in enumerate(heat, start=1)]
+    digest = predictor.provenance.answer_key
+    segmentation = hd.seg.Segmentation(
+        source_images=[source], pixel_array=np.clip(stack, 0.0, 1.0)[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL, segment_descriptions=segments,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=HEATMAP_LEVELS,
+        series_instance_uid=derived_uid(study_key(source), digest, "seg series"), series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(patient_key(source), digest, "seg"), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=predictor.meta.backbone[:64],
+        software_versions=__version__, device_serial_number=digest[:16], omit_empty_frames=False,
+        transfer_syntax_uid=JPEGLSLossless,
+        series_description=f"cxrlearn heatmaps - {NOT_FOR_DIAGNOSIS}",
+        content_description="Grad-CAM saliency, relative 0-1 (not a probability)", content_label="GRADCAM")
+    segmentation.SeriesDate, segmentation.SeriesTime = segmentation.ContentDate, segmentation.ContentTime
+    segmentation.PatientOrientation = _orientation(source)  # Type 2C: required without a frame of reference
+    _declare_scheme(segmentation)
+    return segmentation
+
+
+def _orientation(source: Dataset) -> list[str]:
+    """The source's PatientOrientation (checked by :func:`cxrlearn.dicom.source.reference`), else a PA chest's."""
+    return list(getattr(source, "PatientOrientation", None) or ["L", "F"])
+
+
+def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
+                    heat: np.ndarray | None = None) -> Dataset:
+    """The secondary capture: :func:`shown_finding`'s Grad-CAM (``heat``, else computed) over the decoded source
+    at its own resolution."""
     finding = shown_finding(prediction)
-    heat = heatmaps(predictor, decoded, [finding])[finding]
+    if heat is None:
+        heat = heatmaps(predictor, decoded, [finding])[finding]
     picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                 (predictor.thresholds or {}).get(finding))
     digest = predictor.provenance.answer_key
-    orientation = list(source.get("PatientOrientation") or ["L", "F"])  # checked by source.reference
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=derived_uid(study_key(source), digest, "sc series"), series_number=SC_SERIES_NUMBER,
         sop_instance_uid=derived_uid(patient_key(source), digest, "sc"), instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(orientation),
+        patient_orientation=tuple(_orientation(source)),
         series_description=f"cxrlearn heatmap - {NOT_FOR_DIAGNOSIS}", software_versions=__version__)
     capture.BurnedInAnnotation = "YES"
     capture.SeriesDate, capture.SeriesTime = capture.ContentDate, capture.ContentTime
@@ -217,19 +314,27 @@ def _image_reference(source: Dataset) -> Dataset:
     return item
 
 
-def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor
-                  ) -> DicomResults:
-    """Both objects for one source instance (its :func:`cxrlearn.dicom.source.reference`)."""
-    return DicomResults(structured_report(source, prediction, predictor),
-                        heatmap_capture(source, decoded, prediction, predictor))
+def dicom_results(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
+                  options: ResultOptions = ResultOptions()) -> DicomResults:
+    """The report and the heatmap objects ``options`` names for one source instance (its
+    :func:`cxrlearn.dicom.source.reference`); each Grad-CAM is computed once for both."""
+    kinds, finding_codes = options.heatmaps, options.codes
+    findings = heatmap_findings(prediction)
+    wanted = findings if kinds.segmentation else findings[:1] if kinds.capture else []
+    heat = heatmaps(predictor, decoded, wanted) if wanted else {}
+    segmentation = (heatmap_segmentation(source, decoded, heat, predictor, finding_codes) if kinds.segmentation
+                    else None)
+    capture = heatmap_capture(source, decoded, prediction, predictor, heat[findings[0]]) if kinds.capture else None
+    report = structured_report(source, prediction, predictor, segmentation, finding_codes)
+    return DicomResults(report, capture, segmentation)
 
 
-def result_files(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor, name: str
-                 ) -> dict[str, bytes]:
+def result_files(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor, name: str,
+                 options: ResultOptions = ResultOptions()) -> dict[str, bytes]:
     """:meth:`DicomResults.files` of one source, or :class:`DataError` naming ``name`` when they cannot be made:
     whatever one instance holds, it fails alone."""
     try:
-        return dicom_results(source, decoded, prediction, predictor).files()
+        return dicom_results(source, decoded, prediction, predictor, options).files()
     except Exception as err:  # noqa: BLE001 - highdicom and pydicom raise many types on values they refuse
         raise DataError(f"{name}: no result can be made for it ({type(err).__name__}: {err})") from None
 
@@ -244,9 +349,10 @@ class Written:
 
 
 def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions: Sequence[Prediction], out: Path,
-                        accept: Accept = Accept()) -> Written:
-    """``out/<name>.sr.dcm`` and ``out/<name>.sc.dcm`` for each DICOM input (``paths[i]`` is the file
-    ``predictions[i]`` was made from); other inputs get none. Each file is written whole or not at all."""
+                        accept: Accept = Accept(), options: ResultOptions = ResultOptions()) -> Written:
+    """``out/<name>.sr.dcm``, ``out/<name>.seg.dcm`` and ``out/<name>.sc.dcm`` (as ``options`` say) for each
+    DICOM input (``paths[i]`` is the file ``predictions[i]`` was made from); other inputs get none. Each file is
+    written whole or not at all."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = distinct_names([Path(p) for p in paths])
@@ -258,7 +364,7 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
             continue
         try:
             source, decoded = read_source(data, str(path), accept=accept)
-            results = result_files(source, decoded, prediction, predictor, str(path))
+            results = result_files(source, decoded, prediction, predictor, str(path), options)
         except DataError as err:
             refused.append((Path(path), str(err)))
             continue

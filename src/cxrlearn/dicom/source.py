@@ -36,6 +36,7 @@ from cxrlearn.errors import DataError
 MANUFACTURER = "cxrlearn"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+SEG_SERIES_NUMBER = 9903
 #: The image classes a result is made for: radiographs, and (when asked) secondary captures of them.
 RADIOGRAPH_CLASSES = {
     pydicom.uid.ComputedRadiographyImageStorage: "CR",
@@ -111,8 +112,8 @@ def made_by_cxrlearn(ds: Dataset) -> bool:
     description = (_text(ds, "SeriesDescription") or "").lower()
     derivation = (_text(ds, "DerivationDescription") or "").lower()
     series = _text(ds, "SeriesNumber")
-    return (manufacturer == MANUFACTURER and (series in (str(SR_SERIES_NUMBER), str(SC_SERIES_NUMBER))
-                                              or description.startswith(MANUFACTURER))
+    ours = {str(number) for number in (SR_SERIES_NUMBER, SC_SERIES_NUMBER, SEG_SERIES_NUMBER)}
+    return (manufacturer == MANUFACTURER and (series in ours or description.startswith(MANUFACTURER))
             or derivation.startswith("grad-cam"))
 
 
