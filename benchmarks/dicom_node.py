@@ -32,8 +32,11 @@ from cxrlearn.dicom.node import Destination, Node  # noqa: E402
 from cxrlearn.dicom.outbox import Outbox  # noqa: E402
 from cxrlearn.dicom.poll import Poller  # noqa: E402
 from cxrlearn.dicom.results import to_bytes  # noqa: E402
-from cxrlearn.dicom.results import dicom_results  # noqa: E402
+from cxrlearn.dicom.results import Heatmaps, ResultOptions, dicom_results  # noqa: E402
 from cxrlearn.inference.predictor import Predictor  # noqa: E402
+
+#: The results as they were before the segmentation (the figures in docs/benchmarks.md before 2026-12-03).
+CAPTURE_ONLY = ResultOptions(Heatmaps(segmentation=False))
 
 
 def sink(port: int, arrived: list, done: threading.Event, expected: int):
@@ -86,14 +89,19 @@ def main() -> None:
     alone = time.perf_counter() - started
     started = time.perf_counter()
     for source, image, prediction in zip(sources, images, predictions):
-        dicom_results(source, image, prediction, predictor).files()
+        dicom_results(source, image, prediction, predictor, CAPTURE_ONLY).files()
     results = time.perf_counter() - started
+    started = time.perf_counter()
+    for source, image, prediction in zip(sources, images, predictions):
+        dicom_results(source, image, prediction, predictor).files()
+    with_segmentation = time.perf_counter() - started
 
     arrived: list[float] = []
     done = threading.Event()
     server = sink(11990, arrived, done, 2 * len(sources))
     with tempfile.TemporaryDirectory() as folder:
-        node = Node(predictor, Outbox(folder), Destination("SINK", "127.0.0.1", 11990), port=11991)
+        node = Node(predictor, Outbox(folder), Destination("SINK", "127.0.0.1", 11990), port=11991,
+                    options=CAPTURE_ONLY)  # as recorded: the sink takes the report and the capture
         node.start()
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(sources[0].SOPClassUID)
@@ -112,6 +120,7 @@ def main() -> None:
           f"({predictor.meta.backbone}, {predictor.image_size} px); {machine()}")
     print(f"predict alone (batches of 16):             {n / alone:6.1f} images/s")
     print(f"report + heatmap capture (after predict):  {n / results:6.1f} images/s")
+    print(f"+ heatmap segmentation (the default):     {n / with_segmentation:6.1f} images/s")
     print(f"node, receive -> predict -> send:          {n / through:6.1f} images/s "
           f"({len(arrived)} results confirmed; all {n} received in {received:.1f} s)")
     if args.orthanc:
