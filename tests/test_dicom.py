@@ -319,6 +319,16 @@ class NodeProcess:
             time.sleep(0.3)
         raise AssertionError("the node did not answer a C-ECHO within 120 s")
 
+    def start_without_echo(self) -> NodeProcess:
+        """For a node that listens for TLS only: started once its log says it listens."""
+        self.log = open(self.outbox.parent / "node.log", "ab")
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=self.log,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        log = self.outbox.parent / "node.log"
+        _wait(lambda: self.process.poll() is not None or "(TLS)" in log.read_text(), 120, "the node listening")
+        assert self.process.poll() is None, log.read_text()[-3000:]
+        return self
+
     def stop(self, sig=signal.SIGTERM) -> int:
         self.process.send_signal(sig)
         return self.process.wait(60)
@@ -409,6 +419,48 @@ def test_orthanc_sends_an_image_and_gets_back_a_report_and_a_heatmap(evaluated, 
         assert node.process.poll() is None
     finally:
         node.stop()
+
+
+def test_dicom_tls_round_trip_with_orthanc(evaluated, xrays, tmp_path):
+    """A real Orthanc with DICOM TLS on (its own certificate, requiring its peers' to chain to the test's CA) and
+    the node started with --tls-cert/--tls-key/--tls-ca: Orthanc sends an image over TLS and gets the results back
+    over TLS; storescu without TLS gets no association, and the node's log holds no traceback; an expired
+    certificate stops `dicom listen` before it listens, in one line."""
+    from tls_certs import Authority
+
+    _require_tools()
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "orthanc").mkdir()
+    ca = Authority(tmp_path / "ca")
+    orthanc_cert, orthanc_key = ca.issue("orthanc")
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(),
+                      {"cxrlearn": {"AET": "CXRLEARN", "Host": "127.0.0.1", "Port": node_port, "UseDicomTls": True}},
+                      extra={"DicomTlsEnabled": True, "DicomTlsCertificate": str(orthanc_cert),
+                             "DicomTlsPrivateKey": str(orthanc_key), "DicomTlsTrustedCertificates": str(ca.path),
+                             "DicomTlsRemoteCertificateRequired": True}).start()
+    node_cert, node_key = ca.issue("node")
+    tls = ["--tls-cert", str(node_cert), "--tls-key", str(node_key), "--tls-ca", str(ca.path)]
+    node = NodeProcess(evaluated[0], tmp_path / "outbox", node_port, orthanc, tls).start_without_echo()
+    try:
+        source = chest_dx(xrays[0], patient_id="P-TLS")
+        orthanc.send(orthanc.upload(_write(source, tmp_path / "dx.dcm").read_bytes()), "cxrlearn")
+        _wait(lambda: len(_results(orthanc, source.StudyInstanceUID)) >= 4, 180, "the results in Orthanc over TLS")
+        assert _results(orthanc, source.StudyInstanceUID) == ["DX", "OT", "SEG", "SR"]
+        plain = subprocess.run(["storescu", "-to", "5", "-aet", "MODALITY", "-aec", "CXRLEARN", "127.0.0.1",
+                                str(node_port), str(tmp_path / "dx.dcm")], capture_output=True, text=True)
+        assert plain.returncode != 0  # no TLS, no association
+        assert node.process.poll() is None
+    finally:
+        node.stop()
+        orthanc.stop()
+    assert "Traceback" not in (tmp_path / "node.log").read_text()
+    expired_cert, expired_key = ca.issue("expired", days=-1)
+    done = subprocess.run([sys.executable, "-m", "cxrlearn.cli.main", "dicom", "listen", "--model", str(evaluated[0]),
+                           "--outbox", str(tmp_path / "outbox"), "--port", str(free_port()), "--send-to",
+                           "ORTHANC@127.0.0.1:4242", "--tls-cert", str(expired_cert), "--tls-key", str(expired_key)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the certificate expired on" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(evaluated, xrays, pacs, tmp_path):

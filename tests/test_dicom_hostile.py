@@ -138,18 +138,18 @@ def test_the_outbox_survives_its_own_damage(tmp_path, capsys):
 class StandInPacs:
     """A C-STORE SCP that accepts only the SOP classes it is given (as some PACS do) and keeps what it gets."""
 
-    def __init__(self, port: int, classes):
+    def __init__(self, port: int, classes, ssl_context=None):
         self.port, self.received, self.ae = port, [], AE(ae_title="PACS")
         for sop_class in classes:
             self.ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = None
+        self.server, self.ssl_context = None, ssl_context
 
     def start(self) -> StandInPacs:
         def stored(event):
             self.received.append(event.dataset)
             return 0x0000
 
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=self.ssl_context,
                                            evt_handlers=[(evt.EVT_C_STORE, stored)])
         return self
 
@@ -157,14 +157,14 @@ class StandInPacs:
         self.server.shutdown()
 
 
-def _store(port: int, ds) -> int | None:
+def _store(port: int, ds, tls_args=None) -> int | None:
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # as a PACS received it: no file meta
         implicit = (getattr(ds, "original_encoding", None) or (True, True))[0]
         ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLEARN")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRLEARN", tls_args=tls_args)
     if not assoc.is_established:
         return None
     try:
@@ -277,6 +277,67 @@ def test_a_destination_that_refuses_every_offer_is_retried_not_fatal(predictor, 
         segmentation = next(ds for ds in pacs.received if ds.Modality == "SEG")
         assert not segmentation.file_meta.TransferSyntaxUID.is_compressed and segmentation.pixel_array.max() == 255
         assert outbox.to_send() == []
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_dicom_tls_both_ways_and_every_bad_certificate_is_one_line(predictor, xrays, tmp_path):
+    """--tls-cert/--tls-key/--tls-ca: a modality with a certificate the CA signed stores over TLS and the results
+    reach a TLS PACS; a plain connection and a certificate of another CA get no association, and the node goes
+    on; the node's own expired certificate, a key of another certificate and a missing CA are refused before it
+    starts; a destination whose certificate another CA signed is named with OpenSSL's reason, its results kept."""
+    from cxrlearn.dicom.node import Destination, Node
+    from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.tls import Tls
+    from cxrlearn.errors import ConfigError
+    from tls_certs import Authority
+
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "other").mkdir()
+    ca, other = Authority(tmp_path / "ca"), Authority(tmp_path / "other", "other-ca")
+    pacs_port, node_port = free_port(), free_port()
+    pacs_tls = Tls(*ca.issue("pacs"), ca.path)
+    pacs = StandInPacs(pacs_port, [Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage],
+                       ssl_context=pacs_tls.server_context()).start()
+    node = Node(predictor, Outbox(tmp_path / "outbox"), Destination("PACS", "127.0.0.1", pacs_port), port=node_port,
+                tls=Tls.load(*ca.issue("node"), ca.path))
+    node.start()
+    try:
+        modality = Tls(*ca.issue("modality"), ca.path)
+        assert _store(node_port, chest_dx(xrays[0], patient_id="TLS-1"),
+                      tls_args=(modality.client_context(), "127.0.0.1")) == 0x0000
+        _wait(lambda: len(pacs.received) >= 3, 180, "the SR, SEG and SC in the PACS, over TLS")
+        assert sorted(ds.Modality for ds in pacs.received) == ["OT", "SEG", "SR"]
+        assert _store(node_port, chest_dx(xrays[1])) is None  # no TLS: no association
+        stranger = Tls(*other.issue("stranger"), other.path)
+        assert _store(node_port, chest_dx(xrays[1]), tls_args=(stranger.client_context(), "127.0.0.1")) is None
+        assert all(t.is_alive() for t in node._threads) and len(pacs.received) == 3
+    finally:
+        node.stop()
+        pacs.stop()
+    # Refused before the node starts, each in one line naming the file.
+    expired = ca.issue("expired", days=-1)
+    with pytest.raises(ConfigError, match=r"--tls-cert .*expired\.crt: the certificate expired on \d{4}-\d\d-\d\d"):
+        Tls.load(*expired, ca.path)
+    with pytest.raises(ConfigError, match="the key does not belong to the certificate"):
+        Tls.load(ca.issue("node2")[0], expired[1], ca.path)
+    with pytest.raises(ConfigError, match="--tls-ca .*missing.pem: no such file"):
+        Tls.load(*ca.issue("node3"), tmp_path / "missing.pem")
+    # A destination whose certificate another CA signed: the reason, and the results wait.
+    pacs = StandInPacs(pacs_port, [Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage],
+                       ssl_context=Tls(*other.issue("impostor"), other.path).server_context()).start()
+    outbox = Outbox(tmp_path / "outbox2")
+    node = Node(predictor, outbox, Destination("PACS", "127.0.0.1", pacs_port), port=node_port,
+                tls=Tls.load(*ca.issue("node4"), ca.path))
+    node.start()
+    try:
+        assert _store(node_port, chest_dx(xrays[2], patient_id="TLS-2"),
+                      tls_args=(modality.client_context(), "127.0.0.1")) == 0x0000
+        _wait(lambda: outbox.counts().last_failure, 180, "the refused certificate named")
+        assert "TLS with 127.0.0.1:" in outbox.counts().last_failure
+        assert "certificate verify failed" in outbox.counts().last_failure  # OpenSSL's reason, in one line
+        assert pacs.received == [] and len(outbox.to_send()) == 3
     finally:
         node.stop()
         pacs.stop()

@@ -536,9 +536,11 @@ def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Pa
 def _cmd_dicom_listen(args: argparse.Namespace) -> int:
     from cxrlearn.dicom.node import Bounds, Destination, Node
     from cxrlearn.dicom.outbox import Outbox
+    from cxrlearn.dicom.tls import Tls
     from cxrlearn.inference.predictor import Predictor
 
     destination = Destination.parse(args.send_to)
+    tls = Tls.load(args.tls_cert, args.tls_key, args.tls_ca)
     _want_folder(args.outbox, "--outbox")
     predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
     outbox = Outbox(args.outbox)
@@ -546,13 +548,15 @@ def _cmd_dicom_listen(args: argparse.Namespace) -> int:
                     idle_s=args.idle_timeout, max_instance_bytes=args.max_instance_mb * 2**20)
     node = Node(predictor, outbox, destination, ae_title=args.ae_title, host=args.host, port=args.port,
                 allow_ae=args.allow_ae, secondary_captures=args.secondary_captures, bounds=bounds,
-                prediction_log=_node_log(args), accept=_accept(args), options=_result_options(args, predictor))
+                prediction_log=_node_log(args), accept=_accept(args), options=_result_options(args, predictor),
+                tls=tls)
     try:
         node.start()
     except OSError as err:
         raise DataError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     counts = outbox.counts()
-    print(f"cxrlearn dicom listen: {args.ae_title} on {args.host}:{args.port}, results to {destination}; outbox "
+    print(f"cxrlearn dicom listen: {args.ae_title} on {args.host}:{args.port}{' (TLS)' if tls else ''}, results to "
+          f"{destination}{' (TLS)' if tls else ''}; outbox "
           f"{args.outbox} ({counts.received} waiting to be predicted on, {counts.outgoing} to send)", file=sys.stderr,
           flush=True)
     try:
@@ -1277,6 +1281,14 @@ def _add_dicom_commands(commands) -> None:
                         help="close a connection or association that sends nothing for S seconds (default %(default)s)")
     listen.add_argument("--max-instance-mb", type=_bounded_int(1, 65536, "megabytes"), default=256, metavar="MB",
                         help="refuse (status 0xA700) an instance larger than MB megabytes (default %(default)s)")
+    listen.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="DICOM TLS: the node's certificate; with --tls-key it listens for TLS only and sends over "
+                             "TLS (checked before it starts: an expired certificate or another's key is refused)")
+    listen.add_argument("--tls-key", type=Path, metavar="PEM", help="DICOM TLS: the certificate's private key")
+    listen.add_argument("--tls-ca", type=Path, metavar="PEM",
+                        help="DICOM TLS: the CA certificates peers must chain to; callers must then present a "
+                             "certificate (mutual authentication) and the destination's must name its host "
+                             "(default: the system's CAs for the destination, no certificate asked of callers)")
     listen.add_argument("--secondary-captures", action="store_true",
                         help="answer secondary captures too (default: CR and DX only; cxrlearn's own results are "
                              "never answered)")

@@ -48,6 +48,7 @@ from cxrlearn.dicom.outbox import OUTGOING, RECEIVED, REFUSED, Outbox, safe_uid
 from cxrlearn.dicom.predicting import predict_batch
 from cxrlearn.dicom.routing import Accept
 from cxrlearn.dicom.results import ResultOptions
+from cxrlearn.dicom.tls import Tls
 from cxrlearn.dicom.source import RADIOGRAPH_CLASSES, SOURCE_CLASSES, made_by_cxrlearn, patient_key
 from cxrlearn.errors import ConfigError
 from cxrlearn.inference.predictor import Predictor
@@ -103,9 +104,9 @@ class Node:
                  host: str = "127.0.0.1", port: int = 11112, allow_ae: list[str] | None = None,
                  batch: int = NODE_BATCH, secondary_captures: bool = False, bounds: Bounds = Bounds(),
                  prediction_log: PredictionLog | None = None, accept: Accept = Accept(),
-                 options: ResultOptions = ResultOptions()):
+                 options: ResultOptions = ResultOptions(), tls: Tls | None = None):
         self.predictor, self.outbox, self.destination, self.bounds = predictor, outbox, destination, bounds
-        self.accept, self.options = accept, options
+        self.accept, self.options, self.tls = accept, options, tls
         self.prediction_log = prediction_log
         if prediction_log is not None:
             predictor.summarise = True
@@ -136,6 +137,9 @@ class Node:
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self._server.verify_request = self._admit
+        if self.tls is not None:
+            self._tls_context = self.tls.server_context()
+            self._server.get_request = self._accept_tls
         for target, name in ((self._predict_loop, "cxrlearn-predict"), (self._send_loop, "cxrlearn-send")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -153,6 +157,14 @@ class Node:
             thread.join(timeout=TIMEOUT_S)
 
     # ---- 1. receiving ---------------------------------------------------------------------------------
+    def _accept_tls(self):
+        """A connection wrapped in TLS without its handshake, which the association's own thread then does on
+        its first read (within ``idle_s``): a caller that never finishes one holds no more than its association,
+        never the listening loop."""
+        client, address = self._server.socket.accept()
+        client.settimeout(self.bounds.idle_s)
+        return self._tls_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
     def _admit(self, request, address) -> bool:
         """A new connection from ``address``, unless that address already holds ``per_host`` associations."""
         host = address[0] if isinstance(address, tuple) else str(address)
@@ -255,6 +267,10 @@ class Node:
                     continue
                 ds, stamp = read
                 if assoc is None:
+                    problem = self.tls and self.tls.handshake_problem(self.destination.host, self.destination.port)
+                    if problem:  # the destination's certificate (or ours) refused: named, and tried again later
+                        self._failed(result, problem)
+                        return False
                     assoc = self._associate()
                     if not assoc.is_established:
                         self._failed(result, "no association (the destination is down or refused this node)")
@@ -288,7 +304,9 @@ class Node:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # The heatmap segmentation as written (JPEG-LS lossless), or decompressed for a destination without it.
         ae.add_requested_context(SegmentationStorage, [JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        return ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title)
+        tls_args = None if self.tls is None else (self.tls.client_context(), self.destination.host)
+        return ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title,
+                            tls_args=tls_args)
 
     def _failed(self, result: Path, why: str) -> None:
         self.outbox.send_failed(result, str(self.destination), why)
