@@ -102,7 +102,8 @@ OPTIONAL = {"pydicom", "onnx", "onnxruntime", "cv2", "matplotlib", "uvicorn", "f
 #: not on every machine that trains), inside the commands that use them, so that
 #: ``cxrlearn --help``, ``split``, ``stats``, ``check``, ``prepare`` and ``download`` start without it.
 CLI_DEFERRED = ("cxrlearn.model", "cxrlearn.inference.", "cxrlearn.evaluation", "cxrlearn.training",
-                "cxrlearn.workflows", "cxrlearn.serving.app", "cxrlearn.dicom", "cxrlearn.monitoring", "pandas", "PIL")
+                "cxrlearn.workflows", "cxrlearn.serving.app", "cxrlearn.dicom", "cxrlearn.monitoring",
+                "cxrlearn.cli.shard_outputs", "pandas", "PIL")
 
 
 def test_imports_sit_at_the_top_of_modules():

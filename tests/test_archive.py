@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,64 @@ def test_a_parquet_dataset_holds_each_image_once_and_a_rerun_completes_it(evalua
     assert len(again) == 50 and again[PATH].is_unique and set(again[PATH]) == set(dataset[PATH])
 
 
+def test_a_dataset_writes_dicom_results_and_the_log_per_shard_once(evaluated, sample_images, tmp_path, capsys):
+    """--dicom-out and --log with a Parquet dataset: each DICOM input's report (its probabilities the dataset's),
+    segmentation and capture in the folder of its shard, a lateral view named in that folder's _refused.csv, every
+    answer in the log; a rerun writes nothing again, and a lost shard is redone with the same DICOM objects."""
+    import highdicom as hd
+    import pydicom
+
+    from cxrlearn.cli.shard_outputs import REFUSED_FILE
+    from cxrlearn.data.decoding.images import load_grayscale
+    from cxrlearn.monitoring.log import PredictionLog
+    from xray_files import chest_dx
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = sorted(sample_images.glob("*.png"))[:6]
+    for i, image in enumerate(images[:4]):
+        ds = chest_dx(load_grayscale(image), patient_id=f"A-{i}")
+        if i == 3:
+            ds.ViewPosition = "LL"  # a lateral view: a row in the dataset, no DICOM result
+        ds.save_as(inputs / f"dx{i}.dcm", enforce_file_format=True)
+    for image in images[4:]:
+        (inputs / image.name).write_bytes(image.read_bytes())
+    out, dicom, log = tmp_path / "p.parquet", tmp_path / "dicom", tmp_path / "log.sqlite"
+    common = ["predict", "--model", str(evaluated[0]), str(inputs), "--out", str(out), "--dicom-out", str(dicom),
+              "--log", str(log), "--shard-images", "3", "--workers", "0", "--no-progress"]
+    assert main(common) == 0
+    assert "6 predicted" in capsys.readouterr().err
+    dataset = _dataset(out).set_index("image")
+    folders = sorted(dicom.iterdir())
+    assert [f.name for f in folders] == sorted(f"part-{f.name[5:-8]}" for f in shard_files(out))
+    reports = sorted(dicom.glob("part-*/*.sr.dcm"))
+    assert sorted(r.name for r in reports) == ["dx0.sr.dcm", "dx1.sr.dcm", "dx2.sr.dcm"]
+    assert len(list(dicom.glob("part-*/*.seg.dcm"))) == len(list(dicom.glob("part-*/*.sc.dcm"))) == 3
+    for report in reports:
+        sr = hd.sr.srread(report)
+        row = dataset.loc[report.name.replace(".sr.dcm", ".dcm")]
+        for group in sr.content.get_image_measurement_groups():
+            finding = group.finding_type.meaning
+            if finding in FINDINGS:
+                value = next(float(i.MeasuredValueSequence[0].NumericValue) for i in group[0].ContentSequence
+                             if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeMeaning == "Probability")
+                assert abs(value - row[finding]) < 1e-5
+    refused = pd.concat([pd.read_csv(f) for f in dicom.glob(f"part-*/{REFUSED_FILE}")])
+    assert [Path(p).name for p in refused["path"]] == ["dx3.dcm"] and "lateral view LL" in refused["reason"].iloc[0]
+    assert len(PredictionLog(str(log)).answers()) == 6
+    uids = {r.name: pydicom.dcmread(r).SOPInstanceUID for r in dicom.glob("part-*/*.dcm")}
+
+    assert main(common) == 0  # done: nothing predicted, written or logged again
+    assert "0 predicted, 6 skipped as done" in capsys.readouterr().err
+    assert len(PredictionLog(str(log)).answers()) == 6
+    lost = next(f for f in shard_files(out) if (dicom / f"part-{f.name[5:-8]}" / "dx0.sr.dcm").exists())
+    lost.unlink()
+    assert main(common) == 0
+    assert "3 predicted, 3 skipped as done" in capsys.readouterr().err
+    assert {r.name: pydicom.dcmread(r).SOPInstanceUID for r in dicom.glob("part-*/*.dcm")} == uids  # the same
+    assert len(PredictionLog(str(log)).answers()) == 9  # the redone shard's answers logged again, with their times
+
+
 def test_a_dataset_refuses_bad_manifests_and_options_in_one_line(evaluated, manifest, tmp_path, capsys, monkeypatch):
     model = str(evaluated[0])
     (tmp_path / "nopath.csv").write_text("file,study\na.png,S1\n")
@@ -110,6 +169,11 @@ def test_a_dataset_refuses_bad_manifests_and_options_in_one_line(evaluated, mani
     assert main(["predict", "--model", model, str(manifest[1][0]), "--out", str(tmp_path / "o.parquet"),
                  "--cam", str(tmp_path / "cam")]) == 2
     assert "--cam: not with a Parquet dataset" in capsys.readouterr().err
+    (tmp_path / "codes.csv").write_text("finding,scheme,value,meaning\nNodules,SCT,27925004,Nodule\n")
+    assert main(["predict", "--model", model, str(manifest[1][0]), "--out", str(tmp_path / "o.parquet"),
+                 "--dicom-out", str(tmp_path / "d"), "--codes", str(tmp_path / "codes.csv")]) == 2
+    assert "finding 'Nodules' is not one of the model's" in capsys.readouterr().err  # before any shard
+    assert not (tmp_path / "o.parquet").exists()
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     assert main(["predict", "--model", model, str(manifest[1][0]), "--out", str(tmp_path / "o.parquet"),
                  "--engine", "ray"]) == 2
@@ -120,23 +184,27 @@ def test_a_dataset_refuses_bad_manifests_and_options_in_one_line(evaluated, mani
     assert "nothing answers at 127.0.0.1:9" in capsys.readouterr().err
 
 
-def _predict_on_ray(model, images_table, out, address) -> subprocess.Popen:
+def _predict_on_ray(model, images_table, out, address, *extra) -> subprocess.Popen:
     command = ["from cxrlearn.cli.main import main; raise SystemExit(main())", "predict", "--model", str(model),
                "--manifest", str(images_table), "--out", str(out), "--engine", "ray", "--address", address,
-               "--shard-images", "10", "--no-progress"]
+               "--shard-images", "10", "--no-progress", *extra]
     return subprocess.Popen([sys.executable, "-c", *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
 
 
 def test_ray_on_two_nodes_survives_a_killed_node_and_predicts_each_image_once(evaluated, sample_images, tmp_path):
     """`ray start --head` and a second node, one CPU each; the second node's raylet is killed (kill -9) once two
-    shards are written; the run (or the rerun after it) completes, every image exactly once, the rows predict's."""
+    shards are written; the run (or the rerun after it) completes, every image exactly once, the rows predict's;
+    the actors record every answer in the prediction log (--log: a shard redone after the kill, again)."""
+    from cxrlearn.monitoring.log import PredictionLog
+
     images = sorted(sample_images.glob("*.png"))[100:260]
     pd.DataFrame({"path": [str(p) for p in images]}).to_csv(tmp_path / "manifest.csv", index=False)
     out = tmp_path / "ray.parquet"
     cluster = RayCluster().start()
     try:
-        run = _predict_on_ray(evaluated[0], tmp_path / "manifest.csv", out, cluster.address)
+        logged = ["--log", str(tmp_path / "log.sqlite")]
+        run = _predict_on_ray(evaluated[0], tmp_path / "manifest.csv", out, cluster.address, *logged)
         deadline = time.monotonic() + 300
         while len(shard_files(out)) < 2 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -145,7 +213,7 @@ def test_ray_on_two_nodes_survives_a_killed_node_and_predicts_each_image_once(ev
         cluster.kill_worker_raylet()
         first, _ = run.communicate(timeout=600)
         print(f"first run (exit {run.returncode}): {first[-600:]}")
-        rerun = _predict_on_ray(evaluated[0], tmp_path / "manifest.csv", out, cluster.address)
+        rerun = _predict_on_ray(evaluated[0], tmp_path / "manifest.csv", out, cluster.address, *logged)
         said, _ = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, said[-3000:]
         assert "skipped as done, 0 failed" in said
@@ -154,6 +222,8 @@ def test_ray_on_two_nodes_survives_a_killed_node_and_predicts_each_image_once(ev
     dataset = _dataset(out)
     assert len(dataset) == len(images) and dataset[PATH].is_unique and set(dataset[PATH]) == set(map(str, images))
     assert (dataset[ERROR] == "").all()
+    answers = PredictionLog(str(tmp_path / "log.sqlite")).answers()
+    assert {a.source for a in answers} == {p.name for p in images} and len(answers) >= len(images)
     local = tmp_path / "local.csv"
     assert main(["predict", "--model", str(evaluated[0]), *map(str, images), "--out", str(local),
                  "--no-progress"]) == 0

@@ -401,6 +401,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxrlearn.cli.shard_outputs import answered_files
     from cxrlearn.inference.overlays import write_overlays
     from cxrlearn.inference.predictor import Predictor, find_inputs, prediction_table
     from cxrlearn.workflows.archive import wants_dataset
@@ -433,7 +434,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     failed = {path for path, _ in failures}
     read = [p for p in paths if str(p) not in failed]  # read[i] is the file predictions[i] was made from
     if prediction_log is not None and predictions:
-        prediction_log.record(_answered_files(read, predictions), predictor, "predict")
+        prediction_log.record(answered_files(read, predictions), predictor, "predict")
         print(f"recorded {len(predictions):,} answer(s) in the prediction log {args.log}", file=sys.stderr)
     if args.strict:
         for prediction in predictions:
@@ -465,12 +466,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_dataset(args: argparse.Namespace) -> int:
-    """``predict --out DIR``: the Parquet dataset (:mod:`cxrlearn.workflows.archive`), locally or on Ray."""
+    """``predict --out DIR``: the Parquet dataset (:mod:`cxrlearn.workflows.archive`), locally or on Ray, with the
+    DICOM results and the prediction log per shard (:mod:`cxrlearn.cli.shard_outputs`)."""
     from cxrlearn.inference.predictor import Predictor
     from cxrlearn.workflows.archive import inputs_from, predict_local, predict_on_ray, read_manifest
 
-    unsupported = [option for option, value in (("--cam", args.cam), ("--dicom-out", args.dicom_out),
-                                                ("--log", args.log), ("--strict", args.strict),
+    unsupported = [option for option, value in (("--cam", args.cam), ("--strict", args.strict),
                                                 ("--onnx", args.onnx)) if value]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)}: not with a Parquet dataset's --out yet (write a CSV instead)")
@@ -483,16 +484,33 @@ def _predict_dataset(args: argparse.Namespace) -> int:
         print(f"cxrlearn predict: skipped {message}", file=sys.stderr)
     if not inputs.paths:
         raise DataError(f"no image or DICOM files in {', '.join(map(str, args.inputs))}")
+    predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
+    hook = _shard_outputs(args, predictor)
     if args.engine == "ray":
         summary = predict_on_ray(args.model, args.runtime, inputs, args.out, args.address, args.actors,
-                                 args.shard_images, args.batch_size, progress=not args.no_progress)
+                                 args.shard_images, args.batch_size, progress=not args.no_progress, hook=hook)
     else:
-        predictor = Predictor(args.model, runtime=args.runtime, device=args.device)
         summary = predict_local(predictor, inputs, args.out, args.shard_images, args.batch_size,
                                 predict_workers() if args.workers is None else args.workers,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, hook=hook)
     print(f"cxrlearn predict: {summary.text(args.out)}", file=sys.stderr)
+    if args.dicom_out:
+        print(f"cxrlearn predict: DICOM results in {args.dicom_out}/part-<shard>/ (inputs given none: "
+              f"{args.dicom_out}/part-*/_refused.csv)", file=sys.stderr)
     return EXIT_SKIPPED if summary.failed or unreadable else EXIT_OK
+
+
+def _shard_outputs(args: argparse.Namespace, predictor):
+    """``--dicom-out`` and ``--log`` for a Parquet dataset: every option checked here, before any shard."""
+    from cxrlearn.cli.shard_outputs import ShardOutputs
+
+    if not (args.dicom_out or args.log):
+        return None
+    _want_folder(args.dicom_out, "--dicom-out")
+    if args.log:
+        _open_log(args)  # a log that cannot be written is said now, not in a worker
+    dicom = (_accept(args), _result_options(args, predictor)) if args.dicom_out else (None, None)
+    return ShardOutputs(args.dicom_out, *dicom, log=args.log, site_key=args.site_key)
 
 
 def _open_log(args: argparse.Namespace, default: Path | None = None):
@@ -504,15 +522,6 @@ def _open_log(args: argparse.Namespace, default: Path | None = None):
     from cxrlearn.monitoring.log import PredictionLog
 
     return PredictionLog(target, key_file=args.site_key)
-
-
-def _answered_files(read: list[Path], predictions: list) -> list:
-    """``predict --log``'s rows: each file's prediction, named by the file, with a DICOM file's tags."""
-    from cxrlearn.monitoring.log import Answered, file_tags
-
-    return [Answered(prediction, prediction.image, *(file_tags(path) if path.suffix.lower() in (".dcm", ".dicom")
-                                                     else (None, None)))
-            for path, prediction in zip(read, predictions)]
 
 
 def _write_dicom_results(predictor, read: list[Path], predictions: list, out: Path, accept, options

@@ -15,6 +15,11 @@ Engines: :func:`predict_local` in this process (``predict``'s decoding workers),
 actors (:class:`ShardPredictor`) that load the bundle once and write the shards. Ray is imported only there.
 Both write the same rows. Every node must see the bundle, the images and ``DIR`` at the same paths (a shared
 file system) and have cxrlearn installed.
+
+What else a shard's answers go to (``--dicom-out``, ``--log``) is a :data:`ShardHook` the command passes in, called
+where the shard is predicted (in the actor, on Ray) before the shard is written: a shard on disk has had its hook
+run, and a rerun redoes both for a shard that is not. (This layer does not know DICOM or the log; the hook is the
+command's.)
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -52,6 +57,15 @@ ERROR = "error"
 FAILURES_FILE = "_failures.csv"
 #: A manifest's column of inputs (paths, or ``file://`` URIs).
 MANIFEST_PATH = PATH
+
+
+class ShardHook(Protocol):
+    """Called with the predictor, the shard's key, and the shard's predicted files and their answers (in order),
+    before the shard is written (module docstring); picklable, as Ray sends it to the actors."""
+
+    summarise: bool  # whether the answers need the network's summaries (the prediction log's)
+
+    def __call__(self, predictor: Predictor, key: str, paths: list[str], predictions: list[Prediction]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -225,12 +239,14 @@ def write_failures(out: Path) -> int:
 
 
 def predict_shard(predictor: Predictor, inputs: Inputs, shard: Shard, prepared: Iterable[tuple[int, object, str | None]],
-                  out: Path, batch_size: int) -> tuple[int, int]:
-    """Predict one shard from its prepared inputs (``(row, Prepared or None, error)``) and write it; (predicted,
-    failed)."""
+                  out: Path, batch_size: int, hook: ShardHook | None = None) -> tuple[int, int]:
+    """Predict one shard from its prepared inputs (``(row, Prepared or None, error)``), run ``hook`` on its
+    answers, and write it; (predicted, failed)."""
     predictions: dict[int, Prediction] = {}
     failures: dict[int, str] = {}
     pending: list[tuple[int, object]] = []
+    if hook is not None and hook.summarise:
+        predictor.summarise = True
 
     def flush():
         answers = predictor.predict_prepared([p for _, p in pending], [inputs.names[i] for i, _ in pending])
@@ -246,6 +262,9 @@ def predict_shard(predictor: Predictor, inputs: Inputs, shard: Shard, prepared: 
             flush()
     if pending:
         flush()
+    if hook is not None and predictions:
+        rows = sorted(predictions)
+        hook(predictor, shard.key, [inputs.paths[i] for i in rows], [predictions[i] for i in rows])
     write_shard(shard_frame(inputs, shard, predictions, failures, list(predictor.findings), predictor.provenance),
                 out, shard)
     return len(predictions), len(failures)
@@ -257,7 +276,8 @@ def _progress(total: int, skipped: int, progress: bool) -> tqdm:
 
 
 def predict_local(predictor: Predictor, inputs: Inputs, out: Path, shard_images: int = SHARD_IMAGES,
-                  batch_size: int = PREDICT_BATCH_SIZE, workers: int = 0, progress: bool = True) -> Summary:
+                  batch_size: int = PREDICT_BATCH_SIZE, workers: int = 0, progress: bool = True,
+                  hook: ShardHook | None = None) -> Summary:
     """Every shard not yet in ``out``, in this process (``workers`` decoding processes ahead of the network)."""
     out.mkdir(parents=True, exist_ok=True)
     shards, skipped = plan(inputs, out, shard_images)
@@ -269,7 +289,7 @@ def predict_local(predictor: Predictor, inputs: Inputs, out: Path, shard_images:
         for shard in shards:
             taken = islice(stream, len(shard.rows))
             prepared = [(row, ready, error) for row, (_, ready, error) in zip(shard.rows, taken)]
-            predicted, failed = predict_shard(predictor, inputs, shard, prepared, out, batch_size)
+            predicted, failed = predict_shard(predictor, inputs, shard, prepared, out, batch_size, hook)
             summary.add(bar, shard, predicted, failed)
     summary.failed_in_all = write_failures(out)
     return summary
@@ -362,9 +382,9 @@ def _decode_shard(row: dict, preprocessing) -> dict:
 class ShardPredictor:
     """A Ray actor: loads the bundle once, then predicts and writes the shards it is given."""
 
-    def __init__(self, model_dir: str, runtime: str, out: str, batch_size: int):
+    def __init__(self, model_dir: str, runtime: str, out: str, batch_size: int, hook: ShardHook | None = None):
         self.predictor = Predictor(model_dir, runtime=runtime)
-        self.out, self.batch_size = Path(out), batch_size
+        self.out, self.batch_size, self.hook = Path(out), batch_size, hook
 
     def __call__(self, batch: dict) -> dict:
         done = []
@@ -373,7 +393,7 @@ class ShardPredictor:
             inputs = Inputs(work.paths, work.names, work.carried)
             work.predicted, work.failed = predict_shard(self.predictor, inputs, Shard(list(range(len(work.paths))),
                                                                                       work.key),
-                                                        work.prepared, self.out, self.batch_size)
+                                                        work.prepared, self.out, self.batch_size, self.hook)
             work.prepared = None  # what goes back to the driver: the counts
             done.append(pickle.dumps(work))
         return {WORK: done}
@@ -381,7 +401,7 @@ class ShardPredictor:
 
 def predict_on_ray(model_dir: Path, runtime: str, inputs: Inputs, out: Path, address: str | None = None,
                    actors: int | None = None, shard_images: int = SHARD_IMAGES, batch_size: int = PREDICT_BATCH_SIZE,
-                   progress: bool = True) -> Summary:
+                   progress: bool = True, hook: ShardHook | None = None) -> Summary:
     """Every shard not yet in ``out``, on the Ray cluster at ``address`` (module docstring). ``actors``: models
     loaded at once (default: one per node)."""
     ray = connect(address)
@@ -400,7 +420,7 @@ def predict_on_ray(model_dir: Path, runtime: str, inputs: Inputs, out: Path, add
                    .map_batches(ShardPredictor, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
                                 num_cpus=RAY_ACTOR_CPUS,
                                 fn_constructor_kwargs={"model_dir": str(model_dir), "runtime": runtime,
-                                                       "out": str(out), "batch_size": batch_size}))
+                                                       "out": str(out), "batch_size": batch_size, "hook": hook}))
         started = time.monotonic()
         with _progress(sum(len(s.rows) for s in shards), skipped, progress) as bar:
             for row in dataset.iter_rows():
