@@ -4,8 +4,9 @@ to, done where the shard is predicted, in this process or in a Ray actor (a
 
 - ``--dicom-out DIR``: each DICOM input's structured report and heatmaps (as ``predict --dicom-out`` makes them) in
   ``DIR/part-<key>/``, beside the shard of the same key; the DICOM inputs given no result (not for this model, a
-  header no result can be made from) in that folder's ``_refused.csv`` with the reason (other inputs get none). Results' UIDs are derived
-  from the source and the bundle, so a shard redone after a failure writes the same objects again.
+  header no result can be made from) in that folder's ``_refused.csv`` with the reason (other inputs get none).
+  Results' UIDs are derived from the source and the bundle, so a shard redone after a failure writes the same
+  objects again.
 - ``--log``: every answer in the prediction log (SQLite file or PostgreSQL), as ``predict --log`` records it. A
   shard redone after a failure between its log entry and its file is logged twice (the log keeps both, with their
   times).

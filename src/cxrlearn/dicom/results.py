@@ -11,17 +11,17 @@
   radiograph in its own colours and a reader can switch it off; JPEG-LS lossless (a smooth map: 7.5 MB of a
   3,000 x 2,500 radiograph's segment is 0.8 MB). The report lists it among its evidence (Current Requested
   Procedure Evidence). Not as a TID 1410/1411 group per segment: with one such group, PixelMed's validator applies
-  its conditions to every TID 1501 group of the report (two errors each). Not a Parametric Map: that IOD requires a Frame of Reference,
-  plane position and orientation, which a projection radiograph (CR, DX) has none of (dciodvfy names them), and
-  16- or 32-bit values. DICOM's fractional types are probability or occupancy; Grad-CAM is neither, so the segment
-  says what it is ("Grad-CAM saliency, relative 0-1").
+  its conditions to every TID 1501 group of the report (two errors each). Not a Parametric Map: that IOD requires
+  a Frame of Reference, plane position and orientation, which a projection radiograph (CR, DX) has none of
+  (dciodvfy names them), and 16- or 32-bit values. DICOM's fractional types are probability or occupancy; Grad-CAM
+  is neither, so the segmentation says what it is ("Grad-CAM saliency, relative 0-1").
 - **Secondary capture** of the Grad-CAM overlay on the original image at its own resolution, with the finding,
   probability and threshold written on it (:func:`cxrlearn.inference.gradcam.annotated_overlay`), marked the
   same way, ``BurnedInAnnotation`` YES: what every PACS can show.
 
 :class:`Heatmaps` (``--heatmap``) chooses the heatmap objects: both by default.
 
-Both copy the patient, study and accession of the source as :func:`cxrlearn.dicom.source.reference` checked them
+All copy the patient, study and accession of the source as :func:`cxrlearn.dicom.source.reference` checked them
 (a new series each), and have UIDs derived from the source's SOP Instance UID, study and patient and the bundle's
 digest (and an ONNX runtime's file, :attr:`Provenance.answer_key`; :func:`derived_uid`): the same image through the same model gives the same objects, so a PACS that
 receives them twice stores them once, while two patients' images that share a SOP Instance UID get different ones.
