@@ -244,6 +244,31 @@ def test_only_frontal_chest_radiographs_are_answered_and_the_rest_are_refused_wi
     assert "refused as not for this model, ever (lateral views, other body parts; --accept): 4" in \
         capsys.readouterr().out
 
+    # --not-analysed-report: a refused radiograph gets a report that says so, and why (valid, as PixelMed and
+    # dciodvfy judge it); the node queues it and still counts the instance as not for this model.
+    said = tmp_path / "said"
+    assert main(["predict", "--model", str(evaluated[0]), str(inputs), "--dicom-out", str(said), "--heatmap", "none",
+                 "--not-analysed-report", "--no-progress", "--out", str(tmp_path / "r.csv")]) == 3
+    assert "a not-analysed report says so" in capsys.readouterr().err
+    assert sorted(p.name for p in said.glob("*.sr.dcm")) == sorted(f"{name}.sr.dcm" for name in cases)
+    lateral = said / "lateral.sr.dcm"
+    assert _pixelmed_sr_errors(lateral) == []
+    checked = subprocess.run(["dciodvfy", str(lateral)], capture_output=True, text=True)
+    assert [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")] == []
+    groups = _groups(hd.sr.srread(lateral))
+    assert [g.finding_type.meaning for g in groups] == ["Analysis by the model"]
+    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in groups[0][0].ContentSequence}
+    assert items["Analysis by the model"].ConceptCodeSequence[0].CodeMeaning == "Not analysed"
+    assert "lateral view LL" in items["Comment"].TextValue and "Probability" not in items
+    from cxrlearn.dicom.results import Heatmaps, ResultOptions
+
+    outbox = Outbox(tmp_path / "outbox2")
+    for name in cases:
+        (outbox.root / "received" / f"{name}.dcm").write_bytes((inputs / f"{name}.dcm").read_bytes())
+    assert predict_batch(outbox, Predictor(evaluated[0]), outbox.waiting(10),
+                         options=ResultOptions(Heatmaps(False, False), not_analysed=True)) == 2
+    assert len(outbox.to_send()) == len(cases) and outbox.counts().not_for_model == 4
+
 
 def test_a_site_codes_its_findings_in_snomed_and_a_bad_mapping_is_refused_by_line_before_anything_starts(
         evaluated, xrays, tmp_path, capsys):

@@ -827,6 +827,9 @@ def _add_dicom_result_options(parser: argparse.ArgumentParser) -> None:
                              "segmentation, one segment per finding called present, that a viewer can switch on and "
                              "off), capture (a secondary capture every PACS shows), both (the default: "
                              "segmentation,capture) or none")
+    parser.add_argument("--not-analysed-report", action="store_true",
+                        help="for a radiograph --accept refuses, send a structured report that says it was not "
+                             "analysed and why (default: no result; the instance is refused with the reason)")
     parser.add_argument("--codes", metavar="CSV", type=Path,
                         help="the site's codes for the findings (columns finding,scheme,value,meaning; SNOMED CT as "
                              "SCT, RadLex as RADLEX): checked before anything starts; findings left out keep "
@@ -845,7 +848,7 @@ def _result_options(args: argparse.Namespace, predictor):
     from cxrlearn.dicom.results import Heatmaps, ResultOptions
 
     codes = FindingCodes.read(args.codes, predictor.findings) if args.codes else FindingCodes()
-    return ResultOptions(Heatmaps.parse(args.heatmap), codes)
+    return ResultOptions(Heatmaps.parse(args.heatmap), codes, args.not_analysed_report)
 
 
 def _add_log_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:

@@ -102,9 +102,12 @@ class Outbox:
         source.unlink(missing_ok=True)
         self.log("predicted", _uid_of(source.name), file=source.name, results=sorted(results))
 
-    def refuse(self, source: Path, why: str) -> None:
+    def refuse(self, source: Path, why: str, results: dict[str, bytes] | None = None) -> None:
         """An instance (or an outgoing file) no result can be made or sent for: moved to ``refused/`` with the
-        reason beside it, so that it never blocks another."""
+        reason beside it, so that it never blocks another; ``results`` (a report that says it was not analysed)
+        queued first, as :meth:`predicted` queues them."""
+        for kind, data in (results or {}).items():
+            write_atomic(self.root / OUTGOING / f"{source.stem}.{kind}.dcm", data)
         target = self.root / REFUSED / source.name
         write_atomic(target.with_name(target.name + ".txt"), why + "\n")
         try:

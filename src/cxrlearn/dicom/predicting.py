@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cxrlearn.dicom.outbox import Outbox
 from cxrlearn.dicom.routing import Accept
-from cxrlearn.dicom.results import ResultOptions, result_files
-from cxrlearn.dicom.source import read_source
+from cxrlearn.dicom.results import ResultOptions, not_analysed_file, result_files
+from cxrlearn.dicom.source import NotForModel, read_source
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.inference.predictor import Predictor
 from cxrlearn.monitoring.log import Answered, PredictionLog, file_tags
@@ -35,6 +35,10 @@ def predict_batch(outbox: Outbox, predictor: Predictor, paths: list[Path], secon
         try:
             data = path.read_bytes()
             source, pixels = read_source(data, path.name, secondary_captures, accept)
+        except NotForModel as err:  # with --not-analysed-report, a report that says so is sent
+            said = not_analysed_file(err, path.name, predictor) if options.not_analysed else None
+            _refuse(outbox, path, str(err), {"sr": said} if said else None)
+            continue
         except DataError as err:
             _refuse(outbox, path, str(err))
             continue
@@ -76,6 +80,6 @@ def _predict_one(outbox: Outbox, predictor: Predictor, path: Path, pixels):
         return None
 
 
-def _refuse(outbox: Outbox, path: Path, why: str) -> None:
-    outbox.refuse(path, why)
+def _refuse(outbox: Outbox, path: Path, why: str, results: dict[str, bytes] | None = None) -> None:
+    outbox.refuse(path, why, results)
     log.warning("refused %s", why)

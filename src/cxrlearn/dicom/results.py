@@ -53,8 +53,8 @@ from cxrlearn._files import read_bytes, write_atomic
 from cxrlearn.data.decoding.dicom import DICOM_MAGIC_OFFSET, is_dicom
 from cxrlearn.dicom.codes import SCHEME, FindingCodes
 from cxrlearn.dicom.routing import Accept
-from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SEG_SERIES_NUMBER, SR_SERIES_NUMBER, patient_key,
-                                   read_source, study_key)
+from cxrlearn.dicom.source import (MANUFACTURER, SC_SERIES_NUMBER, SEG_SERIES_NUMBER, SR_SERIES_NUMBER, NotForModel,
+                                   patient_key, read_source, reference, study_key)
 from cxrlearn.errors import ConfigError, DataError
 from cxrlearn.evaluation.operating_points import MIN_VALIDATION_CASES, NOT_CALLED
 from cxrlearn.inference.gradcam import annotated_overlay, heatmaps
@@ -72,6 +72,8 @@ INPUT_SCORE = Code("INPUTSCORE", SCHEME, "Input check score")
 LIKE_TRAINING = Code("OK", SCHEME, "Like the training images")
 UNLIKE_TRAINING = Code("WARNING", SCHEME, "Unlike the training images")
 UNAVAILABLE = Code("UNAVAILABLE", SCHEME, "Input check unavailable")
+ANALYSIS = Code("ANALYSIS", SCHEME, "Analysis by the model")
+NOT_ANALYSED = Code("NOTANALYSED", SCHEME, "Not analysed")
 NO_UNITS = Code("1", "UCUM", "no units")
 #: What a heatmap segment is of (CID 7150) and by what kind of algorithm (CID 7162).
 HEATMAP_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
@@ -114,10 +116,12 @@ class Heatmaps:
 
 @dataclass(frozen=True)
 class ResultOptions:
-    """How the DICOM results are made: the heatmap objects (``--heatmap``) and the findings' codes (``--codes``)."""
+    """How the DICOM results are made: the heatmap objects (``--heatmap``), the findings' codes (``--codes``), and
+    whether a radiograph the model is not for gets a report saying so (``--not-analysed-report``)."""
 
     heatmaps: Heatmaps = Heatmaps()
     codes: FindingCodes = FindingCodes()
+    not_analysed: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,17 +196,23 @@ def _input_check_group(predictor: Predictor, prediction: Prediction, source: Dat
     return group
 
 
+def _device(predictor: Predictor) -> hd.sr.ObserverContext:
+    """The device observer every report names: cxrlearn, with the backbone as its model."""
+    digest = predictor.provenance.answer_key
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(digest, digest, "device"), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
+            model_name=predictor.meta.backbone[:64]))
+
+
 def structured_report(source: Dataset, prediction: Prediction, predictor: Predictor,
                       segmentation: Dataset | None = None, finding_codes: FindingCodes = FindingCodes()) -> Dataset:
     """The TID 1500 report of one prediction, in the source's study (see the module's description); with
     ``segmentation``, that too among its evidence."""
     digest = predictor.provenance.answer_key
     algorithm = _algorithm(predictor)
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid(digest, digest, "device"), name=MANUFACTURER, manufacturer_name=MANUFACTURER,
-            model_name=predictor.meta.backbone[:64]))
+    observer = _device(predictor)
     groups = [_finding_group(predictor, prediction, finding, source, algorithm, finding_codes.code(finding))
               for finding in predictor.findings]
     groups.append(_input_check_group(predictor, prediction, source, algorithm))
@@ -217,6 +227,36 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
         software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
     sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime  # a PACS lists the series by its date
+    _declare_scheme(sr)
+    return sr
+
+
+def not_analysed_report(refused: NotForModel, name: str, predictor: Predictor) -> Dataset:
+    """A TID 1500 report that the model did not analyse this radiograph, and why (the routing rule's reason): one
+    group whose evaluation is "Not analysed", with the reason as its comment; no probabilities. :class:`DataError`
+    naming ``name`` where the header cannot be referred to (:func:`cxrlearn.dicom.source.reference`)."""
+    source = reference(refused.header, name, secondary_captures=True)
+    digest = predictor.provenance.answer_key
+    algorithm = _algorithm(predictor)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(patient_key(source), digest, "track not analysed"), identifier="cxrlearn analysis"),
+        finding_type=ANALYSIS, algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=ANALYSIS, value=NOT_ANALYSED)])
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=str(refused).split(": ", 1)[-1][:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=_device(predictor)),
+        procedure_reported=PROCEDURE_REPORTED, imaging_measurements=[group])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report,
+        series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(patient_key(source), digest, "sr not analysed"), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
+        series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
+        software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     _declare_scheme(sr)
     return sr
 
@@ -339,6 +379,15 @@ def result_files(source: Dataset, decoded: np.ndarray, prediction: Prediction, p
         raise DataError(f"{name}: no result can be made for it ({type(err).__name__}: {err})") from None
 
 
+def not_analysed_file(refused: NotForModel, name: str, predictor: Predictor) -> bytes | None:
+    """:func:`not_analysed_report` as a file, or None where no report can refer to the header (it is refused all
+    the same)."""
+    try:
+        return to_bytes(not_analysed_report(refused, name, predictor))
+    except Exception:  # noqa: BLE001 - a header no report can copy (DataError, or highdicom's refusals)
+        return None
+
+
 @dataclass(frozen=True)
 class Written:
     """What :func:`write_dicom_results` did: files written, inputs that are not DICOM, DICOM ones refused."""
@@ -365,6 +414,13 @@ def write_dicom_results(predictor: Predictor, paths: Sequence[Path], predictions
         try:
             source, decoded = read_source(data, str(path), accept=accept)
             results = result_files(source, decoded, prediction, predictor, str(path), options)
+        except NotForModel as err:
+            said = not_analysed_file(err, str(path), predictor) if options.not_analysed else None
+            if said:
+                write_atomic(out / f"{stems[Path(path)]}.sr.dcm", said)
+                files.append(out / f"{stems[Path(path)]}.sr.dcm")
+            refused.append((Path(path), str(err) + ("; a not-analysed report says so" if said else "")))
+            continue
         except DataError as err:
             refused.append((Path(path), str(err)))
             continue

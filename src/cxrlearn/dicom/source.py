@@ -117,6 +117,15 @@ def made_by_cxrlearn(ds: Dataset) -> bool:
             or derivation.startswith("grad-cam"))
 
 
+class NotForModel(DataError):
+    """A radiograph the routing rule refuses (:func:`cxrlearn.dicom.routing.refusal`): its reason, and the header
+    it was read from (a "not analysed" report may still be made for it)."""
+
+    def __init__(self, message: str, header: Dataset):
+        super().__init__(message)
+        self.header = header
+
+
 def check_source(ds: Dataset, name: str, secondary_captures: bool = True, accept: Accept | None = None) -> None:
     """Refuses (DataError naming ``name``) an instance cxrlearn should not answer (see the module's description),
     and with ``accept`` a radiograph the model is not for (:func:`cxrlearn.dicom.routing.refusal`)."""
@@ -130,7 +139,7 @@ def check_source(ds: Dataset, name: str, secondary_captures: bool = True, accept
         raise DataError(f"{name}: SOP class {sop_class or 'missing'} is not {what}: no result is made for it")
     routed = refusal(ds, accept) if accept is not None and sop_class in RADIOGRAPH_CLASSES else None
     if routed:
-        raise DataError(f"{name}: {routed}")
+        raise NotForModel(f"{name}: {routed}", ds)
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _text(ds, keyword)
         if not value:
