@@ -210,7 +210,6 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
                       segmentation: Dataset | None = None, finding_codes: FindingCodes = FindingCodes()) -> Dataset:
     """The TID 1500 report of one prediction, in the source's study (see the module's description); with
     ``segmentation``, that too among its evidence."""
-    digest = predictor.provenance.answer_key
     algorithm = _algorithm(predictor)
     observer = _device(predictor)
     groups = [_finding_group(predictor, prediction, finding, source, algorithm, finding_codes.code(finding))
@@ -219,10 +218,18 @@ def structured_report(source: Dataset, prediction: Prediction, predictor: Predic
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED, imaging_measurements=groups)
+    return _document(source, report, predictor, "sr", [] if segmentation is None else [segmentation])
+
+
+def _document(source: Dataset, report: hd.sr.MeasurementReport, predictor: Predictor, kind: str,
+              more_evidence: list[Dataset]) -> Dataset:
+    """``report`` as a Comprehensive 3D SR in the source's study and cxrlearn's report series, its UID derived
+    from the source, the bundle and ``kind``; unverified, dated, the local scheme declared."""
+    digest = predictor.provenance.answer_key
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source] if segmentation is None else [source, segmentation], content=report,
+        evidence=[source, *more_evidence], content=report,
         series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(patient_key(source), digest, "sr"), instance_number=1,
+        sop_instance_uid=derived_uid(patient_key(source), digest, kind), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
         series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
         software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
@@ -249,16 +256,7 @@ def not_analysed_report(refused: NotForModel, name: str, predictor: Predictor) -
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_device(predictor)),
         procedure_reported=PROCEDURE_REPORTED, imaging_measurements=[group])
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report,
-        series_instance_uid=derived_uid(study_key(source), digest, "sr series"), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(patient_key(source), digest, "sr not analysed"), instance_number=1,
-        manufacturer=MANUFACTURER, is_complete=True, is_verified=False,
-        series_description=f"cxrlearn AI findings - {NOT_FOR_DIAGNOSIS}",
-        software_versions=__version__, manufacturer_model_name=predictor.meta.backbone[:64])
-    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
-    _declare_scheme(sr)
-    return sr
+    return _document(source, report, predictor, "sr not analysed", [])
 
 
 def _declare_scheme(ds: Dataset) -> None:
@@ -319,12 +317,10 @@ def _orientation(source: Dataset) -> list[str]:
 
 
 def heatmap_capture(source: Dataset, decoded: np.ndarray, prediction: Prediction, predictor: Predictor,
-                    heat: np.ndarray | None = None) -> Dataset:
-    """The secondary capture: :func:`shown_finding`'s Grad-CAM (``heat``, else computed) over the decoded source
-    at its own resolution."""
+                    heat: np.ndarray) -> Dataset:
+    """The secondary capture: :func:`shown_finding`'s Grad-CAM (``heat``, computed once by :func:`dicom_results`)
+    over the decoded source at its own resolution."""
     finding = shown_finding(prediction)
-    if heat is None:
-        heat = heatmaps(predictor, decoded, [finding])[finding]
     picture = annotated_overlay(decoded, heat, finding, prediction.probabilities[finding],
                                 (predictor.thresholds or {}).get(finding))
     digest = predictor.provenance.answer_key
